@@ -1,0 +1,1 @@
+"""Small CLI commands that are not workflows (``info``)."""

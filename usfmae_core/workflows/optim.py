@@ -1,0 +1,65 @@
+"""Optimiser pieces of the MAE recipe: parameter groups (no decay on norms, biases, tokens and position
+embeddings; optional layer-wise lr decay) and a cosine schedule with linear warm-up."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+NO_DECAY_NAMES = ("cls_token", "mask_token", "position_embeddings", "decoder_pos_embed", "pos_embed")
+
+
+def _layer_id(name: str, num_layers: int) -> int:
+    """Depth of a parameter for layer-wise lr decay: embeddings 0, block i -> i + 1, everything after -> L + 1."""
+    if name.startswith("encoder."):
+        name = name[len("encoder."):]
+    if name.startswith(("cls_token", "patch_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.05, layer_decay: float | None = None,
+                 base_lr: float = 1.0) -> list[dict]:
+    """AdamW parameter groups; each group carries ``lr_scale`` (used by :func:`cosine_lr`).
+
+    Args:
+        model: any module; frozen parameters are skipped.
+        weight_decay: applied to weight matrices only.
+        layer_decay: MAE fine-tuning's layer-wise decay (e.g. 0.75): block i gets ``layer_decay ** (L + 1 - i)``.
+        base_lr: initial ``lr`` of every group before scaling.
+    """
+    num_layers = len(getattr(getattr(model, "encoder", model), "blocks", []))
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or any(n in name for n in NO_DECAY_NAMES)
+        layer = _layer_id(name, num_layers) if layer_decay is not None else 0
+        scale = layer_decay ** (num_layers + 1 - layer) if layer_decay is not None else 1.0
+        g = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                  "lr_scale": scale, "lr": base_lr * scale})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
+    """Linear warm-up to ``base_lr``, then half-cosine decay to ``min_lr`` (per step)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr to ``lr * lr_scale``."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def scaled_lr(blr: float, batch_size: int) -> float:
+    """MAE's linear scaling rule: ``lr = blr * effective_batch / 256``."""
+    return blr * batch_size / 256
