@@ -327,6 +327,10 @@ def convert_state_dict(state: dict[str, torch.Tensor], num_heads: int | None = N
                                               default=7)),
                   decoder_num_heads=decoder_num_heads or max(1, dec_hidden // 32), mask_ratio=0.75,
                   norm_pix_loss=False)
+    if "decoder.decoder_blocks.0.mlp.linear1.weight" in out:
+        dec_ratio = out["decoder.decoder_blocks.0.mlp.linear1.weight"].shape[0] / dec_hidden
+        if dec_ratio != config["mlp_ratio"]:
+            config["decoder_mlp_ratio"] = dec_ratio
     return "mae", out, config
 
 
@@ -414,6 +418,7 @@ def import_weights(src: str | Path, out: str | Path, img_size: int | None = None
     fmt = detect_format(state)
     arch, converted, config = convert_state_dict(state, num_heads, decoder_num_heads, source=str(src))
     meta = {"imported_from": src.name, "source_format": fmt}
+    source_dims = config["spatial_dims"]
     if fmt == "facebook_mae_encoder":
         meta["decoder"] = "initialised (the source had encoder weights only)"
     for key, value in (("img_size", img_size), ("in_channels", in_channels), ("spatial_dims", spatial_dims)):
@@ -427,6 +432,9 @@ def import_weights(src: str | Path, out: str | Path, img_size: int | None = None
     target = model.state_dict()
     if fmt == "facebook_mae_encoder":  # no decoder in the source: keep the fresh one
         converted.update({k: v for k, v in target.items() if k.startswith("decoder.")})
+    elif arch == "mae" and config["spatial_dims"] != source_dims:  # pixels per patch change: new prediction layer
+        converted.update({k: v for k, v in target.items() if k.startswith("decoder.decoder_pred.")})
+        meta["decoder_pred"] = f"initialised for {config['spatial_dims']}D patches"
     model.load_state_dict(adapt_state_dict(converted, target, source=str(src)))
     config["preset"] = "imported"
     return save_checkpoint(out, {"model": model.state_dict(), "arch": arch, "config": config, "meta": meta})

@@ -161,6 +161,7 @@ def _read_pil(path: Path) -> tuple[np.ndarray, tuple[float, ...], str, dict]:
             colour = colour or a.ndim == 3
             arrays.append(a)
         dpi = im.info.get("dpi")
+        duration_ms = float(im.info.get("duration") or 0)
     arr = arrays[0] if n == 1 else np.stack(arrays)
     meta: dict[str, Any] = {"source_format": Path(path).suffix.lower().lstrip(".")}
     grey = _finish_colour(arr, meta, arr.ndim == (4 if n > 1 else 3))
@@ -168,7 +169,7 @@ def _read_pil(path: Path) -> tuple[np.ndarray, tuple[float, ...], str, dict]:
     if dpi and isinstance(dpi, tuple) and dpi[0] and float(dpi[0]) > 1:
         meta["dpi"] = float(dpi[0])  # print resolution, not anatomy: recorded but spacing stays 1 (unknown)
     if n > 1:
-        return grey, (1.0, sp, sp), "cine", meta
+        return grey, (duration_ms / 1000.0 if duration_ms > 0 else 1.0, sp, sp), "cine", meta
     return grey, (sp, sp), "image", meta
 
 
@@ -232,6 +233,8 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, tuple[float, ...], str, dict]:
     }
     if photometric == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)  # works for 16-bit LUTs, unlike ITK / GDCM's palette path
+        if arr.dtype == np.uint16 and meta["bits_allocated"] == 8:
+            arr = (arr >> 8).astype(np.uint8)  # 8-bit indices into a 16-bit LUT: keep the 8-bit source range
         spp = 3
     grey = _finish_colour(arr, meta, spp >= 3)
     if photometric == "MONOCHROME1":  # inverted grey: make bright = echogenic, as everywhere else
@@ -272,7 +275,8 @@ def _read_itk(path: Path) -> tuple[np.ndarray, tuple[float, ...], str, dict]:
     is_nrrd_sequence = ncomp > 1 and ("NRRD_kinds[pixel]" in keys and reader.GetMetaData("NRRD_kinds[pixel]") == "list"
                                       or name.endswith(".seq.nrrd"))
     # PLUS tracked sequence (.igs.mha / .mhd): frames stacked along the 3rd ITK axis with per-frame fields.
-    is_plus_sequence = ".igs." in name or any(k.startswith("Seq_Frame") for k in keys)
+    # (reconstructed PLUS volumes also carry a stray Seq_Frame field, so ask for per-frame timestamps)
+    is_plus_sequence = ".igs." in name or sum(k.startswith("Seq_Frame") and k.endswith("_Timestamp") for k in keys) > 1
 
     if is_nrrd_sequence:
         arr = np.moveaxis(arr, -1, 0)  # (T, D, H, W)

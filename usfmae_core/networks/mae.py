@@ -132,6 +132,9 @@ class Block(TransformerBlock):
                          qkv_bias=qkv_bias, use_flash_attention=True)
         self.norm1.eps = eps
         self.norm2.eps = eps
+        # MONAI always builds this norm; without cross-attention it is unused, and a trainable unused parameter
+        # would get no gradient (DistributedDataParallel then fails). Kept in the state dict for MONAI compatibility.
+        self.norm_cross_attn.requires_grad_(False)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -190,7 +193,8 @@ class ViTEncoder(nn.Module):
             mask ``(B, L)`` and restore indices ``(B, L)`` (both None when ``mask_ratio`` is 0).
         """
         x = self.patch_embed(x)  # (B, L, D), position embedding added
-        mask = ids_restore = None
+        mask: torch.Tensor | None = None  # annotated for TorchScript
+        ids_restore: torch.Tensor | None = None
         if mask_ratio > 0:
             x, mask, ids_restore = random_masking(x, mask_ratio, noise)
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
@@ -246,6 +250,7 @@ class USFMAE(nn.Module):
         in_channels, img_size, patch_size, spatial_dims, hidden_size, num_layers, num_heads, mlp_ratio, qkv_bias,
             drop_path_rate: see :class:`ViTEncoder`.
         decoder_hidden_size, decoder_num_layers, decoder_num_heads: see :class:`MAEDecoder`.
+        decoder_mlp_ratio: decoder MLP width as a multiple of its width (default: ``mlp_ratio``, as facebook's).
         mask_ratio: fraction of patches masked per sample.
         norm_pix_loss: regress per-patch normalised pixels (mean 0, variance 1) instead of raw pixels.
 
@@ -260,13 +265,13 @@ class USFMAE(nn.Module):
                  spatial_dims: int = 2, hidden_size: int = 768, num_layers: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.0,
                  decoder_hidden_size: int = 512, decoder_num_layers: int = 8, decoder_num_heads: int = 16,
-                 mask_ratio: float = 0.75, norm_pix_loss: bool = False) -> None:
+                 mask_ratio: float = 0.75, norm_pix_loss: bool = False, decoder_mlp_ratio: float | None = None) -> None:
         super().__init__()
         self.encoder = ViTEncoder(in_channels, img_size, patch_size, spatial_dims, hidden_size, num_layers, num_heads,
                                   mlp_ratio, qkv_bias, drop_path_rate)
         patch_dim = int(torch.tensor(self.encoder.patch_size).prod()) * in_channels
         self.decoder = MAEDecoder(hidden_size, self.encoder.grid, patch_dim, decoder_hidden_size, decoder_num_layers,
-                                  decoder_num_heads, mlp_ratio, qkv_bias)
+                                  decoder_num_heads, decoder_mlp_ratio or mlp_ratio, qkv_bias)
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.initialize_weights()

@@ -27,7 +27,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 ENCODER_KEYS = ("in_channels", "img_size", "patch_size", "spatial_dims", "hidden_size", "num_layers", "num_heads",
                 "mlp_ratio", "qkv_bias", "drop_path_rate")
-DECODER_KEYS = ("decoder_hidden_size", "decoder_num_layers", "decoder_num_heads", "mask_ratio", "norm_pix_loss")
+DECODER_KEYS = ("decoder_hidden_size", "decoder_num_layers", "decoder_num_heads", "mask_ratio", "norm_pix_loss",
+                "decoder_mlp_ratio")
 
 
 def mae_config(preset: str = "vit_base", **overrides: Any) -> dict[str, Any]:

@@ -1,0 +1,612 @@
+"""``usfmae prepare``: turn folders of ultrasound files into a sharded, memory-mappable uint8 frame cache.
+
+Layout of a corpus folder::
+
+    corpus.json        summary: version, image_size, n_frames, shards [{file, n}], options
+    manifest.jsonl     one JSON per frame: shard, index, source, frame, axis, kind, spacing, crop, sha1
+    shards/*.npy       uint8 (N, S, S), np.load(mmap_mode="r")
+    done.jsonl         one JSON per finished source (written after its frames are safely on disk): resume state
+    report.json        counts + skipped files {path, reason}
+    volumes/*.npy      (--native-3d) uint8 (V, V, V) isotropic volumes; volumes.jsonl describes them
+
+Per source: read (:func:`read_ultrasound`); volumes -> slices along each requested axis, made isotropic in plane
+and letterboxed so anatomy keeps its physical aspect; cine -> every ``frame_stride``-th frame, dropping frames
+that differ from the last kept one by less than 1 grey level on average; optional sector crop and annotation
+inpainting (:mod:`usfmae_core.data.sector`); per-frame intensity scaling (:func:`scale_intensity`, the same rule
+as fine-tuning), resize to ``S x S``, uint8; near-empty frames (under 5 % non-black pixels) are skipped and exact
+duplicates (SHA-1 of the uint8 frame) removed across the whole corpus.
+
+Robustness: a source that cannot be read is listed in the report with the reason and the run goes on. Shards
+are written atomically (temporary file + rename) and only then are the manifest and ``done.jsonl`` appended, so
+an interrupted run loses at most the sources still in memory; re-running skips the finished sources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from usfmae_core.errors import UsfmaeError
+
+__all__ = ["prepare_corpus", "FrameCorpus", "VolumeCorpus", "iter_source_files", "add_parser", "run",
+           "CORPUS_VERSION"]
+
+CORPUS_VERSION = 1
+_COMPANIONS = (".raw", ".zraw", ".img")  # data files of .mhd / .hdr headers: read through their header
+_EMPTY_FRACTION = 0.05  # a frame with fewer non-black pixels than this is background, not anatomy
+_NEAR_DUP_MAD = 1.0  # mean absolute difference (grey levels) under which consecutive cine frames are the same
+
+
+@dataclass
+class _Options:
+    image_size: int = 224
+    axes: tuple[int, ...] = (0, 1, 2)
+    frame_stride: int = 1
+    crop_sector: bool = False
+    remove_text: bool = False
+    native_3d: bool = False
+    volume_size: int = 96
+
+
+# ------------------------------------------------------------------------------------------------ discovery
+def iter_source_files(sources: Sequence[str | os.PathLike]) -> Iterator[tuple[Path, str | None]]:
+    """Yield ``(path, None)`` for each readable candidate and ``(path, reason)`` for files that will be skipped."""
+    from usfmae_core.data.readers import is_supported
+
+    for src in sources:
+        src = Path(src)
+        if src.is_file():
+            yield (src, None) if is_supported(src) else (src, f"unsupported file type '{src.suffix}'")
+        elif src.is_dir():
+            for root, dirs, files in os.walk(src):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if name.startswith("."):
+                        continue
+                    p = Path(root) / name
+                    if is_supported(p):
+                        yield p, None
+                    elif p.suffix.lower() in _COMPANIONS:
+                        continue
+                    else:
+                        yield p, f"unsupported file type '{p.suffix or name}'"
+        else:
+            yield src, "does not exist"
+
+
+# --------------------------------------------------------------------------------------------- per source work
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _letterbox_slices(stack: np.ndarray, spacing_hw: tuple[float, float], size: int) -> np.ndarray:
+    """``(N, h, w)`` slices with physical spacing -> ``(N, S, S)`` float, isotropic in plane, centred, zero padded."""
+    import torch
+
+    from usfmae_core.data.transforms import resize_frames
+
+    n, h, w = stack.shape
+    ext_h, ext_w = h * spacing_hw[0], w * spacing_hw[1]
+    big = max(ext_h, ext_w)
+    th, tw = max(1, round(size * ext_h / big)), max(1, round(size * ext_w / big))
+    t = resize_frames(stack, (th, tw))
+    out = torch.zeros((n, size, size), dtype=torch.float32)
+    y0, x0 = (size - th) // 2, (size - tw) // 2
+    out[:, y0:y0 + th, x0:x0 + tw] = t
+    return out.numpy()
+
+
+def _native_volume(vol: np.ndarray, spacing: Sequence[float], size: int) -> tuple[np.ndarray, float]:
+    """Resample a volume to an isotropic cube of side ``size`` (letterboxed); returns (uint8, new spacing mm)."""
+    import torch
+    import torch.nn.functional as F
+
+    from usfmae_core.data.transforms import scale_intensity
+
+    ext = [n * s for n, s in zip(vol.shape, spacing)]
+    big = max(ext)
+    dims = [max(1, round(size * e / big)) for e in ext]
+    t = torch.from_numpy(scale_intensity(vol))[None, None]
+    t = F.interpolate(t, size=dims, mode="trilinear", align_corners=False)[0, 0]
+    out = torch.zeros((size,) * 3)
+    o = [(size - d) // 2 for d in dims]
+    out[o[0]:o[0] + dims[0], o[1]:o[1] + dims[1], o[2]:o[2] + dims[2]] = t
+    return _to_uint8(out.numpy()), big / size
+
+
+def _finish_frames(frames: np.ndarray, size: int) -> np.ndarray:
+    """Scale each frame (the fine-tuning rule), resize to S x S, quantise to uint8."""
+    from usfmae_core.data.transforms import resize_frames, scale_intensity
+
+    scaled = np.stack([scale_intensity(f) for f in frames]) if len(frames) else frames.astype(np.float32)
+    return _to_uint8(resize_frames(scaled, size).numpy())
+
+
+def _not_empty(frames01: np.ndarray) -> np.ndarray:
+    """Boolean per frame: enough non-black pixels and some contrast to be worth training on."""
+    flat = frames01.reshape(len(frames01), -1)
+    return ((flat > 0.05).mean(1) >= _EMPTY_FRACTION) & (flat.std(1) > 0.01)
+
+
+def _process_source(path: str, opts: _Options) -> dict[str, Any]:
+    """Read one source and return its finished frames (uint8 ``(N, S, S)``), per-frame records, optional volume."""
+    from usfmae_core.data.readers import read_ultrasound
+    from usfmae_core.data.sector import detect_imaged_region, remove_annotations
+
+    t0 = time.perf_counter()
+    try:
+        img = read_ultrasound(path)
+    except UsfmaeError as err:
+        return {"source": path, "error": err.cause}
+    except Exception as err:  # noqa: BLE001 - a reader bug must not end the run either
+        return {"source": path, "error": f"{type(err).__name__}: {err}"[:300]}
+    S = opts.image_size
+    records: list[dict] = []
+    chunks: list[np.ndarray] = []
+    stats = {"empty": 0, "near_duplicate": 0}
+    try:
+        a = img.array
+        if img.kind == "volume":
+            lo, hi = float(a.min()), float(a.max())
+            for axis in opts.axes:
+                if axis >= a.ndim:
+                    continue
+                stack = np.moveaxis(a, axis, 0)
+                keep = _not_empty((stack - lo) / (hi - lo))  # judged on the volume's range, not per slice
+                stats["empty"] += int((~keep).sum())
+                idx = np.nonzero(keep)[0]
+                if idx.size == 0:
+                    continue
+                sp = [s for i, s in enumerate(img.spacing) if i != axis]
+                boxed = _letterbox_slices(stack[idx], (sp[0], sp[1]), S)
+                from usfmae_core.data.transforms import scale_intensity
+
+                chunks.append(_to_uint8(np.stack([scale_intensity(f) for f in boxed])))
+                iso = max(stack.shape[1] * sp[0], stack.shape[2] * sp[1]) / S
+                records += [{"frame": int(i), "axis": int(axis), "kind": "volume", "spacing": [iso, iso],
+                             "crop": None} for i in idx]
+        else:
+            if img.kind == "cine":
+                idx = np.arange(0, a.shape[0], max(1, opts.frame_stride))
+                frames = a[idx]
+                spacing = list(img.spacing[1:])
+            else:
+                idx = np.array([0])
+                frames = a[None]
+                spacing = list(img.spacing)
+            crop = None
+            if opts.crop_sector:
+                crop = detect_imaged_region(frames)
+                if crop is not None:
+                    y0, y1, x0, x1 = crop
+                    frames = frames[:, y0:y1, x0:x1]
+            if opts.remove_text:
+                cm = img.meta.get("colour_mask")
+                if cm is not None:
+                    cm = cm[idx] if cm.ndim == 3 else cm
+                    if crop is not None:
+                        cm = cm[..., crop[0]:crop[1], crop[2]:crop[3]]
+                frames, _ = remove_annotations(frames, cm)
+            lo, hi = float(frames.min()), float(frames.max())
+            keep = _not_empty((frames - lo) / (hi - lo)) if hi > lo else np.zeros(len(frames), bool)
+            stats["empty"] += int((~keep).sum())
+            frames, idx = frames[keep], idx[keep]
+            out = _finish_frames(frames, S) if len(frames) else np.zeros((0, S, S), np.uint8)
+            if img.kind == "cine" and len(out) > 1:
+                sel = [0]
+                for i in range(1, len(out)):
+                    if np.abs(out[i].astype(np.int16) - out[sel[-1]]).mean() >= _NEAR_DUP_MAD:
+                        sel.append(i)
+                stats["near_duplicate"] += len(out) - len(sel)
+                out, idx = out[sel], idx[sel]
+            sy, sx = spacing[-2], spacing[-1]
+            if crop is not None:
+                ch, cw = crop[1] - crop[0], crop[3] - crop[2]
+            else:
+                ch, cw = a.shape[-2], a.shape[-1]
+            chunks.append(out)
+            records += [{"frame": int(i), "axis": None, "kind": img.kind,
+                         "spacing": [sy * ch / S, sx * cw / S], "crop": list(crop) if crop else None} for i in idx]
+        frames_u8 = np.concatenate(chunks) if chunks else np.zeros((0, S, S), np.uint8)
+        volume = None
+        if opts.native_3d and img.kind == "volume":
+            vol, iso = _native_volume(img.array, img.spacing, opts.volume_size)
+            volume = {"array": vol, "spacing": [iso] * 3, "shape": list(img.array.shape),
+                      "source_spacing": list(img.spacing)}
+    except MemoryError:
+        return {"source": path, "error": "out of memory while processing (file too large)"}
+    except Exception as err:  # noqa: BLE001 - e.g. an absurd geometry; reported, never fatal
+        return {"source": path, "error": f"{type(err).__name__}: {err}"[:300]}
+    return {"source": path, "kind": img.kind, "frames": frames_u8, "records": records, "volume": volume,
+            "stats": stats, "seconds": time.perf_counter() - t0, "source_spacing": list(img.spacing)}
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core: intra-op threads would only fight each other
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Read a JSON-lines file, dropping a torn last line from an interrupted write (and rewriting the file)."""
+    if not path.exists():
+        return []
+    rows, bad = [], False
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad = True
+    if bad:
+        _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def _source_key(p: Path) -> dict:
+    st = p.stat()
+    return {"source": str(p.resolve()), "size": st.st_size, "mtime": round(st.st_mtime, 3)}
+
+
+class _Writer:
+    """Buffers finished sources and writes them as one shard + manifest lines + done lines."""
+
+    def __init__(self, out: Path, opts: _Options, shard_frames: int) -> None:
+        self.out, self.opts, self.shard_frames = out, opts, shard_frames
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        self.summary = self._load_summary()
+        manifest = _read_jsonl(out / "manifest.jsonl")
+        referenced = {s["file"] for s in self.summary["shards"]}
+        # a shard written just before a crash (manifest not yet appended) is unreferenced: drop it
+        for f in (out / "shards").glob("*.npy*"):
+            if f"shards/{f.name}" not in referenced:
+                f.unlink()
+        n_ref = sum(s["n"] for s in self.summary["shards"])
+        if len(manifest) != n_ref:  # manifest appended partially before a crash: keep what the shards hold
+            manifest = manifest[:n_ref]
+            _atomic_write_text(out / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in manifest))
+        self.seen = {r["sha1"] for r in manifest}
+        self.done = {d["source"]: d for d in _read_jsonl(out / "done.jsonl")}
+        self.volumes = _read_jsonl(out / "volumes.jsonl")
+        self.vol_seen = {v["sha1"] for v in self.volumes}
+        self.buffer: list[dict] = []
+        self.buffered = 0
+        self.counts = {"frames_written": 0, "duplicates_removed": 0, "empty_frames_skipped": 0,
+                       "near_duplicates_removed": 0, "volumes_written": 0}
+
+    def _load_summary(self) -> dict:
+        path = self.out / "corpus.json"
+        opts = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.opts).items()}
+        if path.exists():
+            s = json.loads(path.read_text())
+            if s.get("image_size") != self.opts.image_size:
+                raise UsfmaeError(f"{self.out} was prepared with image size {s.get('image_size')}, "
+                                  f"not {self.opts.image_size}", "use the same --image-size or a new --out folder")
+            s["options"] = opts
+            return s
+        return {"version": CORPUS_VERSION, "image_size": self.opts.image_size, "n_frames": 0, "shards": [],
+                "options": opts}
+
+    def is_done(self, key: dict) -> bool:
+        d = self.done.get(key["source"])
+        return d is not None and d.get("size") == key["size"] and d.get("mtime") == key["mtime"]
+
+    def add(self, key: dict, result: dict) -> None:
+        if "error" in result:
+            self.buffer.append({"done": {**key, "status": "skipped", "reason": result["error"]}})
+            return
+        frames, recs = result["frames"], result["records"]
+        keep, hashes = [], []
+        for i in range(len(frames)):
+            h = hashlib.sha1(frames[i].tobytes()).hexdigest()
+            if h in self.seen:
+                self.counts["duplicates_removed"] += 1
+                continue
+            self.seen.add(h)
+            keep.append(i)
+            hashes.append(h)
+        st = result["stats"]
+        self.counts["empty_frames_skipped"] += st["empty"]
+        self.counts["near_duplicates_removed"] += st["near_duplicate"]
+        entry = {"frames": frames[keep], "records": [{**recs[i], "sha1": h} for i, h in zip(keep, hashes)],
+                 "volume": result.get("volume"), "kind": result["kind"],
+                 "done": {**key, "status": "ok", "kind": result["kind"], "n_frames": len(keep)}}
+        self.buffer.append(entry)
+        self.buffered += len(keep)
+        if self.buffered >= self.shard_frames:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        out = self.out
+        frames = [e["frames"] for e in self.buffer if "frames" in e and len(e["frames"])]
+        manifest_lines, vol_lines = [], []
+        if frames:
+            arr = np.concatenate(frames)
+            k = len(self.summary["shards"])
+            name = f"shards/shard_{k:05d}.npy"
+            tmp = out / f"{name}.tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, out / name)
+            pos = 0
+            for e in self.buffer:
+                for r in e.get("records", []):
+                    manifest_lines.append(json.dumps({"shard": k, "index": pos, "source": e["done"]["source"], **r}))
+                    pos += 1
+            self.summary["shards"].append({"file": name, "n": int(len(arr))})
+            self.summary["n_frames"] += int(len(arr))
+            self.counts["frames_written"] += int(len(arr))
+        for e in self.buffer:  # native volumes are one file each, written before their source is marked done
+            v = e.get("volume")
+            if v is None:
+                continue
+            h = hashlib.sha1(v["array"].tobytes()).hexdigest()
+            if h in self.vol_seen:
+                continue
+            self.vol_seen.add(h)
+            (out / "volumes").mkdir(exist_ok=True)
+            name = f"volumes/volume_{len(self.volumes):05d}.npy"
+            np.save(out / f"{name}.tmp.npy", v["array"])
+            os.replace(out / f"{name}.tmp.npy", out / name)
+            row = {"file": name, "source": e["done"]["source"], "spacing": v["spacing"], "shape": v["shape"],
+                   "source_spacing": v["source_spacing"], "sha1": h}
+            self.volumes.append(row)
+            vol_lines.append(json.dumps(row))
+            self.counts["volumes_written"] += 1
+        if manifest_lines:
+            with open(out / "manifest.jsonl", "a") as f:
+                f.write("\n".join(manifest_lines) + "\n")
+        if vol_lines:
+            with open(out / "volumes.jsonl", "a") as f:
+                f.write("\n".join(vol_lines) + "\n")
+        self.summary["n_volumes"] = len(self.volumes)
+        self.summary["volume_size"] = self.opts.volume_size
+        _atomic_write_text(out / "corpus.json", json.dumps(self.summary, indent=1))
+        with open(out / "done.jsonl", "a") as f:
+            for e in self.buffer:
+                self.done[e["done"]["source"]] = e["done"]
+                f.write(json.dumps(e["done"]) + "\n")
+        self.buffer, self.buffered = [], 0
+
+
+def prepare_corpus(
+    sources: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    image_size: int = 224,
+    axes: Sequence[int] = (0, 1, 2),
+    frame_stride: int = 1,
+    crop_sector: bool = False,
+    remove_text: bool = False,
+    native_3d: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+    volume_size: int = 96,
+    shard_frames: int = 4096,
+) -> dict[str, Any]:
+    """Build (or resume) a frame corpus from files / folders; returns the report (also ``out/report.json``).
+
+    Args:
+        sources: files or folders (walked recursively).
+        out: corpus folder.
+        image_size: side ``S`` of the stored ``(S, S)`` uint8 frames.
+        axes: array axes along which volumes are sliced.
+        frame_stride: keep every n-th cine frame.
+        crop_sector: crop to the detected imaged region (drops black borders and side panels).
+        remove_text: detect and inpaint burned-in text, calipers, markers and colour overlays.
+        native_3d: also write isotropic volumes ``(V, V, V)`` for 3D pretraining.
+        workers: processes (1 = in this process).
+        progress: show a tqdm progress bar.
+        volume_size: side ``V`` of native 3D volumes.
+        shard_frames: frames per shard (a shard holds whole sources, so it can be a little larger).
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    opts = _Options(int(image_size), tuple(int(a) for a in axes), int(frame_stride), bool(crop_sector),
+                    bool(remove_text), bool(native_3d), int(volume_size))
+    if opts.image_size < 16:
+        raise UsfmaeError(f"--image-size {opts.image_size} is too small", "use at least 16 (224 is the default)")
+    writer = _Writer(out, opts, int(shard_frames))
+    todo: list[tuple[Path, dict]] = []
+    skipped_now: list[dict] = []
+    n_resumed = 0
+    for p, reason in iter_source_files(sources):
+        if reason is not None:
+            skipped_now.append({"path": str(p), "reason": reason})
+            continue
+        key = _source_key(p)
+        if writer.is_done(key):
+            n_resumed += 1
+        else:
+            todo.append((p, key))
+    n_sources_read = 0
+    frames_before = writer.summary["n_frames"]
+    work_seconds = 0.0
+    bar = tqdm(total=len(todo), desc="prepare", unit="file", disable=not progress, dynamic_ncols=True)
+    pool = None
+    try:
+        if workers > 1 and len(todo) > 1:
+            pool = ProcessPoolExecutor(max_workers=int(workers), mp_context=get_context("spawn"),
+                                       initializer=_worker_init)
+            results: Iterable = pool.map(_process_source, [str(p) for p, _ in todo], [opts] * len(todo),
+                                         chunksize=max(1, min(16, len(todo) // (8 * workers))))
+        else:
+            results = (_process_source(str(p), opts) for p, _ in todo)
+        for (p, key), res in zip(todo, results):
+            writer.add(key, res)
+            if "error" not in res:
+                n_sources_read += 1
+                work_seconds += res["seconds"]
+            bar.update(1)
+            bar.set_postfix(frames=writer.summary["n_frames"] + writer.buffered, refresh=False)
+    finally:
+        writer.flush()  # whatever finished before an interruption is kept
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    skipped = skipped_now + [{"path": d["source"], "reason": d["reason"]} for d in writer.done.values()
+                             if d.get("status") == "skipped"]
+    elapsed = time.perf_counter() - t0
+    report = {
+        "corpus": str(out),
+        "n_frames": writer.summary["n_frames"],
+        "n_volumes": len(writer.volumes),
+        "sources_found": len(todo) + n_resumed,
+        "sources_processed": len(todo),
+        "sources_read": n_sources_read,
+        "sources_resumed": n_resumed,
+        "sources_skipped": len(skipped),
+        "frames_added": writer.summary["n_frames"] - frames_before,
+        **writer.counts,
+        "elapsed_s": round(elapsed, 3),
+        "worker_seconds": round(work_seconds, 3),
+        "skipped": skipped,
+    }
+    _atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- readers
+class FrameCorpus:
+    """Read-only view of a prepared corpus: ``len()``, ``corpus[i] -> uint8 (S, S)`` memory-mapped.
+
+    Shards are opened lazily, so the object is cheap to pickle into DataLoader workers.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        summary = self.path / "corpus.json"
+        if not summary.exists():
+            raise UsfmaeError(f"no frames in corpus {self.path} (corpus.json missing)",
+                              f"run usfmae prepare SRC... --out {self.path}")
+        self.summary = json.loads(summary.read_text())
+        self.shards = [s for s in self.summary.get("shards", []) if s["n"] > 0]
+        if not self.shards:
+            raise UsfmaeError(f"no frames in corpus {self.path}", f"run usfmae prepare SRC... --out {self.path}")
+        self.image_size = int(self.summary["image_size"])
+        self.offsets = np.cumsum([0] + [s["n"] for s in self.shards])
+        self._maps: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def frames_for_shard(self, k: int) -> np.ndarray:
+        """The memory-mapped uint8 ``(N, S, S)`` array of shard ``k``."""
+        m = self._maps.get(k)
+        if m is None:
+            m = self._maps[k] = np.load(self.path / self.shards[k]["file"], mmap_mode="r")
+        return m
+
+    def locate(self, i: int) -> tuple[int, int]:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return k, int(i - self.offsets[k])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        k, j = self.locate(int(i))
+        return self.frames_for_shard(k)[j]
+
+    def get_batch(self, indices: Sequence[int]) -> np.ndarray:
+        """``(B, S, S)`` uint8 for many indices with one fancy-indexed read per shard (order preserved)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(idx), self.image_size, self.image_size), np.uint8)
+        ks = np.searchsorted(self.offsets, idx, side="right") - 1
+        for k in np.unique(ks):
+            sel = np.nonzero(ks == k)[0]
+            local = idx[sel] - self.offsets[k]
+            order = np.argsort(local)  # sorted reads are sequential on disk
+            out[sel[order]] = self.frames_for_shard(int(k))[local[order]]
+        return out
+
+    def manifest(self) -> list[dict]:
+        return _read_jsonl(self.path / "manifest.jsonl")
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_maps"] = {}  # memory maps are reopened in the receiving process
+        return d
+
+
+class VolumeCorpus:
+    """Read-only view of ``--native-3d`` volumes: ``corpus[i] -> uint8 (V, V, V)`` memory-mapped."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.entries = _read_jsonl(self.path / "volumes.jsonl")
+        if not self.entries:
+            raise UsfmaeError(f"no volumes in corpus {self.path}",
+                              f"run usfmae prepare SRC... --native-3d --out {self.path}")
+        self.volume_size = int(np.load(self.path / self.entries[0]["file"], mmap_mode="r").shape[0])
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.load(self.path / self.entries[int(i)]["file"], mmap_mode="r")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "prepare",
+        help="turn folders of ultrasound files into a pretraining frame cache",
+        description="Walk SRC files/folders (PNG/JPG/BMP/TIFF, DICOM, NIfTI, NRRD, MetaImage, mp4/avi/mov/mpeg/gif) "
+                    "and write a sharded uint8 frame cache + manifest to --out. Re-running resumes.",
+    )
+    p.add_argument("sources", nargs="+", metavar="SRC", help="files or folders")
+    p.add_argument("--out", required=True, help="corpus folder")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--axes", type=int, nargs="+", default=[0, 1, 2], help="volume axes to slice along")
+    p.add_argument("--frame-stride", type=int, default=1, help="keep every n-th cine frame")
+    p.add_argument("--crop-sector", action="store_true", help="crop to the detected imaged region")
+    p.add_argument("--remove-text", action="store_true", help="inpaint burned-in text, calipers and overlays")
+    p.add_argument("--native-3d", action="store_true", help="also write isotropic volumes for 3D pretraining")
+    p.add_argument("--volume-size", type=int, default=96)
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    rep = prepare_corpus(args.sources, args.out, args.image_size, tuple(args.axes), args.frame_stride,
+                         args.crop_sector, args.remove_text, args.native_3d, args.workers,
+                         not args.no_progress, args.volume_size)
+    print(f"prepared {rep['n_frames']} frames in {rep['corpus']} ({rep['frames_added']} new from "
+          f"{rep['sources_read']} files; {rep['sources_resumed']} already done; {rep['duplicates_removed']} "
+          f"duplicates, {rep['near_duplicates_removed']} near-duplicate cine frames, "
+          f"{rep['empty_frames_skipped']} empty frames dropped; {rep['n_volumes']} volumes)")
+    if rep["skipped"]:
+        print(f"skipped {len(rep['skipped'])} files (details in {Path(args.out) / 'report.json'}):")
+        for s in rep["skipped"][:20]:
+            print(f"  {s['path']}: {s['reason']}")
+        if len(rep["skipped"]) > 20:
+            print(f"  ... and {len(rep['skipped']) - 20} more")
+    return 0
