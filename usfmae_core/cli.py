@@ -17,7 +17,14 @@ from usfmae_core.errors import UsfmaeError
 # One module per command, in the order they appear in ``usfmae --help``.
 COMMAND_MODULES: tuple[str, ...] = (
     "usfmae_core.commands.info",
+    "usfmae_core.data.corpus",  # prepare
     "usfmae_core.checkpoints",  # import-weights, export-weights
+    "usfmae_core.workflows.pretrain",
+    "usfmae_core.workflows.finetune",
+    "usfmae_core.workflows.evaluate",
+    "usfmae_core.workflows.predict",
+    "usfmae_core.workflows.reconstruct",
+    "usfmae_core.workflows.embed",
 )
 
 

@@ -344,7 +344,11 @@ def write_cine(path: str | Path, frames: np.ndarray, spacing: Sequence[float] = 
     ext = _suffix(path)
     fps = 1.0 / spacing[0] if spacing[0] > 0 else 25.0
     if ext == ".gif":
-        iio.imwrite(path, frames, duration=int(1000 / fps), loop=0)
+        from PIL import Image  # grey 'L' frames keep an exact 256-level palette (no quantisation)
+
+        ims = [Image.fromarray(f, "L") for f in frames]
+        ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(round(1000 / fps)), loop=0,
+                    optimize=False, disposal=1)
     elif ext in (".mp4", ".avi", ".mov", ".mpeg", ".mpg"):
         codec = {".avi": "mpeg4", ".mpeg": "mpeg2video", ".mpg": "mpeg2video"}.get(ext, "libx264")
         rgb = np.repeat(frames[..., None], 3, -1)  # yuv420p needs even sides, phantom sizes are even

@@ -50,10 +50,17 @@ def to_grey_uint8(x: torch.Tensor, mean: Sequence[float] | None = None, std: Seq
     return (grey * 255 + 0.5).to(torch.uint8).numpy()
 
 
-def save_image_grid(rows: Sequence[Sequence[np.ndarray]], path: str | Path, pad: int = 2) -> Path:
-    """Tile equally sized grey ``uint8 (H, W)`` images (a list of rows) into one PNG, written atomically."""
+def save_image_grid(rows: Sequence[Sequence[np.ndarray]], path: str | Path, pad: int = 2, min_size: int = 128
+                    ) -> Path:
+    """Tile equally sized grey ``uint8 (H, W)`` images (a list of rows) into one PNG, written atomically.
+
+    Images smaller than ``min_size`` are enlarged by an integer factor (nearest neighbour, so patches stay sharp).
+    """
     from PIL import Image
 
+    k = max(1, min_size // max(rows[0][0].shape))
+    if k > 1:
+        rows = [[np.kron(img, np.ones((k, k), np.uint8)) for img in row] for row in rows]
     h, w = rows[0][0].shape
     ncol = max(len(r) for r in rows)
     grid = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad), 255, dtype=np.uint8)

@@ -1,0 +1,1 @@
+# stub: nothing to set up

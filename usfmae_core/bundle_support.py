@@ -1,0 +1,669 @@
+"""MONAI-engine pieces for the MONAI bundle (``bundles/usf_mae``) that the workflows do not expose as MONAI objects.
+
+The bundle's configs only wire engine code together; whatever they need beyond the workflows' public API lives here,
+so no logic hides in JSON:
+
+- data: :class:`CorpusDataset` (a MONAI ``Dataset`` over a prepared pretraining corpus, ``data`` = the corpus folder),
+  :func:`split_items` / :func:`align_classes` (labelled datalists -> MONAI items), :func:`inference_items`
+  (files / folders / datalist JSON -> items), :class:`UltrasoundToFramesd` (every frame / slice of an image, cine or
+  volume as model input ``(N, C, S, S)``), :func:`cache_rate`;
+- inference: :class:`FrameAveragingInferer` (softmax per frame, mean over frames: what ``usfmae predict`` does),
+  :func:`prepare_batch` (MetaTensor-free batches for the engines);
+- models: :func:`training_settings` / :func:`read_model_config` (``models/model_config.json``, written by
+  ``train.json`` and read by ``evaluate.json`` / ``inference.json``), :func:`classifier_from_settings`,
+  :func:`load_weights` / :class:`WeightsLoader` (plain state dicts or our checkpoints, adapted across MONAI versions
+  with :func:`~usfmae_core.checkpoints.adapt_state_dict`);
+- training: :func:`macro_f1` (ignite metric), :func:`cosine_schedule` (per-step warm-up + cosine, keeping layer-wise
+  lr scales), :func:`use_amp` / :func:`amp_kwargs`, :func:`is_not_rank0`;
+- handlers: :class:`SaveUsfmaeCheckpoint` (our checkpoint format, for ``usfmae`` / Slicer), :class:`ProbabilityWriter`
+  (per-image class probabilities as CSV + JSON, and metrics when labels are known), :class:`ProgressHandler`
+  (the engine's progress bar / ``USFMAE_PROGRESS`` lines).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import pickle
+import zipfile
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.config import KeysCollection
+from monai.data import Dataset, MetaTensor
+from monai.inferers import Inferer
+from monai.transforms import MapTransform, apply_transform
+
+from usfmae_core.errors import UsfmaeError
+
+__all__ = ["CorpusDataset", "split_items", "align_classes", "inference_items", "cache_rate", "UltrasoundToFramesd",
+           "FrameAveragingInferer", "prepare_batch", "training_settings", "read_model_config",
+           "classifier_from_settings", "load_weights", "WeightsLoader", "macro_f1", "cosine_schedule", "use_amp",
+           "amp_kwargs", "is_not_rank0", "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler"]
+
+logger = logging.getLogger("usfmae.bundle")
+SPLITS = ("training", "validation", "test")
+
+
+# ------------------------------------------------------------------------------------------------------- data
+class CorpusDataset(Dataset):
+    """A prepared pretraining corpus (``usfmae prepare``) as a MONAI ``Dataset`` of uint8 frames ``(S, S)``.
+
+    ``__getitems__`` reads a whole batch with one memory-mapped read per shard (as
+    :class:`~usfmae_core.data.datasets.CorpusFrameDataset` does), so collate with
+    :func:`~usfmae_core.data.datasets.collate_uint8` and augment on the device (``MAEBatchAugment``).
+
+    Args:
+        data: the corpus folder (the bundle's ``dataset_dir``), or an opened ``FrameCorpus`` / ``VolumeCorpus``.
+        transform: optional transform per item (None keeps the fast batched read).
+        spatial_dims: 2 for frames, 3 for the ``--native-3d`` volumes ``(V, V, V)``.
+    """
+
+    def __init__(self, data: str | os.PathLike | Any, transform: Callable | None = None, spatial_dims: int = 2
+                 ) -> None:
+        from usfmae_core.data.corpus import FrameCorpus, VolumeCorpus
+
+        if isinstance(data, (str, os.PathLike)):
+            path = Path(data)
+            native = " --native-3d" if spatial_dims == 3 else ""
+            if not path.exists():
+                raise UsfmaeError(f"corpus {path} does not exist",
+                                  f"prepare one with `usfmae prepare SRC...{native} --out {path}` and pass it as "
+                                  "--dataset_dir")
+            if not path.is_dir():
+                raise UsfmaeError(f"corpus {path} is not a folder", "pass the folder written by usfmae prepare "
+                                  "as --dataset_dir")
+            data = VolumeCorpus(path) if spatial_dims == 3 else FrameCorpus(path)
+        super().__init__(data=data, transform=transform)
+
+    def _transform(self, index: int) -> Any:
+        item = torch.from_numpy(np.array(self.data[index]))
+        return apply_transform(self.transform, item) if self.transform is not None else item
+
+    def __getitems__(self, indices: Sequence[int]) -> Any:
+        if self.transform is None and hasattr(self.data, "get_batch"):
+            return torch.from_numpy(self.data.get_batch(indices))
+        return [self._transform(int(i)) for i in indices]
+
+
+def _plain_item(it: Mapping[str, Any]) -> dict[str, Any]:
+    # only what the transforms and the default collate handle (a None group would break collation)
+    return {"image": str(it["image"]), "label": int(it["label"])}
+
+
+def split_items(datalist: Mapping[str, Any], split: str = "training") -> list[dict[str, Any]]:
+    """Items ``{"image": path, "label": int}`` of one split of a labelled datalist (``all``: every split).
+
+    Raises:
+        UsfmaeError: unknown split, or the split is empty.
+    """
+    if split not in (*SPLITS, "all"):
+        raise UsfmaeError(f"unknown split '{split}'", f"choose one of {', '.join((*SPLITS, 'all'))}")
+    names = SPLITS if split == "all" else (split,)
+    items = [_plain_item(it) for s in names for it in (datalist.get(s) or [])]
+    if not items:
+        source = datalist.get("source", "the labelled data")
+        raise UsfmaeError(f"the {split} split of {source} is empty",
+                          "pass more images, or choose another split (e.g. --eval_split all)")
+    return items
+
+
+def align_classes(datalist: Mapping[str, Any], classes: Sequence[str], source: str = "the labelled data"
+                  ) -> dict[str, Any]:
+    """``datalist`` with labels re-indexed to the model's ``classes`` (matched by name).
+
+    A labelled folder for evaluation may lack a class, which shifts the indices of the others; matching by name keeps
+    them right. A class the model does not know is refused.
+    """
+    names = [str(c) for c in datalist.get("classes") or []]
+    classes = [str(c) for c in classes]
+    unknown = [c for c in names if c not in classes]
+    if unknown:
+        raise UsfmaeError(f"{source} has class(es) {', '.join(unknown)} that the model does not know "
+                          f"(it was trained on {', '.join(classes)})",
+                          "evaluate on data with the model's classes (sub-folder names)")
+    index = {i: classes.index(c) for i, c in enumerate(names)}
+    out = dict(datalist)
+    for split in (*SPLITS,):
+        out[split] = [{**it, "label": index[int(it["label"])]} for it in (datalist.get(split) or [])]
+    out["classes"] = classes
+    return out
+
+
+def inference_items(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[dict[str, str]]:
+    """Items ``{"image": path}`` for files, folders (recursively, supported files only) or a datalist JSON.
+
+    Uses :func:`usfmae_core.workflows.predict.collect_inputs`; explicit files it cannot use are logged and skipped.
+    """
+    from usfmae_core.workflows.predict import collect_inputs
+
+    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    files, skipped = collect_inputs(sources)
+    for s in skipped:
+        logger.warning("skipped %s: %s", s["source"], s["reason"])
+    return [{"image": str(p)} for p in files]
+
+
+def cache_rate(n_items: int, prep: Any) -> float:
+    """Fraction of ``n_items`` preprocessed images to keep in memory (``CacheDataset``), within the fine-tuning
+    workflow's memory budget (:data:`usfmae_core.workflows.finetune.CACHE_BYTES`)."""
+    from usfmae_core.workflows.finetune import CACHE_BYTES
+
+    per_item = int(prep.in_channels) * int(prep.image_size) ** 2 * 4
+    return float(min(1.0, CACHE_BYTES / max(1, per_item * max(1, int(n_items)))))
+
+
+class UltrasoundToFramesd(MapTransform):
+    """Every frame of a cine / slice of a volume (one frame for a 2D image) as 2D model input ``(N, C, S, S)``.
+
+    Input: channel-first grey ``(1, H, W)`` or ``(1, T|D, H, W)`` from
+    :class:`~usfmae_core.data.transforms.LoadUltrasoundd`. Frames come from
+    :func:`~usfmae_core.data.transforms.image_to_frames` (volumes sliced along ``axis``, array order D, H, W) and are
+    preprocessed by :func:`~usfmae_core.data.transforms.frames_to_tensor`, as ``usfmae predict`` does. The meta dict
+    is kept and gains ``n_frames``.
+    """
+
+    def __init__(self, keys: KeysCollection, image_size: int = 224, in_channels: int = 3,
+                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
+                 axis: int = 0, allow_missing_keys: bool = False) -> None:
+        from usfmae_core.data.transforms import Preprocessing
+
+        super().__init__(keys, allow_missing_keys)
+        self.prep = Preprocessing(int(image_size), int(in_channels), tuple(mean), tuple(std))
+        self.axis = int(axis)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from usfmae_core.data.readers import UltrasoundImage
+        from usfmae_core.data.transforms import frames_to_tensor, image_to_frames
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            meta = dict(getattr(x, "meta", {}) or {})
+            arr = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float32)
+            if arr.ndim in (3, 4) and arr.shape[0] == 1:
+                arr = arr[0]  # channel-first grey -> (H, W) / (N, H, W)
+            kind = str(meta.get("kind") or ("image" if arr.ndim == 2 else "volume"))
+            if arr.ndim == 2:
+                kind = "image"
+            spacing = tuple(meta.get("spacing") or (1.0,) * arr.ndim)
+            frames = image_to_frames(UltrasoundImage(arr, spacing, kind, str(meta.get("filename_or_obj", ""))),
+                                     axis=self.axis)
+            out = frames_to_tensor(frames, self.prep)
+            meta.update(n_frames=int(out.shape[0]), kind=kind)
+            d[key] = MetaTensor(out, meta=meta)
+        return d
+
+
+# -------------------------------------------------------------------------------------------------- inference
+class FrameAveragingInferer(Inferer):
+    """Class probabilities per image: softmax of the network's logits for every frame, averaged over the frames.
+
+    This is :func:`usfmae_core.workflows.predict.classify_array`'s rule for 2D models (a 2D image is one frame).
+
+    Args:
+        frame_batch_size: frames per forward pass.
+
+    Shapes: ``(B, N, C, S, S)`` (``N`` frames per image; ``B`` is usually 1 since ``N`` varies) or ``(B, C, S, S)``
+    -> probabilities ``(B, K)`` float32.
+    """
+
+    def __init__(self, frame_batch_size: int = 32) -> None:
+        self.frame_batch_size = max(1, int(frame_batch_size))
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
+                 ) -> torch.Tensor:
+        x = inputs.as_subclass(torch.Tensor) if isinstance(inputs, MetaTensor) else inputs
+        if x.dim() == 4:
+            x = x[:, None]
+        if x.dim() != 5:
+            raise ValueError(f"expected (B, N, C, H, W) or (B, C, H, W) input, got shape {tuple(inputs.shape)}")
+        out = []
+        for frames in x:
+            probs = [torch.softmax(network(frames[i:i + self.frame_batch_size], *args, **kwargs).float(), dim=-1)
+                     for i in range(0, frames.shape[0], self.frame_batch_size)]
+            out.append(torch.cat(probs).mean(dim=0))
+        return torch.stack(out)
+
+
+def prepare_batch(batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False,
+                  **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``prepare_batch`` for MONAI engines: ``(image, label)`` as plain tensors on ``device``.
+
+    Plain tensors (not MetaTensors) keep the ViT's many small operations free of metadata handling; labels become
+    ``long`` for the cross-entropy. The engine's ``state.batch`` still holds the MetaTensors (file names for the
+    handlers).
+    """
+    image = batchdata["image"]
+    if isinstance(image, MetaTensor):
+        image = image.as_subclass(torch.Tensor)
+    image = image.to(device=device, non_blocking=non_blocking, **kwargs)
+    label = batchdata.get("label")
+    if isinstance(label, torch.Tensor):
+        label = label.as_subclass(torch.Tensor).long().to(device=device, non_blocking=non_blocking)
+    else:
+        label = None
+    return image, label
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def training_settings(config: Mapping[str, Any], classes: Sequence[str], arch: str = "vit") -> dict[str, Any]:
+    """What ``models/model_config.json`` holds: the classifier's checkpoint config (model kwargs, ``preset``,
+    ``preprocessing``) plus ``classes``, ``arch`` (``vit|resnet|densenet``) and the flat ``image_size`` /
+    ``in_channels`` / ``patch_size`` / ``pool`` that evaluation and inference build the same network from."""
+    prep = config["preprocessing"]
+    out = dict(config)
+    out.update(arch=str(arch), classes=[str(c) for c in classes], image_size=int(prep["image_size"]),
+               in_channels=int(prep["in_channels"]))
+    patch = config.get("patch_size")
+    if patch is not None:
+        out["patch_size"] = int(patch[-1] if isinstance(patch, (list, tuple)) else patch)
+    out.setdefault("pool", "avg")
+    return out
+
+
+def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings in ``path`` (``models/model_config.json``), or ``{}`` when there is none."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as err:
+        raise UsfmaeError(f"cannot read {path} ({str(err).splitlines()[0][:100]})",
+                          "delete it (the bundle then uses the configs' values) or re-run train.json") from None
+
+
+_MATCH_KEYS = ("arch", "preset", "image_size", "in_channels", "classes")
+_VIT_KEYS = ("patch_size", "pool")
+
+
+def classifier_from_settings(trained: Mapping[str, Any], classes: Sequence[str], arch: str = "vit",
+                             preset: str = "vit_base", image_size: int = 224, in_channels: int = 3,
+                             patch_size: int = 16, pool: str = "avg") -> tuple[nn.Module, dict[str, Any]]:
+    """The classifier for evaluation / inference and its settings (see :func:`training_settings`).
+
+    When the requested settings are those of ``trained`` (``models/model_config.json``) the network is rebuilt from its
+    exact stored config (this also covers MAE-initialised or imported shapes that no preset names); otherwise it is
+    built fresh with :func:`usfmae_core.workflows.finetune.build_classifier` (weights are then adapted on loading,
+    e.g. position embeddings for another image size).
+    """
+    from usfmae_core.networks.presets import build_model
+    from usfmae_core.workflows.finetune import build_classifier
+
+    requested = {"arch": str(arch), "preset": str(preset), "image_size": int(image_size),
+                 "in_channels": int(in_channels), "classes": [str(c) for c in classes]}
+    if str(arch) == "vit":
+        requested.update(patch_size=int(patch_size), pool=str(pool))
+    if trained and all(trained.get(k) == v for k, v in requested.items()):
+        config = dict(trained)
+        model = build_model("classifier" if config["arch"] == "vit" else config["arch"], config)
+        return model, config
+    model, config = build_classifier(len(requested["classes"]), arch=str(arch), preset=str(preset),
+                                     image_size=int(image_size), in_channels=int(in_channels),
+                                     patch_size=int(patch_size), pool=str(pool))
+    return model, training_settings(config, requested["classes"], str(arch))
+
+
+def _unwrap_state(obj: Any) -> dict[str, torch.Tensor]:
+    """The state dict in ``obj``: a plain state dict, our checkpoint (``model``), MONAI / ignite
+    ``{"model": ...}`` / ``state_dict`` wrappers; DDP ``module.`` prefixes removed."""
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict", "network"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {}
+    if all(str(k).startswith("module.") for k in obj):
+        obj = {str(k)[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load the weights in ``path`` into ``network`` (unwrapping DDP), whatever MONAI version saved them.
+
+    ``path`` may hold a plain state dict (Model Zoo's ``models/model.pt``, MONAI's ``CheckpointSaver``) or one of our
+    checkpoints. The state is fitted with :func:`~usfmae_core.checkpoints.adapt_state_dict`: MONAI < 1.6
+    ``cross_attn`` keys are dropped and ``norm_cross_attn`` filled, position embeddings of another image size are
+    interpolated; anything else that does not fit is refused with the keys named.
+    """
+    from usfmae_core.checkpoints import adapt_state_dict
+    from usfmae_core.workflows.distributed import unwrap_model
+
+    path = Path(path)
+    if not path.exists():
+        raise UsfmaeError(f"weights {path} do not exist",
+                          "train first (configs/train.json writes models/model.pt), fetch released weights with "
+                          "`python -m monai.bundle download_large_files --bundle_path .`, or pass --ckpt_path")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsfmaeError(f"{path} needs pickled code to load and was refused for safety",
+                          "re-save it as a plain state dict (torch.save(model.state_dict(), ...))") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise UsfmaeError(f"{path} cannot be read ({str(err).splitlines()[0][:120]})",
+                          "the file is corrupt or not a PyTorch checkpoint") from None
+    state = _unwrap_state(obj)
+    if not state:
+        raise UsfmaeError(f"{path} holds no state dict of tensors", "pass a PyTorch weights file (model.pt)")
+    target = unwrap_model(network)
+    target.load_state_dict(adapt_state_dict(state, target.state_dict(), source=str(path)))
+    logger.info("loaded weights from %s", path)
+    return network
+
+
+class WeightsLoader:
+    """Handler / callable loading ``load_path`` into ``network`` with :func:`load_weights`.
+
+    Use it like MONAI's ``CheckpointLoader``: in an engine's handlers (loads when the engine starts) or called
+    directly (``"$@checkpointloader(@evaluator)"`` in a config's ``initialize``).
+    """
+
+    def __init__(self, load_path: str | os.PathLike, network: nn.Module) -> None:
+        self.load_path, self.network = load_path, network
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Any = None) -> None:
+        load_weights(self.network, self.load_path)
+
+
+# -------------------------------------------------------------------------------------------------- training
+def macro_f1(output_transform: Callable = lambda x: x) -> Any:
+    """Macro-averaged F1 as an ignite metric (the fine-tuning workflow's model-selection metric).
+
+    ``output_transform`` must give ``(logits or probabilities (B, K), labels (B,))``. Per-class precision and recall
+    are accumulated over the epoch (all-reduced across processes) and F1 is averaged over the K classes; a class never
+    predicted has precision 0, as in :mod:`usfmae_core.workflows.metrics`.
+    """
+    from ignite.metrics import Precision, Recall
+
+    precision = Precision(average=False, output_transform=output_transform)
+    recall = Recall(average=False, output_transform=output_transform)
+    return (precision * recall * 2 / (precision + recall + 1e-20)).mean()
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0,
+                    base_lr: float | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step linear warm-up then cosine decay (:func:`~usfmae_core.workflows.optim.cosine_lr`) as a ``LambdaLR``.
+
+    Each parameter group keeps its own initial lr (``base_lr * lr_scale`` from ``param_groups``, i.e. layer-wise
+    decay); ``min_lr`` is the floor for ``base_lr`` (default: the largest group lr). Step it every iteration
+    (``LrScheduleHandler(epoch_level=False)``).
+    """
+    from usfmae_core.workflows.optim import cosine_lr
+
+    total = max(1, int(total_steps))
+    warmup = min(max(0, int(warmup_steps)), max(total - 1, 0))
+    base = float(base_lr) if base_lr else max(float(g["lr"]) for g in optimizer.param_groups)
+    floor = min(float(min_lr), base) / base if base > 0 else 0.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_lr(step, total, warmup, 1.0, floor))
+
+
+def _device(device: torch.device | str) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(str(device))
+
+
+def use_amp(device: torch.device | str, precision: str = "auto") -> bool:
+    """Whether MONAI's engines should autocast (their ``amp`` runs on CUDA only): CUDA and not ``fp32``."""
+    from usfmae_core.device import autocast_dtype
+
+    dev = _device(device)
+    return dev.type == "cuda" and autocast_dtype(dev, precision) is not None
+
+
+def amp_kwargs(device: torch.device | str, precision: str = "auto") -> dict[str, Any]:
+    """``amp_kwargs`` for MONAI's engines: the autocast dtype of :func:`usfmae_core.device.autocast_dtype`."""
+    from usfmae_core.device import autocast_dtype
+
+    return {"dtype": autocast_dtype(_device(device), precision) or torch.float32}
+
+
+def is_not_rank0() -> bool:
+    """True in every process but the first of a distributed run (handlers that write files are disabled there)."""
+    return bool(torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_rank() > 0)
+
+
+# -------------------------------------------------------------------------------------------------- handlers
+def _jsonable(obj: Any) -> Any:
+    from usfmae_core.workflows.finetune import jsonable
+
+    return jsonable(obj)
+
+
+class SaveUsfmaeCheckpoint:
+    """Handler writing ``network`` as one of our checkpoints (``usfmae`` CLI / Slicer / ``usfmae finetune --init``).
+
+    Args:
+        save_path: the checkpoint file (written atomically, by the first process only).
+        network: the model (DDP / compiled wrappers are removed).
+        arch: ``mae`` | ``classifier`` | ``resnet`` | ``densenet`` (``vit`` means ``classifier``).
+        config: its config (model kwargs, ``preset``, ``preprocessing``, ...); bundle-only keys are dropped.
+        weights_from: take the weights from this state-dict file instead of the network (e.g. the best model that
+            ``CheckpointSaver`` kept), when it exists.
+        interval: also save every ``interval`` epochs (0: only when training completes).
+        meta: extra plain-typed information for the checkpoint's ``meta``.
+    """
+
+    def __init__(self, save_path: str | os.PathLike, network: nn.Module, arch: str, config: Mapping[str, Any],
+                 weights_from: str | os.PathLike | None = None, interval: int = 0,
+                 meta: Mapping[str, Any] | None = None) -> None:
+        self.save_path, self.network = Path(save_path), network
+        self.arch = "classifier" if arch == "vit" else str(arch)
+        self.config = {k: v for k, v in dict(config).items() if k not in ("arch", "image_size")}
+        self.weights_from, self.interval, self.meta = weights_from, int(interval), dict(meta or {})
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.COMPLETED, self)
+        if self.interval > 0:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: Any = None) -> Path | None:
+        from usfmae_core.checkpoints import make_checkpoint, save_checkpoint
+
+        if is_not_rank0():
+            return None
+        ckpt = make_checkpoint(self.network, self.arch, self.config)
+        if self.weights_from is not None and Path(self.weights_from).exists():
+            state = _unwrap_state(torch.load(self.weights_from, map_location="cpu", weights_only=True))
+            if state:
+                ckpt["model"] = state
+        meta = {"kind": "monai_bundle", **self.meta}
+        if engine is not None:
+            meta.update(epoch=int(engine.state.epoch), iteration=int(engine.state.iteration))
+        ckpt["meta"] = _jsonable(meta)
+        path = save_checkpoint(self.save_path, ckpt)
+        logger.info("wrote %s checkpoint %s", self.arch, path)
+        return path
+
+
+class ProbabilityWriter:
+    """Handler writing per-image class probabilities (and metrics when labels are known) when an evaluation ends.
+
+    Files in ``output_dir`` (the first process writes; results of all processes are gathered):
+
+    - ``<filename>.csv``: ``source, kind, n_frames, label, [true_label,] p_<class>...`` (one row per image, the
+      layout of ``usfmae predict``'s ``summary.csv``);
+    - ``<filename>.json``: ``{"classes", "results": [{source, kind, n_frames, label, [true_label,] p_<class>...}]}``;
+    - ``metrics_filename`` (when every image has a label): :func:`usfmae_core.workflows.metrics.classification_metrics`
+      plus bootstrap 95% intervals (``n_boot`` resamples).
+
+    Args:
+        output_dir: where to write.
+        classes: class names, in the network's output order.
+        filename: base name of the CSV / JSON files.
+        activation: ``softmax`` when the engine's ``pred`` holds logits, None when it holds probabilities (as
+            :class:`FrameAveragingInferer` gives).
+        metrics_filename: file for the metrics (None: no metrics).
+        n_boot: bootstrap resamples for the intervals (0: none).
+        pred_key: key of the predictions in the engine's output.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, classes: Sequence[str], filename: str = "predictions",
+                 activation: str | None = None, metrics_filename: str | None = "metrics.json", n_boot: int = 1000,
+                 pred_key: str = "pred") -> None:
+        if activation not in (None, "softmax"):
+            raise ValueError(f"activation must be None or 'softmax', got {activation!r}")
+        self.output_dir, self.classes = Path(output_dir), [str(c) for c in classes]
+        self.filename, self.activation, self.metrics_filename = filename, activation, metrics_filename
+        self.n_boot, self.pred_key = int(n_boot), pred_key
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def reset(self, engine: Any = None) -> None:
+        self.rows = []
+
+    @staticmethod
+    def _items(batch: Any) -> list[dict[str, Any]]:
+        """The batch as a list of per-image dicts (the engines keep it collated, or decollate it)."""
+        if isinstance(batch, Mapping):
+            image = batch.get("image")
+            n = len(image) if image is not None else 0
+            names = list(getattr(image, "meta", {}).get("filename_or_obj", []) or [])
+            kinds = list(getattr(image, "meta", {}).get("kind", []) or [])
+            label = batch.get("label")
+            items = []
+            for i in range(n):
+                items.append({"source": names[i] if i < len(names) else None,
+                              "kind": kinds[i] if i < len(kinds) else None,
+                              "n_frames": int(image[i].shape[0]) if image[i].dim() == 4 else 1,
+                              "label": None if label is None else int(torch.as_tensor(label[i]).reshape(-1)[0])})
+            return items
+        items = []
+        for item in batch or []:
+            image = item.get("image")
+            meta = getattr(image, "meta", {}) or {}
+            label = item.get("label")
+            items.append({"source": meta.get("filename_or_obj"), "kind": meta.get("kind"),
+                          "n_frames": int(image.shape[0]) if image is not None and image.dim() == 4 else 1,
+                          "label": None if label is None else int(torch.as_tensor(label).reshape(-1)[0])})
+        return items
+
+    def collect(self, engine: Any) -> None:
+        output = engine.state.output
+        if isinstance(output, Mapping):
+            pred = output[self.pred_key]
+        else:
+            pred = torch.stack([torch.as_tensor(o[self.pred_key]) for o in output])
+        pred = torch.as_tensor(pred).detach().float().cpu()
+        if pred.dim() == 1:
+            pred = pred[None]
+        probs = torch.softmax(pred, dim=-1) if self.activation == "softmax" else pred
+        if probs.shape[-1] != len(self.classes):
+            raise UsfmaeError(f"the network gives {probs.shape[-1]} class scores but {len(self.classes)} class names "
+                              f"are set ({', '.join(self.classes)})", "pass --classes matching the model")
+        for item, p in zip(self._items(engine.state.batch), probs.numpy()):
+            self.rows.append({**item, "probs": [float(v) for v in p]})
+
+    def _gathered(self) -> list[dict[str, Any]] | None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self.rows
+        parts: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, self.rows)
+        return None if is_not_rank0() else [r for part in parts for r in part]
+
+    def write(self, engine: Any = None) -> None:
+        from usfmae_core.workflows import metrics as M
+        from usfmae_core.workflows.common import write_json
+
+        rows = self._gathered()
+        if rows is None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        labelled = bool(rows) and all(r["label"] is not None for r in rows)
+        cols = [f"p_{c}" for c in self.classes]
+        results = []
+        for i, r in enumerate(rows):
+            res = {"source": str(r["source"]) if r["source"] is not None else f"item_{i}",
+                   "kind": r["kind"] or "image", "n_frames": r["n_frames"],
+                   "label": self.classes[int(np.argmax(r["probs"]))]}
+            if labelled:
+                res["true_label"] = self.classes[r["label"]]
+            res.update({c: round(p, 6) for c, p in zip(cols, r["probs"])})
+            results.append(res)
+        header = ["source", "kind", "n_frames", "label", *(["true_label"] if labelled else []), *cols]
+        csv_path = self.output_dir / f"{self.filename}.csv"
+        tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            for res in results:
+                w.writerow([res[h] if not h.startswith("p_") else f"{res[h]:.6f}" for h in header])
+        os.replace(tmp, csv_path)
+        write_json(self.output_dir / f"{self.filename}.json", {"classes": self.classes, "results": results})
+        logger.info("wrote per-image probabilities of %d image(s) to %s", len(results), csv_path)
+        if labelled and self.metrics_filename:
+            y = np.array([r["label"] for r in rows], dtype=np.int64)
+            p = np.array([r["probs"] for r in rows], dtype=np.float64)
+            out = M.classification_metrics(y, p, self.classes)
+            if self.n_boot > 0:
+                out["ci95"] = M.bootstrap_intervals(y, p, n_boot=self.n_boot, seed=0)
+            write_json(self.output_dir / self.metrics_filename, _jsonable(out))
+            logger.info("accuracy %.4f, macro-F1 %.4f, macro AUC %s on %d image(s) -> %s", out["accuracy"],
+                        out["f1_macro"], "n/a" if not math.isfinite(out["auc_macro"]) else f"{out['auc_macro']:.4f}",
+                        len(rows), self.output_dir / self.metrics_filename)
+
+
+class ProgressHandler:
+    """The engine's progress bar (:class:`usfmae_core.workflows.common.Progress`): a tqdm bar, or
+    ``USFMAE_PROGRESS`` lines with ``USFMAE_PROGRESS_LINES=1``, over all iterations of the run (first process only).
+
+    Args:
+        stage: the name shown (``pretrain``, ``finetune``, ``evaluate``, ``inference``).
+        output_transform: maps the engine's output to the loss shown (None: no loss).
+    """
+
+    def __init__(self, stage: str, output_transform: Callable[[Any], Any] | None = None) -> None:
+        self.stage, self.output_transform = stage, output_transform
+        self.progress: Any = None
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+        engine.add_event_handler(Events.COMPLETED, self.close)  # (no EXCEPTION_RAISED handler: ignite would
+        # then stop re-raising the exception)
+
+    def start(self, engine: Any) -> None:
+        from usfmae_core.workflows.common import Progress
+
+        length = engine.state.epoch_length or 0
+        total = int(length * (engine.state.max_epochs or 1))
+        self.progress = Progress(total, self.stage, disable=is_not_rank0(), initial=int(engine.state.iteration))
+
+    def update(self, engine: Any) -> None:
+        if self.progress is None:
+            return
+        shown: dict[str, float] = {"epoch": int(engine.state.epoch)}
+        if self.output_transform is not None:
+            value = self.output_transform(engine.state.output)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                shown["loss"] = float(value)
+        self.progress.update(1, **shown)
+
+    def close(self, engine: Any = None, *args: Any) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None

@@ -1,0 +1,181 @@
+"""``usfmae embed``: encoder features of images, clip frames and volume slices (for retrieval, clustering, probes).
+
+:func:`embed_frames` pools the ViT encoder's tokens the way the classifier does
+(:meth:`~usfmae_core.networks.classifier.USFMAEClassifier.forward_features`): the final LayerNorm applied to the
+cls token (``pool="cls"``) or to the mean of the patch tokens (``pool="avg"``). So an MAE's embedding is exactly what a
+classifier fine-tuned from it starts from, and a classifier's embedding is what its head sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from usfmae_core.errors import UsfmaeError
+from usfmae_core.workflows.predict import (_device, _model_input_size, _write_csv, add_common_arguments,
+                                           collect_inputs, inference_context, inference_dtype, model_spatial_dims,
+                                           preprocessing_from_config, volume_to_tensor)
+
+__all__ = ["EMBED_ARCHS", "embed_frames", "embed_volume", "embed", "add_parser", "run"]
+
+EMBED_ARCHS = ("mae", "classifier")
+POOLS = ("avg", "cls")
+
+
+def _encoder(model: nn.Module) -> nn.Module:
+    enc = getattr(model, "encoder", None)
+    if enc is None or not hasattr(enc, "norm"):
+        raise UsfmaeError("embeddings need a USF-MAE ViT (an MAE or a ViT classifier), not a CNN baseline",
+                          "pass a checkpoint from usfmae pretrain or usfmae finetune")
+    return enc
+
+
+def _features(enc: nn.Module, x: torch.Tensor, pool: str) -> torch.Tensor:
+    tokens, _, _ = enc(x, apply_norm=False)
+    pooled = tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
+    return enc.norm(pooled).float()
+
+
+def embed_frames(model: nn.Module, frames: np.ndarray, prep, pool: str = "avg", device: torch.device | str = "cpu",
+                 batch_size: int = 32, precision: str = "auto",
+                 progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Embed 2D frames with a 2D MAE (its encoder) or ViT classifier.
+
+    Args:
+        model: :class:`~usfmae_core.networks.mae.USFMAE` or
+            :class:`~usfmae_core.networks.classifier.USFMAEClassifier`; moved to ``device``.
+        frames: ``(N, H, W)`` or ``(H, W)`` float grey intensity, unscaled.
+        prep: the checkpoint's :class:`~usfmae_core.data.transforms.Preprocessing`.
+        pool: ``avg`` (mean patch token) or ``cls``.
+        device, batch_size, precision, progress: as in :func:`~usfmae_core.workflows.predict.classify_frames`.
+
+    Returns:
+        embeddings ``(N, D)`` float32 (``D`` = encoder width).
+    """
+    from usfmae_core.data.transforms import frames_to_tensor
+
+    if pool not in POOLS:
+        raise UsfmaeError(f"unknown pooling '{pool}'", "use --pool avg or --pool cls")
+    enc = _encoder(model)
+    if enc.spatial_dims != 2:
+        raise UsfmaeError("embed_frames needs a 2D model; this one is 3D", "use embed_volume for volumes")
+    frames = np.asarray(frames)
+    if frames.ndim == 2:
+        frames = frames[None]
+    dev = _device(device)
+    enc = enc.to(dev).eval()
+    out: list[np.ndarray] = []
+    with inference_context(dev, inference_dtype(dev, precision)):
+        for i in range(0, len(frames), max(1, int(batch_size))):
+            x = frames_to_tensor(frames[i:i + batch_size], prep).to(dev)
+            out.append(_features(enc, x, pool).cpu().numpy())
+            if progress is not None:
+                progress(len(x))
+    return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, enc.hidden_size), np.float32)
+
+
+def embed_volume(model: nn.Module, volume: np.ndarray, prep, pool: str = "avg", device: torch.device | str = "cpu",
+                 precision: str = "auto") -> np.ndarray:
+    """Embed a volume ``(D, H, W)`` with a 3D model (resized to its cube) -> ``(1, D_emb)`` float32."""
+    if pool not in POOLS:
+        raise UsfmaeError(f"unknown pooling '{pool}'", "use --pool avg or --pool cls")
+    enc = _encoder(model)
+    dev = _device(device)
+    enc = enc.to(dev).eval()
+    x = volume_to_tensor(volume, prep, _model_input_size(model, prep, 3)).to(dev)
+    with inference_context(dev, inference_dtype(dev, precision)):
+        return _features(enc, x, pool).cpu().numpy().astype(np.float32)
+
+
+def embed(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+          pool: str = "avg", axis: int = 0, device: str = "auto", batch_size: int = 32, precision: str = "auto",
+          run_config: dict[str, Any] | None = None, quiet: bool = False) -> Path:
+    """Embed every frame / slice of the inputs (a 3D model: every volume) and write to ``out_dir``:
+
+    ``embeddings.npy`` ``(N, D)`` float32, ``embeddings_index.csv`` (``row, source, index, kind``: which file and
+    frame each row is), ``embed.json`` (model, pool, shape, skipped inputs with reasons) and ``config.json``.
+
+    Returns:
+        ``out_dir``.
+    """
+    from usfmae_core.checkpoints import load_model
+    from usfmae_core.data.readers import read_ultrasound
+    from usfmae_core.data.transforms import image_to_frames
+    from usfmae_core.workflows.common import Progress, prepare_output_dir, write_json
+
+    if pool not in POOLS:
+        raise UsfmaeError(f"unknown pooling '{pool}'", "use --pool avg or --pool cls")
+    files, skipped = collect_inputs(inputs)
+    dev = _device(device)
+    model, ckpt = load_model(model_path, expect=EMBED_ARCHS, device=dev)
+    prep = preprocessing_from_config(ckpt["config"])
+    dims = model_spatial_dims(model, ckpt["config"])
+    out = prepare_output_dir(out_dir, run_config if run_config is not None else
+                             {"model": str(model_path), "inputs": [str(i) for i in inputs], "pool": pool,
+                              "axis": axis, "device": device, "batch_size": batch_size})
+    chunks: list[np.ndarray] = []
+    rows: list[list[Any]] = []
+    with Progress(len(files), "embed", disable=quiet) as bar:
+        for path in files:
+            try:
+                img = read_ultrasound(path)
+                if dims == 3:
+                    if img.kind != "volume":
+                        raise UsfmaeError(f"{path} is a 2D {img.kind} but the model is 3D", "embed volumes with it")
+                    emb = embed_volume(model, img.array, prep, pool, dev, precision)
+                else:
+                    emb = embed_frames(model, image_to_frames(img, axis=axis), prep, pool, dev, batch_size, precision)
+            except UsfmaeError as err:
+                skipped.append({"source": str(path), "reason": str(err)})
+                bar.write(f"skipped {path}: {err}")
+                bar.update(1)
+                continue
+            for i in range(len(emb)):
+                rows.append([len(rows), str(path), i, img.kind])
+            chunks.append(emb)
+            bar.update(1)
+    if not chunks:
+        first = skipped[0] if skipped else {"reason": "nothing to embed"}
+        raise UsfmaeError(f"no input could be embedded ({first['reason']})", "check the files named above")
+    emb_all = np.concatenate(chunks).astype(np.float32)
+    tmp = out / ".embeddings.tmp.npy"
+    np.save(tmp, emb_all)
+    os.replace(tmp, out / "embeddings.npy")
+    _write_csv(out / "embeddings_index.csv", ["row", "source", "index", "kind"], rows)
+    write_json(out / "embed.json", {"model": str(model_path), "arch": ckpt["arch"], "pool": pool,
+                                    "shape": list(emb_all.shape), "spatial_dims": dims, "axis": axis,
+                                    "skipped": skipped})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+def run(args: argparse.Namespace) -> int:
+    out = embed(args.model, args.inputs, args.out, args.pool, args.axis, args.device, args.batch_size,
+                run_config=vars(args))
+    import json
+
+    report = json.loads((out / "embed.json").read_text())
+    for s in report["skipped"]:
+        print(f"skipped {s['source']}: {s['reason']}")
+    n, d = report["shape"]
+    print(f"wrote {n} embeddings of width {d} to {out / 'embeddings.npy'} (rows: {out / 'embeddings_index.csv'})")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="encoder features of images, clip frames and volume slices",
+                       description="Write one embedding per frame / slice (a 3D model: per volume) to "
+                       "embeddings.npy, with embeddings_index.csv naming the file and frame of each row.")
+    p.add_argument("model", help="MAE or ViT classifier checkpoint")
+    p.add_argument("inputs", nargs="+", help="files, folders or a datalist .json")
+    add_common_arguments(p)
+    p.add_argument("--pool", default="avg", choices=POOLS,
+                   help="avg: mean of patch tokens (default), cls: the cls token (both after the final norm)")
+    p.set_defaults(func=run)

@@ -1,0 +1,799 @@
+"""``usfmae finetune``: train an ultrasound classifier from a pretrained USF-MAE, from scratch, or a CNN baseline.
+
+Usage::
+
+    usfmae finetune --data LABELLED --out RUN --init MAE.pt                 # full fine-tuning of a pretrained MAE
+    usfmae finetune --data LABELLED --out RUN --init MAE.pt --linear-probe  # frozen encoder, linear head
+    usfmae finetune --data LABELLED --out RUN --preset vit_small            # ViT from scratch
+    usfmae finetune --data LABELLED --out RUN --arch resnet --depth 50      # MONAI ResNet-50 baseline
+    usfmae finetune --data LABELLED --out RUN --init MAE.pt --folds 5       # 5-fold cross-validation
+
+``LABELLED`` is a class-per-folder tree, a CSV manifest or a JSON datalist
+(:func:`usfmae_core.data.labelled.labelled_source_to_datalist`). The datalist actually used (splits, and the training
+subsample of ``--label-fraction``) is saved as ``RUN/datalist.json``; passing it back as ``--data`` reproduces the
+run, and ``usfmae evaluate --data RUN/datalist.json`` evaluates on its test split.
+
+Inputs are 2D frames. A labelled cine or volume contributes its middle frame / slice
+(:class:`~usfmae_core.data.transforms.UltrasoundToModelInputd`); ``usfmae predict`` classifies whole volumes slice by
+slice.
+
+Recipe (MAE fine-tuning, He et al. 2022, without mixup/cutmix): AdamW, ``lr = blr * batch / 256`` unless ``--lr``,
+linear warm-up then cosine decay per step, no weight decay on norms / biases / tokens / position embeddings,
+layer-wise lr decay (default 0.75 when starting from an MAE), drop-path, label smoothing, augmentation by random
+resized crop (area 0.5-1), horizontal flip and rotation (+-10 degrees). Linear probing (``--linear-probe``) freezes
+the encoder and trains the plain linear head (no BatchNorm, unlike facebook's LARS recipe, so the checkpoint stays an
+ordinary ``classifier``) with no weight decay and a 10x larger base lr. The model with the best validation macro-F1
+is kept (ties: lower validation loss); ``--patience`` stops early after that many epochs without improvement.
+
+Outputs in ``RUN``: ``model.pt`` (our checkpoint: arch ``classifier``/``resnet``/``densenet``, config with
+``classes`` and ``preprocessing``), ``metrics.json`` (validation and test metrics of the best model, and the
+per-epoch history), ``history.csv``, ``curves.png`` (loss and validation macro-F1 per epoch), ``datalist.json``,
+``config.json`` (the arguments) and ``tensorboard/``. With ``--folds K``: ``fold_<i>/`` per fold (the same files)
+and ``cv_summary.json`` / ``cv_summary.csv`` (mean and standard deviation over folds).
+
+Engine: MONAI's ignite engines (``SupervisedTrainer`` ...) are not used because ignite is not a dependency of this
+package and the class-balanced sampler, per-step cosine lr with layer-wise groups and early stopping on macro-F1 fit
+a plain loop better. The pieces are exposed so that a MONAI bundle config assembles the same training::
+
+    "classes": "$usfmae_core.data.labelled.labelled_source_to_datalist(@dataset_dir)['classes']",
+    "built": "$usfmae_core.workflows.finetune.build_classifier(len(@classes), init=@mae_ckpt, image_size=224)",
+    "network_def": "$@built[0]",
+    "preprocessing": "$usfmae_core.data.transforms.Preprocessing.from_dict(@built[1]['preprocessing'])",
+    "datalist": "$usfmae_core.data.labelled.labelled_source_to_datalist(@dataset_dir)",
+    "train#dataset": "$usfmae_core.workflows.finetune.make_datasets(@datalist, @preprocessing)['training']",
+    "train#preprocessing": "$usfmae_core.workflows.finetune.make_transforms(@preprocessing, train=True)",
+    "loss": "$usfmae_core.workflows.finetune.make_loss(len(@classes), label_smoothing=0.1)",
+    "optimizer": "$usfmae_core.workflows.finetune.make_optimizer(@network, 1e-4, 0.05, 0.75)",
+
+and the trainer (``SupervisedTrainer``) takes ``network``, ``optimizer``, ``loss_function`` and a DataLoader of that
+dataset; batches are dicts with ``image`` ``(B, C, S, S)`` and ``label`` ``(B,)``. The saved ``model.pt`` is built
+with :func:`usfmae_core.networks.presets.build_model` from its config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from usfmae_core.device import DEVICE_CHOICES, autocast_dtype, resolve_device
+from usfmae_core.errors import UsfmaeError
+from usfmae_core.workflows import metrics as M
+from usfmae_core.workflows.common import Progress, prepare_output_dir, seed_everything, write_json
+
+__all__ = ["FinetuneOptions", "finetune", "train_classifier", "build_classifier", "make_transforms", "make_datasets",
+           "make_loader", "make_loss", "make_sampler", "make_optimizer", "predict_probs", "load_labelled",
+           "kfold_datalists", "mae_preprocessing", "add_parser", "run"]
+
+SPLITS = ("training", "validation", "test")
+CACHE_BYTES = 4 * 2**30  # cache at most this much preprocessed model input in memory; the rest is re-read per epoch
+
+
+# ----------------------------------------------------------------------------------------------- small helpers
+def jsonable(obj: Any) -> Any:
+    """``obj`` with NaN / inf floats replaced by None (strict JSON), numpy scalars and arrays as Python values."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """Write a CSV file atomically (temp file + rename); floats with up to 6 significant digits, NaN empty."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    for row in rows:
+        w.writerow(["" if isinstance(v, float) and not math.isfinite(v) else (f"{v:.6g}" if isinstance(v, float)
+                    else v) for v in row])
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Save a matplotlib ``Figure`` as PNG atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def load_labelled(source: str | Path, seed: int = 0) -> dict[str, Any]:
+    """The datalist of ``source`` (class folders, CSV or datalist JSON), checked for what training needs.
+
+    Raises:
+        UsfmaeError: the source is missing, has fewer than 2 classes, or a split of it is empty.
+    """
+    from usfmae_core.data.labelled import labelled_source_to_datalist
+
+    path = Path(source)
+    if not path.exists():
+        raise UsfmaeError(f"labelled data {path} does not exist",
+                          "pass a class-per-folder tree, a CSV manifest or a datalist JSON with --data")
+    datalist = labelled_source_to_datalist(path, seed=seed)
+    classes = list(datalist.get("classes") or [])
+    if len(classes) < 2:
+        raise UsfmaeError(f"labelled data {path} has {len(classes)} class(es) ({', '.join(map(str, classes)) or '-'})",
+                          "a classifier needs at least 2 classes: one sub-folder (or CSV label) per class")
+    return datalist
+
+
+def check_splits(datalist: dict[str, Any], source: str | Path, need: Sequence[str] = ("training", "validation")
+                 ) -> None:
+    """Refuse a datalist whose ``need`` splits miss a class (a class with too few images to split)."""
+    classes = [str(c) for c in datalist["classes"]]
+    pool = [int(it["label"]) for s in SPLITS for it in (datalist.get(s) or [])]
+    for split in need:
+        present = {int(it["label"]) for it in (datalist.get(split) or [])}
+        missing = [k for k in range(len(classes)) if k not in present]
+        if missing:
+            what = ", ".join(f"'{classes[k]}' ({pool.count(k)} image(s))" for k in missing)
+            raise UsfmaeError(f"the {split} split of {source} has no image of class {what}: too few images to split",
+                              "give every class at least 4 images (training / validation / test), use fewer "
+                              "--folds, or remove that class")
+
+
+def kfold_datalists(datalist: dict[str, Any], folds: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``folds`` datalists for cross-validation. The datalist's own ``folds`` are used when there are that many,
+    else training + validation are pooled and split into stratified, group-aware parts
+    (:func:`usfmae_core.data.labelled.make_splits`); fold ``i`` validates on part ``i`` and trains on the rest; the
+    test split is kept as it is (held out from every fold)."""
+    from usfmae_core.data.labelled import make_splits
+
+    if folds < 2:
+        raise UsfmaeError(f"--folds {folds} is too few", "use --folds 2 or more (or leave it out)")
+    parts = datalist.get("folds")
+    if not parts or len(parts) != folds:
+        pool = list(datalist.get("training") or []) + list(datalist.get("validation") or [])
+        parts = make_splits(pool, datalist["classes"], 0.0, 0.0, n_folds=folds, seed=seed)["folds"]
+    keep = {k: v for k, v in datalist.items() if k not in SPLITS and k != "folds"}
+    out = []
+    for i in range(folds):
+        train = [it for j, p in enumerate(parts) if j != i for it in p]
+        out.append({**keep, "training": train, "validation": list(parts[i]),
+                    "test": list(datalist.get("test") or []), "fold": i})
+    return out
+
+
+def make_transforms(prep: Any, train: bool = False, augment_scale: tuple[float, float] = (0.5, 1.0),
+                    rotation_deg: float = 10.0) -> Any:
+    """MONAI dict transforms: ``LoadUltrasoundd -> UltrasoundToModelInputd`` (+ ``RandUltrasoundAugmentd`` when
+    ``train``). Items ``{"image": path, "label": int}`` become ``{"image": (C, S, S) float32, "label": int}``.
+
+    Args:
+        prep: :class:`~usfmae_core.data.transforms.Preprocessing` (image size, channels, mean / std).
+        train: add random resized crop (area ``augment_scale``), horizontal flip and rotation.
+    """
+    from monai.transforms import Compose
+
+    from usfmae_core.data.transforms import LoadUltrasoundd, RandUltrasoundAugmentd, UltrasoundToModelInputd
+
+    chain: list[Any] = [
+        LoadUltrasoundd(keys="image"),
+        UltrasoundToModelInputd(keys="image", image_size=prep.image_size, in_channels=prep.in_channels,
+                                mean=prep.mean, std=prep.std),
+    ]
+    if train:
+        chain.append(RandUltrasoundAugmentd(keys="image", scale=augment_scale, rotation_deg=rotation_deg,
+                                            mean=prep.mean, std=prep.std))
+    return Compose(chain)
+
+
+def _plain_items(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    # only what the transforms and the default collate handle (a None group would break collation)
+    return [{"image": str(it["image"]), "label": int(it["label"])} for it in items]
+
+
+def make_datasets(datalist: dict[str, Any], prep: Any, splits: Sequence[str] = SPLITS, cache: bool = True,
+                  augment: bool = True) -> dict[str, Any]:
+    """One MONAI dataset per split of ``datalist`` (``training`` augmented when ``augment``).
+
+    With ``cache`` the deterministic part (read + preprocess) is computed once and kept in memory
+    (``monai.data.CacheDataset``, up to :data:`CACHE_BYTES`); the random augmentation still runs every epoch.
+    """
+    from monai.data import CacheDataset, Dataset
+
+    per_item = prep.in_channels * prep.image_size**2 * 4
+    out: dict[str, Any] = {}
+    for split in splits:
+        items = _plain_items(datalist.get(split) or [])
+        tf = make_transforms(prep, train=augment and split == "training")
+        if cache and items:
+            rate = min(1.0, CACHE_BYTES / max(1, per_item * len(items)))
+            out[split] = CacheDataset(items, tf, cache_rate=rate, num_workers=None, progress=False)
+        else:
+            out[split] = Dataset(items, tf)
+    return out
+
+
+def make_sampler(labels: Sequence[int], num_classes: int, seed: int = 0) -> torch.utils.data.WeightedRandomSampler:
+    """Class-balanced sampling with replacement: each class is drawn equally often on average."""
+    y = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    weights = 1.0 / counts[y]
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(y), replacement=True,
+                                                  generator=g)
+
+
+def make_loader(dataset: Any, batch_size: int, train: bool, workers: int = 0, sampler: Any = None,
+                seed: int = 0) -> Any:
+    """A MONAI ``DataLoader`` (it seeds the random transforms reproducibly); training shuffles (or uses
+    ``sampler``) and drops a last batch of one sample (BatchNorm cannot train on it)."""
+    from monai.data import DataLoader
+
+    n = len(dataset)
+    bs = max(1, min(batch_size, n))
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=bs, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=workers, drop_last=train and n % bs == 1 and n > 1, generator=g,
+                      persistent_workers=workers > 0)
+
+
+def make_loss(num_classes: int, class_counts: Sequence[int] | None = None, balance: str = "none",
+              label_smoothing: float = 0.0) -> nn.Module:
+    """Cross-entropy on logits; ``balance="loss"`` weights class ``k`` by ``N / (K * count_k)``."""
+    weight = None
+    if balance == "loss":
+        if class_counts is None:
+            raise ValueError("balance='loss' needs class_counts")
+        c = np.maximum(np.asarray(class_counts, dtype=np.float64), 1.0)
+        weight = torch.as_tensor(c.sum() / (num_classes * c), dtype=torch.float32)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+
+
+# ----------------------------------------------------------------------------------------------------- models
+def mae_preprocessing(ckpt: dict[str, Any]) -> Any:
+    """The preprocessing an MAE checkpoint was trained with (its config's ``preprocessing``, else its input size
+    and channels with the default normalisation)."""
+    from usfmae_core.data.transforms import Preprocessing
+
+    cfg = ckpt["config"]
+    if cfg.get("preprocessing"):
+        return Preprocessing.from_dict(cfg["preprocessing"])
+    size = cfg.get("img_size", 224)
+    size = int(size[-1] if isinstance(size, (list, tuple)) else size)
+    return Preprocessing(image_size=size, in_channels=int(cfg.get("in_channels", 3)))
+
+
+def _load_mae(init: str | Path) -> dict[str, Any]:
+    from usfmae_core.checkpoints import load_checkpoint
+
+    ckpt = load_checkpoint(init)
+    if ckpt["arch"] != "mae":
+        raise UsfmaeError(f"--init {init} holds a '{ckpt['arch']}' model, not a pretrained MAE",
+                          "pass a checkpoint from usfmae pretrain or usfmae import-weights (arch 'mae'); "
+                          "to evaluate a trained classifier use usfmae evaluate")
+    if int(ckpt["config"].get("spatial_dims", 2)) != 2:
+        raise UsfmaeError(f"--init {init} is a 3D MAE, but fine-tuning trains a 2D classifier on frames",
+                          "pretrain (or import) a 2D MAE for fine-tuning")
+    return ckpt
+
+
+def build_classifier(num_classes: int, arch: str = "vit", init: str | Path | dict | None = None,
+                     preset: str = "vit_base", image_size: int | None = None, in_channels: int | None = None,
+                     patch_size: int = 16, depth: int | None = None, pool: str = "avg", dropout: float = 0.0,
+                     drop_path: float = 0.0) -> tuple[nn.Module, dict[str, Any]]:
+    """A 2D classifier and its checkpoint config (model kwargs, ``preset``, ``preprocessing``; the caller adds
+    ``classes``).
+
+    Args:
+        num_classes: outputs K; the model returns logits ``(B, K)`` for input ``(B, C, S, S)``.
+        arch: ``vit`` (:class:`~usfmae_core.networks.classifier.USFMAEClassifier`), ``resnet`` or ``densenet``
+            (MONAI, from scratch).
+        init: an MAE checkpoint (path or loaded dict) whose encoder starts the ViT; its preprocessing is kept
+            (``image_size`` may still differ: position embeddings are re-gridded).
+        preset: ViT size when training from scratch (``usfmae_core.networks.presets.PRESETS``).
+        image_size / in_channels: model input (default: the MAE's, else 224 and 3).
+        patch_size: ViT patch size from scratch.
+        depth: ResNet 10/18/34/50 (default 50) or DenseNet 121/169 (default 121).
+        pool / dropout / drop_path: ViT head pooling (``avg`` | ``cls``), dropout before the head, drop-path rate.
+    """
+    from usfmae_core.data.transforms import Preprocessing
+    from usfmae_core.networks.classifier import USFMAEClassifier, cnn_baseline
+    from usfmae_core.networks.presets import PRESETS, encoder_config, mae_config
+
+    if arch not in ("vit", "resnet", "densenet"):
+        raise UsfmaeError(f"unknown --arch '{arch}'", "choose vit, resnet or densenet")
+    if init is not None and arch != "vit":
+        raise UsfmaeError(f"--init (an MAE) cannot start a {arch} model", "leave out --arch, or leave out --init")
+    if init is not None:
+        ckpt = init if isinstance(init, dict) else _load_mae(init)
+        prep = mae_preprocessing(ckpt)
+        if in_channels is not None and in_channels != prep.in_channels:
+            raise UsfmaeError(f"--in-channels {in_channels} differs from the MAE's {prep.in_channels}",
+                              "leave out --in-channels when starting from an MAE")
+        if image_size:
+            prep.image_size = int(image_size)
+        model = USFMAEClassifier.from_mae(ckpt, num_classes, pool=pool, dropout=dropout, drop_path_rate=drop_path,
+                                          img_size=prep.image_size)
+        config = encoder_config(ckpt["config"])
+        config.update(img_size=prep.image_size, drop_path_rate=drop_path, num_classes=num_classes, pool=pool,
+                      dropout=dropout, preset=ckpt["config"].get("preset", "custom"))
+        config["preprocessing"] = prep.to_dict()
+        return model, config
+    prep = Preprocessing(image_size=int(image_size or 224), in_channels=int(in_channels or 3))
+    if arch == "vit":
+        if preset not in PRESETS:
+            raise UsfmaeError(f"unknown --preset '{preset}'", f"choose one of {', '.join(PRESETS)}")
+        if prep.image_size % patch_size:
+            raise UsfmaeError(f"--image-size {prep.image_size} is not a multiple of --patch-size {patch_size}",
+                              "choose an image size divisible by the patch size")
+        config = encoder_config(mae_config(preset, img_size=prep.image_size, in_channels=prep.in_channels,
+                                           patch_size=patch_size, drop_path_rate=drop_path))
+        config.update(num_classes=num_classes, pool=pool, dropout=dropout)
+        model = USFMAEClassifier(num_classes=num_classes, pool=pool, dropout=dropout, **encoder_config(config))
+        config["preset"] = preset
+    else:
+        depth = depth or (50 if arch == "resnet" else 121)
+        valid = (10, 18, 34, 50) if arch == "resnet" else (121, 169)
+        if depth not in valid:
+            raise UsfmaeError(f"--depth {depth} is not available for {arch}", f"choose one of {valid}")
+        model = cnn_baseline(arch, num_classes, prep.in_channels, 2, depth)
+        config = dict(num_classes=num_classes, in_channels=prep.in_channels, spatial_dims=2, depth=depth,
+                      preset=f"{arch}{depth}")
+    config["preprocessing"] = prep.to_dict()
+    return model, config
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05, layer_decay: float | None = None
+                   ) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9, 0.999 as in MAE fine-tuning) over :func:`~usfmae_core.workflows.optim.param_groups`
+    (layer-wise decay applies to ViTs; CNNs get one decay / no-decay pair)."""
+    from usfmae_core.workflows.optim import param_groups
+
+    groups = param_groups(model, weight_decay, layer_decay, base_lr=lr)
+    if not groups:
+        raise UsfmaeError("the model has no trainable parameter", "do not freeze everything")
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+
+
+# ------------------------------------------------------------------------------------------------ train / eval
+def _as_plain(x: torch.Tensor) -> torch.Tensor:
+    return x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device,
+                  dtype: torch.dtype | None = None, progress: Progress | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Class probabilities ``(N, K)`` (softmax in float32), labels ``(N,)`` and the mean cross-entropy."""
+    model.eval()
+    probs, labels, loss_sum = [], [], 0.0
+    for batch in loader:
+        x = _as_plain(batch["image"]).to(device, non_blocking=True)
+        y = torch.as_tensor(batch["label"]).long().to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        probs.append(torch.softmax(logits, 1).cpu().numpy())
+        labels.append(y.cpu().numpy())
+        if progress is not None:
+            progress.update(1)
+    n = sum(len(lab) for lab in labels)
+    if not n:
+        return np.zeros((0, 0)), np.zeros(0, dtype=np.int64), float("nan")
+    return np.concatenate(probs).astype(np.float64), np.concatenate(labels), loss_sum / n
+
+
+@dataclass
+class FinetuneOptions:
+    """Everything ``usfmae finetune`` can be told (CLI flags map one to one; see ``usfmae finetune --help``)."""
+
+    init: str | None = None
+    arch: str = "vit"
+    preset: str = "vit_base"
+    depth: int | None = None
+    image_size: int | None = None
+    in_channels: int | None = None
+    patch_size: int = 16
+    pool: str = "avg"
+    dropout: float = 0.0
+    drop_path: float = 0.1
+    linear_probe: bool = False
+    epochs: int = 50
+    warmup_epochs: int = 5
+    batch_size: int = 32
+    lr: float | None = None
+    blr: float | None = None
+    min_lr: float = 1e-6
+    weight_decay: float | None = None
+    layer_decay: float | None = None
+    clip_grad: float | None = None
+    label_smoothing: float = 0.1
+    balance: str = "none"
+    patience: int = 10
+    label_fraction: float = 1.0
+    folds: int = 0
+    precision: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    workers: int | None = None
+    mlflow: str | None = None
+    tensorboard: bool = True
+    quiet: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self, batch_size: int) -> dict[str, float]:
+        """lr, weight decay and layer decay after defaults (which depend on the arm)."""
+        probe = self.linear_probe
+        blr = self.blr if self.blr is not None else (1e-2 if probe else 1e-3)
+        lr = self.lr if self.lr is not None else blr * batch_size / 256
+        wd = self.weight_decay if self.weight_decay is not None else (0.0 if probe else 0.05)
+        ld = self.layer_decay
+        if ld is None and self.init and not probe and self.arch == "vit":
+            ld = 0.75
+        if ld is not None and ld >= 1.0:
+            ld = None
+        return {"lr": lr, "weight_decay": wd, "layer_decay": ld}
+
+
+def _validate_options(opts: FinetuneOptions) -> None:
+    if opts.linear_probe and not opts.init:
+        raise UsfmaeError("--linear-probe needs a pretrained encoder", "add --init MAE_CKPT")
+    if opts.balance not in ("none", "loss", "sampler"):
+        raise UsfmaeError(f"unknown --balance '{opts.balance}'", "choose none, loss or sampler")
+    if not 0.0 < opts.label_fraction <= 1.0:
+        raise UsfmaeError(f"--label-fraction {opts.label_fraction} is outside (0, 1]", "use e.g. 0.1, 0.25 or 1")
+    if opts.epochs < 1 or opts.batch_size < 1:
+        raise UsfmaeError("--epochs and --batch-size must be at least 1", "pass positive values")
+    if opts.mlflow:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            raise UsfmaeError("--mlflow was given but mlflow is not installed",
+                              "pip install 'usfmae[mlflow]' (or leave out --mlflow)") from None
+
+
+class _Trackers:
+    """TensorBoard (and MLflow when asked) scalars per epoch; both optional, both closed at the end."""
+
+    def __init__(self, out: Path, opts: FinetuneOptions, params: dict[str, Any]) -> None:
+        self.tb = None
+        self.mlflow = None
+        if opts.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        if opts.mlflow:
+            import mlflow
+
+            mlflow.set_tracking_uri(opts.mlflow)
+            mlflow.set_experiment("usfmae-finetune")
+            mlflow.start_run(run_name=out.name)
+            mlflow.log_params({k: str(v) for k, v in params.items()})
+            self.mlflow = mlflow
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+        if self.mlflow is not None:
+            self.mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in values.items()
+                                     if math.isfinite(v)}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.mlflow is not None:
+            self.mlflow.end_run()
+
+
+def _save_curves(history: list[dict[str, float]], path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    ep = [h["epoch"] for h in history]
+    fig = Figure(figsize=(9, 3.6), dpi=100)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(ep, [h["train_loss"] for h in history], label="training", lw=1.4)
+    ax1.plot(ep, [h["val_loss"] for h in history], label="validation", lw=1.4)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("cross-entropy")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    ax2.plot(ep, [h["val_f1_macro"] for h in history], color="tab:green", lw=1.4, marker="o", ms=3)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("validation macro-F1")
+    ax2.set_ylim(0, 1)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOptions,
+                     stage: str = "finetune") -> dict[str, Any]:
+    """Train one classifier on ``datalist`` (already subsampled), keep the best by validation macro-F1 and write
+    ``model.pt``, ``metrics.json``, ``history.csv``, ``curves.png``, ``datalist.json`` and TensorBoard logs in
+    ``out``. Returns the contents of ``metrics.json``."""
+    from usfmae_core.checkpoints import make_checkpoint, save_checkpoint
+    from usfmae_core.data.transforms import Preprocessing
+    from usfmae_core.workflows.optim import cosine_lr, set_lr
+
+    out = Path(out)
+    classes = [str(c) for c in datalist["classes"]]
+    k = len(classes)
+    device = resolve_device(opts.device)
+    dtype = autocast_dtype(device, opts.precision)
+    seed_everything(opts.seed)
+
+    model, config = build_classifier(k, opts.arch, opts.init, opts.preset, opts.image_size, opts.in_channels,
+                                     opts.patch_size, opts.depth, opts.pool, opts.dropout,
+                                     0.0 if opts.linear_probe else opts.drop_path)
+    config["classes"] = classes
+    arch = "classifier" if opts.arch == "vit" else opts.arch
+    if opts.linear_probe:
+        model.freeze_encoder()
+    model.to(device)
+    prep = Preprocessing.from_dict(config["preprocessing"])
+
+    workers = opts.workers if opts.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda"
+                                                             else 0)
+    data = make_datasets(datalist, prep, SPLITS)
+    train_labels = [int(it["label"]) for it in datalist["training"]]
+    counts = np.bincount(train_labels, minlength=k)
+    sampler = make_sampler(train_labels, k, opts.seed) if opts.balance == "sampler" else None
+    train_loader = make_loader(data["training"], opts.batch_size, True, workers, sampler, opts.seed)
+    val_loader = make_loader(data["validation"], opts.batch_size * 2, False, workers)
+    test_loader = make_loader(data["test"], opts.batch_size * 2, False, workers) if len(data["test"]) else None
+
+    hp = opts.resolved(train_loader.batch_size)
+    criterion = make_loss(k, counts, opts.balance, opts.label_smoothing).to(device)
+    optimizer = make_optimizer(model, hp["lr"], hp["weight_decay"], hp["layer_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
+    steps_per_epoch = len(train_loader)
+    total = opts.epochs * steps_per_epoch
+    warmup = min(opts.warmup_epochs * steps_per_epoch, max(0, total - 1))
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "datalist.json", datalist)
+    params = {**{k_: v for k_, v in asdict(opts).items() if k_ != "extra"}, **hp, "arch": arch,
+              "num_train": len(data["training"]), "num_val": len(data["validation"]), "num_test": len(data["test"])}
+    trackers = _Trackers(out, opts, params)
+    history: list[dict[str, float]] = []
+    best: dict[str, Any] = {"f1": -1.0, "loss": math.inf, "epoch": 0, "state": None}
+    step, stale, t0 = 0, 0, time.monotonic()
+    progress = Progress(total, stage, disable=opts.quiet)
+    try:
+        for epoch in range(1, opts.epochs + 1):
+            model.train()
+            if opts.linear_probe:
+                model.encoder.eval()  # frozen features: no dropout / drop-path noise
+            loss_sum, seen = 0.0, 0
+            for batch in train_loader:
+                x = _as_plain(batch["image"]).to(device, non_blocking=True)
+                y = torch.as_tensor(batch["label"]).long().to(device)
+                lr = cosine_lr(step, total, warmup, hp["lr"], min(opts.min_lr, hp["lr"]))
+                set_lr(optimizer, lr)
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    logits = model(x)
+                loss = criterion(logits.float(), y)
+                if not torch.isfinite(loss.detach()):
+                    raise UsfmaeError(f"the training loss became {loss.detach().item()} at epoch {epoch}",
+                                      "lower --lr / --blr, or use --precision fp32")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if opts.clip_grad:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), opts.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                loss_value = loss.detach().item()
+                loss_sum += loss_value * len(y)
+                seen += len(y)
+                progress.update(1, loss=loss_value, lr=lr, epoch=epoch)
+            probs, labels, val_loss = predict_probs(model, val_loader, device, dtype)
+            vm = M.summary_metrics(labels, probs)
+            rec = {"epoch": epoch, "step": step, "lr": lr, "train_loss": loss_sum / max(seen, 1),
+                   "val_loss": val_loss, "val_accuracy": vm["accuracy"], "val_f1_macro": vm["f1_macro"],
+                   "val_auc_macro": vm["auc_macro"], "time_s": round(time.monotonic() - t0, 2)}
+            history.append(rec)
+            trackers.log({"train/loss": rec["train_loss"], "train/lr": lr, "val/loss": val_loss,
+                          "val/accuracy": vm["accuracy"], "val/f1_macro": vm["f1_macro"],
+                          "val/auc_macro": vm["auc_macro"]}, epoch)
+            improved = vm["f1_macro"] > best["f1"] + 1e-9 or (abs(vm["f1_macro"] - best["f1"]) <= 1e-9
+                                                              and val_loss < best["loss"])
+            if improved:
+                best.update(f1=vm["f1_macro"], loss=val_loss, epoch=epoch,
+                            state={n: t.detach().cpu().clone() for n, t in model.state_dict().items()})
+                stale = 0
+                meta = {"epoch": epoch, "val_f1_macro": vm["f1_macro"], "init": str(opts.init or ""),
+                        "linear_probe": opts.linear_probe, "data": str(opts.extra.get("data", ""))}
+                save_checkpoint(out / "model.pt", make_checkpoint(model, arch, config, meta=meta))
+            else:
+                stale += 1
+            progress.write(f"epoch {epoch}/{opts.epochs}: train loss {rec['train_loss']:.4f}, val loss "
+                           f"{val_loss:.4f}, val macro-F1 {vm['f1_macro']:.3f}{' *' if improved else ''}")
+            if opts.patience and stale >= opts.patience and step >= warmup:
+                progress.write(f"early stop: no better validation macro-F1 for {opts.patience} epochs")
+                break
+    finally:
+        progress.close()
+        trackers.close()
+
+    model.load_state_dict(best["state"])
+    result: dict[str, Any] = {"classes": classes, "arch": arch, "best_epoch": best["epoch"], "epochs_run": len(history),
+                              "hyperparameters": jsonable(hp),
+                              "num_images": {s: len(data[s]) for s in SPLITS}}
+    probs, labels, _ = predict_probs(model, val_loader, device, dtype)
+    result["validation"] = M.classification_metrics(labels, probs, classes)
+    if test_loader is not None:
+        probs, labels, _ = predict_probs(model, test_loader, device, dtype)
+        result["test"] = M.classification_metrics(labels, probs, classes)
+    result["history"] = history
+    result["time_s"] = round(time.monotonic() - t0, 2)
+    write_csv(out / "history.csv", list(history[0]), [list(h.values()) for h in history])
+    _save_curves(history, out / "curves.png")
+    write_json(out / "metrics.json", jsonable(result))
+    return result
+
+
+def _subsample(datalist: dict[str, Any], fraction: float, seed: int) -> dict[str, Any]:
+    if fraction >= 1.0:
+        return datalist
+    from usfmae_core.data.labelled import subsample_fraction
+
+    full = datalist["training"]
+    return {**datalist, "training": subsample_fraction(full, fraction, seed), "label_fraction": fraction,
+            "training_full_size": len(full)}
+
+
+def _summarise(fold_results: list[dict[str, Any]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {"folds": len(fold_results), "mean": {}, "std": {}, "per_fold": []}
+    for split in ("validation", "test"):
+        if not all(split in r for r in fold_results):
+            continue
+        for key in M.SUMMARY_KEYS:
+            vals = np.array([r[split][key] for r in fold_results], dtype=np.float64)
+            summary["mean"][f"{split}/{key}"] = float(np.nanmean(vals)) if np.any(~np.isnan(vals)) else math.nan
+            summary["std"][f"{split}/{key}"] = float(np.nanstd(vals, ddof=1)) if np.sum(~np.isnan(vals)) > 1 \
+                else math.nan
+    for i, r in enumerate(fold_results):
+        summary["per_fold"].append({"fold": i, "best_epoch": r["best_epoch"],
+                                    **{f"{s}/{k}": r[s][k] for s in ("validation", "test") if s in r
+                                       for k in M.SUMMARY_KEYS}})
+    return summary
+
+
+def finetune(data: str | Path | dict[str, Any], out: str | Path, opts: FinetuneOptions | None = None,
+             run_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fine-tune (or k-fold cross-validate) a classifier on labelled ``data``; see the module docstring.
+
+    Args:
+        data: class folders, CSV manifest or datalist JSON path, or a loaded datalist dict.
+        out: run folder (created).
+        opts: options (defaults: :class:`FinetuneOptions`).
+        run_config: what to record as ``out/config.json`` (the CLI passes its arguments).
+
+    Returns:
+        ``metrics.json``'s contents, or with ``folds`` the cross-validation summary.
+    """
+    opts = opts or FinetuneOptions()
+    _validate_options(opts)
+    if opts.init:
+        _load_mae(opts.init)  # refuse a wrong checkpoint before anything is written
+    resolve_device(opts.device)
+    if isinstance(data, dict):
+        datalist, source = data, "the datalist"
+    else:
+        datalist, source = load_labelled(data, seed=opts.seed), str(data)
+        opts.extra.setdefault("data", str(data))
+    if len(datalist.get("classes") or []) < 2:
+        raise UsfmaeError(f"{source} has fewer than 2 classes", "a classifier needs at least 2 classes")
+    if opts.folds:
+        check_splits(datalist, source, ("training",))
+        runs = kfold_datalists(datalist, opts.folds, opts.seed)
+    else:
+        runs = [datalist]
+    runs = [_subsample(d, opts.label_fraction, opts.seed) for d in runs]
+    for d in runs:
+        check_splits(d, source)
+
+    out = prepare_output_dir(out, run_config if run_config is not None else
+                             {**asdict(opts), "data": str(data) if not isinstance(data, dict) else "<datalist>"})
+    if not opts.folds:
+        return train_classifier(runs[0], out, opts)
+    results = []
+    for i, d in enumerate(runs):
+        results.append(train_classifier(d, out / f"fold_{i}", opts, stage=f"finetune fold {i + 1}/{opts.folds}"))
+    summary = _summarise(results)
+    write_json(out / "cv_summary.json", jsonable(summary))
+    write_csv(out / "cv_summary.csv", ["metric", "mean", "std", *[f"fold_{i}" for i in range(len(results))]],
+              [[key, summary["mean"][key], summary["std"][key], *[f[key] for f in summary["per_fold"]]]
+               for key in summary["mean"]])
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="train a classifier from a pretrained MAE, from scratch, or a CNN baseline",
+                       description="Fine-tune a USF-MAE classifier on labelled ultrasound (class folders, CSV or "
+                       "datalist JSON). Writes RUN/model.pt (best validation macro-F1), metrics.json, curves.png, "
+                       "datalist.json and TensorBoard logs.")
+    p.add_argument("--data", required=True, help="labelled data: class-per-folder tree, CSV manifest or datalist JSON")
+    p.add_argument("--out", required=True, help="run folder to write")
+    m = p.add_argument_group("model")
+    m.add_argument("--init", help="pretrained MAE checkpoint to start the ViT encoder from")
+    m.add_argument("--arch", default="vit", choices=("vit", "resnet", "densenet"),
+                   help="vit (default), or a MONAI CNN baseline trained from scratch")
+    m.add_argument("--preset", default="vit_base", help="ViT size from scratch (default vit_base)")
+    m.add_argument("--depth", type=int, help="resnet 10/18/34/50 (default 50), densenet 121/169 (default 121)")
+    m.add_argument("--image-size", type=int, help="input size (default: the MAE's, else 224)")
+    m.add_argument("--in-channels", type=int, choices=(1, 3), help="input channels from scratch (default 3)")
+    m.add_argument("--patch-size", type=int, default=16, help="ViT patch size from scratch (default 16)")
+    m.add_argument("--pool", default="avg", choices=("avg", "cls"), help="ViT feature pooling (default avg)")
+    m.add_argument("--dropout", type=float, default=0.0, help="dropout before the head (default 0)")
+    m.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate (default 0.1)")
+    m.add_argument("--linear-probe", action="store_true", help="freeze the encoder, train the linear head only")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=50, help="maximum epochs (default 50)")
+    t.add_argument("--warmup-epochs", type=int, default=5, help="linear lr warm-up (default 5)")
+    t.add_argument("--batch-size", type=int, default=32, help="default 32")
+    t.add_argument("--lr", type=float, help="learning rate (default: blr * batch / 256)")
+    t.add_argument("--blr", type=float, help="base lr (default 1e-3; 1e-2 for --linear-probe)")
+    t.add_argument("--min-lr", type=float, default=1e-6, help="cosine schedule floor (default 1e-6)")
+    t.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.05; 0 for --linear-probe)")
+    t.add_argument("--layer-decay", type=float, help="layer-wise lr decay (default 0.75 from an MAE, else none)")
+    t.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
+    t.add_argument("--label-smoothing", type=float, default=0.1, help="default 0.1")
+    t.add_argument("--balance", default="none", choices=("none", "loss", "sampler"),
+                   help="class balancing: weighted loss or sampler (default none)")
+    t.add_argument("--patience", type=int, default=10,
+                   help="stop after this many epochs without a better validation macro-F1 (0: never; default 10)")
+    t.add_argument("--label-fraction", type=float, default=1.0,
+                   help="train on this stratified fraction of the training split (default 1)")
+    t.add_argument("--folds", type=int, default=0, help="k-fold cross-validation with K folds (default: off)")
+    t.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="autocast precision (default auto)")
+    t.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="default auto")
+    t.add_argument("--seed", type=int, default=0, help="seed of splits, sampling and initialisation (default 0)")
+    t.add_argument("--workers", type=int, help="data loader processes (default 0 on CPU, 8 on CUDA)")
+    t.add_argument("--mlflow", metavar="URI", help="also log to this MLflow tracking URI")
+    t.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard logs")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    names = {f for f in FinetuneOptions.__dataclass_fields__ if f not in ("extra", "quiet")}
+    opts = FinetuneOptions(**{k: v for k, v in vars(args).items() if k in names})
+    result = finetune(args.data, args.out, opts, run_config=vars(args))
+    out = Path(args.out)
+    if opts.folds:
+        mean, std = result["mean"], result["std"]
+        print(f"{opts.folds}-fold cross-validation: validation macro-F1 {mean['validation/f1_macro']:.3f} "
+              f"+- {std['validation/f1_macro']:.3f} -> {out / 'cv_summary.json'}")
+    else:
+        line = f"best epoch {result['best_epoch']}: validation macro-F1 {result['validation']['f1_macro']:.3f}"
+        if "test" in result:
+            line += f", test macro-F1 {result['test']['f1_macro']:.3f}, accuracy {result['test']['accuracy']:.3f}"
+        print(f"{line} -> {out / 'model.pt'}")
+    return 0

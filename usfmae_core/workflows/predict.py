@@ -1,0 +1,461 @@
+"""``usfmae predict``: classify 2D images, cine clips and 3D volumes with a fine-tuned classifier.
+
+In-memory API (used by the CLI, the MONAI bundle and the 3D Slicer module):
+
+* :func:`classify_frames` - frames ``(N, H, W)`` -> softmax probabilities ``(N, K)``;
+* :func:`classify_array` - an image ``(H, W)``, cine ``(T, H, W)`` or volume ``(D, H, W)`` -> per-frame and aggregate
+  probabilities, label and the most telling frames;
+* :func:`classify_file` - the same for a file (any format :func:`~usfmae_core.data.readers.read_ultrasound` reads);
+* :func:`predict` - files / folders / a datalist JSON -> ``predictions.csv``, ``summary.csv``, ``predictions.json``.
+
+A 2D model (``config["spatial_dims"] == 2``) classifies every frame of a cine and every slice of a volume along
+``axis``, and the aggregate is the mean probability; a 3D model sees the whole volume resized to its cube (one row).
+Preprocessing is :func:`~usfmae_core.data.transforms.frames_to_tensor` with the checkpoint's
+:class:`~usfmae_core.data.transforms.Preprocessing`, exactly as in fine-tuning.
+
+Speed: batched, ``torch.inference_mode``, and autocast where it was measured faster. On CPUs with native bf16
+(AVX512-BF16 / AMX, checked through oneDNN) bf16 autocast runs ViT-B about 4x faster than fp32; on CPUs without it
+bf16 is emulated and slower, so ``precision="auto"`` keeps fp32 there (figures in benchmarks/README.md, "Predict").
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from usfmae_core.errors import UsfmaeError
+
+__all__ = ["CLASSIFIER_ARCHS", "classify_frames", "classify_array", "classify_file", "predict", "collect_inputs",
+           "preprocessing_from_config", "class_names", "model_spatial_dims", "volume_to_tensor",
+           "inference_dtype", "inference_context", "add_parser", "run"]
+
+CLASSIFIER_ARCHS = ("classifier", "resnet", "densenet")
+KINDS = ("auto", "image", "cine", "volume")
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _device(device: torch.device | str) -> torch.device:
+    from usfmae_core.device import resolve_device
+
+    return device if isinstance(device, torch.device) else resolve_device(str(device))
+
+
+def preprocessing_from_config(config: dict[str, Any]):
+    """The checkpoint's :class:`~usfmae_core.data.transforms.Preprocessing`; older configs without a
+    ``preprocessing`` entry fall back to the model's image size and channels with ImageNet statistics."""
+    from usfmae_core.data.transforms import Preprocessing
+
+    if config.get("preprocessing"):
+        return Preprocessing.from_dict(config["preprocessing"])
+    size = config.get("img_size", 224)
+    size = int(size[-1] if isinstance(size, (list, tuple)) else size)
+    return Preprocessing(image_size=size, in_channels=int(config.get("in_channels", 3)))
+
+
+def class_names(config: dict[str, Any], num_classes: int | None = None) -> list[str]:
+    """``config["classes"]``, or ``class_0 .. class_{K-1}`` when the checkpoint did not record names."""
+    if config.get("classes"):
+        return [str(c) for c in config["classes"]]
+    k = num_classes if num_classes is not None else int(config.get("num_classes", 0))
+    return [f"class_{i}" for i in range(k)]
+
+
+def model_spatial_dims(model: nn.Module, config: dict[str, Any] | None = None) -> int:
+    """2 or 3: the ViT encoder's ``spatial_dims``, else ``config["spatial_dims"]`` (CNN baselines), else 2."""
+    enc = getattr(model, "encoder", None)
+    if enc is not None and hasattr(enc, "spatial_dims"):
+        return int(enc.spatial_dims)
+    return int((config or {}).get("spatial_dims", 2))
+
+
+def _model_input_size(model: nn.Module, prep, dims: int) -> tuple[int, ...]:
+    enc = getattr(model, "encoder", None)
+    size = getattr(enc, "img_size", None)
+    return tuple(int(s) for s in size) if size is not None else (int(prep.image_size),) * dims
+
+
+def volume_to_tensor(volume: np.ndarray, prep, size: Sequence[int] | None = None) -> torch.Tensor:
+    """A volume ``(D, H, W)`` (unscaled grey) -> 3D model input ``(1, C, S, S, S)``.
+
+    The intensity rule of :func:`~usfmae_core.data.transforms.scale_intensity` over the whole volume, MONAI
+    ``Resize`` (trilinear, anti-aliased) to the model's cube, grey replicated to ``C`` channels, normalised with
+    the checkpoint's mean / std.
+    """
+    from monai.transforms import Resize
+
+    from usfmae_core.data.transforms import channel_stats, scale_intensity
+
+    size = tuple(size) if size is not None else (int(prep.image_size),) * 3
+    t = torch.from_numpy(scale_intensity(np.asarray(volume, dtype=np.float32)))[None]  # (1, D, H, W)
+    if tuple(t.shape[1:]) != size:
+        t = torch.as_tensor(Resize(size, mode="trilinear", anti_aliasing=True)(t)).as_subclass(torch.Tensor)
+    t = t.clamp_(0.0, 1.0)
+    mean, std = channel_stats(prep.mean, prep.std, prep.in_channels)
+    c = prep.in_channels
+    return ((t[None].expand(-1, c, -1, -1, -1) - mean.view(1, c, 1, 1, 1)) / std.view(1, c, 1, 1, 1)).contiguous()
+
+
+def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """Autocast dtype for inference (None = fp32). ``auto`` on CPU is bf16 only where the CPU computes bf16
+    natively (oneDNN says so): there it was measured ~4x faster than fp32 for ViT-B; emulated bf16 is slower."""
+    from usfmae_core.device import autocast_dtype
+
+    if str(precision).lower() == "auto" and device.type == "cpu":
+        try:
+            native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            native = False
+        return torch.bfloat16 if native else None
+    return autocast_dtype(device, str(precision))
+
+
+def inference_context(device: torch.device, dtype: torch.dtype | None) -> ExitStack:
+    """``torch.inference_mode`` plus autocast to ``dtype`` (when not None) on ``device``."""
+    stack = ExitStack()
+    stack.enter_context(torch.inference_mode())
+    if dtype is not None:
+        stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
+    return stack
+
+
+def _prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    model = model.to(device).eval()
+    if not hasattr(model, "encoder") and device.type == "cpu":
+        # CNN baselines: oneDNN convolutions are faster in channels_last (no effect on the ViT)
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _to_input(x: torch.Tensor, model: nn.Module, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if x.dim() == 4 and not hasattr(model, "encoder") and device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- in memory
+def classify_frames(model: nn.Module, frames: np.ndarray, prep, device: torch.device | str = "cpu",
+                    batch_size: int = 32, precision: str = "auto",
+                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Classify 2D frames with a 2D classifier.
+
+    Args:
+        model: a 2D classifier returning logits (USF-MAE classifier or CNN baseline); moved to ``device``.
+        frames: ``(N, H, W)`` or ``(H, W)`` float grey intensity, unscaled.
+        prep: the checkpoint's :class:`~usfmae_core.data.transforms.Preprocessing`.
+        device: ``auto|cuda|mps|cpu`` or a ``torch.device``.
+        batch_size: frames per forward pass.
+        precision: ``auto|bf16|fp16|fp32`` (see :func:`inference_dtype`).
+        progress: called with the number of frames done after each batch.
+
+    Returns:
+        softmax probabilities ``(N, K)`` float32.
+    """
+    from usfmae_core.data.transforms import frames_to_tensor
+
+    frames = np.asarray(frames)
+    if frames.ndim == 2:
+        frames = frames[None]
+    if frames.ndim != 3:
+        raise ValueError(f"frames must be (N, H, W) or (H, W), got shape {frames.shape}")
+    dev = _device(device)
+    dtype = inference_dtype(dev, precision)
+    model = _prepare_model(model, dev)
+    out: list[np.ndarray] = []
+    with inference_context(dev, dtype):
+        for i in range(0, len(frames), max(1, int(batch_size))):
+            x = _to_input(frames_to_tensor(frames[i:i + batch_size], prep), model, dev)
+            out.append(torch.softmax(model(x).float(), dim=-1).cpu().numpy())
+            if progress is not None:
+                progress(len(x))
+    k = out[0].shape[1] if out else 0
+    return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, k), np.float32)
+
+
+def _classify_volume_3d(model: nn.Module, volume: np.ndarray, prep, device: torch.device, precision: str
+                        ) -> np.ndarray:
+    dev = _device(device)
+    model = _prepare_model(model, dev)
+    x = volume_to_tensor(volume, prep, _model_input_size(model, prep, 3)).to(dev)
+    with inference_context(dev, inference_dtype(dev, precision)):
+        return torch.softmax(model(x).float(), dim=-1).cpu().numpy().astype(np.float32)
+
+
+def classify_array(model: nn.Module, config: dict[str, Any], array: np.ndarray, kind: str = "auto",
+                   spacing: Sequence[float] | None = None, axis: int = 0, device: torch.device | str = "cpu",
+                   batch_size: int = 32, top_k: int = 3, precision: str = "auto",
+                   progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Classify an image ``(H, W)``, cine ``(T, H, W)`` or volume ``(D, H, W)`` (unscaled grey).
+
+    Args:
+        model: classifier (2D or 3D) from :func:`~usfmae_core.checkpoints.load_model`.
+        config: its checkpoint config (``classes``, ``preprocessing``, ``spatial_dims``).
+        array: the image.
+        kind: ``image|cine|volume|auto`` (auto: 2D -> image, 3D -> volume).
+        spacing: per-axis spacing, recorded in the result (preprocessing is a plain resize, as in training).
+        axis: slicing axis of a volume for a 2D model.
+        device, batch_size, precision, progress: see :func:`classify_frames`.
+        top_k: how many frames to list in ``top_slices``.
+
+    Returns:
+        ``classes`` (names), ``per_frame`` ``(N, K)`` float32 (one row per frame / slice; a 3D model gives one row
+        for the volume), ``aggregate`` ``(K,)`` mean probability, ``label`` (argmax of the aggregate),
+        ``top_slices`` (indices of the ``top_k`` frames with the highest probability of ``label``; empty for a 3D
+        model), ``kind``, ``n_frames`` (rows), ``scope`` (``frame`` or ``volume``), ``axis`` and ``spacing``.
+    """
+    from usfmae_core.data.readers import UltrasoundImage
+    from usfmae_core.data.transforms import image_to_frames
+
+    arr = np.asarray(array, dtype=np.float32)
+    if kind not in KINDS:
+        raise UsfmaeError(f"unknown kind '{kind}'", f"choose one of {', '.join(KINDS)}")
+    if kind == "auto":
+        kind = "image" if arr.ndim == 2 else "volume"
+    if arr.ndim != (2 if kind == "image" else 3):
+        raise UsfmaeError(f"a {kind} must be {'2D (H, W)' if kind == 'image' else '3D (N, H, W)'}, "
+                          f"got shape {tuple(arr.shape)}", "pass kind='auto' or an array of the right shape")
+    if not -arr.ndim <= axis < arr.ndim:
+        raise UsfmaeError(f"axis {axis} is out of range for a {arr.ndim}D array", "use --axis 0, 1 or 2")
+    prep = preprocessing_from_config(config)
+    dims = model_spatial_dims(model, config)
+    if dims == 3:
+        if kind == "image":
+            raise UsfmaeError("a 2D image was given to a 3D (volume) classifier",
+                              "classify volumes with this model, or use a 2D classifier for images")
+        per_frame = _classify_volume_3d(model, arr, prep, _device(device), precision)
+        scope = "volume"
+    else:
+        sp = tuple(spacing) if spacing is not None else (1.0,) * arr.ndim
+        frames = image_to_frames(UltrasoundImage(arr, sp, kind, ""), axis=axis)
+        per_frame = classify_frames(model, frames, prep, device, batch_size, precision, progress)
+        scope = "frame"
+    names = class_names(config, per_frame.shape[1])
+    if len(names) != per_frame.shape[1]:
+        raise UsfmaeError(f"the checkpoint names {len(names)} classes but the model outputs {per_frame.shape[1]}",
+                          "re-export the classifier with matching 'classes' in its config")
+    aggregate = per_frame.mean(axis=0).astype(np.float32)
+    label_idx = int(aggregate.argmax())
+    top = [] if scope == "volume" else [int(i) for i in np.argsort(-per_frame[:, label_idx], kind="stable")[:top_k]]
+    return {"classes": names, "per_frame": per_frame, "aggregate": aggregate, "label": names[label_idx],
+            "top_slices": top, "kind": kind, "n_frames": int(per_frame.shape[0]), "scope": scope,
+            "axis": int(axis) if kind == "volume" else None,
+            "spacing": None if spacing is None else [float(s) for s in spacing]}
+
+
+def classify_file(model: nn.Module, config: dict[str, Any], path: str | os.PathLike, axis: int = 0,
+                  device: torch.device | str = "cpu", batch_size: int = 32, top_k: int = 3,
+                  precision: str = "auto", progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """:func:`classify_array` on a file read by :func:`~usfmae_core.data.readers.read_ultrasound`; adds ``source``."""
+    from usfmae_core.data.readers import read_ultrasound
+
+    img = read_ultrasound(path)
+    result = classify_array(model, config, img.array, img.kind, img.spacing, axis, device, batch_size, top_k,
+                            precision, progress)
+    result["source"] = str(path)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def _datalist_images(path: Path) -> list[Path]:
+    """Image paths of a datalist JSON (MONAI style: sections of ``{"image": ...}`` items, or a plain list);
+    relative paths are taken relative to the JSON's folder, as MONAI's ``load_decathlon_datalist`` does."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsfmaeError(f"cannot read datalist {path} ({str(err).splitlines()[0][:100]})",
+                          "pass a valid JSON datalist, image files or folders") from None
+    if isinstance(data, dict):
+        sections = [v for k, v in data.items() if isinstance(v, list) and k not in ("classes", "folds")]
+    elif isinstance(data, list):
+        sections = [data]
+    else:
+        sections = []
+    out: list[Path] = []
+    for items in sections:
+        for item in items:
+            image = item.get("image") if isinstance(item, dict) else item
+            for p in image if isinstance(image, list) else [image]:
+                if isinstance(p, str):
+                    q = Path(p).expanduser()
+                    out.append(q if q.is_absolute() else path.parent / q)
+    if not out:
+        raise UsfmaeError(f"datalist {path} lists no images",
+                          "expected {\"test\": [{\"image\": \"path\"}, ...]} or a list of paths")
+    return out
+
+
+def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[dict[str, str]]]:
+    """Expand files, folders (recursively, supported files only) and datalist JSONs into a list of files.
+
+    Returns:
+        (files to read, skipped ``[{"source", "reason"}]`` for explicit files of an unsupported type).
+
+    Raises:
+        UsfmaeError: an input does not exist, or nothing to read was found.
+    """
+    from usfmae_core.data.corpus import iter_source_files
+
+    files: list[Path] = []
+    skipped: list[dict[str, str]] = []
+    seen: set[str] = set()
+
+    def add(p: Path) -> None:
+        key = str(p.resolve())
+        if key not in seen:
+            seen.add(key)
+            files.append(p)
+
+    for raw in inputs:
+        src = Path(raw).expanduser()
+        if not src.exists():
+            raise UsfmaeError(f"input {src} does not exist", "check the path (files, folders or a datalist .json)")
+        if src.is_file() and src.name.lower().endswith(".json"):
+            for p in _datalist_images(src):
+                if not p.exists():
+                    skipped.append({"source": str(p), "reason": f"listed in {src.name} but does not exist"})
+                else:
+                    add(p)
+        elif src.is_file():
+            add(src)  # explicit files are tried even with an odd extension: the reader names the problem
+        else:
+            for p, reason in iter_source_files([src]):
+                if reason is None:
+                    add(p)
+    if not files:
+        if skipped:
+            raise UsfmaeError(f"none of the inputs can be read ({skipped[0]['source']}: {skipped[0]['reason']})",
+                              "check the paths")
+        raise UsfmaeError(f"no supported ultrasound files found in {', '.join(str(i) for i in inputs)}",
+                          "pass images (png/jpg/dcm...), cine clips (mp4/avi/dcm...) or volumes (nii/nrrd/mha)")
+    return files, skipped
+
+
+# --------------------------------------------------------------------------------------------------- files
+def _fmt(p: float) -> str:
+    return f"{float(p):.6f}"
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+            device: str = "auto", axis: int = 0, batch_size: int = 32, precision: str = "auto", top_k: int = 3,
+            run_config: dict[str, Any] | None = None, quiet: bool = False) -> Path:
+    """Classify every input file and write the results to ``out_dir``.
+
+    Writes ``predictions.csv`` (one row per frame / slice: ``source, index, kind, p_<class>..., pred``),
+    ``summary.csv`` and ``predictions.json`` (one aggregate per input: ``source, kind, n_frames, label,
+    p_<class>..., top_slices``; the JSON also lists ``skipped`` inputs with the reason) and ``config.json``.
+    Unreadable inputs are skipped and reported; the run fails only when none could be classified.
+
+    Returns:
+        ``out_dir``.
+    """
+    from usfmae_core.checkpoints import load_model
+    from usfmae_core.data.readers import read_ultrasound
+    from usfmae_core.device import describe_device
+    from usfmae_core.workflows.common import Progress, prepare_output_dir, write_json
+
+    files, skipped = collect_inputs(inputs)  # fail on a bad path before loading a big model
+    dev = _device(device)
+    model, ckpt = load_model(model_path, expect=CLASSIFIER_ARCHS, device=dev)
+    config = ckpt["config"]
+    out = prepare_output_dir(out_dir, run_config if run_config is not None else
+                             {"model": str(model_path), "inputs": [str(i) for i in inputs], "device": device,
+                              "axis": axis, "batch_size": batch_size, "precision": precision})
+    names = class_names(config, None)
+    frame_rows: list[list[Any]] = []
+    results: list[dict[str, Any]] = []
+    with Progress(len(files), "predict", disable=quiet) as bar:
+        for path in files:
+            try:
+                img = read_ultrasound(path)
+                inner = Progress(img.n_frames, "classify", disable=True) if img.n_frames > batch_size else None
+                try:
+                    res = classify_array(model, config, img.array, img.kind, img.spacing, axis, dev, batch_size,
+                                         top_k, precision, None if inner is None else inner.update)
+                finally:
+                    if inner is not None:
+                        inner.close()
+            except UsfmaeError as err:
+                skipped.append({"source": str(path), "reason": str(err)})
+                bar.write(f"skipped {path}: {err}")
+                bar.update(1)
+                continue
+            names = res["classes"]
+            for i, row in enumerate(res["per_frame"]):
+                frame_rows.append([str(path), i, res["kind"], *map(_fmt, row), names[int(row.argmax())]])
+            results.append({"source": str(path), "kind": res["kind"], "n_frames": res["n_frames"],
+                            "label": res["label"],
+                            **{f"p_{c}": round(float(p), 6) for c, p in zip(names, res["aggregate"])},
+                            "top_slices": res["top_slices"]})
+            bar.update(1, label=res["label"])
+    if not results:
+        first = skipped[0] if skipped else {"source": "?", "reason": "nothing to classify"}
+        raise UsfmaeError(f"no input could be classified ({first['reason']})",
+                          "check the files named above (format, corruption) and the model (2D/3D)")
+    prob_cols = [f"p_{c}" for c in names]
+    _write_csv(out / "predictions.csv", ["source", "index", "kind", *prob_cols, "pred"], frame_rows)
+    _write_csv(out / "summary.csv", ["source", "kind", "n_frames", "label", *prob_cols, "top_slices"],
+               [[r["source"], r["kind"], r["n_frames"], r["label"], *(_fmt(r[c]) for c in prob_cols),
+                 " ".join(str(i) for i in r["top_slices"])] for r in results])
+    write_json(out / "predictions.json", {
+        "model": str(model_path), "arch": ckpt["arch"], "classes": names,
+        "spatial_dims": model_spatial_dims(model, config), "axis": axis,
+        "device": describe_device(dev), "precision": str(inference_dtype(dev, precision) or "fp32"),
+        "results": results, "skipped": skipped})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+def add_common_arguments(p: argparse.ArgumentParser, batch_size: int = 32) -> None:
+    """``--out``, ``--axis``, ``--device``, ``--batch-size`` (shared by predict / embed / reconstruct)."""
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2),
+                   help="slicing axis of volumes for 2D models (array order D, H, W; default 0)")
+    p.add_argument("--device", default="auto", help="auto|cuda|mps|cpu (default: auto)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"frames per batch (default {batch_size})")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = predict(args.model, args.inputs, args.out, args.device, args.axis, args.batch_size, args.precision,
+                  args.top_k, run_config=vars(args))
+    report = json.loads((out / "predictions.json").read_text())
+    for r in report["results"]:
+        probs = ", ".join(f"{c} {r[f'p_{c}']:.3f}" for c in report["classes"])
+        print(f"{r['source']}: {r['label']} ({r['kind']}, {r['n_frames']} frame(s); {probs})")
+    for s in report["skipped"]:
+        print(f"skipped {s['source']}: {s['reason']}")
+    print(f"wrote {out / 'predictions.csv'}, {out / 'summary.csv'}, {out / 'predictions.json'}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify images, cine clips and volumes with a fine-tuned classifier",
+                       description="Classify 2D images, cine clips and 3D volumes (any format usfmae reads), "
+                       "folders (recursively) or the images of a datalist JSON. A 2D model classifies each "
+                       "frame / slice and averages; a 3D model classifies each volume as a whole.")
+    p.add_argument("model", help="classifier checkpoint (from usfmae finetune; resnet/densenet baselines too)")
+    p.add_argument("inputs", nargs="+", help="files, folders or a datalist .json")
+    add_common_arguments(p)
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="autocast precision (auto: bf16 on GPUs and on CPUs with native bf16, else fp32)")
+    p.add_argument("--top-k", type=int, default=3, help="frames listed in top_slices per input (default 3)")
+    p.set_defaults(func=run)

@@ -1,0 +1,804 @@
+"""``usfmae pretrain``: masked-autoencoder pretraining on a prepared corpus (2D frames or native 3D volumes).
+
+The recipe is facebook MAE's / USF-MAE's: AdamW (betas 0.9, 0.95; weight decay 0.05, none on norms, biases, tokens
+and position embeddings), ``lr = blr * effective_batch / 256``, per-step cosine schedule after a linear warm-up,
+75% masking, MSE on the masked patches. Augmentation (random resized crop + flip) runs batched on the training
+device (:class:`usfmae_core.data.datasets.MAEBatchAugment`, ``MAEBatchAugment3D`` for volumes), so workers
+only read uint8 frames from the memory-mapped corpus.
+
+Run folder (everything only rank 0 writes)::
+
+    RUN/config.json          the arguments used
+    RUN/checkpoint_last.pt   training state (model, optimiser, schedule step, scaler, RNG of every rank, data
+                             position), written atomically every --ckpt-every steps and at the end
+    RUN/model.pt             final weights-only MAE checkpoint (config + preprocessing): for finetune / reconstruct
+    RUN/metrics.jsonl        one line per log step: step, epoch, loss, lr, img_per_s, elapsed_s
+    RUN/summary.json         final figures (steps, loss, throughput, device)
+    RUN/loss_curve.png       training loss per step
+    RUN/pictures/*.png       input | masked input | reconstruction, every --picture-every steps and at the end
+    RUN/tb/                  TensorBoard events (when tensorboard is installed)
+
+Resuming (``--resume``) restores everything in ``checkpoint_last.pt``. Shuffling is a function of (seed, epoch)
+only (:class:`ResumableSampler`, a ``DistributedSampler`` that can start mid-epoch), so after a crash training
+continues on exactly the batches it would have seen; with ``--precision fp32`` and ``--workers 0`` a resumed run
+ends with the same weights as an uninterrupted one.
+
+Multi-GPU / multi-node: launch with ``torchrun`` (see :mod:`usfmae_core.workflows.distributed`); ``--batch-size``
+is per process, the effective batch is ``batch_size * accum_steps * world_size``.
+
+API reused by the MONAI bundle (no logic duplicated there)::
+
+    model, config = build_pretrain_model("vit_base", img_size=224, in_channels=3)        # or init="mae.pt"
+    augment = make_augment(config)                        # uint8 (B, H, W) -> normalised (B, C, S, S), on device
+    optimizer = make_optimizer(model, lr=scaled_lr(1.5e-4, 256))
+    out = mae_train_step(model, uint8_batch, augment, optimizer, scaler=None, amp_dtype=torch.bfloat16,
+                         clip_grad=None, accum_steps=1, step=True)         # {"loss", "images", "grad_norm"}
+
+    # MONAI engine: the MAE step as SupervisedTrainer's iteration_update (network returns (loss, pred, mask),
+    # so loss_function is not used; pass e.g. torch.nn.MSELoss() to satisfy the signature)
+    trainer = SupervisedTrainer(device, max_epochs, loader, model, optimizer, loss_function=torch.nn.MSELoss(),
+                                iteration_update=MAEIterationUpdate(augment, precision="auto", clip_grad=None,
+                                                                    base_lr=lr, total_steps=N, warmup_steps=W),
+                                decollate=False)
+
+``MAEIterationUpdate`` reads ``batchdata["image"]`` (or the first element of a tuple/list, or the tensor itself),
+honours ``engine.accumulation_steps`` and returns ``{"image", "label": None, "pred": None, "loss"}`` so MONAI's
+``StatsHandler`` / ``from_engine(["loss"], first=True)`` work unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from usfmae_core.errors import UsfmaeError
+from usfmae_core.workflows import distributed as D
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "build_pretrain_model", "make_augment", "make_optimizer", "make_scaler",
+           "ResumableSampler", "mae_train_step", "MAEIterationUpdate", "capture_rng_state", "restore_rng_state",
+           "weights_sha1", "pretrain", "add_parser", "run"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CKPT_NAME = "checkpoint_last.pt"
+MODEL_NAME = "model.pt"
+
+
+# ------------------------------------------------------------------------------------------------------ model
+def build_pretrain_model(preset: str = "vit_base", img_size: int | None = None, patch_size: int | None = None,
+                         in_channels: int | None = None, spatial_dims: int | None = None,
+                         mask_ratio: float | None = None, norm_pix_loss: bool | None = None,
+                         drop_path_rate: float | None = None, init: str | os.PathLike | None = None,
+                         mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                         ) -> tuple[nn.Module, dict[str, Any]]:
+    """The MAE to pretrain and its checkpoint config (model kwargs + ``preset`` + ``preprocessing``).
+
+    From scratch: ``preset`` with the given overrides (None keeps the preset's value; 224 px, patch 16, 3 channels).
+    From ``init`` (an MAE checkpoint of ours, e.g. from ``usfmae import-weights``): its config, with the given
+    overrides re-fitted by :func:`~usfmae_core.checkpoints.adapt_state_dict` (position embeddings interpolated,
+    channels summed / split, 2D patches inflated to 3D). A classifier or CNN checkpoint is refused.
+
+    Returns:
+        the model (on CPU, float32) and its config dict (plain types).
+    """
+    from usfmae_core.data.transforms import Preprocessing
+    from usfmae_core.networks.presets import build_model, mae_config
+
+    overrides = {"img_size": img_size, "patch_size": patch_size, "in_channels": in_channels,
+                 "spatial_dims": spatial_dims, "mask_ratio": mask_ratio, "norm_pix_loss": norm_pix_loss,
+                 "drop_path_rate": drop_path_rate}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if init is None:
+        config = mae_config(preset, **overrides)
+        config["preset"] = preset
+        model = _build_checked(build_model, config)
+    else:
+        from usfmae_core.checkpoints import adapt_state_dict, load_checkpoint
+
+        ckpt = load_checkpoint(init)
+        if ckpt["arch"] != "mae":
+            raise UsfmaeError(f"{init} holds a '{ckpt['arch']}' model, but pretraining continues from an MAE "
+                              "(encoder + decoder) checkpoint",
+                              "pass an MAE checkpoint (usfmae pretrain's model.pt, or usfmae import-weights of "
+                              "facebook / USF-MAE MAE weights), or leave out --init to start from scratch")
+        config = {k: v for k, v in ckpt["config"].items() if k != "preprocessing"}
+        dims = int(overrides.get("spatial_dims", config.get("spatial_dims", 2)))
+        for key in ("img_size", "patch_size"):  # a changed dimensionality needs one entry per axis
+            value = overrides.get(key, config.get(key))
+            if isinstance(value, (list, tuple)):
+                value = value[-1] if len(value) != dims or key in overrides else list(value)
+            config[key] = [int(value)] * dims if not isinstance(value, list) else value
+        config.update({k: v for k, v in overrides.items() if k not in ("img_size", "patch_size")})
+        config.setdefault("preset", "imported")
+        model = _build_checked(build_model, config)
+        model.load_state_dict(adapt_state_dict(ckpt["model"], model.state_dict(), source=str(init)))
+    size = config["img_size"]
+    size = int(size[-1] if isinstance(size, (list, tuple)) else size)
+    config["preprocessing"] = Preprocessing(size, int(config["in_channels"]), tuple(mean), tuple(std)).to_dict()
+    return model, config
+
+
+def _build_checked(build_model: Callable, config: dict[str, Any]) -> nn.Module:
+    try:
+        return build_model("mae", config)
+    except ValueError as err:  # e.g. image size not a multiple of the patch size
+        raise UsfmaeError(f"invalid model shape: {err}", "choose --img-size as a multiple of --patch-size") from None
+
+
+def make_augment(config: Mapping[str, Any]) -> nn.Module:
+    """The batched training augmentation for ``config``: uint8 ``(B, H, W)`` -> ``(B, C, S, S)``
+    (:class:`~usfmae_core.data.datasets.MAEBatchAugment`) or ``(B, V, V, V)`` -> ``(B, C, S, S, S)``
+    (:class:`~usfmae_core.data.datasets.MAEBatchAugment3D`), normalised with the config's preprocessing.
+    In ``eval()`` mode it only resizes and normalises (used for the reconstruction pictures)."""
+    from usfmae_core.data.datasets import MAEBatchAugment, MAEBatchAugment3D
+
+    prep = config["preprocessing"]
+    cls = MAEBatchAugment3D if int(config.get("spatial_dims", 2)) == 3 else MAEBatchAugment
+    return cls(image_size=prep["image_size"], in_channels=prep["in_channels"], mean=prep["mean"], std=prep["std"])
+
+
+# ------------------------------------------------------------------------------------------------- optimiser
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
+                   betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.Optimizer:
+    """AdamW over :func:`~usfmae_core.workflows.optim.param_groups` (no decay on norms, biases, tokens, pos-embeds)."""
+    from usfmae_core.workflows.optim import param_groups
+
+    groups = param_groups(D.unwrap_model(model), weight_decay=weight_decay, base_lr=lr)
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **fused)
+
+
+def make_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """A GradScaler, enabled only for fp16 (bf16 and fp32 need no loss scaling)."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+
+# ------------------------------------------------------------------------------------------------- one step
+def _images_of(batch: Any, key: str = "image") -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        return batch[key]
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    return batch
+
+
+def mae_train_step(model: nn.Module, batch: Any, augment: Callable[[torch.Tensor], torch.Tensor] | None,
+                   optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None, *,
+                   amp_dtype: torch.dtype | None = None, clip_grad: float | None = None, accum_steps: int = 1,
+                   step: bool = True, mask_ratio: float | None = None) -> dict[str, torch.Tensor | None]:
+    """One MAE micro-step: augment on the model's device, forward under autocast, backward; optimiser step if ``step``.
+
+    Args:
+        model: ``USFMAE`` (possibly DDP / compiled); its forward returns ``(loss, pred, mask)``.
+        batch: uint8 frames ``(B, H, W)`` / volumes ``(B, D, H, W)`` (with ``augment``), or ready model input
+            ``(B, C, *S)`` (``augment=None``); a dict (``"image"``) or tuple (first item) holding them is accepted.
+        augment: batched augmentation (e.g. :func:`make_augment`), or None.
+        optimizer: the optimiser (its lr is set by the caller).
+        scaler: GradScaler for fp16 (None or disabled otherwise).
+        amp_dtype: autocast dtype (``torch.bfloat16`` / ``torch.float16``) or None for fp32.
+        clip_grad: max global gradient norm (None: no clipping).
+        accum_steps: micro-steps per optimiser step (the loss is divided by it).
+        step: whether this micro-step ends an accumulation cycle (optimiser step, then ``zero_grad``). Under DDP the
+            gradient all-reduce is skipped on the other micro-steps.
+        mask_ratio: overrides the model's masking ratio.
+
+    Returns:
+        ``{"loss": detached loss (not divided by accum_steps), "images": the augmented input,
+        "grad_norm": pre-clip norm when clipping on a step, else None}``.
+    """
+    device = next(model.parameters()).device
+    images = _images_of(batch).to(device, non_blocking=True)
+    if augment is not None:
+        images = augment(images)
+    sync = nullcontext() if step or not hasattr(model, "no_sync") else model.no_sync()
+    with sync:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = model(images, mask_ratio)[0]
+        scaled = loss / accum_steps
+        (scaler.scale(scaled) if scaler is not None and scaler.is_enabled() else scaled).backward()
+    grad_norm = None
+    if step:
+        if scaler is not None and scaler.is_enabled():
+            if clip_grad:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            if clip_grad:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss.detach(), "images": images, "grad_norm": grad_norm}
+
+
+class MAEIterationUpdate:
+    """The MAE step as a MONAI engine ``iteration_update(engine, batchdata) -> output dict``.
+
+    Args:
+        augment: batched augmentation applied on the engine's device (None: the batch is model input already).
+        precision: ``auto|bf16|fp16|fp32`` (see :func:`usfmae_core.device.autocast_dtype`); fp16 uses its own
+            GradScaler.
+        clip_grad: max gradient norm, or None.
+        base_lr, total_steps, warmup_steps, min_lr: when ``base_lr`` and ``total_steps`` are given, the lr follows
+            :func:`~usfmae_core.workflows.optim.cosine_lr` per optimiser step (otherwise leave lr to handlers).
+        accum_steps: used when the engine has no ``accumulation_steps`` attribute.
+        image_key: the key of the images in dict batches.
+    """
+
+    def __init__(self, augment: Callable[[torch.Tensor], torch.Tensor] | None = None, precision: str = "fp32",
+                 clip_grad: float | None = None, base_lr: float | None = None, total_steps: int | None = None,
+                 warmup_steps: int = 0, min_lr: float = 0.0, accum_steps: int = 1, image_key: str = "image") -> None:
+        self.augment, self.precision, self.clip_grad = augment, precision, clip_grad
+        self.base_lr, self.total_steps, self.warmup_steps, self.min_lr = base_lr, total_steps, warmup_steps, min_lr
+        self.accum_steps, self.image_key = accum_steps, image_key
+        self.scaler: torch.amp.GradScaler | None = None
+        self.amp_dtype: torch.dtype | None = None
+
+    def __call__(self, engine: Any, batchdata: Any) -> dict[str, Any]:
+        from usfmae_core.device import autocast_dtype
+        from usfmae_core.workflows.optim import cosine_lr, set_lr
+
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        device = next(engine.network.parameters()).device
+        if self.scaler is None:
+            self.amp_dtype = autocast_dtype(device, self.precision)
+            self.augment = self.augment.to(device) if isinstance(self.augment, nn.Module) else self.augment
+            self.scaler = make_scaler(device, self.amp_dtype)
+        acc = int(getattr(engine, "accumulation_steps", self.accum_steps) or 1)
+        it = int(engine.state.iteration) - 1  # ignite counts from 1
+        if self.base_lr is not None and self.total_steps:
+            set_lr(engine.optimizer, cosine_lr(it // acc, self.total_steps, self.warmup_steps, self.base_lr,
+                                               self.min_lr))
+        engine.network.train()
+        images = _images_of(batchdata, self.image_key)
+        out = mae_train_step(engine.network, images, self.augment, engine.optimizer, self.scaler,
+                             amp_dtype=self.amp_dtype, clip_grad=self.clip_grad, accum_steps=acc,
+                             step=(it + 1) % acc == 0)
+        return {"image": out["images"], "label": None, "pred": None, "loss": out["loss"]}
+
+
+# ------------------------------------------------------------------------------------------------- data
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` whose epoch order is a function of (seed, epoch) and that can start mid-epoch.
+
+    ``set_epoch(epoch, start)`` skips the first ``start`` indices of this rank's share (the samples already
+    consumed before a checkpoint), without reading them.
+    """
+
+    def __init__(self, dataset: Any, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = True) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:  # type: ignore[override]
+        super().set_epoch(epoch)
+        self.start = int(start)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
+
+
+def _open_corpus(path: str | os.PathLike, spatial_dims: int) -> Any:
+    from usfmae_core.data.corpus import FrameCorpus, VolumeCorpus
+
+    path = Path(path)
+    if not path.exists():
+        raise UsfmaeError(f"corpus {path} does not exist", f"prepare one first: usfmae prepare SRC... --out {path}")
+    if not path.is_dir():
+        raise UsfmaeError(f"corpus {path} is not a folder", "pass the folder written by usfmae prepare")
+    corpus = VolumeCorpus(path) if spatial_dims == 3 else FrameCorpus(path)
+    if len(corpus) == 0:
+        raise UsfmaeError(f"no {'volumes' if spatial_dims == 3 else 'frames'} in corpus {path}",
+                          f"run usfmae prepare SRC...{' --native-3d' if spatial_dims == 3 else ''} --out {path}")
+    return corpus
+
+
+def _make_loader(corpus_path: Path, spatial_dims: int, batch_size: int, image_size: int, workers: int,
+                 sampler: ResumableSampler, device: torch.device, seed: int) -> DataLoader:
+    """Batches of uint8 frames ``(B, S, S)`` / volumes ``(B, V, V, V)`` in ``sampler``'s order.
+
+    The loaders carry their own seeded generator, so creating an iterator never draws from the global RNG (a
+    resumed run then draws exactly the numbers the uninterrupted run drew).
+    """
+    from usfmae_core.data.datasets import make_pretrain_loader, make_pretrain_loader_3d
+
+    if spatial_dims == 3:
+        return make_pretrain_loader_3d(corpus_path, batch_size, workers, sampler=sampler, shuffle=False, seed=seed)
+    return make_pretrain_loader(corpus_path, batch_size, image_size, workers, sampler=sampler, shuffle=False,
+                                seed=seed, pin_memory=device.type == "cuda")
+
+
+# ------------------------------------------------------------------------------------------------- RNG state
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU + CUDA) RNG states as tensors and plain lists (``weights_only``-loadable)."""
+    version, state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    out: dict[str, Any] = {
+        "python": [int(version), torch.tensor(state, dtype=torch.int64), gauss],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    version, py, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in py.tolist()), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            torch.cuda.manual_seed_all(int(state["torch"][:8].sum()))
+
+
+# ------------------------------------------------------------------------------------------------- the run
+class _Logger:
+    """Rank-0 sinks: metrics.jsonl, TensorBoard (optional) and the progress bar."""
+
+    def __init__(self, out: Path, total: int, initial: int, main: bool) -> None:
+        from usfmae_core.workflows.common import Progress
+
+        self.main = main
+        self.progress = Progress(total, "pretrain", disable=not main, initial=initial)
+        self.tb = None
+        self.metrics_path = out / "metrics.jsonl"
+        if not main:
+            return
+        self._trim_metrics(initial)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=initial if initial else None)
+        except Exception:  # noqa: BLE001 - TensorBoard is optional (import or protobuf problems)
+            self.tb = None
+
+    def _trim_metrics(self, upto: int) -> None:
+        """On resume, drop lines logged after the checkpoint (they are logged again)."""
+        if not self.metrics_path.exists():
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= upto:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a torn last line from a kill
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        os.replace(tmp, self.metrics_path)
+
+    def log(self, record: dict[str, Any], advance: int) -> None:
+        shown = {k: record[k] for k in ("loss", "lr", "img_per_s") if k in record}
+        self.progress.update(advance, **shown)
+        if not self.main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key in ("loss", "lr", "img_per_s"):
+                self.tb.add_scalar(f"pretrain/{key}", record[key], record["step"])
+
+    def write(self, message: str) -> None:
+        if self.main:
+            self.progress.write(message)
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.tb is not None:
+            self.tb.close()
+
+    def read_curve(self) -> tuple[list[int], list[float]]:
+        xs, ys = [], []
+        if self.metrics_path.exists():
+            for line in self.metrics_path.read_text().splitlines():
+                r = json.loads(line)
+                xs.append(r["step"])
+                ys.append(r["loss"])
+        return xs, ys
+
+
+def _picture_batch(corpus: Any, config: Mapping[str, Any], n: int = 6) -> torch.Tensor:
+    """Fixed, evenly spread corpus items as model input without augmentation (the same at every picture step)."""
+    idx = np.unique(np.linspace(0, len(corpus) - 1, min(n, len(corpus))).round().astype(int))
+    raw = torch.stack([torch.from_numpy(np.array(corpus[int(i)])) for i in idx])
+    return make_augment(config).eval()(raw)
+
+
+@torch.no_grad()
+def _save_pictures(model: nn.Module, images: torch.Tensor, config: Mapping[str, Any], path: Path,
+                   amp_dtype: torch.dtype | None) -> None:
+    from usfmae_core.workflows.pictures import save_reconstruction_grid
+
+    net = D.unwrap_model(model)
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    # a private generator fixes the masks across picture steps and leaves the training RNG untouched
+    noise = torch.rand(images.shape[0], net.encoder.num_patches, generator=torch.Generator().manual_seed(0))
+    x = images.to(device)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        masked, recon, _ = net.reconstruct(x, noise=noise.to(device))
+    net.train(was_training)
+    prep = config["preprocessing"]
+    save_reconstruction_grid(masked.float(), recon.float(), x.float(), path, mean=prep["mean"], std=prep["std"])
+
+
+def weights_sha1(model: nn.Module) -> str:
+    """SHA-1 of every parameter and buffer (name, dtype, bytes) of the unwrapped model: equal iff bitwise equal."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, t in D.unwrap_model(model).state_dict().items():
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _training_checkpoint(model: nn.Module, config: dict, optimizer: torch.optim.Optimizer,
+                         scaler: torch.amp.GradScaler, state: dict[str, Any], rng: list[dict],
+                         args: argparse.Namespace) -> dict[str, Any]:
+    from usfmae_core.checkpoints import make_checkpoint
+
+    return make_checkpoint(
+        D.unwrap_model(model), "mae", config,
+        meta={"kind": "pretrain_training_state", "corpus": str(args.corpus)},
+        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+        scheduler={"step": state["step"], "total_steps": state["total_steps"],
+                   "warmup_steps": state["warmup_steps"], "base_lr": state["lr"]},
+        step=state["step"], epoch=state["epoch"], batches_in_epoch=state["batches"],
+        world_size=D.get_world_size(), rng={"per_rank": rng},
+        train_args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                    if k != "func" and (v is None or isinstance(v, (int, float, str, bool, Path, list)))},
+    )
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    def positive(name: str, value: float | None, allow_zero: bool = False) -> None:
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            raise UsfmaeError(f"--{name.replace('_', '-')} must be {'>= 0' if allow_zero else '> 0'}, got {value}",
+                              "pass a valid value")
+
+    for name in ("batch_size", "accum_steps", "epochs", "max_steps", "blr", "lr", "log_every", "threads"):
+        positive(name, getattr(args, name, None))
+    for name in ("workers", "warmup_steps", "warmup_epochs", "weight_decay", "clip_grad", "ckpt_every",
+                 "picture_every", "min_lr"):
+        positive(name, getattr(args, name, None), allow_zero=True)
+    if args.mask_ratio is not None and not 0 < args.mask_ratio < 1:
+        raise UsfmaeError(f"--mask-ratio must be between 0 and 1, got {args.mask_ratio}", "0.75 is the MAE default")
+
+
+def pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    """Run MAE pretraining as configured by the CLI arguments (see :func:`add_parser`); returns the summary."""
+    from usfmae_core.checkpoints import load_checkpoint
+
+    _check_args(args)
+    out = Path(args.out)
+    ckpt_path = out / CKPT_NAME
+    resume_ckpt = None
+    if ckpt_path.exists() and not args.resume:
+        raise UsfmaeError(f"{out} already holds a pretraining run ({ckpt_path.name})",
+                          "pass --resume to continue it, or choose another --out")
+    if args.resume and ckpt_path.exists():
+        resume_ckpt = load_checkpoint(ckpt_path)
+        if resume_ckpt.get("meta", {}).get("kind") != "pretrain_training_state":
+            raise UsfmaeError(f"{ckpt_path} is not a pretraining state", "choose another --out")
+    ctx = D.init_distributed(args.device)
+    try:
+        return _pretrain(args, ctx, out, resume_ckpt)
+    finally:
+        D.cleanup()
+
+
+def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ckpt: dict[str, Any] | None
+              ) -> dict[str, Any]:
+    from usfmae_core.checkpoints import make_checkpoint, save_checkpoint
+    from usfmae_core.device import autocast_dtype, describe_device
+    from usfmae_core.workflows.common import prepare_output_dir, seed_everything, write_json
+    from usfmae_core.workflows.optim import cosine_lr, scaled_lr, set_lr
+
+    ckpt_path = out / CKPT_NAME
+    device = ctx.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed + ctx.rank)
+    dims = args.spatial_dims
+    if resume_ckpt is not None:
+        dims = int(resume_ckpt["config"].get("spatial_dims", 2))
+    corpus = _open_corpus(args.corpus, dims)
+    corpus_size = corpus.volume_size if dims == 3 else corpus.image_size
+
+    if resume_ckpt is not None:
+        from usfmae_core.networks.presets import build_model
+
+        config = dict(resume_ckpt["config"])
+        model = build_model("mae", config)
+        model.load_state_dict(resume_ckpt["model"])
+    else:
+        img_size = args.img_size
+        if img_size is None and args.init is None:
+            img_size = corpus_size  # train at the resolution the corpus was prepared at
+        model, config = build_pretrain_model(args.preset, img_size, args.patch_size, args.in_channels,
+                                             dims if (args.init is None or args.spatial_dims == 3) else None,
+                                             args.mask_ratio, args.norm_pix_loss or None, args.drop_path,
+                                             args.init, args.mean, args.std)
+        if int(config.get("spatial_dims", 2)) != dims:
+            raise UsfmaeError(f"--init {args.init} is a {config.get('spatial_dims')}D model but --spatial-dims is "
+                              f"{dims}", "pass --spatial-dims to match, or another checkpoint")
+    amp_dtype = autocast_dtype(device, args.precision)
+    model = model.to(device)
+
+    # ---- sizes of the run
+    world = ctx.world_size
+    sampler = ResumableSampler(corpus, num_replicas=world, rank=ctx.rank, shuffle=True, seed=args.seed,
+                               drop_last=len(corpus) >= world)
+    batches_per_epoch = sampler.num_samples // args.batch_size
+    steps_per_epoch = batches_per_epoch // args.accum_steps
+    need = args.batch_size * args.accum_steps * world
+    if steps_per_epoch == 0:
+        raise UsfmaeError(f"corpus {args.corpus} has {len(corpus)} {'volumes' if dims == 3 else 'frames'}, fewer "
+                          f"than one optimiser step needs ({need} = batch size x accumulation x processes)",
+                          "use a smaller --batch-size / --accum-steps or prepare more data")
+    total_steps = args.max_steps if args.max_steps else args.epochs * steps_per_epoch
+    if args.max_steps and args.epochs and args.epochs_given:
+        total_steps = min(total_steps, args.epochs * steps_per_epoch)
+    if args.warmup_steps is not None:
+        warmup = args.warmup_steps
+    elif args.warmup_epochs is not None:
+        warmup = int(round(args.warmup_epochs * steps_per_epoch))
+    else:
+        warmup = max(1, int(0.05 * total_steps))  # MAE: 40 of 800 epochs
+    warmup = min(warmup, max(total_steps - 1, 0))
+    eff_batch = need
+    lr = args.lr if args.lr else scaled_lr(args.blr, eff_batch)
+
+    # ---- optimiser, scaler, data
+    optimizer = make_optimizer(model, lr, args.weight_decay)
+    scaler = make_scaler(device, amp_dtype)
+    state = {"step": 0, "epoch": 0, "batches": 0, "total_steps": total_steps, "warmup_steps": warmup, "lr": lr}
+    rng_to_restore = None
+    if resume_ckpt is not None:
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        if "scaler" in resume_ckpt and scaler.is_enabled() and resume_ckpt["scaler"]:
+            scaler.load_state_dict(resume_ckpt["scaler"])
+        state.update(step=int(resume_ckpt["step"]), epoch=int(resume_ckpt["epoch"]),
+                     batches=int(resume_ckpt["batches_in_epoch"]))
+        per_rank = resume_ckpt.get("rng", {}).get("per_rank", [])
+        if len(per_rank) == world:
+            rng_to_restore = per_rank[ctx.rank]
+        else:  # another number of processes: fresh, but still deterministic, streams
+            seed_everything(args.seed + 1000 * state["step"] + ctx.rank)
+        if state["batches"] >= steps_per_epoch * args.accum_steps:  # corpus or batch changed: next epoch
+            state.update(epoch=state["epoch"] + 1, batches=0)
+    augment = make_augment(config)
+    augment = augment.to(device) if isinstance(augment, nn.Module) else augment
+    loader = _make_loader(Path(args.corpus), dims, args.batch_size, corpus_size, args.workers, sampler, device,
+                          args.seed)
+    pictures = _picture_batch(corpus, config) if ctx.main else None
+
+    ddp_model = D.wrap_ddp(model, ctx)
+    train_model = torch.compile(ddp_model) if args.compile else ddp_model
+
+    # ---- output folder (only now: bad input has been refused above)
+    if ctx.main:
+        prepare_output_dir(out, {**vars(args), "resolved": {
+            "device": str(device), "world_size": world, "amp_dtype": str(amp_dtype).replace("torch.", "")
+            if amp_dtype else "fp32", "effective_batch": eff_batch, "lr": lr, "total_steps": total_steps,
+            "warmup_steps": warmup, "steps_per_epoch": steps_per_epoch, "corpus_items": len(corpus)}})
+        for stale in out.glob(f".{CKPT_NAME}.*.tmp"):  # a save killed half-way (the real file is intact)
+            stale.unlink(missing_ok=True)
+        (out / "pictures").mkdir(exist_ok=True)
+    D.barrier()
+    log = _Logger(out, total_steps, state["step"], ctx.main)
+    if ctx.main:
+        how = f"resuming at step {state['step']} (epoch {state['epoch']})" if resume_ckpt else "starting"
+        log.write(f"pretrain {how}: {config.get('preset')} {dims}D {config['img_size']} px, {len(corpus)} items, "
+                  f"{world} process(es) on {describe_device(device)['name']}, effective batch {eff_batch}, "
+                  f"lr {lr:.3g}, {total_steps} steps ({steps_per_epoch}/epoch), "
+                  f"precision {str(amp_dtype).replace('torch.', '') if amp_dtype else 'fp32'}")
+
+    def save_state() -> None:
+        rng = D.all_gather_objects(capture_rng_state())
+        if ctx.main:
+            save_checkpoint(ckpt_path, _training_checkpoint(model, config, optimizer, scaler, state, rng, args))
+        D.barrier()
+
+    # ---- training
+    train_model.train()
+    loss_sum = torch.zeros((), device=device)
+    loss_n = 0
+    t_log, imgs_log, last_logged = time.perf_counter(), 0, state["step"]
+    t_start, steps_run, last_loss, best_ips = time.perf_counter(), 0, float("nan"), 0.0
+    micro_per_epoch = steps_per_epoch * args.accum_steps
+    try:
+        while state["step"] < total_steps:
+            sampler.set_epoch(state["epoch"], start=state["batches"] * args.batch_size)
+            batches = iter(loader)
+            if rng_to_restore is not None:  # after the iterator exists: its creation must not shift the streams
+                restore_rng_state(rng_to_restore)
+                rng_to_restore = None
+            epoch_done = False
+            for batch in batches:
+                state["batches"] += 1
+                do_step = state["batches"] % args.accum_steps == 0
+                if (state["batches"] - 1) % args.accum_steps == 0:
+                    set_lr(optimizer, cosine_lr(state["step"], total_steps, warmup, lr, args.min_lr))
+                res = mae_train_step(train_model, batch, augment, optimizer, scaler, amp_dtype=amp_dtype,
+                                     clip_grad=args.clip_grad, accum_steps=args.accum_steps, step=do_step)
+                loss_sum += res["loss"].float()
+                loss_n += 1
+                imgs_log += res["images"].shape[0] * world
+                if not do_step:
+                    continue
+                state["step"] += 1
+                steps_run += 1
+                if state["batches"] >= micro_per_epoch:
+                    state["epoch"] += 1
+                    state["batches"] = 0
+                    epoch_done = True
+                step = state["step"]
+                final = step >= total_steps
+                if step % args.log_every == 0 or final:
+                    mean_loss = float(D.all_reduce_mean(loss_sum / max(loss_n, 1)))
+                    if not math.isfinite(mean_loss):
+                        raise UsfmaeError(f"the loss became {mean_loss} at step {step}",
+                                          "lower --blr, use --precision fp32 or --clip-grad 1.0, and --resume "
+                                          "from the last checkpoint")
+                    dt = time.perf_counter() - t_log
+                    ips = imgs_log / dt if dt > 0 else 0.0
+                    best_ips = max(best_ips, ips)
+                    record = {"step": step, "epoch": state["epoch"] + state["batches"] / micro_per_epoch,
+                              "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"] /
+                              optimizer.param_groups[0].get("lr_scale", 1.0), "img_per_s": round(ips, 2),
+                              "elapsed_s": round(time.perf_counter() - t_start, 3)}
+                    log.log(record, step - last_logged)
+                    last_logged, last_loss = step, mean_loss
+                    loss_sum.zero_()
+                    loss_n, imgs_log, t_log = 0, 0, time.perf_counter()
+                if ctx.main and args.picture_every and step % args.picture_every == 0 and not final:
+                    _save_pictures(model, pictures, config, out / "pictures" / f"recon_step{step:07d}.png",
+                                   amp_dtype)
+                if args.ckpt_every and step % args.ckpt_every == 0 and not final:
+                    save_state()
+                if final or epoch_done:
+                    break
+    except torch.OutOfMemoryError:
+        raise UsfmaeError(f"the {device.type.upper()} ran out of memory at step {state['step']}",
+                          "use a smaller --batch-size (with --accum-steps to keep the effective batch), "
+                          "--precision bf16 or a smaller --preset; --resume continues from the last checkpoint"
+                          ) from None
+    finally:
+        log.close()
+
+    # ---- the end: training state, final weights, pictures, curve, summary
+    save_state()
+    replicas_identical = None
+    if ctx.distributed:  # DDP keeps replicas equal by construction; a mismatch means a desync bug, say so
+        sums = D.all_gather_objects(weights_sha1(model))
+        replicas_identical = len(set(sums)) == 1
+        if ctx.main and not replicas_identical:
+            print(f"usfmae: warning: the {world} model replicas differ after training (weights SHA-1 {sums}); "
+                  "model.pt holds rank 0's", flush=True)
+    elapsed = time.perf_counter() - t_start
+    summary = {
+        "steps": state["step"], "epochs": round(state["epoch"] + state["batches"] / micro_per_epoch, 4),
+        "steps_this_run": steps_run, "final_loss": last_loss, "effective_batch": eff_batch, "lr": lr,
+        "img_per_s": round(steps_run * eff_batch / elapsed, 2) if steps_run and elapsed > 0 else None,
+        "seconds": round(elapsed, 2), "world_size": world,
+        "replicas_identical": replicas_identical, "device": describe_device(device),
+        "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32", "model": str(out / MODEL_NAME),
+    }
+    if ctx.main:
+        meta = {"kind": "pretrained_mae", "corpus": str(args.corpus), "steps": state["step"],
+                "final_loss": last_loss, "init": str(args.init) if args.init else None}
+        save_checkpoint(out / MODEL_NAME, make_checkpoint(D.unwrap_model(model), "mae", config, meta=meta))
+        _save_pictures(model, pictures, config, out / "pictures" / "recon_final.png", amp_dtype)
+        xs, ys = log.read_curve()
+        if xs:
+            from usfmae_core.workflows.pictures import save_curve
+
+            save_curve(xs, ys, out / "loss_curve.png", title="MAE pretraining loss", ylabel="loss (masked MSE)")
+        write_json(out / "summary.json", summary)
+        print(f"pretrained {state['step']} steps: loss {last_loss:.4f}, {summary['img_per_s']} img/s -> "
+              f"{out / MODEL_NAME}", flush=True)
+    D.barrier()
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+class _EpochsAction(argparse.Action):
+    """Remembers that --epochs was given explicitly (then it caps --max-steps too)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        setattr(namespace, self.dest, values)
+        namespace.epochs_given = True
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from usfmae_core.device import DEVICE_CHOICES
+    from usfmae_core.networks.presets import PRESETS
+
+    p = sub.add_parser(
+        "pretrain", help="masked-autoencoder pretraining on a prepared corpus (2D frames or 3D volumes)",
+        description="MAE pretraining (facebook MAE / USF-MAE recipe) on a corpus from `usfmae prepare`. "
+                    "Multi-GPU / multi-node: launch with torchrun (e.g. torchrun --nproc_per_node=4 "
+                    "-m usfmae_core.cli pretrain ...). A killed run continues with --resume.")
+    p.add_argument("--corpus", required=True, help="corpus folder written by usfmae prepare")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, model.pt, logs, pictures)")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="vit_base", choices=sorted(PRESETS), help="model size (default vit_base)")
+    g.add_argument("--init", help="start from this MAE checkpoint (ours, e.g. from usfmae import-weights)")
+    g.add_argument("--img-size", type=int, help="input size (default: the corpus's frame / volume size, or --init's)")
+    g.add_argument("--patch-size", type=int, help="patch size (default 16)")
+    g.add_argument("--in-channels", type=int, choices=(1, 3), help="1 (grey) or 3 (default, ImageNet/USF-MAE)")
+    g.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2,
+                   help="3: pretrain natively on volumes (corpus prepared with --native-3d)")
+    g.add_argument("--mask-ratio", type=float, help="fraction of patches masked (default 0.75)")
+    g.add_argument("--norm-pix-loss", action="store_true", help="regress per-patch normalised pixels")
+    g.add_argument("--drop-path", type=float, help="stochastic depth rate of the encoder (default 0)")
+    g.add_argument("--mean", type=float, nargs="+", default=list(IMAGENET_MEAN), help="normalisation mean")
+    g.add_argument("--std", type=float, nargs="+", default=list(IMAGENET_STD), help="normalisation std")
+    t = p.add_argument_group("optimisation")
+    t.add_argument("--epochs", type=int, default=100, action=_EpochsAction,
+                   help="epochs over the corpus (default 100; --max-steps takes precedence)")
+    t.add_argument("--max-steps", type=int, help="optimiser steps (overrides --epochs unless both are given: min)")
+    t.add_argument("--batch-size", type=int, default=64, help="images per process per micro-step (default 64)")
+    t.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation micro-steps (default 1)")
+    t.add_argument("--blr", type=float, default=1.5e-4, help="base lr; lr = blr * effective batch / 256")
+    t.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
+    t.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine schedule")
+    t.add_argument("--weight-decay", type=float, default=0.05)
+    t.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 5%% of all steps)")
+    t.add_argument("--warmup-epochs", type=float, help="warm-up in epochs (alternative to --warmup-steps)")
+    t.add_argument("--clip-grad", type=float, help="max gradient norm (default: no clipping)")
+    t.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="autocast dtype (auto: bf16 where supported, fp16 + GradScaler on older GPUs)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPUs, slow start)")
+    t.add_argument("--seed", type=int, default=0)
+    r = p.add_argument_group("run")
+    r.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto|cuda|mps|cpu (default auto)")
+    r.add_argument("--threads", type=int,
+                   help="CPU threads for torch (default: torch's choice; 1 helps on a busy, shared CPU)")
+    r.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from checkpoint_last.pt (starts fresh when there is none)")
+    r.add_argument("--ckpt-every", type=int, default=500, help="write checkpoint_last.pt every N steps")
+    r.add_argument("--picture-every", type=int, default=1000, help="reconstruction picture every N steps (0: end)")
+    r.add_argument("--log-every", type=int, default=20, help="log loss / lr / img/s every N steps")
+    p.set_defaults(func=run, epochs_given=False)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    pretrain(args)
+    return 0
