@@ -106,18 +106,15 @@ def test_pretrain_writes_a_complete_run_and_learns(corpus: Path, tmp_path: Path)
 def test_resume_after_sigkill_matches_uninterrupted_run(corpus: Path, tmp_path: Path) -> None:
     """A run killed with SIGKILL after its first checkpoint resumes with exactly that state, and ends with the same
     weights as a run that was never interrupted (fp32, 0 workers: deterministic)."""
-    steps, every = 300, 10
+    steps, every = 160, 10
     args = ["pretrain", "--corpus", str(corpus), *TINY, "--max-steps", str(steps), "--ckpt-every", str(every),
-            "--log-every", "5", "--picture-every", "100", "--blr", "2e-3", "--accum-steps", "2",
+            "--log-every", "5", "--picture-every", "50", "--blr", "2e-3", "--accum-steps", "2",
             "--batch-size", "4", "--clip-grad", "1.0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # same arithmetic in every process
-
-    def launch(out: Path, *extra: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "usfmae_core.cli", *args, "--out", str(out), *extra],
-                                env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
+    # one thread everywhere (the autouse fixture in this process): the same arithmetic in every run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     run = tmp_path / "killed"
-    proc = launch(run)
+    proc = subprocess.Popen([sys.executable, "-m", "usfmae_core.cli", *args, "--out", str(run)], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ckpt = run / "checkpoint_last.pt"
     deadline = time.monotonic() + 120
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -139,13 +136,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(corpus: Path, tmp_path: 
         assert torch.equal(v, saved["model"][name]), name
 
     # 2) resuming to the end gives the weights of an uninterrupted run
-    resumed = launch(run, "--resume")
+    assert cli.main([*args, "--out", str(run), "--resume"]) == 0
     reference = tmp_path / "reference"
-    _, err = resumed.communicate()
-    assert resumed.returncode == 0, err
-    ref = launch(reference)
-    _, err = ref.communicate()
-    assert ref.returncode == 0, err
+    assert cli.main([*args, "--out", str(reference)]) == 0
     a, b = _state(run / "model.pt"), _state(reference / "model.pt")
     assert a.keys() == b.keys()
     for name in a:
@@ -171,6 +164,15 @@ def test_pretrain_3d_volumes(corpus: Path, tmp_path: Path) -> None:
     assert ckpt["config"]["spatial_dims"] == 3 and model.encoder.img_size == (16, 16, 16)
     assert (run / "pictures" / "recon_final.png").exists()
     assert len(_metrics(run)) == 2
+    # a 2D MAE as --init for volumes: patch projection inflated, prediction head restarted, blocks kept
+    src, cfg = P.build_pretrain_model("vit_test", img_size=16, patch_size=8)
+    save_checkpoint(tmp_path / "init2d.pt", make_checkpoint(src, "mae", cfg))
+    assert _pretrain(corpus, tmp_path / "inflated", "--spatial-dims", "3", "--init", str(tmp_path / "init2d.pt"),
+                     "--batch-size", "2", "--max-steps", "1", "--lr", "1e-9") == 0
+    model, ckpt = load_model(tmp_path / "inflated" / "model.pt", expect="mae")
+    assert model.encoder.patch_size == (8, 8, 8) and "re-initialised" in ckpt["config"]["init_note"]
+    name = "encoder.blocks.1.mlp.linear1.weight"
+    torch.testing.assert_close(ckpt["model"][name], src.state_dict()[name], atol=1e-6, rtol=0)
 
 
 def test_init_from_mae_checkpoint_refits_and_is_used(corpus: Path, tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ The bundle's configs only wire engine code together; whatever they need beyond t
 so no logic hides in JSON:
 
 - data: :class:`CorpusDataset` (a MONAI ``Dataset`` over a prepared pretraining corpus, ``data`` = the corpus folder),
-  :func:`split_items` / :func:`align_classes` (labelled datalists -> MONAI items), :func:`inference_items`
+  :func:`split_items` / :func:`evaluation_items` (labelled datalists -> MONAI items), :func:`inference_items`
   (files / folders / datalist JSON -> items), :class:`UltrasoundToFramesd` (every frame / slice of an image, cine or
   volume as model input ``(N, C, S, S)``), :func:`cache_rate`;
 - inference: :class:`FrameAveragingInferer` (softmax per frame, mean over frames: what ``usfmae predict`` does),
@@ -16,8 +16,8 @@ so no logic hides in JSON:
 - training: :func:`macro_f1` (ignite metric), :func:`cosine_schedule` (per-step warm-up + cosine, keeping layer-wise
   lr scales), :func:`use_amp` / :func:`amp_kwargs`, :func:`is_not_rank0`;
 - handlers: :class:`SaveUsfmaeCheckpoint` (our checkpoint format, for ``usfmae`` / Slicer), :class:`ProbabilityWriter`
-  (per-image class probabilities as CSV + JSON, and metrics when labels are known), :class:`ProgressHandler`
-  (the engine's progress bar / ``USFMAE_PROGRESS`` lines).
+  (per-image class probabilities as CSV + JSON; with labels, ``usfmae evaluate``'s metrics and files),
+  :class:`ProgressHandler` (the engine's progress bar / ``USFMAE_PROGRESS`` lines).
 """
 
 from __future__ import annotations
@@ -43,13 +43,12 @@ from monai.transforms import MapTransform, apply_transform
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["CorpusDataset", "split_items", "align_classes", "inference_items", "cache_rate", "UltrasoundToFramesd",
+__all__ = ["CorpusDataset", "split_items", "evaluation_items", "inference_items", "cache_rate", "UltrasoundToFramesd",
            "FrameAveragingInferer", "prepare_batch", "training_settings", "read_model_config",
            "classifier_from_settings", "load_weights", "WeightsLoader", "macro_f1", "cosine_schedule", "use_amp",
-           "amp_kwargs", "is_not_rank0", "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler"]
+           "amp_kwargs", "is_not_rank0", "describe_process", "with_iteration_events", "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler"]
 
 logger = logging.getLogger("usfmae.bundle")
-SPLITS = ("training", "validation", "test")
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -98,43 +97,26 @@ def _plain_item(it: Mapping[str, Any]) -> dict[str, Any]:
     return {"image": str(it["image"]), "label": int(it["label"])}
 
 
-def split_items(datalist: Mapping[str, Any], split: str = "training") -> list[dict[str, Any]]:
-    """Items ``{"image": path, "label": int}`` of one split of a labelled datalist (``all``: every split).
+def split_items(datalist: Mapping[str, Any], split: str = "training", source: str | os.PathLike | None = None
+                ) -> list[dict[str, Any]]:
+    """Items ``{"image": path, "label": int}`` of one split (``training|validation|test|all``) of a labelled datalist,
+    chosen by :func:`usfmae_core.workflows.evaluate.select_items` (an empty split is refused)."""
+    from usfmae_core.workflows.evaluate import select_items
 
-    Raises:
-        UsfmaeError: unknown split, or the split is empty.
-    """
-    if split not in (*SPLITS, "all"):
-        raise UsfmaeError(f"unknown split '{split}'", f"choose one of {', '.join((*SPLITS, 'all'))}")
-    names = SPLITS if split == "all" else (split,)
-    items = [_plain_item(it) for s in names for it in (datalist.get(s) or [])]
-    if not items:
-        source = datalist.get("source", "the labelled data")
-        raise UsfmaeError(f"the {split} split of {source} is empty",
-                          "pass more images, or choose another split (e.g. --eval_split all)")
-    return items
+    source = source if source is not None else datalist.get("source", "the labelled data")
+    return [_plain_item(it) for it in select_items(dict(datalist), split, str(source))]
 
 
-def align_classes(datalist: Mapping[str, Any], classes: Sequence[str], source: str = "the labelled data"
-                  ) -> dict[str, Any]:
-    """``datalist`` with labels re-indexed to the model's ``classes`` (matched by name).
+def evaluation_items(datalist: Mapping[str, Any], classes: Sequence[str], split: str = "test",
+                     source: str | os.PathLike | None = None, model: str | os.PathLike = "the model"
+                     ) -> list[dict[str, Any]]:
+    """:func:`split_items` with labels re-indexed to the model's ``classes``, matched by name as ``usfmae evaluate``
+    does (:func:`usfmae_core.workflows.evaluate.map_labels`: the data must have exactly the model's classes)."""
+    from usfmae_core.workflows.evaluate import map_labels
 
-    A labelled folder for evaluation may lack a class, which shifts the indices of the others; matching by name keeps
-    them right. A class the model does not know is refused.
-    """
-    names = [str(c) for c in datalist.get("classes") or []]
-    classes = [str(c) for c in classes]
-    unknown = [c for c in names if c not in classes]
-    if unknown:
-        raise UsfmaeError(f"{source} has class(es) {', '.join(unknown)} that the model does not know "
-                          f"(it was trained on {', '.join(classes)})",
-                          "evaluate on data with the model's classes (sub-folder names)")
-    index = {i: classes.index(c) for i, c in enumerate(names)}
-    out = dict(datalist)
-    for split in (*SPLITS,):
-        out[split] = [{**it, "label": index[int(it["label"])]} for it in (datalist.get(split) or [])]
-    out["classes"] = classes
-    return out
+    source = source if source is not None else datalist.get("source", "the labelled data")
+    mapping = map_labels(datalist["classes"], classes, str(source), str(model))
+    return [{**it, "label": int(mapping[it["label"]])} for it in split_items(datalist, split, source)]
 
 
 def inference_items(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[dict[str, str]]:
@@ -431,6 +413,42 @@ def amp_kwargs(device: torch.device | str, precision: str = "auto") -> dict[str,
     return {"dtype": autocast_dtype(_device(device), precision) or torch.float32}
 
 
+def describe_process(ctx: Any, local_rank: int | None = None) -> str:
+    """Log (one line) and return where this process of a ``torchrun`` job stands: rank, world size, ``LOCAL_RANK``,
+    device and backend of a :class:`usfmae_core.workflows.distributed.DistContext`.
+
+    Raises:
+        UsfmaeError: ``local_rank`` (torchrun's ``LOCAL_RANK``) disagrees with the context's.
+    """
+    if local_rank is not None and int(local_rank) != ctx.local_rank:
+        raise UsfmaeError(f"LOCAL_RANK {local_rank} but the process group reports local rank {ctx.local_rank}",
+                          "launch with torchrun (it sets RANK, WORLD_SIZE and LOCAL_RANK)")
+    line = (f"process {ctx.rank} of {ctx.world_size} (LOCAL_RANK {ctx.local_rank}) on {ctx.device}, "
+            f"backend {ctx.backend}")
+    logger.info(line)
+    return line
+
+
+def with_iteration_events(update: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """``update`` (an ``iteration_update(engine, batchdata) -> output``, e.g. the pretraining workflow's
+    :class:`~usfmae_core.workflows.pretrain.MAEIterationUpdate`) firing MONAI's iteration events after it, as
+    ``SupervisedTrainer``'s own iteration does.
+
+    MONAI decollates the output and runs postprocessing on ``IterationEvents.MODEL_COMPLETED``; without it the
+    handlers' ``from_engine(["loss"], first=True)`` (StatsHandler, TensorBoard, MLflow) would see a dict, not the loss.
+    """
+    from monai.engines.utils import IterationEvents
+
+    def iteration(engine: Any, batchdata: Any) -> Any:
+        engine.state.output = update(engine, batchdata)
+        for event in (IterationEvents.FORWARD_COMPLETED, IterationEvents.LOSS_COMPLETED,
+                      IterationEvents.BACKWARD_COMPLETED, IterationEvents.MODEL_COMPLETED):
+            engine.fire_event(event)
+        return engine.state.output
+
+    return iteration
+
+
 def is_not_rank0() -> bool:
     """True in every process but the first of a distributed run (handlers that write files are disabled there)."""
     return bool(torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -493,35 +511,38 @@ class SaveUsfmaeCheckpoint:
 
 
 class ProbabilityWriter:
-    """Handler writing per-image class probabilities (and metrics when labels are known) when an evaluation ends.
+    """Handler writing per-image class probabilities when an evaluation ends (results of all processes gathered; the
+    first process writes).
 
-    Files in ``output_dir`` (the first process writes; results of all processes are gathered):
+    Without labels (inference), into ``output_dir``:
 
-    - ``<filename>.csv``: ``source, kind, n_frames, label, [true_label,] p_<class>...`` (one row per image, the
-      layout of ``usfmae predict``'s ``summary.csv``);
-    - ``<filename>.json``: ``{"classes", "results": [{source, kind, n_frames, label, [true_label,] p_<class>...}]}``;
-    - ``metrics_filename`` (when every image has a label): :func:`usfmae_core.workflows.metrics.classification_metrics`
-      plus bootstrap 95% intervals (``n_boot`` resamples).
+    - ``<filename>.csv``: ``source, kind, n_frames, label, p_<class>...``, one row per file (the columns of
+      ``usfmae predict``'s ``summary.csv``);
+    - ``<filename>.json``: ``{"classes", "results": [{source, kind, n_frames, label, p_<class>...}]}``.
+
+    With a label for every image (evaluation): what ``usfmae evaluate`` writes
+    (:func:`usfmae_core.workflows.evaluate.write_evaluation`): ``predictions.csv`` (image, true, predicted, correct,
+    ``prob_<class>``), ``metrics.json`` (:func:`~usfmae_core.workflows.evaluate.evaluate_predictions`: metrics with
+    ``bootstrap`` percentile-bootstrap 95% intervals), ``metrics.csv``, ``confusion_matrix.png`` and ``roc.png``.
 
     Args:
         output_dir: where to write.
         classes: class names, in the network's output order.
-        filename: base name of the CSV / JSON files.
+        filename: base name of the CSV / JSON files without labels.
         activation: ``softmax`` when the engine's ``pred`` holds logits, None when it holds probabilities (as
             :class:`FrameAveragingInferer` gives).
-        metrics_filename: file for the metrics (None: no metrics).
-        n_boot: bootstrap resamples for the intervals (0: none).
+        bootstrap: resamples for the intervals of the evaluation metrics (0: none).
+        seed: seed of the bootstrap.
         pred_key: key of the predictions in the engine's output.
     """
 
     def __init__(self, output_dir: str | os.PathLike, classes: Sequence[str], filename: str = "predictions",
-                 activation: str | None = None, metrics_filename: str | None = "metrics.json", n_boot: int = 1000,
-                 pred_key: str = "pred") -> None:
+                 activation: str | None = None, bootstrap: int = 1000, seed: int = 0, pred_key: str = "pred") -> None:
         if activation not in (None, "softmax"):
             raise ValueError(f"activation must be None or 'softmax', got {activation!r}")
         self.output_dir, self.classes = Path(output_dir), [str(c) for c in classes]
-        self.filename, self.activation, self.metrics_filename = filename, activation, metrics_filename
-        self.n_boot, self.pred_key = int(n_boot), pred_key
+        self.filename, self.activation = filename, activation
+        self.bootstrap, self.seed, self.pred_key = int(bootstrap), int(seed), pred_key
         self.rows: list[dict[str, Any]] = []
 
     def attach(self, engine: Any) -> None:
@@ -584,45 +605,48 @@ class ProbabilityWriter:
         return None if is_not_rank0() else [r for part in parts for r in part]
 
     def write(self, engine: Any = None) -> None:
-        from usfmae_core.workflows import metrics as M
-        from usfmae_core.workflows.common import write_json
-
         rows = self._gathered()
         if rows is None:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        labelled = bool(rows) and all(r["label"] is not None for r in rows)
+        sources = [str(r["source"]) if r["source"] is not None else f"item_{i}" for i, r in enumerate(rows)]
+        if rows and all(r["label"] is not None for r in rows):
+            self._write_evaluation(rows, sources)
+        else:
+            self._write_predictions(rows, sources)
+
+    def _write_evaluation(self, rows: list[dict[str, Any]], sources: list[str]) -> None:
+        from usfmae_core.workflows.evaluate import evaluate_predictions, write_evaluation
+
+        y = np.array([r["label"] for r in rows], dtype=np.int64)
+        p = np.array([r["probs"] for r in rows], dtype=np.float64)
+        result = evaluate_predictions(y, p, self.classes, self.bootstrap, self.seed)
+        files = write_evaluation(self.output_dir, sources, y, p, self.classes, result)
+        auc = result["auc_macro"]
+        logger.info("accuracy %.4f, macro-F1 %.4f, macro AUC %s on %d image(s) -> %s", result["accuracy"],
+                    result["f1_macro"], f"{auc:.4f}" if math.isfinite(auc) else "n/a", len(rows), files["metrics"])
+
+    def _write_predictions(self, rows: list[dict[str, Any]], sources: list[str]) -> None:
+        from usfmae_core.workflows.common import write_json
+
         cols = [f"p_{c}" for c in self.classes]
         results = []
-        for i, r in enumerate(rows):
-            res = {"source": str(r["source"]) if r["source"] is not None else f"item_{i}",
-                   "kind": r["kind"] or "image", "n_frames": r["n_frames"],
+        for source, r in zip(sources, rows):
+            res = {"source": source, "kind": r["kind"] or "image", "n_frames": r["n_frames"],
                    "label": self.classes[int(np.argmax(r["probs"]))]}
-            if labelled:
-                res["true_label"] = self.classes[r["label"]]
             res.update({c: round(p, 6) for c, p in zip(cols, r["probs"])})
             results.append(res)
-        header = ["source", "kind", "n_frames", "label", *(["true_label"] if labelled else []), *cols]
+        header = ["source", "kind", "n_frames", "label", *cols]
         csv_path = self.output_dir / f"{self.filename}.csv"
         tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(header)
             for res in results:
-                w.writerow([res[h] if not h.startswith("p_") else f"{res[h]:.6f}" for h in header])
+                w.writerow([f"{res[h]:.6f}" if h.startswith("p_") else res[h] for h in header])
         os.replace(tmp, csv_path)
         write_json(self.output_dir / f"{self.filename}.json", {"classes": self.classes, "results": results})
-        logger.info("wrote per-image probabilities of %d image(s) to %s", len(results), csv_path)
-        if labelled and self.metrics_filename:
-            y = np.array([r["label"] for r in rows], dtype=np.int64)
-            p = np.array([r["probs"] for r in rows], dtype=np.float64)
-            out = M.classification_metrics(y, p, self.classes)
-            if self.n_boot > 0:
-                out["ci95"] = M.bootstrap_intervals(y, p, n_boot=self.n_boot, seed=0)
-            write_json(self.output_dir / self.metrics_filename, _jsonable(out))
-            logger.info("accuracy %.4f, macro-F1 %.4f, macro AUC %s on %d image(s) -> %s", out["accuracy"],
-                        out["f1_macro"], "n/a" if not math.isfinite(out["auc_macro"]) else f"{out['auc_macro']:.4f}",
-                        len(rows), self.output_dir / self.metrics_filename)
+        logger.info("wrote the class probabilities of %d file(s) to %s", len(results), csv_path)
 
 
 class ProgressHandler:
@@ -659,7 +683,9 @@ class ProgressHandler:
         shown: dict[str, float] = {"epoch": int(engine.state.epoch)}
         if self.output_transform is not None:
             value = self.output_transform(engine.state.output)
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
+            if isinstance(value, (list, tuple)) and len(value) == 1:
+                value = value[0]
+            if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1):
                 shown["loss"] = float(value)
         self.progress.update(1, **shown)
 

@@ -40,6 +40,7 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
     checkpoint.setdefault("usfmae_version", __version__)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    _umask_mode(tmp)
     try:
         torch.save(checkpoint, tmp)
         os.replace(tmp, path)
@@ -47,6 +48,13 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask_mode(path: str) -> None:
+    """mkstemp creates 0600 files; give the final file the usual permissions (0666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def make_checkpoint(model: torch.nn.Module, arch: str, config: dict[str, Any], **extra: Any) -> dict[str, Any]:

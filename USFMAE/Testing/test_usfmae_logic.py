@@ -162,6 +162,19 @@ def test_classify_single_slice_2d_volume_is_an_image(scene, classifier_path):
     assert _column(table, "label") == [ref["label"], ref["label"]]
 
 
+def test_classify_colour_volume_uses_grey(scene, classifier_path):
+    """An RGB ultrasound (vector volume, as Slicer loads colour DICOM) stored as grey gives the grey result."""
+    img = phantom.make_image(2, 40, rng=8)
+    rgb = np.repeat(img[None, :, :, None], 3, axis=3)  # (1, H, W, 3)
+    colour = slicer.util.addVolumeFromArray(rgb, name="rgb", nodeClassName="vtkMRMLVectorVolumeNode")
+    grey = slicer.util.addVolumeFromArray(img[None].astype(np.float32), name="grey")
+    logic = USFMAEEngineLogic(scene)
+    a = logic.classify(colour, classifier_path, device="cpu", chart=False).result
+    b = logic.classify(grey, classifier_path, device="cpu", chart=False).result
+    assert a["kind"] == "image"
+    np.testing.assert_allclose(a["per_frame"], b["per_frame"], atol=1e-6)
+
+
 def test_classify_sequence_proxy_classifies_every_frame(scene, classifier_path):
     frames = phantom.make_cine(0, frames=4, size=40, rng=2).astype(np.float32)
     seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "clip")
@@ -178,6 +191,8 @@ def test_classify_sequence_proxy_classifies_every_frame(scene, classifier_path):
     out = logic.classify(proxy, classifier_path, device="cpu")
     assert out.result["kind"] == "cine" and out.result["n_frames"] == len(frames)
     assert _column(out.table, "frame") == ["0", "1", "2", "3", "aggregate"]
+    direct = logic.classify(seq, classifier_path, device="cpu", chart=False)  # the sequence node itself
+    np.testing.assert_allclose(direct.result["per_frame"], out.result["per_frame"], atol=1e-6)
     # without the sequence, the proxy is the single frame it shows
     single = logic.classify(proxy, classifier_path, device="cpu", use_sequence=False, chart=False)
     assert single.result["kind"] == "image" and single.table.GetNumberOfRows() == 2

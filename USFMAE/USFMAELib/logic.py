@@ -31,7 +31,7 @@ from USFMAELib.jobs import Job
 ensure_engine_on_path()
 from usfmae_core.errors import UsfmaeError  # noqa: E402  (tiny module: no torch)
 
-CLASSIFIER_ARCHS = ("classifier", "resnet", "densenet")
+CLASSIFIER_ARCHS = ("classifier", "resnet", "densenet")  # as usfmae_core.workflows.predict (not imported: torch)
 JOB_SCRIPT = MODULE_DIR / "Scripts" / "usfmae_job.py"
 OUTPUT_ATTRIBUTE = "USFMAE.output"  # marks nodes this module created (not re-exported as pretraining data)
 _PALETTE = ((0.12, 0.47, 0.71), (1.0, 0.50, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16), (0.58, 0.40, 0.74),

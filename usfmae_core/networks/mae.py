@@ -18,6 +18,7 @@ Shapes (2D; 3D adds a depth axis ``D`` before ``H``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -72,7 +73,7 @@ def patchify(imgs: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
     x = imgs.reshape(shape)
     # (B, C, g1, p1, g2, p2[, g3, p3]) -> (B, g1, g2[, g3], p1, p2[, p3], C)
     perm = [0] + [2 + 2 * i for i in range(dims)] + [3 + 2 * i for i in range(dims)] + [1]
-    return x.permute(perm).reshape(b, -1, int(torch.tensor(patch_size).prod()) * c)
+    return x.permute(perm).reshape(b, -1, math.prod(patch_size) * c)
 
 
 def unpatchify(x: torch.Tensor, patch_size: Sequence[int], grid: Sequence[int], channels: int) -> torch.Tensor:
@@ -170,6 +171,7 @@ class ViTEncoder(nn.Module):
             if s % p:
                 raise ValueError(f"image size {self.img_size} must be a multiple of the patch size {self.patch_size}")
         self.grid = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
+        self.num_patches = math.prod(self.grid)
         self.hidden_size = hidden_size
         # pos_embed_type="none": we fill the block's (zero) embedding with our own fixed sin-cos values below.
         self.patch_embed = PatchEmbeddingBlock(in_channels, self.img_size, self.patch_size, hidden_size, num_heads,
@@ -179,10 +181,6 @@ class ViTEncoder(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, num_layers).tolist()
         self.blocks = nn.ModuleList(Block(hidden_size, num_heads, mlp_ratio, qkv_bias, drop_path=d) for d in dpr)
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
-
-    @property
-    def num_patches(self) -> int:
-        return int(torch.tensor(self.grid).prod())
 
     def forward(self, x: torch.Tensor, mask_ratio: float = 0.0, noise: torch.Tensor | None = None,
                 apply_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -269,7 +267,7 @@ class USFMAE(nn.Module):
         super().__init__()
         self.encoder = ViTEncoder(in_channels, img_size, patch_size, spatial_dims, hidden_size, num_layers, num_heads,
                                   mlp_ratio, qkv_bias, drop_path_rate)
-        patch_dim = int(torch.tensor(self.encoder.patch_size).prod()) * in_channels
+        patch_dim = math.prod(self.encoder.patch_size) * in_channels
         self.decoder = MAEDecoder(hidden_size, self.encoder.grid, patch_dim, decoder_hidden_size, decoder_num_layers,
                                   decoder_num_heads, decoder_mlp_ratio or mlp_ratio, qkv_bias)
         self.mask_ratio = mask_ratio

@@ -30,6 +30,9 @@ def write_json(path: str | Path, obj: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    from usfmae_core.checkpoints import _umask_mode
+
+    _umask_mode(tmp)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, default=_plain)
         f.write("\n")

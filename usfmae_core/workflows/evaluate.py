@@ -156,13 +156,15 @@ def write_evaluation(out: str | Path, images: Sequence[str], y_true: np.ndarray,
 
 def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: str = "test", bootstrap: int = 1000,
              seed: int = 0, device: str = "auto", batch_size: int = 64, workers: int = 0, precision: str = "auto",
-             run_config: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
+             val_fraction: float = 0.15, test_fraction: float = 0.15, run_config: dict[str, Any] | None = None,
+             quiet: bool = False) -> dict[str, Any]:
     """Evaluate the classifier in ``model_path`` on ``split`` of ``data`` and write the results into ``out``.
 
     Args:
         model_path: a checkpoint from ``usfmae finetune`` (arch classifier / resnet / densenet).
         data: class folders, CSV manifest or datalist JSON (``RUN/datalist.json`` gives the run's own splits).
         split: ``test`` | ``validation`` | ``training`` | ``all``.
+        val_fraction / test_fraction: how folders / CSVs are split (as given to ``usfmae finetune``).
         bootstrap: resamples for the 95% intervals (0: none); ``seed`` seeds them and the data split.
 
     Returns:
@@ -176,7 +178,7 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: s
     cfg = ckpt["config"]
     classes = [str(c) for c in cfg.get("classes") or [str(i) for i in range(int(cfg["num_classes"]))]]
     prep = Preprocessing.from_dict(cfg.get("preprocessing"))
-    datalist = load_labelled(data, seed=seed)
+    datalist = load_labelled(data, seed, val_fraction, test_fraction)
     mapping = map_labels(datalist["classes"], classes, data, model_path)
     items = [{**it, "label": int(mapping[int(it["label"])])} for it in select_items(datalist, split, data)]
 
@@ -208,6 +210,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="which split of --data (default test; 'all' for an external test set)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of splitting --data (default 0)")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="as given to finetune (folders / CSV)")
+    p.add_argument("--test-fraction", type=float, default=0.15, help="as given to finetune (folders / CSV)")
     p.add_argument("--batch-size", type=int, default=64, help="default 64")
     p.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="default auto")
@@ -217,7 +221,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     r = evaluate(args.model, args.data, args.out, args.split, args.bootstrap, args.seed, args.device,
-                 args.batch_size, args.workers, args.precision, run_config=vars(args))
+                 args.batch_size, args.workers, args.precision, args.val_fraction, args.test_fraction,
+                 run_config=vars(args))
     ci = r["intervals"].get("f1_macro")
     tail = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci and all(np.isfinite(ci)) else ""
     print(f"{r['n']} images: accuracy {r['accuracy']:.3f}, balanced accuracy {r['balanced_accuracy']:.3f}, "

@@ -126,8 +126,10 @@ def save_figure(fig: Any, path: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------- data
-def load_labelled(source: str | Path, seed: int = 0) -> dict[str, Any]:
-    """The datalist of ``source`` (class folders, CSV or datalist JSON), checked for what training needs.
+def load_labelled(source: str | Path, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15
+                  ) -> dict[str, Any]:
+    """The datalist of ``source`` (class folders, CSV or datalist JSON), checked for what training needs. Folders and
+    CSVs are deduplicated and split with ``seed`` and the fractions; a datalist JSON keeps its own splits.
 
     Raises:
         UsfmaeError: the source is missing, has fewer than 2 classes, or a split of it is empty.
@@ -138,7 +140,7 @@ def load_labelled(source: str | Path, seed: int = 0) -> dict[str, Any]:
     if not path.exists():
         raise UsfmaeError(f"labelled data {path} does not exist",
                           "pass a class-per-folder tree, a CSV manifest or a datalist JSON with --data")
-    datalist = labelled_source_to_datalist(path, seed=seed)
+    datalist = labelled_source_to_datalist(path, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
     classes = list(datalist.get("classes") or [])
     if len(classes) < 2:
         raise UsfmaeError(f"labelled data {path} has {len(classes)} class(es) ({', '.join(map(str, classes)) or '-'})",
@@ -420,6 +422,7 @@ class FinetuneOptions:
     dropout: float = 0.0
     drop_path: float = 0.1
     linear_probe: bool = False
+    augment: bool = True
     epochs: int = 50
     warmup_epochs: int = 5
     batch_size: int = 32
@@ -433,6 +436,8 @@ class FinetuneOptions:
     balance: str = "none"
     patience: int = 10
     label_fraction: float = 1.0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
     folds: int = 0
     precision: str = "auto"
     device: str = "auto"
@@ -460,6 +465,22 @@ class FinetuneOptions:
 def _validate_options(opts: FinetuneOptions) -> None:
     if opts.linear_probe and not opts.init:
         raise UsfmaeError("--linear-probe needs a pretrained encoder", "add --init MAE_CKPT")
+    if opts.arch not in ("vit", "resnet", "densenet"):
+        raise UsfmaeError(f"unknown --arch '{opts.arch}'", "choose vit, resnet or densenet")
+    if opts.init and opts.arch != "vit":
+        raise UsfmaeError(f"--init (an MAE) cannot start a {opts.arch} model", "leave out --arch, or leave out --init")
+    if opts.arch == "vit" and not opts.init:
+        from usfmae_core.networks.presets import PRESETS
+
+        if opts.preset not in PRESETS:
+            raise UsfmaeError(f"unknown --preset '{opts.preset}'", f"choose one of {', '.join(PRESETS)}")
+        if (opts.image_size or 224) % opts.patch_size:
+            raise UsfmaeError(f"--image-size {opts.image_size or 224} is not a multiple of --patch-size "
+                              f"{opts.patch_size}", "choose an image size divisible by the patch size")
+    if opts.arch != "vit" and opts.depth is not None:
+        valid = (10, 18, 34, 50) if opts.arch == "resnet" else (121, 169)
+        if opts.depth not in valid:
+            raise UsfmaeError(f"--depth {opts.depth} is not available for {opts.arch}", f"choose one of {valid}")
     if opts.balance not in ("none", "loss", "sampler"):
         raise UsfmaeError(f"unknown --balance '{opts.balance}'", "choose none, loss or sampler")
     if not 0.0 < opts.label_fraction <= 1.0:
@@ -557,7 +578,7 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
 
     workers = opts.workers if opts.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda"
                                                              else 0)
-    data = make_datasets(datalist, prep, SPLITS)
+    data = make_datasets(datalist, prep, SPLITS, augment=opts.augment)
     train_labels = [int(it["label"]) for it in datalist["training"]]
     counts = np.bincount(train_labels, minlength=k)
     sampler = make_sampler(train_labels, k, opts.seed) if opts.balance == "sampler" else None
@@ -631,10 +652,11 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
                 save_checkpoint(out / "model.pt", make_checkpoint(model, arch, config, meta=meta))
             else:
                 stale += 1
-            progress.write(f"epoch {epoch}/{opts.epochs}: train loss {rec['train_loss']:.4f}, val loss "
+            log = (lambda _msg: None) if opts.quiet else progress.write
+            log(f"epoch {epoch}/{opts.epochs}: train loss {rec['train_loss']:.4f}, val loss "
                            f"{val_loss:.4f}, val macro-F1 {vm['f1_macro']:.3f}{' *' if improved else ''}")
             if opts.patience and stale >= opts.patience and step >= warmup:
-                progress.write(f"early stop: no better validation macro-F1 for {opts.patience} epochs")
+                log(f"early stop: no better validation macro-F1 for {opts.patience} epochs")
                 break
     finally:
         progress.close()
@@ -705,7 +727,8 @@ def finetune(data: str | Path | dict[str, Any], out: str | Path, opts: FinetuneO
     if isinstance(data, dict):
         datalist, source = data, "the datalist"
     else:
-        datalist, source = load_labelled(data, seed=opts.seed), str(data)
+        datalist = load_labelled(data, opts.seed, opts.val_fraction, opts.test_fraction)
+        source = str(data)
         opts.extra.setdefault("data", str(data))
     if len(datalist.get("classes") or []) < 2:
         raise UsfmaeError(f"{source} has fewer than 2 classes", "a classifier needs at least 2 classes")
@@ -754,6 +777,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--dropout", type=float, default=0.0, help="dropout before the head (default 0)")
     m.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate (default 0.1)")
     m.add_argument("--linear-probe", action="store_true", help="freeze the encoder, train the linear head only")
+    m.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="no training-time augmentation (random resized crop, flip, rotation)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=50, help="maximum epochs (default 50)")
     t.add_argument("--warmup-epochs", type=int, default=5, help="linear lr warm-up (default 5)")
@@ -771,6 +796,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="stop after this many epochs without a better validation macro-F1 (0: never; default 10)")
     t.add_argument("--label-fraction", type=float, default=1.0,
                    help="train on this stratified fraction of the training split (default 1)")
+    t.add_argument("--val-fraction", type=float, default=0.15,
+                   help="validation fraction when --data is split here (folders / CSV; default 0.15)")
+    t.add_argument("--test-fraction", type=float, default=0.15,
+                   help="test fraction when --data is split here (folders / CSV; default 0.15)")
     t.add_argument("--folds", type=int, default=0, help="k-fold cross-validation with K folds (default: off)")
     t.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="autocast precision (default auto)")

@@ -125,7 +125,15 @@ def build_pretrain_model(preset: str = "vit_base", img_size: int | None = None, 
         config.update({k: v for k, v in overrides.items() if k not in ("img_size", "patch_size")})
         config.setdefault("preset", "imported")
         model = _build_checked(build_model, config)
-        model.load_state_dict(adapt_state_dict(ckpt["model"], model.state_dict(), source=str(init)))
+        src, target = dict(ckpt["model"]), model.state_dict()
+        # the pixel-prediction head has no mapping to another patch shape (e.g. 2D -> 3D patches): it restarts
+        # from its initialisation; the rest of the decoder and the whole encoder are kept
+        fresh = [k for k in src if k.startswith("decoder.decoder_pred.") and k in target
+                 and src[k].shape != target[k].shape]
+        src.update({k: target[k] for k in fresh})
+        model.load_state_dict(adapt_state_dict(src, target, source=str(init)))
+        if fresh:
+            config["init_note"] = "decoder prediction head re-initialised (patch shape changed)"
     size = config["img_size"]
     size = int(size[-1] if isinstance(size, (list, tuple)) else size)
     config["preprocessing"] = Preprocessing(size, int(config["in_channels"]), tuple(mean), tuple(std)).to_dict()
@@ -529,7 +537,7 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
 
     ckpt_path = out / CKPT_NAME
     device = ctx.device
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     seed_everything(args.seed + ctx.rank)
     dims = args.spatial_dims
@@ -570,7 +578,7 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
                           f"than one optimiser step needs ({need} = batch size x accumulation x processes)",
                           "use a smaller --batch-size / --accum-steps or prepare more data")
     total_steps = args.max_steps if args.max_steps else args.epochs * steps_per_epoch
-    if args.max_steps and args.epochs and args.epochs_given:
+    if args.max_steps and args.epochs and getattr(args, "epochs_given", False):
         total_steps = min(total_steps, args.epochs * steps_per_epoch)
     if args.warmup_steps is not None:
         warmup = args.warmup_steps
@@ -621,8 +629,10 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
     D.barrier()
     log = _Logger(out, total_steps, state["step"], ctx.main)
     if ctx.main:
-        how = f"resuming at step {state['step']} (epoch {state['epoch']})" if resume_ckpt else "starting"
-        log.write(f"pretrain {how}: {config.get('preset')} {dims}D {config['img_size']} px, {len(corpus)} items, "
+        how = f"resuming at step {state['step']} (epoch {state['epoch']})" if resume_ckpt else (
+            f"starting (no {CKPT_NAME} in {out} to resume)" if args.resume else "starting")
+        log.write(f"pretrain {how}: {config.get('preset')} {dims}D {config['preprocessing']['image_size']} px, "
+                  f"{len(corpus)} items, "
                   f"{world} process(es) on {describe_device(device)['name']}, effective batch {eff_batch}, "
                   f"lr {lr:.3g}, {total_steps} steps ({steps_per_epoch}/epoch), "
                   f"precision {str(amp_dtype).replace('torch.', '') if amp_dtype else 'fp32'}")
@@ -638,7 +648,8 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
     loss_sum = torch.zeros((), device=device)
     loss_n = 0
     t_log, imgs_log, last_logged = time.perf_counter(), 0, state["step"]
-    t_start, steps_run, last_loss, best_ips = time.perf_counter(), 0, float("nan"), 0.0
+    t_start, steps_run = time.perf_counter(), 0
+    last_loss: float | None = None
     micro_per_epoch = steps_per_epoch * args.accum_steps
     try:
         while state["step"] < total_steps:
@@ -676,7 +687,6 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
                                           "from the last checkpoint")
                     dt = time.perf_counter() - t_log
                     ips = imgs_log / dt if dt > 0 else 0.0
-                    best_ips = max(best_ips, ips)
                     record = {"step": step, "epoch": state["epoch"] + state["batches"] / micro_per_epoch,
                               "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"] /
                               optimizer.param_groups[0].get("lr_scale", 1.0), "img_per_s": round(ips, 2),
@@ -692,6 +702,10 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
                     save_state()
                 if final or epoch_done:
                     break
+            else:  # the loader ran out before the expected count (never with drop_last): next epoch all the same
+                state["epoch"] += 1
+                state["batches"] = 0
+                optimizer.zero_grad(set_to_none=True)  # an unfinished accumulation cycle is dropped
     except torch.OutOfMemoryError:
         raise UsfmaeError(f"the {device.type.upper()} ran out of memory at step {state['step']}",
                           "use a smaller --batch-size (with --accum-steps to keep the effective batch), "
@@ -729,8 +743,12 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
 
             save_curve(xs, ys, out / "loss_curve.png", title="MAE pretraining loss", ylabel="loss (masked MSE)")
         write_json(out / "summary.json", summary)
-        print(f"pretrained {state['step']} steps: loss {last_loss:.4f}, {summary['img_per_s']} img/s -> "
-              f"{out / MODEL_NAME}", flush=True)
+        if steps_run:
+            print(f"pretrained {state['step']} steps: loss {last_loss:.4f}, {summary['img_per_s']} img/s -> "
+                  f"{out / MODEL_NAME}", flush=True)
+        else:
+            print(f"nothing left to train (step {state['step']} of {total_steps}); wrote {out / MODEL_NAME}",
+                  flush=True)
     D.barrier()
     return summary
 

@@ -1,0 +1,527 @@
+"""The MONAI bundle ``bundles/usf_mae``: layout and keys Model Zoo checks, metadata schema, network I/O, TorchScript
+export, and ``python -m monai.bundle run`` of every config on tiny phantom data (in subprocesses, as users run it).
+
+The runs chain through module-scoped fixtures: pretrain (an MAE) -> train (fine-tune from that MAE) -> evaluate and
+inference on the trained bundle. Each works in a copy of the bundle under ``tmp_path`` so nothing is written into
+the repository. Models are the ``vit_test`` preset at 32 px, 1-2 epochs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "usf_mae"
+SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+TINY = ["--preset", "vit_test", "--image_size", "32", "--num_workers", "0", "--precision", "fp32"]
+CONFIGS = ("pretrain", "train", "evaluate", "inference", "multi_gpu_pretrain", "multi_gpu_train")
+
+pytest.importorskip("ignite", reason="MONAI's engines (SupervisedTrainer / SupervisedEvaluator) need pytorch-ignite")
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
+    env.pop("USFMAE_PROGRESS_LINES", None)
+    return env
+
+
+def _bundle_args(bundle: Path, configs: list[str] | str) -> list[str]:
+    names = [configs] if isinstance(configs, str) else configs
+    files = [str(bundle / "configs" / f"{n}.json") for n in names]
+    config_file = files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
+    return ["--config_file", config_file, "--meta_file", str(bundle / "configs" / "metadata.json"),
+            "--logging_file", str(bundle / "configs" / "logging.conf"), "--bundle_root", str(bundle)]
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
+    return proc
+
+
+def _monai_bundle(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "monai.bundle", *args], cwd, timeout)
+
+
+def _copy_bundle(dst: Path) -> Path:
+    """A clean copy of the bundle (no outputs of earlier runs)."""
+    shutil.copytree(BUNDLE, dst, ignore=shutil.ignore_patterns("eval", "*.pt", "*.ts", "model_config.json",
+                                                                "__pycache__"))
+    (dst / "models").mkdir(exist_ok=True)
+    return dst
+
+
+def _scalars(log_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: list[float] = []
+    for f in sorted(log_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values += [e.value for e in acc.Scalars(tag)]
+    return values
+
+
+# --------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Phantom data: a prepared pretraining corpus, a labelled class-folder tree and files to classify."""
+    from usfmae_core.data import phantom
+    from usfmae_core.data.corpus import prepare_corpus
+
+    root = tmp_path_factory.mktemp("bundle_data")
+    phantom.write_unlabelled_corpus_sources(root / "src", n_images=4, n_volumes=1, n_cines=0, size=48, seed=3)
+    prepare_corpus([root / "src"], root / "corpus", image_size=32, progress=False)
+    phantom.write_labelled_folder(root / "labelled", n_per_class=6, size=40, seed=4)
+    infer = root / "infer"
+    infer.mkdir()
+    shutil.copy(root / "labelled" / "cyst" / "cyst_0000.png", infer / "a.png")
+    shutil.copy(root / "labelled" / "mass" / "mass_0001.png", infer / "b.png")
+    phantom.write_volume(infer / "vol.nii.gz", phantom.make_volume(1, (6, 40, 40), 5), spacing=(1.0, 0.5, 0.5))
+    phantom.write_cine(infer / "clip.gif", phantom.make_cine(2, frames=4, size=40, rng=6))
+    return {"root": root, "corpus": root / "corpus", "labelled": root / "labelled", "infer": infer}
+
+
+@pytest.fixture(scope="module")
+def pretrained(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``pretrain.json`` run on the corpus (1 epoch); returns the bundle copy."""
+    bundle = _copy_bundle(tmp_path_factory.mktemp("pretrain") / "usf_mae")
+    _monai_bundle("run", *_bundle_args(bundle, "pretrain"), "--dataset_dir", str(data["corpus"]), *TINY,
+                  "--batch_size", "8", "--train#trainer#max_epochs", "1", cwd=bundle)
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def trained(data: dict[str, Path], pretrained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``train.json`` fine-tuning from the pretrained MAE (2 epochs); returns the bundle copy."""
+    bundle = _copy_bundle(tmp_path_factory.mktemp("train") / "usf_mae")
+    _monai_bundle("run", *_bundle_args(bundle, "train"), "--dataset_dir", str(data["labelled"]),
+                  "--pretrained_mae", str(pretrained / "models" / "mae.pt"), "--num_workers", "0",
+                  "--precision", "fp32", "--batch_size", "8", "--train#trainer#max_epochs", "2", cwd=bundle)
+    return bundle
+
+
+# ------------------------------------------------------------------------------------------- layout and keys
+def test_layout_metadata_and_model_zoo_keys() -> None:
+    """The files Model Zoo requires / prefers, and the config keys its contributing rules name."""
+    import yaml
+
+    import usfmae_core
+
+    for rel in ("LICENSE", "configs/metadata.json", "configs/logging.conf", "large_files.yml", "docs/README.md",
+                "docs/data_license.txt", *(f"configs/{c}.json" for c in CONFIGS)):
+        assert (BUNDLE / rel).is_file(), rel
+    assert "Apache License" in (BUNDLE / "LICENSE").read_text()[:200]
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    assert meta["required_packages_version"]["usfmae"] == usfmae_core.__version__ == "0.1.0"
+    import monai
+
+    assert meta["monai_version"] == monai.__version__
+    refs = " ".join(meta["references"])
+    assert "2510.22990" in refs and "CVPR" in refs and "He" in refs
+    assert {"inputs", "outputs"} <= set(meta["mae_data_format"])
+    assert "image" in meta["network_data_format"]["inputs"] and "pred" in meta["network_data_format"]["outputs"]
+    k = meta["network_data_format"]["outputs"]["pred"]["num_channels"]
+    assert len(meta["network_data_format"]["outputs"]["pred"]["channel_def"]) == k
+
+    def cfg(name: str) -> dict:
+        return json.loads((BUNDLE / "configs" / f"{name}.json").read_text())
+
+    def has(c: dict, key: str) -> bool:
+        node: object = c
+        for part in key.split("#"):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    train = cfg("train")
+    for key in ("bundle_root", "device", "dataset_dir", "output_dir", "network_def", "network", "val_interval",
+                "train#trainer", "train#trainer#max_epochs", "train#dataset", "train#dataset#data",
+                "train#handlers", "train#inferer", "train#preprocessing", "validate#evaluator", "validate#handlers",
+                "validate#dataset", "validate#dataset#data", "validate#inferer", "validate#key_metric",
+                "initialize", "run", "finalize"):
+        assert has(train, key), f"train.json lacks {key}"
+    validation = [h for h in train["train"]["handlers"] if h["_target_"] == "ValidationHandler"]
+    assert validation and validation[0]["interval"] == "@val_interval"
+    infer = cfg("inference")
+    for key in ("bundle_root", "device", "dataset_dir", "output_dir", "network_def", "network", "inferer",
+                "dataset", "dataset#data", "evaluator", "handlers", "preprocessing", "initialize", "run",
+                "finalize"):
+        assert has(infer, key), f"inference.json lacks {key}"
+    pre = cfg("pretrain")
+    for key in ("bundle_root", "device", "dataset_dir", "output_dir", "network_def", "train#trainer",
+                "train#trainer#max_epochs", "train#dataset#data", "train#handlers", "initialize", "run"):
+        assert has(pre, key), f"pretrain.json lacks {key}"
+    for name in ("multi_gpu_pretrain", "multi_gpu_train"):
+        text = (BUNDLE / "configs" / f"{name}.json").read_text()
+        assert "LOCAL_RANK" in text and "DistributedSampler" in text and "wrap_ddp" in text
+    assert "validate#dataset" in cfg("evaluate") and "validate#handlers" in cfg("evaluate")
+
+    large = yaml.safe_load((BUNDLE / "large_files.yml").read_text())["large_files"]
+    assert any(f["path"] == "models/model.pt" for f in large)
+    for f in large:
+        assert f["path"].startswith("models/") and f["url"].startswith("https://")
+        assert f.get("hash_type", "sha256") in ("md5", "sha1", "sha256", "sha512")
+    readme = (BUNDLE / "docs" / "README.md").read_text()
+    for heading in ("## **Model Description**", "## **Data**", "## **Performance**", "## **System Configuration**",
+                    "## **Limitations**", "## **References**"):
+        assert heading in readme, heading
+    for name in CONFIGS:
+        assert f"configs/{name}.json" in readme, f"README gives no command for {name}.json"
+
+
+def test_large_files_yml_downloads_with_hash_check(tmp_path: Path) -> None:
+    """large_files.yml is valid for MONAI's download_large_files: pointed at a local release, files land in models/
+    and a wrong hash is refused."""
+    import hashlib
+
+    import yaml
+    from monai.bundle import download_large_files
+
+    bundle = _copy_bundle(tmp_path / "usf_mae")
+    release = tmp_path / "release"
+    release.mkdir()
+    spec = yaml.safe_load((bundle / "large_files.yml").read_text())
+    for f in spec["large_files"]:
+        asset = release / Path(f["url"]).name
+        asset.write_bytes(os.urandom(64))
+        f["url"] = asset.as_uri()
+        f["hash_type"] = "sha256"
+        f["hash_val"] = hashlib.sha256(asset.read_bytes()).hexdigest()
+    (bundle / "large_files.yml").write_text(yaml.safe_dump(spec))
+    download_large_files(bundle_path=str(bundle))
+    for f in spec["large_files"]:
+        assert (bundle / f["path"]).read_bytes() == (release / Path(f["url"]).name).read_bytes()
+    spec["large_files"][0]["hash_val"] = "0" * 64
+    (bundle / spec["large_files"][0]["path"]).unlink()
+    (bundle / "large_files.yml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(Exception, match="hash check"):
+        download_large_files(bundle_path=str(bundle))
+
+
+@pytest.mark.shared_data
+def test_verify_metadata_against_schema(tmp_path: Path) -> None:
+    """``python -m monai.bundle verify_metadata`` with the schema placed where it would be downloaded to (offline);
+    metadata missing a required field fails the same check."""
+    from monai.bundle import verify_metadata
+
+    if not SCHEMA.exists():
+        pytest.skip(f"schema not found at {SCHEMA}")
+    schema = tmp_path / "eval" / "schema.json"
+    schema.parent.mkdir()
+    shutil.copy(SCHEMA, schema)
+    proc = _monai_bundle("verify_metadata", "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
+                         "--filepath", str(schema), cwd=tmp_path)
+    assert "metadata is verified with no error" in proc.stdout + proc.stderr
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    del meta["required_packages_version"]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="required"):
+        verify_metadata(meta_file=str(broken), filepath=str(schema))
+
+
+# ------------------------------------------------------------------------------------------------ properties
+def test_check_properties_train_evaluate_pretrain_infer(data: dict[str, Path], trained: Path,
+                                                       tmp_path: Path) -> None:
+    """``ConfigWorkflow(...).check_properties()`` finds no missing property for every config (Model Zoo's check)."""
+    from monai.bundle import ConfigWorkflow
+
+    bundle = tmp_path / "usf_mae"
+    shutil.copytree(trained, bundle, ignore=shutil.ignore_patterns("eval"))
+    c = bundle / "configs"
+    tiny = {"preset": "vit_test", "image_size": 32}
+    cases = [
+        ("train", str(c / "train.json"), data["labelled"], tiny),
+        ("train", [str(c / "train.json"), str(c / "evaluate.json")], data["labelled"], {}),
+        ("train", str(c / "pretrain.json"), data["corpus"], tiny),
+        ("infer", str(c / "inference.json"), data["infer"], {}),
+    ]
+    for workflow_type, config_file, dataset_dir, overrides in cases:
+        wf = ConfigWorkflow(workflow_type=workflow_type, config_file=config_file, meta_file=str(c / "metadata.json"),
+                            logging_file=str(c / "logging.conf"), bundle_root=str(bundle),
+                            dataset_dir=str(dataset_dir), num_workers=0, **overrides)
+        wf.initialize()
+        assert wf.check_properties() == [], (workflow_type, config_file)
+        assert wf.bundle_root == str(bundle) and wf.dataset_dir == str(dataset_dir)
+
+
+def test_mlflow_tracking_patches_every_engine(tmp_path: Path) -> None:
+    """``--tracking mlflow`` adds MLflow handlers (first process only) to the trainer, the validator and the
+    inference evaluator, logging under output_dir. mlflow itself is not installed here, so nothing is run."""
+    from monai.bundle import ConfigWorkflow
+
+    bundle = _copy_bundle(tmp_path / "usf_mae")
+    c = bundle / "configs"
+    for config_file, handler_ids in ((c / "train.json", ("train#handlers", "validate#handlers")),
+                                     (c / "inference.json", ("handlers",))):
+        wf = ConfigWorkflow(workflow_type="train" if "train" in config_file.name else "infer",
+                            config_file=str(config_file), meta_file=str(c / "metadata.json"),
+                            logging_file=str(c / "logging.conf"), bundle_root=str(bundle), tracking="mlflow")
+        for hid in handler_ids:
+            targets = [h.get("_target_") for h in wf.parser[hid]]
+            assert targets.count("MLFlowHandler") == 1, (hid, targets)
+            handler = [h for h in wf.parser[hid] if h.get("_target_") == "MLFlowHandler"][0]
+            assert handler["_disabled_"] == "@is_not_rank0"
+        assert "output_dir" in wf.parser["tracking_uri"]
+        assert wf.parser.get_parsed_content("is_not_rank0") is False
+    saved = list((bundle / "eval").glob("config_*.json"))
+    assert saved, "the executed config was not saved for MLflow"
+
+
+# ------------------------------------------------------------------------------------------------------- runs
+def test_pretrain_writes_mae_checkpoint_and_tensorboard(pretrained: Path, data: dict[str, Path]) -> None:
+    from usfmae_core.checkpoints import load_checkpoint
+    from usfmae_core.data.corpus import FrameCorpus
+
+    ckpt = load_checkpoint(pretrained / "models" / "mae.pt")
+    assert ckpt["arch"] == "mae" and ckpt["config"]["preset"] == "vit_test"
+    assert ckpt["config"]["preprocessing"]["image_size"] == 32
+    assert ckpt["meta"]["epoch"] == 1 and ckpt["meta"]["corpus"] == str(data["corpus"])
+    losses = _scalars(pretrained / "eval" / "tensorboard" / "pretrain", "train_loss")
+    assert len(losses) == len(FrameCorpus(data["corpus"])) // 8  # one scalar per iteration (drop_last batches)
+    assert all(np.isfinite(losses)) and min(losses) > 0
+
+
+def test_train_writes_model_zoo_weights_and_settings(trained: Path, pretrained: Path) -> None:
+    from usfmae_core.checkpoints import load_checkpoint, load_model
+    from usfmae_core.data.phantom import CLASSES
+
+    state = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values()) and "head.weight" in state  # plain state dict
+    settings = json.loads((trained / "models" / "model_config.json").read_text())
+    assert settings["classes"] == sorted(CLASSES) and settings["image_size"] == 32 and settings["arch"] == "vit"
+    assert state["head.weight"].shape[0] == len(CLASSES)
+    # the encoder started from the MAE: 2 epochs at a warm-up lr leave it close to the MAE's weights
+    mae = load_checkpoint(pretrained / "models" / "mae.pt")["model"]
+    key = "encoder.patch_embed.patch_embeddings.weight"
+    corr = np.corrcoef(state[key].flatten().numpy(), mae[key].flatten().numpy())[0, 1]
+    assert corr > 0.9, corr
+    model, ckpt = load_model(trained / "eval" / "usfmae_model.pt", expect=("classifier",))
+    assert ckpt["config"]["classes"] == sorted(CLASSES)
+    assert torch.equal(model.state_dict()["head.weight"], state["head.weight"])  # the best model, from model.pt
+    datalist = json.loads((trained / "eval" / "datalist.json").read_text())
+    assert datalist["classes"] == sorted(CLASSES) and datalist["training"] and datalist["test"]
+    assert len(_scalars(trained / "eval" / "tensorboard" / "train", "train_loss")) >= 2
+    assert len(_scalars(trained / "eval" / "tensorboard" / "validate", "val_f1_macro")) == 2
+
+
+def test_evaluate_writes_metrics_and_probabilities(trained: Path, data: dict[str, Path]) -> None:
+    """evaluate.json on the run's test split writes what ``usfmae evaluate`` writes, for exactly those images."""
+    _monai_bundle("run", *_bundle_args(trained, ["train", "evaluate"]), "--dataset_dir", str(data["labelled"]),
+                  "--num_workers", "0", "--bootstrap", "50", cwd=trained)
+    test = json.loads((trained / "eval" / "datalist.json").read_text())["test"]
+    metrics = json.loads((trained / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == len(test) and 0.0 <= metrics["accuracy"] <= 1.0
+    assert len(metrics["confusion_matrix"]) == 3 and sum(map(sum, metrics["confusion_matrix"])) == len(test)
+    assert set(metrics["intervals"]) >= {"accuracy", "f1_macro"} and metrics["bootstrap"]["resamples"] == 50
+    for name in ("metrics.csv", "confusion_matrix.png", "roc.png"):
+        assert (trained / "eval" / name).stat().st_size > 0, name
+    rows = list(csv.DictReader(open(trained / "eval" / "predictions.csv")))
+    classes = metrics["classes"]
+    truth = {Path(it["image"]).name: classes[it["label"]] for it in test}
+    assert {Path(r["image"]).name: r["true"] for r in rows} == truth
+    correct = 0
+    for r in rows:
+        p = np.array([float(r[f"prob_{c}"]) for c in classes])
+        assert abs(p.sum() - 1) < 1e-4 and r["predicted"] == classes[int(p.argmax())]
+        correct += r["predicted"] == r["true"]
+    assert metrics["accuracy"] == pytest.approx(correct / len(rows))
+
+
+def _old_monai_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` as MONAI < 1.6 saved a TransformerBlock: with (unused) ``cross_attn`` weights, no norm_cross_attn."""
+    old = {k: v for k, v in state.items() if "norm_cross_attn" not in k}
+    for key in [k for k in state if k.endswith("attn.qkv.weight")]:
+        prefix = key[: -len("attn.qkv.weight")]
+        d = state[key].shape[1]
+        for name in ("to_q", "to_k", "to_v", "out_proj"):
+            old[f"{prefix}cross_attn.{name}.weight"] = torch.randn(d, d)
+        old[f"{prefix}cross_attn.out_proj.bias"] = torch.zeros(d)
+    return old
+
+
+def test_inference_2d_and_3d_with_old_monai_weights_matches_predict(trained: Path, data: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+    """inference.json on a folder of 2D images, a cine and a volume, with models/model.pt saved the MONAI < 1.6 way:
+    the probabilities equal the engine's ``usfmae predict`` (classify_file) with the original weights."""
+    from usfmae_core.networks.presets import build_model
+    from usfmae_core.workflows.predict import classify_file
+
+    bundle = tmp_path / "usf_mae"
+    shutil.copytree(trained, bundle, ignore=shutil.ignore_patterns("eval"))
+    state = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
+    old = _old_monai_state(state)
+    assert any(".cross_attn." in k for k in old) and not any("norm_cross_attn" in k for k in old)
+    torch.save(old, bundle / "models" / "model.pt")
+    _monai_bundle("run", *_bundle_args(bundle, "inference"), "--dataset_dir", str(data["infer"]),
+                  "--num_workers", "0", cwd=bundle)
+    report = json.loads((bundle / "eval" / "predictions.json").read_text())
+    rows = list(csv.DictReader(open(bundle / "eval" / "predictions.csv")))
+    assert len(rows) == len(report["results"]) == 4
+    settings = json.loads((trained / "models" / "model_config.json").read_text())
+    model = build_model("classifier", settings)
+    model.load_state_dict(state)
+    by_name = {Path(r["source"]).name: r for r in report["results"]}
+    assert by_name["vol.nii.gz"]["kind"] == "volume" and by_name["vol.nii.gz"]["n_frames"] == 6
+    assert by_name["clip.gif"]["kind"] == "cine" and by_name["clip.gif"]["n_frames"] == 4
+    assert by_name["a.png"]["kind"] == "image" and by_name["a.png"]["n_frames"] == 1
+    for name, res in by_name.items():
+        ref = classify_file(model, settings, data["infer"] / name, precision="fp32")
+        got = np.array([res[f"p_{c}"] for c in report["classes"]])
+        np.testing.assert_allclose(got, ref["aggregate"], atol=2e-5, err_msg=name)
+        assert res["label"] == ref["label"]
+
+
+def _usfmae_cause(err: BaseException) -> BaseException | None:
+    """The UsfmaeError inside MONAI's wrapping exceptions (the one-line message users see last)."""
+    from usfmae_core.errors import UsfmaeError
+
+    while err is not None and not isinstance(err, UsfmaeError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def test_bundle_refuses_missing_data_and_weights(tmp_path: Path) -> None:
+    """A wrong --dataset_dir or absent weights end in the engine's error naming the path and the fix."""
+    from monai.bundle import ConfigWorkflow
+
+    bundle = _copy_bundle(tmp_path / "usf_mae")
+    c = bundle / "configs"
+    missing = tmp_path / "nowhere"
+
+    def workflow(config: str, **override: Any) -> ConfigWorkflow:
+        return ConfigWorkflow(workflow_type="infer" if config == "inference" else "train",
+                              config_file=str(c / f"{config}.json"), meta_file=str(c / "metadata.json"),
+                              logging_file=str(c / "logging.conf"), bundle_root=str(bundle), **override)
+
+    wf = workflow("inference", dataset_dir=str(missing), load_pretrain=False)
+    wf.initialize()
+    with pytest.raises(Exception) as info:
+        wf.parser.get_parsed_content("dataset")
+    assert str(missing) in str(_usfmae_cause(info.value)) and "does not exist" in str(_usfmae_cause(info.value))
+
+    wf = workflow("pretrain", dataset_dir=str(missing))
+    wf.initialize()
+    with pytest.raises(Exception) as info:
+        wf.parser.get_parsed_content("train#dataset")
+    assert "usfmae prepare" in str(_usfmae_cause(info.value))
+
+    wf = workflow("inference", dataset_dir=str(tmp_path), preset="vit_test", image_size=32)
+    with pytest.raises(Exception) as info:
+        wf.initialize()  # loads models/model.pt, which a fresh bundle does not have
+    cause = str(_usfmae_cause(info.value))
+    assert "model.pt do not exist" in cause and "download_large_files" in cause
+
+    wf = workflow("train", dataset_dir=str(missing))
+    with pytest.raises(Exception) as info:
+        wf.initialize()
+    assert "does not exist" in str(_usfmae_cause(info.value))
+
+
+def test_verify_net_in_out_default_network(tmp_path: Path) -> None:
+    """``verify_net_in_out`` on inference.json as shipped (ViT-B/16, 224 px, 2 classes), and the same check failing
+    when the metadata's class count disagrees with the network."""
+    from monai.bundle import verify_net_in_out
+
+    bundle = _copy_bundle(tmp_path / "usf_mae")
+    c = bundle / "configs"
+    proc = _monai_bundle("verify_net_in_out", "--net_id", "network_def", "--meta_file", str(c / "metadata.json"),
+                         "--config_file", str(c / "inference.json"), "--bundle_root", str(bundle),
+                         "--device", "cpu", cwd=bundle)
+    assert "verified with no error" in proc.stdout + proc.stderr
+    with pytest.raises(ValueError, match="output channel number"):
+        verify_net_in_out(net_id="network_def", meta_file=str(c / "metadata.json"),
+                          config_file=str(c / "inference.json"), bundle_root=str(bundle), device="cpu",
+                          **{"preset": "vit_test", "image_size": 32, "classes": ["a", "b", "c"],
+                             "_meta_#network_data_format#inputs#image#spatial_shape": [32, 32]})
+
+
+def test_ckpt_export_torchscript(trained: Path, tmp_path: Path) -> None:
+    """``ckpt_export`` of the trained classifier to TorchScript; the scripted model gives the eager model's logits."""
+    from usfmae_core.bundle_support import classifier_from_settings, load_weights
+
+    c = trained / "configs"
+    ts = tmp_path / "model.ts"
+    _monai_bundle("ckpt_export", "--net_id", "network_def", "--filepath", str(ts),
+                  "--ckpt_file", str(trained / "models" / "model.pt"), "--meta_file", str(c / "metadata.json"),
+                  "--config_file", str(c / "inference.json"), "--bundle_root", str(trained), cwd=trained)
+    scripted = torch.jit.load(str(ts))
+    settings = json.loads((trained / "models" / "model_config.json").read_text())
+    model, _ = classifier_from_settings(settings, settings["classes"], preset=settings["preset"], image_size=32)
+    load_weights(model, trained / "models" / "model.pt").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_load_weights_adapts_old_monai_state_dicts() -> None:
+    """Our loading path drops MONAI < 1.6 ``cross_attn`` keys and fills ``norm_cross_attn``; weights that truly do
+    not fit are refused, naming the keys."""
+    import tempfile
+
+    from usfmae_core.bundle_support import load_weights
+    from usfmae_core.errors import UsfmaeError
+    from usfmae_core.workflows.finetune import build_classifier
+
+    src, _ = build_classifier(3, preset="vit_test", image_size=32)
+    dst, _ = build_classifier(3, preset="vit_test", image_size=32)
+    x = torch.randn(2, 3, 32, 32)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt"
+        torch.save({"model": _old_monai_state(src.state_dict())}, path)  # CheckpointSaver-style wrapper too
+        load_weights(dst, path)
+        with torch.no_grad():
+            torch.testing.assert_close(dst.eval()(x), src.eval()(x))
+        wrong, _ = build_classifier(4, preset="vit_test", image_size=32)
+        with pytest.raises(UsfmaeError, match="head.weight"):
+            load_weights(wrong, path)
+
+
+def test_multi_gpu_pretrain_torchrun_gloo(data: dict[str, Path], tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node=2`` with multi_gpu_pretrain.json on CPU (gloo): both processes train, only the
+    first writes the checkpoint and TensorBoard events."""
+    from usfmae_core.checkpoints import load_checkpoint
+
+    bundle = _copy_bundle(tmp_path / "usf_mae")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "monai.bundle", "run"]
+    proc = _run([*torchrun, *_bundle_args(bundle, ["pretrain", "multi_gpu_pretrain"]),
+                 "--dataset_dir", str(data["corpus"]), *TINY, "--batch_size", "4",
+                 "--train#trainer#max_epochs", "1"], cwd=bundle, timeout=400)
+    out = proc.stdout + proc.stderr
+    assert "process 0 of 2" in out and "process 1 of 2" in out and "backend gloo" in out
+    ckpt = load_checkpoint(bundle / "models" / "mae.pt")
+    assert ckpt["arch"] == "mae" and not any(k.startswith("module.") for k in ckpt["model"])
+    events = list((bundle / "eval" / "tensorboard" / "pretrain").glob("events.out.tfevents.*"))
+    assert len(events) == 1  # rank 0 only
+
+
+@pytest.mark.slow
+def test_multi_gpu_train_torchrun_gloo(data: dict[str, Path], pretrained: Path, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node=2`` with multi_gpu_train.json on CPU (gloo), validation sharded across processes."""
+    bundle = _copy_bundle(tmp_path / "usf_mae")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "monai.bundle", "run"]
+    _run([*torchrun, *_bundle_args(bundle, ["train", "multi_gpu_train"]), "--dataset_dir", str(data["labelled"]),
+          "--pretrained_mae", str(pretrained / "models" / "mae.pt"), "--num_workers", "0", "--precision", "fp32",
+          "--batch_size", "4", "--train#trainer#max_epochs", "1"], cwd=bundle, timeout=500)
+    state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert "head.weight" in state and not any(k.startswith("module.") for k in state)
+    assert (bundle / "models" / "model_config.json").exists()
