@@ -423,7 +423,7 @@ def test_bundle_refuses_missing_data_and_weights(tmp_path: Path) -> None:
         wf.parser.get_parsed_content("train#dataset")
     assert "usfmae prepare" in str(_usfmae_cause(info.value))
 
-    wf = workflow("inference", dataset_dir=str(tmp_path), preset="vit_test", image_size=32)
+    wf = workflow("inference", dataset_dir=str(missing), preset="vit_test", image_size=32)
     with pytest.raises(Exception) as info:
         wf.initialize()  # loads models/model.pt, which a fresh bundle does not have
     cause = str(_usfmae_cause(info.value))
@@ -453,15 +453,33 @@ def test_verify_net_in_out_default_network(tmp_path: Path) -> None:
                              "_meta_#network_data_format#inputs#image#spatial_shape": [32, 32]})
 
 
-def test_ckpt_export_torchscript(trained: Path, tmp_path: Path) -> None:
-    """``ckpt_export`` of the trained classifier to TorchScript; the scripted model gives the eager model's logits."""
+def test_ckpt_export_torchscript_after_resaving_old_weights(trained: Path, tmp_path: Path) -> None:
+    """MONAI's ``ckpt_export`` loads strictly, so weights saved by MONAI < 1.6 are first re-saved through the bundle's
+    loader (``run resave_weights``); the exported TorchScript model then gives the eager model's logits."""
+    from monai.bundle import ConfigWorkflow, ckpt_export
+
     from usfmae_core.bundle_support import classifier_from_settings, load_weights
 
-    c = trained / "configs"
+    bundle = tmp_path / "usf_mae"
+    shutil.copytree(trained, bundle, ignore=shutil.ignore_patterns("eval"))
+    c = bundle / "configs"
+    state = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
+    torch.save(_old_monai_state(state), bundle / "models" / "model.pt")
+    export = dict(net_id="network_def", meta_file=str(c / "metadata.json"), config_file=str(c / "inference.json"),
+                  bundle_root=str(bundle), ckpt_file=str(bundle / "models" / "model.pt"))
+    with pytest.raises(RuntimeError, match="cross_attn"):
+        ckpt_export(filepath=str(tmp_path / "strict.ts"), **export)
+    wf = ConfigWorkflow(workflow_type="infer", config_file=str(c / "inference.json"),
+                        meta_file=str(c / "metadata.json"), logging_file=str(c / "logging.conf"),
+                        bundle_root=str(bundle), run_id="resave_weights", dataset_dir=str(tmp_path))
+    wf.initialize()
+    wf.run()
+    resaved = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert resaved.keys() == state.keys() and all(torch.equal(resaved[k], state[k]) for k in state)
+
     ts = tmp_path / "model.ts"
-    _monai_bundle("ckpt_export", "--net_id", "network_def", "--filepath", str(ts),
-                  "--ckpt_file", str(trained / "models" / "model.pt"), "--meta_file", str(c / "metadata.json"),
-                  "--config_file", str(c / "inference.json"), "--bundle_root", str(trained), cwd=trained)
+    _monai_bundle("ckpt_export", "--filepath", str(ts), *[a for k, v in export.items() for a in (f"--{k}", v)],
+                  cwd=bundle)
     scripted = torch.jit.load(str(ts))
     settings = json.loads((trained / "models" / "model_config.json").read_text())
     model, _ = classifier_from_settings(settings, settings["classes"], preset=settings["preset"], image_size=32)

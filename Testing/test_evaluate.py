@@ -1,5 +1,6 @@
-"""``usfmae evaluate`` and the metric functions: NumPy metrics equal scikit-learn's on fixed predictions; evaluation of a
-tiny fine-tuned classifier on phantom data end to end (files, consistency, class-order mapping); error cases."""
+"""``usfmae evaluate`` and the metric functions: NumPy metrics equal scikit-learn's on fixed predictions;
+evaluation of a tiny fine-tuned classifier on phantom data end to end (files, consistency, class-order mapping,
+volumes and cines); error cases."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def test_metrics_equal_sklearn(k: int, n: int, seed: int, ties: bool) -> None:
     prec, rec, f1, sup = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     for i in range(k):
         pc = m["per_class"][f"c{i}"]
-        assert (pc["precision"], pc["recall"], pc["f1"], pc["support"]) == pytest.approx((prec[i], rec[i], f1[i], sup[i]))
+        got = (pc["precision"], pc["recall"], pc["f1"], pc["support"])
+        assert got == pytest.approx((prec[i], rec[i], f1[i], sup[i]))
     macro = skm.precision_recall_fscore_support(y, pred, labels=labels, average="macro", zero_division=0)
     assert (m["precision_macro"], m["recall_macro"], m["f1_macro"]) == pytest.approx(macro[:3])
     auc = skm.roc_auc_score(y, p[:, 1]) if k == 2 else skm.roc_auc_score(y, p, multi_class="ovr")
@@ -165,6 +167,40 @@ def test_evaluate_maps_classes_by_name(trained: tuple[Path, Path], tmp_path: Pat
     b = evaluate(run / "model.pt", tmp_path / "reordered.json", tmp_path / "b", **kw)
     assert a["n"] == b["n"] == sum(len(d[s]) for s in ("training", "validation", "test"))
     assert a["confusion_matrix"] == b["confusion_matrix"] and a["f1_macro"] == b["f1_macro"]
+    # a CSV manifest (path, label name) of the same images reads the same way
+    rows = [(it["image"], d["classes"][it["label"]]) for s in ("training", "validation", "test") for it in d[s]]
+    (tmp_path / "m.csv").write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    c = evaluate(run / "model.pt", tmp_path / "m.csv", tmp_path / "c", **kw)
+    assert c["n"] == a["n"] and c["confusion_matrix"] == a["confusion_matrix"]
+
+
+def test_evaluate_volume_and_cine_use_middle_frame(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """A labelled volume / cine is classified on its middle slice / frame, preprocessed as in training."""
+    from usfmae_core.checkpoints import load_model
+    from usfmae_core.data.readers import read_ultrasound
+    from usfmae_core.data.transforms import Preprocessing, frames_to_tensor
+    from usfmae_core.workflows.evaluate import evaluate
+
+    _, run = trained
+    classes = json.loads((run / "datalist.json").read_text())["classes"]
+    vol = phantom.write_volume(tmp_path / "vol.nii.gz", phantom.make_volume(1, (9, 40, 40), rng=0), (1.0, 0.5, 0.5))
+    cine = phantom.write_cine(tmp_path / "clip.seq.nrrd", phantom.make_cine(2, frames=5, size=40, rng=1))
+    items = [{"image": str(vol), "label": classes.index(phantom.CLASSES[1])},
+             {"image": str(cine), "label": classes.index(phantom.CLASSES[2])}]
+    (tmp_path / "d.json").write_text(json.dumps({"classes": classes, "training": items, "validation": [], "test": []}))
+    evaluate(run / "model.pt", tmp_path / "d.json", tmp_path / "ev", split="all", bootstrap=0, device="cpu",
+             precision="fp32", quiet=True)
+    rows = _read_csv(tmp_path / "ev" / "predictions.csv")
+    assert [r["image"] for r in rows] == [it["image"] for it in items]
+    model, ckpt = load_model(run / "model.pt")
+    prep = Preprocessing.from_dict(ckpt["config"]["preprocessing"])
+    for row in rows:
+        a = read_ultrasound(row["image"]).array
+        assert a.ndim == 3
+        with torch.no_grad():
+            want = torch.softmax(model.eval()(frames_to_tensor(a[a.shape[0] // 2], prep)), 1)[0].numpy()
+        got = np.array([float(row[f"prob_{c}"]) for c in classes])
+        np.testing.assert_allclose(got, want, atol=2e-5)
 
 
 def _expect_error(argv: list[str], capsys: pytest.CaptureFixture[str], *words: str) -> str:

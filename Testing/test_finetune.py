@@ -164,26 +164,32 @@ def test_class_balancing_pieces() -> None:
 
 @pytest.fixture(scope="module")
 def easy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An easy two-class phantom set: linear-array images with or without an anechoic cyst."""
-    root = phantom.write_labelled_folder(tmp_path_factory.mktemp("easy") / "labelled", 30, size=64, seed=3,
+    """An easy two-class phantom set: linear-array images with or without an anechoic cyst, rendered at 96 px so
+    that the model's 32 px input averages the speckle and shows the cyst clearly (40 images per class)."""
+    root = phantom.write_labelled_folder(tmp_path_factory.mktemp("easy") / "labelled", 40, size=96, seed=3,
                                          geometry="linear")
     shutil.rmtree(root / "mass")
     return root
 
 
 def test_finetune_learns_above_chance(easy: Path, tmp_path: Path) -> None:
-    """Training must work, not only run: on an easy set the held-out accuracy is clearly above chance (0.5)."""
+    """Training must work, not only run: on an easy set the held-out accuracy is clearly above chance (0.5).
+
+    A small CNN from scratch is used because it learns this from 48 images within a few epochs; tiny ViTs from
+    scratch need far more steps (they fit the training set but generalise late)."""
     run = tmp_path / "learn"
     _run(["finetune", "--data", str(easy), "--out", str(run), "--arch", "resnet", "--depth", "10", "--image-size",
           "32", "--epochs", "8", "--batch-size", "8", "--lr", "1e-3", "--warmup-epochs", "1", "--label-smoothing",
-          "0", "--val-fraction", "0.2", "--test-fraction", "0.2", "--device", "cpu", "--precision", "fp32",
-          "--no-tensorboard"])
+          "0", "--val-fraction", "0.2", "--test-fraction", "0.2", "--patience", "0", "--device", "cpu",
+          "--precision", "fp32", "--no-tensorboard"])
     m = json.loads((run / "metrics.json").read_text())
     held_out = m["validation"]["n"] + m["test"]["n"]
-    correct = sum(np.trace(m[s]["confusion_matrix"]) for s in ("validation", "test"))
-    assert held_out >= 20
-    assert correct / held_out >= 0.75, m["history"]
-    assert m["history"][-1]["train_loss"] < m["history"][0]["train_loss"]
+    correct = sum(np.trace(np.array(m[s]["confusion_matrix"])) for s in ("validation", "test"))
+    assert held_out == 32
+    # 24 of 32 right by chance has probability 0.35 %; a working run gets about 27
+    assert correct >= 24, m["history"]
+    assert m["test"]["auc_macro"] > 0.75
+    assert min(h["train_loss"] for h in m["history"][-3:]) < 0.6 * m["history"][0]["train_loss"]
 
 
 def _expect_error(argv: list[str], capsys: pytest.CaptureFixture[str], *words: str) -> None:
@@ -211,8 +217,13 @@ def test_finetune_errors(labelled: Path, mae_ckpt: Path, tmp_path: Path, capsys:
     clf = tmp_path / "clf.pt"
     model, cfg = ft.build_classifier(3, preset="vit_test", image_size=32, patch_size=8)
     save_checkpoint(clf, make_checkpoint(model, "classifier", {**cfg, "classes": ["a", "b", "c"]}))
-    _expect_error(["finetune", "--data", str(labelled), "--init", str(clf), *base], capsys, "clf.pt", "not a pretrained MAE")
+    _expect_error(["finetune", "--data", str(labelled), "--init", str(clf), *base], capsys, "clf.pt",
+                  "not a pretrained MAE")
     _expect_error(["finetune", "--data", str(labelled), "--linear-probe", *base], capsys, "--init")
     _expect_error(["finetune", "--data", str(labelled), "--init", str(mae_ckpt), "--arch", "resnet", *base], capsys,
                   "resnet")
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        _expect_error(["finetune", "--data", str(labelled), "--mlflow", "file:///tmp/x", *base], capsys, "mlflow")
     assert not out.exists()  # nothing written for a refused run

@@ -45,8 +45,8 @@ from usfmae_core.errors import UsfmaeError
 
 __all__ = ["CorpusDataset", "split_items", "evaluation_items", "inference_items", "cache_rate", "UltrasoundToFramesd",
            "FrameAveragingInferer", "prepare_batch", "training_settings", "read_model_config",
-           "classifier_from_settings", "load_weights", "WeightsLoader", "macro_f1", "cosine_schedule", "use_amp",
-           "amp_kwargs", "is_not_rank0", "describe_process", "with_iteration_events", "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler"]
+           "classifier_from_settings", "load_weights", "save_state_dict", "WeightsLoader", "macro_f1", "cosine_schedule", "use_amp",
+           "amp_kwargs", "is_not_rank0", "prepare_process", "with_iteration_events", "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler"]
 
 logger = logging.getLogger("usfmae.bundle")
 
@@ -343,6 +343,25 @@ def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
     return network
 
 
+def save_state_dict(network: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``network``'s weights (DDP unwrapped, on the CPU) as a plain state dict, atomically: the Model Zoo's
+    ``models/model.pt`` layout, loadable strictly by MONAI's ``CheckpointLoader`` and ``ckpt_export``."""
+    from usfmae_core.workflows.distributed import unwrap_model
+
+    state = {k: v.detach().cpu() for k, v in unwrap_model(network).state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    logger.info("wrote %d tensors to %s", len(state), path)
+    return path
+
+
 class WeightsLoader:
     """Handler / callable loading ``load_path`` into ``network`` with :func:`load_weights`.
 
@@ -413,16 +432,23 @@ def amp_kwargs(device: torch.device | str, precision: str = "auto") -> dict[str,
     return {"dtype": autocast_dtype(_device(device), precision) or torch.float32}
 
 
-def describe_process(ctx: Any, local_rank: int | None = None) -> str:
-    """Log (one line) and return where this process of a ``torchrun`` job stands: rank, world size, ``LOCAL_RANK``,
-    device and backend of a :class:`usfmae_core.workflows.distributed.DistContext`.
+def prepare_process(ctx: Any, local_rank: int | None = None) -> str:
+    """Ready one process of a ``torchrun`` job for MONAI's engines; logs and returns where it stands (rank, world
+    size, ``LOCAL_RANK``, device, backend of a :class:`usfmae_core.workflows.distributed.DistContext`).
+
+    It also syncs ignite's ``idist`` with the process group on every process: ignite does that lazily, with a
+    collective (``new_group``), the first time any ignite object asks for the rank; handlers built on the first
+    process only (``CheckpointSaver``) would otherwise make it wait there for processes that never come.
 
     Raises:
         UsfmaeError: ``local_rank`` (torchrun's ``LOCAL_RANK``) disagrees with the context's.
     """
+    import ignite.distributed as idist
+
     if local_rank is not None and int(local_rank) != ctx.local_rank:
         raise UsfmaeError(f"LOCAL_RANK {local_rank} but the process group reports local rank {ctx.local_rank}",
                           "launch with torchrun (it sets RANK, WORLD_SIZE and LOCAL_RANK)")
+    idist.sync()
     line = (f"process {ctx.rank} of {ctx.world_size} (LOCAL_RANK {ctx.local_rank}) on {ctx.device}, "
             f"backend {ctx.backend}")
     logger.info(line)

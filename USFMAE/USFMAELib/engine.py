@@ -19,6 +19,7 @@ MODULE_DIR = Path(__file__).resolve().parent.parent
 TORCH_REQUIREMENT = "torch>=2.4"
 REQUIREMENTS: tuple[str, ...] = (
     "monai>=1.5,<1.7",
+    "pytorch-ignite>=0.4.11",
     "einops>=0.7",
     "numpy>=1.24",
     "itk>=5.3",

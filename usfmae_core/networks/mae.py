@@ -207,10 +207,9 @@ class MAEDecoder(nn.Module):
 
     Args:
         encoder_size: encoder token width.
-        num_patches: number of patches ``L``.
         grid: patch grid (for the sin-cos position embedding).
         patch_dim: pixels per patch times channels (the prediction width).
-        hidden_size, num_layers, num_heads, mlp_ratio: decoder shape (USF-MAE: 512, 8, 16, 4.0).
+        hidden_size, num_layers, num_heads, mlp_ratio, qkv_bias: decoder shape (USF-MAE: 512, 8, 16, 4.0, True).
     """
 
     def __init__(self, encoder_size: int, grid: Sequence[int], patch_dim: int, hidden_size: int = 512,

@@ -144,7 +144,8 @@ def write_evaluation(out: str | Path, images: Sequence[str], y_true: np.ndarray,
     ci = result.get("intervals", {})
     rows = [[key, "", result[key], *(ci.get(key) or [float("nan"), float("nan")])] for key in M.SUMMARY_KEYS]
     for name, pc in result["per_class"].items():
-        rows += [[key, name, float(pc[key]), float("nan"), float("nan")] for key in ("precision", "recall", "f1", "auc")]
+        rows += [[key, name, float(pc[key]), float("nan"), float("nan")]
+                 for key in ("precision", "recall", "f1", "auc")]
         rows.append(["support", name, int(pc["support"]), float("nan"), float("nan")])
     files["metrics_csv"] = write_csv(out / "metrics.csv", ["metric", "class", "value", "ci95_low", "ci95_high"], rows)
     files["confusion_matrix"] = save_confusion_matrix(np.array(result["confusion_matrix"]), classes,

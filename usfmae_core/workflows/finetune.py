@@ -28,8 +28,10 @@ is kept (ties: lower validation loss); ``--patience`` stops early after that man
 Outputs in ``RUN``: ``model.pt`` (our checkpoint: arch ``classifier``/``resnet``/``densenet``, config with
 ``classes`` and ``preprocessing``), ``metrics.json`` (validation and test metrics of the best model, and the
 per-epoch history), ``history.csv``, ``curves.png`` (loss and validation macro-F1 per epoch), ``datalist.json``,
-``config.json`` (the arguments) and ``tensorboard/``. With ``--folds K``: ``fold_<i>/`` per fold (the same files)
-and ``cv_summary.json`` / ``cv_summary.csv`` (mean and standard deviation over folds).
+``config.json`` (the arguments) and ``tensorboard/``. ``model.pt`` is rewritten (atomically) whenever the
+validation macro-F1 improves, so an interrupted run keeps its best model so far. With ``--folds K``: ``fold_<i>/``
+per fold (the same files but ``config.json``) and ``cv_summary.json`` / ``cv_summary.csv`` (mean and standard
+deviation over folds; train a final model without ``--folds``).
 
 Engine: MONAI's ignite engines (``SupervisedTrainer`` ...) are not used because ignite is not a dependency of this
 package and the class-balanced sampler, per-step cosine lr with layer-wise groups and early stopping on macro-F1 fit
@@ -53,7 +55,6 @@ with :func:`usfmae_core.networks.presets.build_model` from its config.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import io
 import math
@@ -91,7 +92,9 @@ def jsonable(obj: Any) -> Any:
         return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
         return jsonable(obj.tolist())
-    if isinstance(obj, (np.integer,)):
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, (float, np.floating)):
         return float(obj) if math.isfinite(obj) else None
@@ -529,7 +532,7 @@ class _Trackers:
             self.mlflow.end_run()
 
 
-def _save_curves(history: list[dict[str, float]], path: Path) -> Path:
+def _save_curves(history: list[dict[str, float]], path: Path, best_epoch: int | None = None) -> Path:
     from matplotlib.figure import Figure
 
     ep = [h["epoch"] for h in history]
@@ -544,6 +547,9 @@ def _save_curves(history: list[dict[str, float]], path: Path) -> Path:
     ax2.plot(ep, [h["val_f1_macro"] for h in history], color="tab:green", lw=1.4, marker="o", ms=3)
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("validation macro-F1")
+    if best_epoch:
+        ax2.axvline(best_epoch, color="grey", ls=":", lw=1, label=f"best (epoch {best_epoch})")
+        ax2.legend(loc="lower right")
     ax2.set_ylim(0, 1)
     ax2.grid(alpha=0.3)
     fig.tight_layout()
@@ -603,6 +609,7 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
     best: dict[str, Any] = {"f1": -1.0, "loss": math.inf, "epoch": 0, "state": None}
     step, stale, t0 = 0, 0, time.monotonic()
     progress = Progress(total, stage, disable=opts.quiet)
+    log = (lambda _msg: None) if opts.quiet else progress.write
     try:
         for epoch in range(1, opts.epochs + 1):
             model.train()
@@ -652,9 +659,8 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
                 save_checkpoint(out / "model.pt", make_checkpoint(model, arch, config, meta=meta))
             else:
                 stale += 1
-            log = (lambda _msg: None) if opts.quiet else progress.write
-            log(f"epoch {epoch}/{opts.epochs}: train loss {rec['train_loss']:.4f}, val loss "
-                           f"{val_loss:.4f}, val macro-F1 {vm['f1_macro']:.3f}{' *' if improved else ''}")
+            log(f"epoch {epoch}/{opts.epochs}: train loss {rec['train_loss']:.4f}, val loss {val_loss:.4f}, "
+                f"val macro-F1 {vm['f1_macro']:.3f}{' *' if improved else ''}")
             if opts.patience and stale >= opts.patience and step >= warmup:
                 log(f"early stop: no better validation macro-F1 for {opts.patience} epochs")
                 break
@@ -674,7 +680,7 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
     result["history"] = history
     result["time_s"] = round(time.monotonic() - t0, 2)
     write_csv(out / "history.csv", list(history[0]), [list(h.values()) for h in history])
-    _save_curves(history, out / "curves.png")
+    _save_curves(history, out / "curves.png", best["epoch"])
     write_json(out / "metrics.json", jsonable(result))
     return result
 
@@ -770,7 +776,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="vit (default), or a MONAI CNN baseline trained from scratch")
     m.add_argument("--preset", default="vit_base", help="ViT size from scratch (default vit_base)")
     m.add_argument("--depth", type=int, help="resnet 10/18/34/50 (default 50), densenet 121/169 (default 121)")
-    m.add_argument("--image-size", type=int, help="input size (default: the MAE's, else 224)")
+    m.add_argument("--image-size", "--img-size", dest="image_size", type=int,
+                   help="input size (default: the MAE's, else 224)")
     m.add_argument("--in-channels", type=int, choices=(1, 3), help="input channels from scratch (default 3)")
     m.add_argument("--patch-size", type=int, default=16, help="ViT patch size from scratch (default 16)")
     m.add_argument("--pool", default="avg", choices=("avg", "cls"), help="ViT feature pooling (default avg)")

@@ -1,0 +1,562 @@
+"""Label-efficiency benchmark: does MAE pretraining on unlabelled ultrasound beat training from scratch?
+
+Protocol (every step drives the engine's own workflows in-process through ``usfmae_core.cli``; nothing here trains
+or scores a model by itself):
+
+1. **Labelled data** (``--labelled``: class folders, CSV or datalist JSON) is deduplicated by decoded pixels and
+   near-duplicate thumbnails (:func:`usfmae_core.data.labelled.deduplicate`: exact copies with conflicting labels are
+   dropped, near-copies share a group), then split once, group-aware and stratified, into a held-out **test** part
+   (15 %) and ``--folds`` folds over the rest (:func:`~usfmae_core.data.labelled.make_splits`, seed
+   ``--split-seed``), saved as ``WORK/datalist.json`` with the removal report. Fold ``i`` validates on part ``i`` and
+   trains on the others (:func:`usfmae_core.workflows.finetune.kfold_datalists`); the test part is never used for
+   any choice.
+2. **Unlabelled corpus** (``--unlabelled PATH...``; with ``--unlabelled-from-labelled`` also the labelled images
+   *outside the test part*, without labels) is prepared with ``usfmae prepare`` into ``WORK/corpus``.
+3. **Pretraining**: ``usfmae pretrain`` of ``--preset`` on the corpus for ``--pretrain-steps`` steps
+   (``WORK/pretrain/model.pt``), unless ``--init`` gives an MAE checkpoint (e.g. imported USF-MAE weights).
+4. **Arms**, each ``usfmae finetune`` with the same optimiser-step budget ``--steps`` (epochs =
+   min(``--max-epochs``, ceil(steps / steps per epoch)), so every arm gets the same number of updates at a given label
+   fraction, and every fraction the same unless capped; the model with the best *validation* macro-F1 is kept): ``vit_scratch`` (ViT ``--preset`` from random init), ``vit_mae`` (the same
+   ViT from the MAE), ``cnn_scratch`` (MONAI ``--cnn`` / ``--cnn-depth`` from random init), ``linear_probe`` (frozen
+   MAE encoder + linear head), at each ``--fractions`` of the fold's training part
+   (:func:`~usfmae_core.data.labelled.subsample_fraction`, seeded by the run seed), for every fold and every
+   ``--seeds`` entry.
+5. **Evaluation**: ``usfmae evaluate`` of each run's ``model.pt`` on the held-out test part (bootstrap 95 % intervals
+   of that one run); the table reports mean and 95 % t-interval over the (seed x fold) runs of test macro-F1,
+   accuracy and macro AUC, and the paired difference of each arm to ``vit_scratch`` (same folds, same seeds).
+
+Optional hyper-parameter selection (``--select-lr``): for each arm, fine-tune fold 0 at fraction 1 with each
+candidate learning rate and keep the one with the best validation macro-F1 (test never looked at).
+
+Outputs in ``--out`` (small files only): ``results.json`` (protocol, commands, data reports, every run, summaries),
+``results.md`` (tables), ``label_efficiency.png`` (macro-F1 vs label fraction, one line per arm, 95 % CI bars),
+``commands.txt``. Large files (corpus, checkpoints, run folders) go to ``--work``. Re-running with the same
+``--work`` skips finished steps, so an interrupted run continues; ``--time-budget-min`` stops launching new runs
+after that many minutes and records the results as partial.
+
+CPU example (2 cores, about an hour)::
+
+    python benchmarks/label_efficiency.py --labelled ../shared/data/busi_256 \\
+        --unlabelled ../shared/data/pocus_lung ../shared/data/volumes ../shared/data/sequences ../shared/data/dicom_us \\
+        --work /tmp/le/run --out benchmarks/results/label_efficiency
+
+GPU, paper scale::
+
+    python benchmarks/label_efficiency.py --labelled ... --unlabelled ... --preset vit_base --img-size 224 \\
+        --patch-size 16 --cnn resnet --cnn-depth 50 --device cuda --folds 5 --seeds 0 1 2 --steps 2000 \\
+        --batch-size 64 --pretrain-steps 50000 --pretrain-batch 256 [--init usf_mae_imported.pt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+ARMS = ("vit_scratch", "vit_mae", "cnn_scratch", "linear_probe")
+ARM_LABELS = {"vit_scratch": "ViT from scratch", "vit_mae": "ViT from our MAE", "cnn_scratch": "CNN from scratch",
+              "linear_probe": "linear probe on MAE"}
+METRICS = ("f1_macro", "accuracy", "auc_macro", "balanced_accuracy")
+TEST_FRACTION = 0.15
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+class Recorder:
+    """Runs ``usfmae`` commands in-process and keeps their command lines (``commands.txt``) and timings."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.commands: list[dict[str, Any]] = []
+
+    def usfmae(self, argv: Sequence[str], what: str) -> float:
+        from usfmae_core.cli import build_parser
+
+        argv = [str(a) for a in argv]
+        line = "usfmae " + " ".join(shlex.quote(a) for a in argv)
+        print(f"[label_efficiency] {what}: {line}", flush=True)
+        t0 = time.monotonic()
+        args = build_parser().parse_args(argv)
+        rc = args.func(args)
+        seconds = round(time.monotonic() - t0, 2)
+        self.commands.append({"what": what, "command": line, "seconds": seconds})
+        if rc:
+            raise RuntimeError(f"{line} returned {rc}")
+        (self.out / "commands.txt").write_text("\n".join(f"# {c['what']} ({c['seconds']} s)\n{c['command']}"
+                                                         for c in self.commands) + "\n")
+        return seconds
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    from usfmae_core.workflows.common import write_json as _write
+    from usfmae_core.workflows.finetune import jsonable
+
+    return _write(path, jsonable(obj))
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """Mean, sample SD and the Student-t interval of the mean of ``values`` (NaNs dropped)."""
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    n = int(x.size)
+    if n == 0:
+        return {"n": 0, "mean": math.nan, "sd": math.nan, "ci95": [math.nan, math.nan]}
+    mean = float(x.mean())
+    if n == 1:
+        return {"n": 1, "mean": mean, "sd": math.nan, "ci95": [math.nan, math.nan]}
+    from scipy.stats import t
+
+    sd = float(x.std(ddof=1))
+    h = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "ci95": [mean - h, mean + h]}
+
+
+# --------------------------------------------------------------------------------------------------------- data
+def dedup_report(datalist: dict[str, Any]) -> dict[str, Any]:
+    """Counts of what deduplication removed and grouped (from the datalist's ``removed_duplicates``)."""
+    removed = datalist.get("removed_duplicates") or []
+    classes = list(datalist["classes"])
+    items = [it for s in ("training", "validation", "test") for it in datalist.get(s) or []]
+    exact = [r for r in removed if r["reason"].startswith("exact")]
+    unreadable = [r for r in removed if r["reason"].startswith("unreadable")]
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for it in items:
+        if it.get("group") is not None and str(it["group"]).startswith("near-dup"):
+            groups[it["group"]].append(it)
+    mixed = {g: sorted({(Path(it["image"]).name, classes[int(it["label"])]) for it in members})
+             for g, members in groups.items() if len({it["label"] for it in members}) > 1}
+    return {
+        "images_scanned": len(items) + len(exact) + len(unreadable),
+        "images_kept": len(items),
+        "exact_duplicates_removed": [{"path": r["path"], "duplicate_of": r["duplicate_of"], "reason": r["reason"]}
+                                     for r in exact],
+        "unreadable": unreadable,
+        "near_duplicate_pairs": sum(1 for r in removed if r["reason"].startswith("near-duplicate")),
+        "near_duplicate_groups": len(groups),
+        "images_in_near_duplicate_groups": sum(len(m) for m in groups.values()),
+        "largest_group": max((len(m) for m in groups.values()), default=0),
+        "groups_with_conflicting_labels": mixed,
+        "per_class_kept": {classes[k]: v for k, v in sorted(Counter(int(it["label"]) for it in items).items())},
+    }
+
+
+def make_protocol_datalist(labelled: str, work: Path, folds: int, split_seed: int) -> dict[str, Any]:
+    """Deduplicate + split ``labelled`` once (cached in ``WORK/datalist.json``)."""
+    from usfmae_core.data.labelled import labelled_source_to_datalist, load_datalist
+
+    path = work / "datalist.json"
+    if path.exists():
+        d = load_datalist(path)
+        if d.get("protocol") == {"source": str(labelled), "folds": folds, "split_seed": split_seed}:
+            return d
+    t0 = time.monotonic()
+    if Path(labelled).suffix.lower() == ".json":
+        d = load_datalist(labelled)
+        if len(d.get("folds") or []) != folds:
+            from usfmae_core.data.labelled import make_splits
+
+            pool = list(d.get("training") or []) + list(d.get("validation") or [])
+            d["folds"] = make_splits(pool, d["classes"], 0.0, 0.0, n_folds=folds, seed=split_seed)["folds"]
+    else:
+        d = labelled_source_to_datalist(labelled, seed=split_seed, val_fraction=TEST_FRACTION,
+                                        test_fraction=TEST_FRACTION, n_folds=folds)
+    d["protocol"] = {"source": str(labelled), "folds": folds, "split_seed": split_seed}
+    d["dedup_split_seconds"] = round(time.monotonic() - t0, 2)
+    write_json(path, d)
+    return d
+
+
+def fold_datalists(datalist: dict[str, Any], work: Path, folds: int, split_seed: int) -> list[Path]:
+    from usfmae_core.workflows.finetune import kfold_datalists
+
+    paths = []
+    for i, d in enumerate(kfold_datalists(datalist, folds, split_seed)):
+        d.pop("removed_duplicates", None)
+        paths.append(write_json(work / "folds" / f"fold_{i}.json", d))
+    return paths
+
+
+def corpus_breakdown(corpus: Path, roots: Sequence[str]) -> dict[str, Any]:
+    """Frames per unlabelled source root and kind, from the corpus manifest and report."""
+    per: Counter = Counter()
+    files: dict[str, set] = defaultdict(set)
+    with open(corpus / "manifest.jsonl") as f:
+        for line in f:
+            rec = json.loads(line)
+            src = rec["source"]
+            root = next((r for r in roots if src.startswith(str(Path(r).resolve())) or src.startswith(str(r))), "?")
+            per[(root, rec["kind"])] += 1
+            files[root].add(src)
+    report = read_json(corpus / "report.json")
+    return {"frames_by_source": [{"source": r, "kind": k, "frames": n} for (r, k), n in sorted(per.items())],
+            "files_with_frames": {r: len(v) for r, v in files.items()},
+            "report": {k: v for k, v in report.items() if k != "skipped"},
+            "skipped": report.get("skipped", [])}
+
+
+# ------------------------------------------------------------------------------------------------------ workflow
+def prepare(rec: Recorder, args: argparse.Namespace, datalist: dict[str, Any], work: Path) -> dict[str, Any] | None:
+    sources = [str(s) for s in args.unlabelled]
+    if args.unlabelled_from_labelled:
+        # the labelled images outside the held-out test part, as plain files (no labels)
+        pool = [it["image"] for s in ("training", "validation") for it in datalist.get(s) or []]
+        lst = work / "labelled_pool_files"
+        lst.mkdir(parents=True, exist_ok=True)
+        for i, p in enumerate(pool):
+            link = lst / f"{i:06d}{Path(p).suffix}"
+            if not link.exists():
+                os.symlink(Path(p).resolve(), link)
+        sources.append(str(lst))
+    if not sources:
+        return None
+    corpus = work / "corpus"
+    argv = ["prepare", *sources, "--out", corpus, "--image-size", args.corpus_size, "--workers", args.prepare_workers,
+            "--no-progress"]
+    if args.crop_sector:
+        argv.append("--crop-sector")
+    seconds = rec.usfmae(argv, "prepare unlabelled corpus")
+    first = corpus / "report_first_call.json"  # a resumed call reports only what it added: keep the first report
+    if not first.exists():
+        first.write_text((corpus / "report.json").read_text())
+    out = corpus_breakdown(corpus, sources)
+    out["first_call_report"] = {k: v for k, v in read_json(first).items() if k != "skipped"}
+    out["seconds_this_call"] = seconds
+    return out
+
+
+def pretrain(rec: Recorder, args: argparse.Namespace, work: Path) -> tuple[str, dict[str, Any]]:
+    if args.init:
+        return str(args.init), {"init": str(args.init), "pretrained_here": False}
+    out = work / "pretrain"
+    model = out / "model.pt"
+    argv = ["pretrain", "--corpus", work / "corpus", "--out", out, "--preset", args.preset, "--img-size",
+            args.img_size, "--patch-size", args.patch_size, "--in-channels", args.in_channels, "--max-steps",
+            args.pretrain_steps, "--batch-size", args.pretrain_batch, "--lr", args.pretrain_lr, "--warmup-steps",
+            max(1, args.pretrain_steps // 10), "--precision", args.precision, "--seed", args.seeds[0], "--device",
+            args.device, "--workers", args.workers, "--ckpt-every", 200, "--picture-every", 0, "--log-every", 20,
+            "--resume"]
+    if not model.exists():
+        rec.usfmae(argv, "MAE pretraining")
+    summary = read_json(out / "summary.json") if (out / "summary.json").exists() else {}
+    return str(model), {"pretrained_here": True, "summary": summary,
+                        "command": "usfmae " + " ".join(shlex.quote(str(a)) for a in argv)}
+
+
+def arm_argv(arm: str, args: argparse.Namespace, mae: str | None) -> list[str]:
+    if arm == "vit_scratch":
+        return ["--preset", args.preset, "--image-size", args.img_size, "--patch-size", args.patch_size,
+                "--in-channels", args.in_channels]
+    if arm == "vit_mae":
+        return ["--init", mae, "--image-size", args.img_size]
+    if arm == "cnn_scratch":
+        return ["--arch", args.cnn, "--depth", args.cnn_depth, "--image-size", args.img_size,
+                "--in-channels", args.in_channels]
+    if arm == "linear_probe":
+        return ["--init", mae, "--linear-probe", "--image-size", args.img_size]
+    raise ValueError(arm)
+
+
+def n_train(fold_json: Path, fraction: float, seed: int) -> int:
+    from usfmae_core.data.labelled import load_datalist, subsample_fraction
+
+    train = load_datalist(fold_json)["training"]
+    return len(train) if fraction >= 1 else len(subsample_fraction(train, fraction, seed))
+
+
+def epochs_for(n: int, args: argparse.Namespace) -> int:
+    """Epochs giving about ``--steps`` optimiser steps (a last batch of one sample is dropped by the loader), at
+    most ``--max-epochs`` (validation runs every epoch, so tiny fractions would otherwise cost mostly validation)."""
+    bs = min(args.batch_size, n)
+    per_epoch = max(1, n // bs + (1 if n % bs > 1 else 0))
+    return max(1, min(args.max_epochs, math.ceil(args.steps / per_epoch)))
+
+
+def finetune_and_evaluate(rec: Recorder, args: argparse.Namespace, arm: str, mae: str | None, fold_json: Path,
+                          fold: int, fraction: float, seed: int, lr: float | None, run_dir: Path,
+                          evaluate: bool = True) -> dict[str, Any]:
+    """One fine-tuning run (skipped when its outputs exist) and its test evaluation."""
+    n = n_train(fold_json, fraction, seed)
+    epochs = epochs_for(n, args)
+    argv = ["finetune", "--data", fold_json, "--out", run_dir, *arm_argv(arm, args, mae),
+            "--epochs", epochs, "--warmup-epochs", max(0, round(epochs * args.warmup)), "--patience", 0,
+            "--batch-size", args.batch_size, "--label-fraction", fraction, "--seed", seed, "--device", args.device,
+            "--precision", args.precision, "--workers", args.workers, "--no-tensorboard"]
+    if lr is not None:
+        argv += ["--lr", lr]
+    if not (run_dir / "metrics.json").exists():
+        rec.usfmae(argv, f"finetune {arm} fraction {fraction} fold {fold} seed {seed}")
+    m = read_json(run_dir / "metrics.json")
+    out: dict[str, Any] = {"arm": arm, "fraction": fraction, "fold": fold, "seed": seed, "lr": lr,
+                           "n_train": m["num_images"]["training"], "n_val": m["num_images"]["validation"],
+                           "n_test": m["num_images"]["test"], "epochs": epochs, "best_epoch": m["best_epoch"],
+                           "steps": m["history"][-1]["step"], "finetune_s": m["time_s"],
+                           "validation": {k: m["validation"][k] for k in METRICS}, "run": str(run_dir)}
+    if evaluate:
+        ev = run_dir / "eval_test"
+        if not (ev / "metrics.json").exists():
+            rec.usfmae(["evaluate", "--model", run_dir / "model.pt", "--data", run_dir / "datalist.json", "--split",
+                        "test", "--bootstrap", args.bootstrap, "--seed", seed, "--device", args.device,
+                        "--precision", args.precision, "--out", ev], f"evaluate {arm} fraction {fraction} fold {fold}")
+        e = read_json(ev / "metrics.json")
+        out["test"] = {k: e[k] for k in METRICS}
+        out["test_bootstrap_ci95"] = {k: e["intervals"].get(k) for k in METRICS}
+        out["test_confusion_matrix"] = e["confusion_matrix"]
+    return out
+
+
+def select_lrs(rec: Recorder, args: argparse.Namespace, arms: Sequence[str], mae: str | None, fold0: Path,
+               work: Path) -> dict[str, Any]:
+    """Per arm, the ``--select-lr`` candidate with the best validation macro-F1 on fold 0 at fraction 1."""
+    chosen: dict[str, Any] = {}
+    for arm in arms:
+        cands = args.probe_select_lr if arm == "linear_probe" and args.probe_select_lr else args.select_lr
+        if not cands:
+            chosen[arm] = {"lr": args.probe_lr if arm == "linear_probe" else args.lr, "selected": False}
+            continue
+        scores = {}
+        for lr in cands:
+            r = finetune_and_evaluate(rec, args, arm, mae, fold0, 0, 1.0, args.seeds[0], lr,
+                                      work / "select" / arm / f"lr_{lr:g}", evaluate=False)
+            scores[lr] = r["validation"]["f1_macro"]
+        best = max(scores, key=lambda k: (scores[k], -k))
+        chosen[arm] = {"lr": best, "selected": True, "run": str(work / "select" / arm / f"lr_{best:g}"),
+                       "validation_f1_macro": {f"{k:g}": v for k, v in scores.items()}}
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------------ reporting
+def summarise(runs: list[dict[str, Any]], arms: Sequence[str], fractions: Sequence[float]) -> dict[str, Any]:
+    """Per (arm, fraction): mean and 95 % t-interval over runs of each test metric; paired differences to the
+    reference arm (``vit_scratch``, else the first arm) over the (seed, fold) pairs both completed."""
+    table: list[dict[str, Any]] = []
+    by = defaultdict(dict)
+    for r in runs:
+        if "test" in r:
+            by[(r["arm"], r["fraction"])][(r["seed"], r["fold"])] = r
+    ref = "vit_scratch" if "vit_scratch" in arms else arms[0]
+    for arm in arms:
+        for f in fractions:
+            rs = by.get((arm, f), {})
+            row: dict[str, Any] = {"arm": arm, "fraction": f, "runs": len(rs),
+                                   "n_train_mean": float(np.mean([r["n_train"] for r in rs.values()])) if rs else None}
+            for k in METRICS:
+                row[k] = t_interval([r["test"][k] for r in rs.values()])
+            if arm != ref:
+                base = by.get((ref, f), {})
+                pairs = sorted(set(rs) & set(base))
+                row["diff_vs_" + ref] = {k: t_interval([rs[p]["test"][k] - base[p]["test"][k] for p in pairs])
+                                         for k in ("f1_macro", "auc_macro")}
+            table.append(row)
+    return {"reference_arm": ref, "table": table}
+
+
+def fmt(stat: dict[str, Any], pct: bool = True) -> str:
+    if not stat or stat.get("n", 0) == 0 or not np.isfinite(stat["mean"]):
+        return "-"
+    s = 100 if pct else 1
+    lo, hi = stat["ci95"]
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{s * stat['mean']:.1f}"
+    return f"{s * stat['mean']:.1f} [{s * lo:.1f}, {s * hi:.1f}]"
+
+
+def write_markdown(path: Path, result: dict[str, Any]) -> Path:
+    summ = result["summary"]
+    ref = summ["reference_arm"]
+    lines = [f"# Label efficiency on `{result['protocol']['labelled']}`", "",
+             f"Status: **{result['status']}**. Test part: {result['data']['split_sizes']['test']} images (held out, "
+             f"never used for a choice); {result['protocol']['folds']} folds x seeds {result['protocol']['seeds']}. "
+             "Values: mean over runs of the test metric in % with the 95 % t-interval over runs; "
+             f"diff = paired difference to `{ref}` (same folds and seeds).", "",
+             "| arm | label fraction | train images | runs | macro-F1 | accuracy | macro AUC | "
+             f"macro-F1 diff vs {ref} |", "|---|---:|---:|---:|---|---|---|---|"]
+    for row in summ["table"]:
+        diff = row.get("diff_vs_" + ref, {}).get("f1_macro")
+        n = row["n_train_mean"]
+        lines.append(f"| {ARM_LABELS.get(row['arm'], row['arm'])} | {row['fraction']:g} | "
+                     f"{'-' if n is None else f'{n:.0f}'} | {row['runs']} | {fmt(row['f1_macro'])} | "
+                     f"{fmt(row['accuracy'])} | {fmt(row['auc_macro'])} | {fmt(diff) if diff else '-'} |")
+    lines += ["", f"Chosen learning rates: " + ", ".join(f"{a}: {v['lr']}" + (" (selected on fold-0 validation)"
+                                                                                if v.get("selected") else "")
+                                                          for a, v in result["learning_rates"].items()), ""]
+    if result.get("missing_runs"):
+        lines += [f"Missing runs ({len(result['missing_runs'])}): " +
+                  ", ".join(f"{m['arm']}@{m['fraction']:g}/fold{m['fold']}/seed{m['seed']}"
+                            for m in result["missing_runs"][:40]), ""]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot(path: Path, result: dict[str, Any]) -> Path:
+    from matplotlib.figure import Figure
+
+    from usfmae_core.workflows.finetune import save_figure
+
+    fig = Figure(figsize=(6.4, 4.4), dpi=110)
+    ax = fig.subplots()
+    table = result["summary"]["table"]
+    arms = list(dict.fromkeys(r["arm"] for r in table))
+    for j, arm in enumerate(arms):
+        rows = [r for r in table if r["arm"] == arm and r["f1_macro"]["n"] > 0]
+        if not rows:
+            continue
+        x = np.array([r["fraction"] for r in rows]) * (1 + 0.025 * (j - (len(arms) - 1) / 2))  # de-overlap bars
+        y = np.array([r["f1_macro"]["mean"] for r in rows])
+        lo = np.array([r["f1_macro"]["ci95"][0] for r in rows])
+        hi = np.array([r["f1_macro"]["ci95"][1] for r in rows])
+        err = np.nan_to_num(np.vstack([y - lo, hi - y]), nan=0.0)
+        ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, lw=1.5, label=ARM_LABELS.get(arm, arm))
+    ax.set_xscale("log")
+    fr = sorted({r["fraction"] for r in table})
+    ax.set_xticks(fr, labels=[f"{100 * f:g}%" for f in fr])
+    ax.minorticks_off()
+    ax.set_xlabel("fraction of the training labels")
+    ax.set_ylabel("test macro-F1 (mean, 95% CI over runs)")
+    ax.set_title(f"{Path(result['protocol']['labelled']).name}: label efficiency ({result['status']})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--labelled", required=True, help="class folders, CSV manifest or datalist JSON")
+    d.add_argument("--unlabelled", nargs="*", default=[], help="files / folders for the pretraining corpus")
+    d.add_argument("--unlabelled-from-labelled", action="store_true",
+                   help="add the labelled images outside the test part, without labels, to the corpus")
+    d.add_argument("--work", required=True, help="folder for corpus, checkpoints and run folders (large)")
+    d.add_argument("--out", required=True, help="folder for results.json / results.md / label_efficiency.png")
+    d.add_argument("--folds", type=int, default=3, help="cross-validation folds over the non-test part")
+    d.add_argument("--split-seed", type=int, default=0, help="seed of the test part and the folds")
+    d.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (init, subsample, order)")
+    d.add_argument("--run-folds", type=int, help="run only the first N folds (default: all; for quick checks)")
+    d.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
+    d.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    d.add_argument("--corpus-size", type=int, default=128, help="frame size of the prepared corpus")
+    d.add_argument("--no-crop-sector", dest="crop_sector", action="store_false",
+                   help="keep black borders (default: prepare --crop-sector)")
+    d.add_argument("--prepare-workers", type=int, default=2)
+    m = p.add_argument_group("models")
+    m.add_argument("--preset", default="vit_micro", help="ViT preset of the MAE and of the ViT arms")
+    m.add_argument("--img-size", type=int, default=64)
+    m.add_argument("--patch-size", type=int, default=8)
+    m.add_argument("--in-channels", type=int, default=3, choices=(1, 3))
+    m.add_argument("--cnn", default="resnet", choices=("resnet", "densenet"))
+    m.add_argument("--cnn-depth", type=int, default=10)
+    m.add_argument("--init", help="MAE checkpoint to use instead of pretraining here (e.g. imported USF-MAE)")
+    t = p.add_argument_group("budgets")
+    t.add_argument("--pretrain-steps", type=int, default=800)
+    t.add_argument("--pretrain-batch", type=int, default=64)
+    t.add_argument("--pretrain-lr", type=float, default=1e-3)
+    t.add_argument("--steps", type=int, default=150, help="optimiser steps per fine-tuning run (every arm)")
+    t.add_argument("--max-epochs", type=int, default=25, help="cap on the epochs of one run")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--warmup", type=float, default=0.1, help="warm-up as a fraction of the epochs (rounded)")
+    t.add_argument("--lr", type=float, default=5e-4, help="lr of the fully fine-tuned arms")
+    t.add_argument("--probe-lr", type=float, default=5e-3, help="lr of the linear probe")
+    t.add_argument("--select-lr", type=float, nargs="*", default=[],
+                   help="candidate lrs, chosen per arm on fold-0 validation macro-F1 at fraction 1")
+    t.add_argument("--probe-select-lr", type=float, nargs="*", default=[], help="candidates for the linear probe")
+    t.add_argument("--bootstrap", type=int, default=1000)
+    t.add_argument("--time-budget-min", type=float, default=0, help="stop launching runs after this (0: none)")
+    r = p.add_argument_group("run")
+    r.add_argument("--device", default="cpu", choices=("auto", "cuda", "mps", "cpu"))
+    r.add_argument("--precision", default="fp32", choices=("auto", "bf16", "fp16", "fp32"))
+    r.add_argument("--workers", type=int, default=0)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    t_start = time.monotonic()
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.unlabelled and not args.unlabelled_from_labelled and not args.init and \
+            {"vit_mae", "linear_probe"} & set(args.arms):
+        raise SystemExit("label_efficiency: the vit_mae / linear_probe arms need --unlabelled, "
+                         "--unlabelled-from-labelled or --init")
+    rec = Recorder(out)
+    timings: dict[str, float] = {}
+
+    t0 = time.monotonic()
+    datalist = make_protocol_datalist(args.labelled, work, args.folds, args.split_seed)
+    folds = fold_datalists(datalist, work, args.folds, args.split_seed)
+    timings["dedup_and_split_s"] = round(time.monotonic() - t0, 2)
+    data = {"dedup": dedup_report(datalist), "classes": datalist["classes"],
+            "split_sizes": {s: len(datalist.get(s) or []) for s in ("training", "validation", "test")},
+            "fold_sizes": [len(f) for f in datalist["folds"]],
+            "test_class_counts": {datalist["classes"][k]: v for k, v in
+                                  sorted(Counter(int(i["label"]) for i in datalist["test"]).items())}}
+
+    mae, pre_info, corpus = None, {}, None
+    if {"vit_mae", "linear_probe"} & set(args.arms):
+        if not args.init:
+            t0 = time.monotonic()
+            corpus = prepare(rec, args, datalist, work)
+            timings["prepare_s"] = round(time.monotonic() - t0, 2)
+        t0 = time.monotonic()
+        mae, pre_info = pretrain(rec, args, work)
+        timings["pretrain_s"] = round(time.monotonic() - t0, 2)
+
+    lrs = select_lrs(rec, args, args.arms, mae, folds[0], work)
+    plan = [(seed, fold, f, arm) for seed in args.seeds for fold in range(args.run_folds or args.folds)
+            for f in args.fractions for arm in args.arms]
+    runs, missing = [], []
+    t_runs = time.monotonic()
+    for seed, fold, f, arm in plan:
+        run_dir = work / "runs" / f"seed{seed}" / f"fold{fold}" / f"frac{f:g}" / arm
+        if lrs[arm].get("selected") and (seed, fold, f) == (args.seeds[0], 0, 1.0):
+            run_dir = Path(lrs[arm]["run"])  # the selection run is this very run (same data, seed and lr): reuse it
+        over = args.time_budget_min and (time.monotonic() - t_start) / 60 > args.time_budget_min
+        if over and not (run_dir / "eval_test" / "metrics.json").exists():
+            missing.append({"arm": arm, "fraction": f, "fold": fold, "seed": seed})
+            continue
+        runs.append(finetune_and_evaluate(rec, args, arm, mae, folds[fold], fold, f, seed, lrs[arm]["lr"], run_dir))
+        write_json(out / "runs.json", runs)  # partial results survive an interruption
+    timings["finetune_evaluate_s"] = round(time.monotonic() - t_runs, 2)
+    timings["total_s"] = round(time.monotonic() - t_start, 2)
+
+    import torch
+
+    import usfmae_core
+
+    result = {
+        "status": "complete" if not missing else f"partial ({len(runs)} of {len(plan)} runs)",
+        "protocol": {**{k: v for k, v in vars(args).items()}, "test_fraction": TEST_FRACTION,
+                     "selection": "best validation macro-F1 epoch per run; lrs from --select-lr on fold-0 "
+                                  "validation if given; the test part is only evaluated",
+                     "budget": f"about {args.steps} optimiser steps of batch {args.batch_size} per run (at most "
+                               f"{args.max_epochs} epochs), the same for every arm at a given label fraction"},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "usfmae": usfmae_core.__version__, "machine": platform.machine(),
+                        "cpu_count": os.cpu_count(), "load_average_end": os.getloadavg()},
+        "data": data, "corpus": corpus, "pretraining": pre_info, "learning_rates": lrs, "timings": timings,
+        "summary": summarise(runs, args.arms, args.fractions), "runs": runs, "missing_runs": missing,
+        "commands": rec.commands,
+    }
+    write_json(out / "results.json", result)
+    write_markdown(out / "results.md", result)
+    plot(out / "label_efficiency.png", result)
+    print((out / "results.md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
