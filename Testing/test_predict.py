@@ -19,7 +19,7 @@ from usfmae_core.data.transforms import Preprocessing
 from usfmae_core.errors import UsfmaeError
 from usfmae_core.networks.presets import build_model, mae_config
 from usfmae_core.workflows.predict import (classify_array, classify_file, classify_frames, collect_inputs,
-                                           inference_dtype, predict)
+                                           inference_dtype, predict, to_inference_model)
 
 CLASSES = list(phantom.CLASSES)
 VOL_SHAPE = (7, 40, 48)
@@ -134,6 +134,18 @@ def test_classify_file_matches_array(ckpts, files):
     assert res["kind"] == "cine" and res["n_frames"] == 5 and res["source"] == str(files["gif"])
     arr = classify_array(model, ckpt["config"], read_ultrasound(files["gif"]).array, kind="cine")
     np.testing.assert_allclose(res["per_frame"], arr["per_frame"], atol=1e-6)
+
+
+def test_bf16_inference_model_close_to_fp32(ckpts):
+    model, ckpt = _load(ckpts["clf2d"])
+    prep = Preprocessing.from_dict(ckpt["config"]["preprocessing"])
+    frames = phantom.make_volume(0, (4, 40, 40), rng=7).astype(np.float32)
+    ref = classify_frames(model, frames, prep, precision="fp32")
+    fast = to_inference_model(model, "cpu", "bf16")
+    assert next(fast.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is left alone (a copy is cast)
+    np.testing.assert_allclose(classify_frames(fast, frames, prep), ref, atol=0.05)
+    assert to_inference_model(model, "cpu", "fp32") is model
 
 
 def test_inference_dtype_rules():

@@ -23,7 +23,9 @@ or scores a model by itself):
    ``--seeds`` entry.
 5. **Evaluation**: ``usfmae evaluate`` of each run's ``model.pt`` on the held-out test part (bootstrap 95 % intervals
    of that one run); the table reports mean and 95 % t-interval over the (seed x fold) runs of test macro-F1,
-   accuracy and macro AUC, and the paired difference of each arm to ``vit_scratch`` (same folds, same seeds).
+   accuracy and macro AUC (mean over the seed x fold runs, with a percentile bootstrap over the test images that
+   resamples them jointly for every run and arm, and the SD / t-interval across runs), and the paired difference of
+   each arm to ``vit_scratch`` (same folds, same seeds, same resampled images).
 
 Optional hyper-parameter selection (``--select-lr``): for each arm, fine-tune fold 0 at fraction 1 with each
 candidate learning rate and keep the one with the best validation macro-F1 (test never looked at).
@@ -327,9 +329,14 @@ def select_lrs(rec: Recorder, args: argparse.Namespace, arms: Sequence[str], mae
             continue
         scores = {}
         for lr in cands:
+            if args.report_only and not (work / "select" / arm / f"lr_{lr:g}" / "metrics.json").exists():
+                continue
             r = finetune_and_evaluate(rec, args, arm, mae, fold0, 0, 1.0, args.seeds[0], lr,
                                       work / "select" / arm / f"lr_{lr:g}", evaluate=False)
             scores[lr] = r["validation"]["f1_macro"]
+        if not scores:
+            chosen[arm] = {"lr": None, "selected": False, "note": "selection runs missing"}
+            continue
         best = max(scores, key=lambda k: (scores[k], -k))
         chosen[arm] = {"lr": best, "selected": True, "run": str(work / "select" / arm / f"lr_{best:g}"),
                        "validation_f1_macro": {f"{k:g}": v for k, v in scores.items()}}
@@ -337,29 +344,98 @@ def select_lrs(rec: Recorder, args: argparse.Namespace, arms: Sequence[str], mae
 
 
 # ------------------------------------------------------------------------------------------------------ reporting
-def summarise(runs: list[dict[str, Any]], arms: Sequence[str], fractions: Sequence[float]) -> dict[str, Any]:
-    """Per (arm, fraction): mean and 95 % t-interval over runs of each test metric; paired differences to the
-    reference arm (``vit_scratch``, else the first arm) over the (seed, fold) pairs both completed."""
+def load_predictions(run: dict[str, Any]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(image paths, labels ``(N,)``, probabilities ``(N, K)``) of a run's test evaluation (``predictions.csv``)."""
+    import csv
+
+    with open(Path(run["run"]) / "eval_test" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    classes = [c[len("prob_"):] for c in rows[0] if c.startswith("prob_")]
+    y = np.array([classes.index(r["true"]) for r in rows], dtype=np.int64)
+    p = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows], dtype=np.float64)
+    return [r["image"] for r in rows], y, p
+
+
+def bootstrap_fold_mean(arm_runs: Sequence[tuple[np.ndarray, np.ndarray]],
+                        ref_runs: Sequence[tuple[np.ndarray, np.ndarray]] | None = None, n_boot: int = 1000,
+                        seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Percentile-bootstrap 95 % interval of the mean over runs of each metric (minus the paired ``ref_runs``'
+    when given), resampling the shared test images jointly for every run, so paired differences are paired.
+
+    Args:
+        arm_runs / ref_runs: per run ``(y (N,), probs (N, K))`` on the same test images in the same order.
+    """
+    from usfmae_core.workflows import metrics as M
+
+    def stat(idx: np.ndarray | None) -> np.ndarray:
+        def mean_of(runs):
+            vals = []
+            for y, p in runs:
+                m = M.summary_metrics(y if idx is None else y[idx], p if idx is None else p[idx])
+                vals.append([m[k] for k in METRICS])
+            return np.nanmean(np.array(vals, dtype=np.float64), 0)
+        v = mean_of(arm_runs)
+        return v - mean_of(ref_runs) if ref_runs is not None else v
+
+    point = stat(None)
+    n = len(arm_runs[0][0])
+    rng = np.random.default_rng(seed)
+    boots = np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)]) if n_boot > 0 else np.zeros((0, len(METRICS)))
+    out = {}
+    for j, k in enumerate(METRICS):
+        col = boots[:, j][np.isfinite(boots[:, j])] if len(boots) else np.array([])
+        ci = [float(np.percentile(col, 2.5)), float(np.percentile(col, 97.5))] if col.size else [math.nan, math.nan]
+        out[k] = {"n": len(arm_runs), "mean": float(point[j]), "ci95": ci}
+    return out
+
+
+def summarise(runs: list[dict[str, Any]], arms: Sequence[str], fractions: Sequence[float], n_boot: int = 1000
+              ) -> dict[str, Any]:
+    """Per (arm, fraction): the mean over runs (folds x seeds) of each test metric with a paired test-image
+    bootstrap 95 % interval, the spread over runs (SD, t-interval), and the paired difference to the reference arm
+    (``vit_scratch``, else the first arm) over the (seed, fold) pairs both completed."""
     table: list[dict[str, Any]] = []
-    by = defaultdict(dict)
+    by: dict[tuple[str, float], dict[tuple[int, int], dict]] = defaultdict(dict)
     for r in runs:
         if "test" in r:
             by[(r["arm"], r["fraction"])][(r["seed"], r["fold"])] = r
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    order: list[str] | None = None
+
+    def preds(r: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        nonlocal order
+        if r["run"] not in cache:
+            images, y, p = load_predictions(r)
+            if order is None:
+                order = images
+            pos = {im: i for i, im in enumerate(images)}
+            idx = np.array([pos[im] for im in order])  # align every run on the same test-image order
+            cache[r["run"]] = (y[idx], p[idx])
+        return cache[r["run"]]
+
     ref = "vit_scratch" if "vit_scratch" in arms else arms[0]
     for arm in arms:
         for f in fractions:
             rs = by.get((arm, f), {})
+            keys = sorted(rs)
             row: dict[str, Any] = {"arm": arm, "fraction": f, "runs": len(rs),
                                    "n_train_mean": float(np.mean([r["n_train"] for r in rs.values()])) if rs else None}
+            boot = bootstrap_fold_mean([preds(rs[k]) for k in keys], None, n_boot) if rs else {}
             for k in METRICS:
-                row[k] = t_interval([r["test"][k] for r in rs.values()])
+                row[k] = boot.get(k, {"n": 0, "mean": math.nan, "ci95": [math.nan, math.nan]})
+                row[k + "_over_runs"] = t_interval([rs[q]["test"][k] for q in keys])
             if arm != ref:
                 base = by.get((ref, f), {})
                 pairs = sorted(set(rs) & set(base))
-                row["diff_vs_" + ref] = {k: t_interval([rs[p]["test"][k] - base[p]["test"][k] for p in pairs])
-                                         for k in ("f1_macro", "auc_macro")}
+                if pairs:
+                    d = bootstrap_fold_mean([preds(rs[q]) for q in pairs], [preds(base[q]) for q in pairs], n_boot)
+                    row["diff_vs_" + ref] = {k: {**d[k], "over_runs": t_interval(
+                        [rs[q]["test"][k] - base[q]["test"][k] for q in pairs])} for k in ("f1_macro", "auc_macro")}
             table.append(row)
-    return {"reference_arm": ref, "table": table}
+    return {"reference_arm": ref, "table": table,
+            "interval": "percentile bootstrap over the test images (resampled jointly for all runs and arms, "
+                        f"{n_boot} resamples) of the mean over runs; *_over_runs: mean, SD and Student-t 95 % "
+                        "interval over the runs (folds x seeds)"}
 
 
 def fmt(stat: dict[str, Any], pct: bool = True) -> str:
@@ -372,22 +448,29 @@ def fmt(stat: dict[str, Any], pct: bool = True) -> str:
     return f"{s * stat['mean']:.1f} [{s * lo:.1f}, {s * hi:.1f}]"
 
 
+def fmt_sd(stat: dict[str, Any]) -> str:
+    return "-" if not stat or stat.get("n", 0) < 2 else f"{100 * stat['sd']:.1f}"
+
+
 def write_markdown(path: Path, result: dict[str, Any]) -> Path:
     summ = result["summary"]
     ref = summ["reference_arm"]
     lines = [f"# Label efficiency on `{result['protocol']['labelled']}`", "",
              f"Status: **{result['status']}**. Test part: {result['data']['split_sizes']['test']} images (held out, "
-             f"never used for a choice); {result['protocol']['folds']} folds x seeds {result['protocol']['seeds']}. "
-             "Values: mean over runs of the test metric in % with the 95 % t-interval over runs; "
-             f"diff = paired difference to `{ref}` (same folds and seeds).", "",
-             "| arm | label fraction | train images | runs | macro-F1 | accuracy | macro AUC | "
-             f"macro-F1 diff vs {ref} |", "|---|---:|---:|---:|---|---|---|---|"]
+             f"never used for a choice); {result['protocol']['run_folds'] or result['protocol']['folds']} of "
+             f"{result['protocol']['folds']} folds x seeds {result['protocol']['seeds']}. "
+             "Values: mean over runs (folds x seeds) of the test metric in %, with the 95 % percentile-bootstrap "
+             "interval over the test images (resampled jointly for every run and arm, so differences are paired); "
+             f"SD over runs = spread across folds; diff = paired difference to `{ref}` (same folds and seeds).", "",
+             "| arm | label fraction | train images | runs | macro-F1 | SD over runs | accuracy | macro AUC | "
+             f"macro-F1 diff vs {ref} | AUC diff vs {ref} |", "|---|---:|---:|---:|---|---:|---|---|---|---|"]
     for row in summ["table"]:
-        diff = row.get("diff_vs_" + ref, {}).get("f1_macro")
+        diff = row.get("diff_vs_" + ref, {})
         n = row["n_train_mean"]
         lines.append(f"| {ARM_LABELS.get(row['arm'], row['arm'])} | {row['fraction']:g} | "
                      f"{'-' if n is None else f'{n:.0f}'} | {row['runs']} | {fmt(row['f1_macro'])} | "
-                     f"{fmt(row['accuracy'])} | {fmt(row['auc_macro'])} | {fmt(diff) if diff else '-'} |")
+                     f"{fmt_sd(row['f1_macro_over_runs'])} | {fmt(row['accuracy'])} | {fmt(row['auc_macro'])} | "
+                     f"{fmt(diff.get('f1_macro'))} | {fmt(diff.get('auc_macro'))} |")
     lines += ["", f"Chosen learning rates: " + ", ".join(f"{a}: {v['lr']}" + (" (selected on fold-0 validation)"
                                                                                 if v.get("selected") else "")
                                                           for a, v in result["learning_rates"].items()), ""]
@@ -479,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", choices=("auto", "cuda", "mps", "cpu"))
     r.add_argument("--precision", default="fp32", choices=("auto", "bf16", "fp16", "fp32"))
     r.add_argument("--workers", type=int, default=0)
+    r.add_argument("--report-only", action="store_true",
+                   help="launch no fine-tuning: summarise the runs already finished in --work")
     return p
 
 
@@ -507,7 +592,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     mae, pre_info, corpus = None, {}, None
     if {"vit_mae", "linear_probe"} & set(args.arms):
-        if not args.init:
+        if args.report_only and (work / "corpus" / "manifest.jsonl").exists():
+            corpus = corpus_breakdown(work / "corpus", [str(s) for s in args.unlabelled])
+        elif not args.init:
             t0 = time.monotonic()
             corpus = prepare(rec, args, datalist, work)
             timings["prepare_s"] = round(time.monotonic() - t0, 2)
@@ -524,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         run_dir = work / "runs" / f"seed{seed}" / f"fold{fold}" / f"frac{f:g}" / arm
         if lrs[arm].get("selected") and (seed, fold, f) == (args.seeds[0], 0, 1.0):
             run_dir = Path(lrs[arm]["run"])  # the selection run is this very run (same data, seed and lr): reuse it
-        over = args.time_budget_min and (time.monotonic() - t_start) / 60 > args.time_budget_min
+        over = args.report_only or (args.time_budget_min and (time.monotonic() - t_start) / 60 > args.time_budget_min)
         if over and not (run_dir / "eval_test" / "metrics.json").exists():
             missing.append({"arm": arm, "fraction": f, "fold": fold, "seed": seed})
             continue
@@ -548,9 +635,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         "usfmae": usfmae_core.__version__, "machine": platform.machine(),
                         "cpu_count": os.cpu_count(), "load_average_end": os.getloadavg()},
         "data": data, "corpus": corpus, "pretraining": pre_info, "learning_rates": lrs, "timings": timings,
-        "summary": summarise(runs, args.arms, args.fractions), "runs": runs, "missing_runs": missing,
+        "summary": summarise(runs, args.arms, args.fractions, args.bootstrap), "runs": runs, "missing_runs": missing,
         "commands": rec.commands,
     }
+    if args.report_only and (out / "results.json").exists():
+        # keep what the run itself recorded (its commands, timings and machine load); only the summary is new
+        prev = read_json(out / "results.json")
+        result.update(commands=prev.get("commands", []), timings=prev.get("timings", timings),
+                      environment=prev.get("environment", result["environment"]))
+        result["corpus"] = prev.get("corpus") or result["corpus"]
+        result["protocol"]["report_only"] = False
+        result["summarised_again_by"] = "--report-only"
     write_json(out / "results.json", result)
     write_markdown(out / "results.md", result)
     plot(out / "label_efficiency.png", result)

@@ -43,10 +43,11 @@ from monai.transforms import MapTransform, apply_transform
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["CorpusDataset", "split_items", "evaluation_items", "inference_items", "cache_rate", "UltrasoundToFramesd",
-           "FrameAveragingInferer", "prepare_batch", "training_settings", "read_model_config",
-           "classifier_from_settings", "load_weights", "save_state_dict", "WeightsLoader", "macro_f1", "cosine_schedule", "use_amp",
-           "amp_kwargs", "is_not_rank0", "prepare_process", "with_iteration_events", "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler"]
+__all__ = ["CorpusDataset", "split_items", "evaluation_items", "inference_items", "cache_rate", "check_batches",
+           "UltrasoundToFramesd", "FrameAveragingInferer", "prepare_batch", "training_settings", "read_model_config",
+           "classifier_from_settings", "load_weights", "save_state_dict", "WeightsLoader", "macro_f1",
+           "cosine_schedule", "use_amp", "amp_kwargs", "is_not_rank0", "prepare_process", "with_iteration_events",
+           "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler"]
 
 logger = logging.getLogger("usfmae.bundle")
 
@@ -140,6 +141,20 @@ def cache_rate(n_items: int, prep: Any) -> float:
 
     per_item = int(prep.in_channels) * int(prep.image_size) ** 2 * 4
     return float(min(1.0, CACHE_BYTES / max(1, per_item * max(1, int(n_items)))))
+
+
+def check_batches(loader: Any, source: str | os.PathLike) -> int:
+    """The number of batches of ``loader``; refuses an empty one (MONAI's engines would silently skip the run).
+
+    Raises:
+        UsfmaeError: fewer items than one batch (with ``drop_last``) in this process's share of ``source``.
+    """
+    n = len(loader)
+    if n == 0:
+        items = len(loader.sampler) if getattr(loader, "sampler", None) is not None else len(loader.dataset)
+        raise UsfmaeError(f"{source} gives no complete batch: {items} item(s) for this process, batch size "
+                          f"{loader.batch_size}", "use a smaller --batch_size (it is per process) or more data")
+    return n
 
 
 class UltrasoundToFramesd(MapTransform):

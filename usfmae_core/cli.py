@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "usfmae_core.workflows.predict",
     "usfmae_core.workflows.reconstruct",
     "usfmae_core.workflows.embed",
+    "usfmae_core.workflows.demo",
 )
 
 

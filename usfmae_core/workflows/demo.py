@@ -56,7 +56,7 @@ def _metrics(eval_dir: Path) -> dict[str, Any]:
 
 def _fmt(m: dict[str, Any], key: str) -> str:
     value = m.get(key)
-    ci = m.get("ci95", {}).get(key) if isinstance(m.get("ci95"), dict) else None
+    ci = (m.get("intervals") or {}).get(key)
     if value is None:
         return "n/a"
     return f"{value:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
@@ -127,8 +127,7 @@ def write_report(out: Path, results: dict[str, dict], volume_path: Path, seconds
     else:
         verdict = (f"No clear difference at this scale: macro-F1 {pre['f1_macro']:.3f} (pretrained) vs "
                    f"{scr['f1_macro']:.3f} (scratch), within noise for a test set this small.")
-    summary = json.loads((out / "predict" / "predictions.json").read_text())
-    vol = summary[0] if isinstance(summary, list) else summary.get("inputs", [summary])[0]
+    vol = json.loads((out / "predict" / "predictions.json").read_text())["results"][0]
     rel = lambda p: Path(p).relative_to(out).as_posix()  # noqa: E731
     pictures = sorted((out / "pretrain" / "pictures").glob("*.png"))
     recon = sorted((out / "reconstruct").glob("*.png"))
@@ -142,8 +141,8 @@ def write_report(out: Path, results: dict[str, dict], volume_path: Path, seconds
     for arm, m in (("MAE-pretrained ViT", pre), ("ViT from scratch", scr)):
         lines.append(f"| {arm} | {_fmt(m, 'accuracy')} | {_fmt(m, 'balanced_accuracy')} | {_fmt(m, 'f1_macro')} | "
                      f"{_fmt(m, 'auc_macro')} |")
-    lines += ["", "Confusion matrix (pretrained arm):", "",
-              f"![confusion](eval_pretrained/confusion_matrix.png)", "",
+    lines += ["", f"Test split: {pre['n']} images; 95% bootstrap intervals in brackets.", "",
+              "Confusion matrix (pretrained arm):", "", "![confusion](eval_pretrained/confusion_matrix.png)", "",
               "## A 3D volume, classified slice by slice", "",
               f"`{volume_path.name}` (a phantom volume with a mass): predicted **{vol.get('label')}** over "
               f"{vol.get('n_frames')} slices; per-slice probabilities in `predict/predictions.csv`.", "",

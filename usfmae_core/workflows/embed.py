@@ -19,9 +19,10 @@ import torch
 import torch.nn as nn
 
 from usfmae_core.errors import UsfmaeError
-from usfmae_core.workflows.predict import (_device, _model_input_size, _write_csv, add_common_arguments,
-                                           collect_inputs, inference_context, inference_dtype, model_spatial_dims,
-                                           preprocessing_from_config, volume_to_tensor)
+from usfmae_core.workflows.predict import (_device, _model_input_size, _weights_dtype, _write_csv,
+                                           add_common_arguments, collect_inputs, inference_context, inference_dtype,
+                                           model_spatial_dims, preprocessing_from_config, to_inference_model,
+                                           volume_to_tensor)
 
 __all__ = ["EMBED_ARCHS", "embed_frames", "embed_volume", "embed", "add_parser", "run"]
 
@@ -71,10 +72,11 @@ def embed_frames(model: nn.Module, frames: np.ndarray, prep, pool: str = "avg", 
         frames = frames[None]
     dev = _device(device)
     enc = enc.to(dev).eval()
+    wdtype = _weights_dtype(enc)  # bf16 weights (to_inference_model) run as they are, without autocast
     out: list[np.ndarray] = []
-    with inference_context(dev, inference_dtype(dev, precision)):
+    with inference_context(dev, inference_dtype(dev, precision) if wdtype == torch.float32 else None):
         for i in range(0, len(frames), max(1, int(batch_size))):
-            x = frames_to_tensor(frames[i:i + batch_size], prep).to(dev)
+            x = frames_to_tensor(frames[i:i + batch_size], prep).to(dev, wdtype)
             out.append(_features(enc, x, pool).cpu().numpy())
             if progress is not None:
                 progress(len(x))
@@ -89,8 +91,9 @@ def embed_volume(model: nn.Module, volume: np.ndarray, prep, pool: str = "avg", 
     enc = _encoder(model)
     dev = _device(device)
     enc = enc.to(dev).eval()
-    x = volume_to_tensor(volume, prep, _model_input_size(model, prep, 3)).to(dev)
-    with inference_context(dev, inference_dtype(dev, precision)):
+    wdtype = _weights_dtype(enc)
+    x = volume_to_tensor(volume, prep, _model_input_size(model, prep, 3)).to(dev, wdtype)
+    with inference_context(dev, inference_dtype(dev, precision) if wdtype == torch.float32 else None):
         return _features(enc, x, pool).cpu().numpy().astype(np.float32)
 
 
@@ -115,6 +118,7 @@ def embed(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], ou
     files, skipped = collect_inputs(inputs)
     dev = _device(device)
     model, ckpt = load_model(model_path, expect=EMBED_ARCHS, device=dev)
+    model = to_inference_model(model, dev, precision, copy=False)
     prep = preprocessing_from_config(ckpt["config"])
     dims = model_spatial_dims(model, ckpt["config"])
     out = prepare_output_dir(out_dir, run_config if run_config is not None else

@@ -25,8 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from usfmae_core.errors import UsfmaeError
-from usfmae_core.workflows.predict import (_device, _model_input_size, add_common_arguments, inference_context,
-                                           inference_dtype, preprocessing_from_config, volume_to_tensor)
+from usfmae_core.workflows.predict import (_device, _model_input_size, _weights_dtype, add_common_arguments,
+                                           inference_context, inference_dtype, preprocessing_from_config,
+                                           volume_to_tensor)
 
 __all__ = ["reconstruct_frames", "reconstruct_volume", "reconstruct_file", "MAX_PICTURES", "add_parser", "run"]
 
@@ -111,9 +112,10 @@ def reconstruct_frames(mae: nn.Module, frames: np.ndarray, prep, mask_ratio: flo
     noise = _noise(n, mae.encoder.num_patches, seed)
     sse = count = 0.0
     bs = max(1, int(batch_size))
-    with inference_context(dev, inference_dtype(dev, precision)):
+    wdtype = _weights_dtype(mae)
+    with inference_context(dev, inference_dtype(dev, precision) if wdtype == torch.float32 else None):
         for i in range(0, n, bs):
-            x = frames_to_tensor(frames[i:i + bs], prep).to(dev)
+            x = frames_to_tensor(frames[i:i + bs], prep).to(dev, wdtype)
             _, recon, mask_img = mae.reconstruct(x, mask_ratio, noise[i:i + bs].to(dev))
             s, c = _loss(x, recon, mask_img)
             sse, count = sse + s, count + c
@@ -139,8 +141,9 @@ def reconstruct_volume(mae: nn.Module, volume: np.ndarray, prep, mask_ratio: flo
     mae = mae.to(dev).eval()
     vol = np.asarray(volume, dtype=np.float32)
     scaled = scale_intensity(vol)
-    x = volume_to_tensor(vol, prep, _model_input_size(mae, prep, 3)).to(dev)
-    with inference_context(dev, inference_dtype(dev, precision)):
+    wdtype = _weights_dtype(mae)
+    x = volume_to_tensor(vol, prep, _model_input_size(mae, prep, 3)).to(dev, wdtype)
+    with inference_context(dev, inference_dtype(dev, precision) if wdtype == torch.float32 else None):
         _, recon, mask_img = mae.reconstruct(x, mask_ratio, _noise(1, mae.encoder.num_patches, seed).to(dev))
         sse, count = _loss(x, recon, mask_img)
     unit = _to_unit(recon, prep).cpu()  # (1, S, S, S)
