@@ -16,16 +16,16 @@ or scores a model by itself):
    (``WORK/pretrain/model.pt``), unless ``--init`` gives an MAE checkpoint (e.g. imported USF-MAE weights).
 4. **Arms**, each ``usfmae finetune`` with the same optimiser-step budget ``--steps`` (epochs =
    min(``--max-epochs``, ceil(steps / steps per epoch)), so every arm gets the same number of updates at a given label
-   fraction, and every fraction the same unless capped; the model with the best *validation* macro-F1 is kept): ``vit_scratch`` (ViT ``--preset`` from random init), ``vit_mae`` (the same
-   ViT from the MAE), ``cnn_scratch`` (MONAI ``--cnn`` / ``--cnn-depth`` from random init), ``linear_probe`` (frozen
-   MAE encoder + linear head), at each ``--fractions`` of the fold's training part
-   (:func:`~usfmae_core.data.labelled.subsample_fraction`, seeded by the run seed), for every fold and every
-   ``--seeds`` entry.
-5. **Evaluation**: ``usfmae evaluate`` of each run's ``model.pt`` on the held-out test part (bootstrap 95 % intervals
-   of that one run); the table reports mean and 95 % t-interval over the (seed x fold) runs of test macro-F1,
-   accuracy and macro AUC (mean over the seed x fold runs, with a percentile bootstrap over the test images that
-   resamples them jointly for every run and arm, and the SD / t-interval across runs), and the paired difference of
-   each arm to ``vit_scratch`` (same folds, same seeds, same resampled images).
+   fraction, and every fraction the same unless capped; the model with the best *validation* macro-F1 is kept):
+   ``vit_scratch`` (ViT ``--preset`` from random init), ``vit_mae`` (the same ViT from the MAE), ``cnn_scratch``
+   (MONAI ``--cnn`` / ``--cnn-depth`` from random init), ``linear_probe`` (frozen MAE encoder + linear head), at
+   each ``--fractions`` of the fold's training part (:func:`~usfmae_core.data.labelled.subsample_fraction`, seeded
+   by the run seed), for every fold and every ``--seeds`` entry.
+5. **Evaluation**: ``usfmae evaluate`` of each run's ``model.pt`` on the held-out test part (its own bootstrap 95 %
+   intervals); the table reports test macro-F1, accuracy and macro AUC as the mean over the (seed x fold) runs with a
+   percentile bootstrap over the test images that resamples them jointly for every run and arm (metrics by
+   :mod:`usfmae_core.workflows.metrics` on ``evaluate``'s predictions), the SD / t-interval across runs, and the
+   paired difference of each arm to ``vit_scratch`` and ``cnn_scratch`` (same folds, seeds and resampled images).
 
 Optional hyper-parameter selection (``--select-lr``): for each arm, fine-tune fold 0 at fraction 1 with each
 candidate learning rate and keep the one with the best validation macro-F1 (test never looked at).
@@ -36,17 +36,23 @@ Outputs in ``--out`` (small files only): ``results.json`` (protocol, commands, d
 ``--work`` skips finished steps, so an interrupted run continues; ``--time-budget-min`` stops launching new runs
 after that many minutes and records the results as partial.
 
-CPU example (2 cores, about an hour)::
+CPU example (2 cores, about an hour; the recorded run, see benchmarks/README.md)::
 
-    python benchmarks/label_efficiency.py --labelled ../shared/data/busi_256 \\
-        --unlabelled ../shared/data/pocus_lung ../shared/data/volumes ../shared/data/sequences ../shared/data/dicom_us \\
-        --work /tmp/le/run --out benchmarks/results/label_efficiency
+    D=../shared/data
+    python benchmarks/label_efficiency.py --labelled $D/busi_256 \\
+        --unlabelled $D/pocus_lung $D/volumes $D/sequences $D/dicom_us \\
+        --work /tmp/le/run --out benchmarks/results/label_efficiency \\
+        --select-lr 5e-4 2e-3 --probe-select-lr 5e-3 5e-2
 
 GPU, paper scale::
 
     python benchmarks/label_efficiency.py --labelled ... --unlabelled ... --preset vit_base --img-size 224 \\
-        --patch-size 16 --cnn resnet --cnn-depth 50 --device cuda --folds 5 --seeds 0 1 2 --steps 2000 \\
-        --batch-size 64 --pretrain-steps 50000 --pretrain-batch 256 [--init usf_mae_imported.pt]
+        --patch-size 16 --cnn resnet --cnn-depth 50 --device cuda --precision bf16 --workers 8 --folds 5 \\
+        --seeds 0 1 2 --steps 3000 --max-epochs 100 --batch-size 64 --pretrain-steps 50000 --pretrain-batch 256 \\
+        --pretrain-lr 1.5e-4 --select-lr 2.5e-4 1e-3 --probe-select-lr 1e-2 1e-1 [--init usf_mae_imported.pt]
+
+Several processes may share one ``--work`` when they split the work by ``--arms`` or ``--only-folds`` (each with
+its own ``--out``); ``--report-only --merge-from OUT...`` then writes the joint report.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ import platform
 import shlex
 import sys
 import time
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -190,15 +197,18 @@ def fold_datalists(datalist: dict[str, Any], work: Path, folds: int, split_seed:
     return paths
 
 
-def corpus_breakdown(corpus: Path, roots: Sequence[str]) -> dict[str, Any]:
-    """Frames per unlabelled source root and kind, from the corpus manifest and report."""
+def corpus_breakdown(corpus: Path, roots: Sequence[str], pool: Path | None = None) -> dict[str, Any]:
+    """Frames per unlabelled source root and kind, from the corpus manifest and report; files linked from ``pool``
+    (``--unlabelled-from-labelled``; the manifest names their targets) count under ``pool``."""
+    linked = {str(p.resolve()) for p in pool.iterdir()} if pool is not None and pool.is_dir() else set()
     per: Counter = Counter()
     files: dict[str, set] = defaultdict(set)
     with open(corpus / "manifest.jsonl") as f:
         for line in f:
             rec = json.loads(line)
             src = rec["source"]
-            root = next((r for r in roots if src.startswith(str(Path(r).resolve())) or src.startswith(str(r))), "?")
+            root = str(pool) if str(Path(src).resolve()) in linked else \
+                next((r for r in roots if src.startswith(str(Path(r).resolve())) or src.startswith(str(r))), "?")
             per[(root, rec["kind"])] += 1
             files[root].add(src)
     report = read_json(corpus / "report.json")
@@ -232,7 +242,7 @@ def prepare(rec: Recorder, args: argparse.Namespace, datalist: dict[str, Any], w
     first = corpus / "report_first_call.json"  # a resumed call reports only what it added: keep the first report
     if not first.exists():
         first.write_text((corpus / "report.json").read_text())
-    out = corpus_breakdown(corpus, sources)
+    out = corpus_breakdown(corpus, sources, work / "labelled_pool_files")
     out["first_call_report"] = {k: v for k, v in read_json(first).items() if k != "skipped"}
     out["seconds_this_call"] = seconds
     return out
@@ -373,14 +383,17 @@ def bootstrap_fold_mean(arm_runs: Sequence[tuple[np.ndarray, np.ndarray]],
             for y, p in runs:
                 m = M.summary_metrics(y if idx is None else y[idx], p if idx is None else p[idx])
                 vals.append([m[k] for k in METRICS])
-            return np.nanmean(np.array(vals, dtype=np.float64), 0)
+            with warnings.catch_warnings():  # an undefined metric (NaN AUC) in every run of a resample stays NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return np.nanmean(np.array(vals, dtype=np.float64), 0)
         v = mean_of(arm_runs)
         return v - mean_of(ref_runs) if ref_runs is not None else v
 
     point = stat(None)
     n = len(arm_runs[0][0])
     rng = np.random.default_rng(seed)
-    boots = np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)]) if n_boot > 0 else np.zeros((0, len(METRICS)))
+    boots = (np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)]) if n_boot > 0
+             else np.zeros((0, len(METRICS))))
     out = {}
     for j, k in enumerate(METRICS):
         col = boots[:, j][np.isfinite(boots[:, j])] if len(boots) else np.array([])
@@ -413,7 +426,7 @@ def summarise(runs: list[dict[str, Any]], arms: Sequence[str], fractions: Sequen
             cache[r["run"]] = (y[idx], p[idx])
         return cache[r["run"]]
 
-    ref = "vit_scratch" if "vit_scratch" in arms else arms[0]
+    refs = [a for a in ("vit_scratch", "cnn_scratch") if a in arms] or [arms[0]]
     for arm in arms:
         for f in fractions:
             rs = by.get((arm, f), {})
@@ -424,15 +437,15 @@ def summarise(runs: list[dict[str, Any]], arms: Sequence[str], fractions: Sequen
             for k in METRICS:
                 row[k] = boot.get(k, {"n": 0, "mean": math.nan, "ci95": [math.nan, math.nan]})
                 row[k + "_over_runs"] = t_interval([rs[q]["test"][k] for q in keys])
-            if arm != ref:
+            for ref in refs:
                 base = by.get((ref, f), {})
                 pairs = sorted(set(rs) & set(base))
-                if pairs:
+                if arm != ref and pairs:
                     d = bootstrap_fold_mean([preds(rs[q]) for q in pairs], [preds(base[q]) for q in pairs], n_boot)
-                    row["diff_vs_" + ref] = {k: {**d[k], "over_runs": t_interval(
+                    row["diff_vs_" + ref] = {k: {**d[k], "pairs": len(pairs), "over_runs": t_interval(
                         [rs[q]["test"][k] - base[q]["test"][k] for q in pairs])} for k in ("f1_macro", "auc_macro")}
             table.append(row)
-    return {"reference_arm": ref, "table": table,
+    return {"reference_arms": refs, "table": table,
             "interval": "percentile bootstrap over the test images (resampled jointly for all runs and arms, "
                         f"{n_boot} resamples) of the mean over runs; *_over_runs: mean, SD and Student-t 95 % "
                         "interval over the runs (folds x seeds)"}
@@ -454,24 +467,25 @@ def fmt_sd(stat: dict[str, Any]) -> str:
 
 def write_markdown(path: Path, result: dict[str, Any]) -> Path:
     summ = result["summary"]
-    ref = summ["reference_arm"]
+    refs = summ["reference_arms"]
     lines = [f"# Label efficiency on `{result['protocol']['labelled']}`", "",
              f"Status: **{result['status']}**. Test part: {result['data']['split_sizes']['test']} images (held out, "
              f"never used for a choice); {result['protocol']['run_folds'] or result['protocol']['folds']} of "
              f"{result['protocol']['folds']} folds x seeds {result['protocol']['seeds']}. "
              "Values: mean over runs (folds x seeds) of the test metric in %, with the 95 % percentile-bootstrap "
              "interval over the test images (resampled jointly for every run and arm, so differences are paired); "
-             f"SD over runs = spread across folds; diff = paired difference to `{ref}` (same folds and seeds).", "",
+             "SD over runs = spread across folds; diff = paired difference of macro-F1 (AUC in results.json) to "
+             "the reference arm over the same folds and seeds.", "",
              "| arm | label fraction | train images | runs | macro-F1 | SD over runs | accuracy | macro AUC | "
-             f"macro-F1 diff vs {ref} | AUC diff vs {ref} |", "|---|---:|---:|---:|---|---:|---|---|---|---|"]
+             + " | ".join(f"F1 diff vs {ARM_LABELS.get(r, r)}" for r in refs) + " |",
+             "|---|---:|---:|---:|---|---:|---|---|" + "---|" * len(refs)]
     for row in summ["table"]:
-        diff = row.get("diff_vs_" + ref, {})
         n = row["n_train_mean"]
         lines.append(f"| {ARM_LABELS.get(row['arm'], row['arm'])} | {row['fraction']:g} | "
                      f"{'-' if n is None else f'{n:.0f}'} | {row['runs']} | {fmt(row['f1_macro'])} | "
                      f"{fmt_sd(row['f1_macro_over_runs'])} | {fmt(row['accuracy'])} | {fmt(row['auc_macro'])} | "
-                     f"{fmt(diff.get('f1_macro'))} | {fmt(diff.get('auc_macro'))} |")
-    lines += ["", f"Chosen learning rates: " + ", ".join(f"{a}: {v['lr']}" + (" (selected on fold-0 validation)"
+                     + " | ".join(fmt(row.get("diff_vs_" + r, {}).get("f1_macro")) for r in refs) + " |")
+    lines += ["", "Chosen learning rates: " + ", ".join(f"{a}: {v['lr']}" + (" (selected on fold-0 validation)"
                                                                                 if v.get("selected") else "")
                                                           for a, v in result["learning_rates"].items()), ""]
     if result.get("missing_runs"):
@@ -499,19 +513,61 @@ def plot(path: Path, result: dict[str, Any]) -> Path:
         y = np.array([r["f1_macro"]["mean"] for r in rows])
         lo = np.array([r["f1_macro"]["ci95"][0] for r in rows])
         hi = np.array([r["f1_macro"]["ci95"][1] for r in rows])
-        err = np.nan_to_num(np.vstack([y - lo, hi - y]), nan=0.0)
+        # a percentile interval need not contain the mean over runs: clip so matplotlib gets non-negative bars
+        err = np.clip(np.nan_to_num(np.vstack([y - lo, hi - y]), nan=0.0), 0.0, None)
         ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, lw=1.5, label=ARM_LABELS.get(arm, arm))
     ax.set_xscale("log")
     fr = sorted({r["fraction"] for r in table})
     ax.set_xticks(fr, labels=[f"{100 * f:g}%" for f in fr])
     ax.minorticks_off()
     ax.set_xlabel("fraction of the training labels")
-    ax.set_ylabel("test macro-F1 (mean, 95% CI over runs)")
+    ax.set_ylabel("test macro-F1 (mean over runs, 95% bootstrap CI)")
     ax.set_title(f"{Path(result['protocol']['labelled']).name}: label efficiency ({result['status']})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def read_commands_txt(path: Path) -> list[dict[str, Any]]:
+    """Parse ``commands.txt`` (``# what (N s)`` then the command line) back into command records."""
+    import re
+
+    lines = path.read_text().splitlines()
+    out = []
+    for head, cmd in zip(lines[::2], lines[1::2]):
+        m = re.match(r"# (.*) \(([\d.]+) s\)$", head)
+        if m:
+            out.append({"what": m.group(1), "command": cmd, "seconds": float(m.group(2))})
+    return out
+
+
+def merge_records(result: dict[str, Any], dirs: Sequence[Path], out: Path) -> None:
+    """Fill a ``--report-only`` result with what the processes that did the work recorded: their commands (from
+    ``results.json`` or ``commands.txt``), timings, machine load and corpus report; rewrite ``out/commands.txt``."""
+    commands, timings, env = [], {}, None
+    for d in dirs:
+        if (d / "results.json").exists():
+            prev = read_json(d / "results.json")
+            cmds = prev.get("commands", [])
+            timings[str(d)] = prev.get("timings")
+            env = env or prev.get("environment")
+            result["corpus"] = result.get("corpus") or prev.get("corpus")
+        elif (d / "commands.txt").exists():
+            cmds = read_commands_txt(d / "commands.txt")
+            timings[str(d)] = {"commands_s": round(sum(c["seconds"] for c in cmds), 2)}
+        else:
+            continue
+        commands += [{**c, "process": str(d)} for c in cmds]
+    if commands:
+        result["commands"] = commands
+        (out / "commands.txt").write_text("\n".join(f"# {c['what']} ({c['seconds']} s) [{c['process']}]\n"
+                                                    f"{c['command']}" for c in commands) + "\n")
+    result["timings"] = {"summary_call": result["timings"], "processes": timings}
+    if env:
+        result["environment"] = env
+    result["protocol"]["report_only"] = False
+    result["summarised_by"] = "--report-only" + (f" --merge-from {' '.join(map(str, dirs))}" if dirs else "")
 
 
 # ----------------------------------------------------------------------------------------------------------- main
@@ -529,6 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--split-seed", type=int, default=0, help="seed of the test part and the folds")
     d.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (init, subsample, order)")
     d.add_argument("--run-folds", type=int, help="run only the first N folds (default: all; for quick checks)")
+    d.add_argument("--only-folds", type=int, nargs="+",
+                   help="run only these folds (to share one --work between processes, e.g. by arm or fold)")
     d.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
     d.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     d.add_argument("--corpus-size", type=int, default=128, help="frame size of the prepared corpus")
@@ -544,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cnn-depth", type=int, default=10)
     m.add_argument("--init", help="MAE checkpoint to use instead of pretraining here (e.g. imported USF-MAE)")
     t = p.add_argument_group("budgets")
-    t.add_argument("--pretrain-steps", type=int, default=800)
+    t.add_argument("--pretrain-steps", type=int, default=400)
     t.add_argument("--pretrain-batch", type=int, default=64)
     t.add_argument("--pretrain-lr", type=float, default=1e-3)
     t.add_argument("--steps", type=int, default=150, help="optimiser steps per fine-tuning run (every arm)")
@@ -564,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=0)
     r.add_argument("--report-only", action="store_true",
                    help="launch no fine-tuning: summarise the runs already finished in --work")
+    r.add_argument("--merge-from", nargs="*", default=[],
+                   help="with --report-only: --out folders of the processes that shared this --work; their "
+                        "commands and timings are merged into this report")
     return p
 
 
@@ -593,7 +654,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     mae, pre_info, corpus = None, {}, None
     if {"vit_mae", "linear_probe"} & set(args.arms):
         if args.report_only and (work / "corpus" / "manifest.jsonl").exists():
-            corpus = corpus_breakdown(work / "corpus", [str(s) for s in args.unlabelled])
+            corpus = corpus_breakdown(work / "corpus", [str(s) for s in args.unlabelled], work / "labelled_pool_files")
         elif not args.init:
             t0 = time.monotonic()
             corpus = prepare(rec, args, datalist, work)
@@ -603,7 +664,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         timings["pretrain_s"] = round(time.monotonic() - t0, 2)
 
     lrs = select_lrs(rec, args, args.arms, mae, folds[0], work)
-    plan = [(seed, fold, f, arm) for seed in args.seeds for fold in range(args.run_folds or args.folds)
+    fold_ids = args.only_folds if args.only_folds is not None else range(args.run_folds or args.folds)
+    plan = [(seed, fold, f, arm) for seed in args.seeds for fold in fold_ids
             for f in args.fractions for arm in args.arms]
     runs, missing = [], []
     t_runs = time.monotonic()
@@ -638,14 +700,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "summary": summarise(runs, args.arms, args.fractions, args.bootstrap), "runs": runs, "missing_runs": missing,
         "commands": rec.commands,
     }
-    if args.report_only and (out / "results.json").exists():
-        # keep what the run itself recorded (its commands, timings and machine load); only the summary is new
-        prev = read_json(out / "results.json")
-        result.update(commands=prev.get("commands", []), timings=prev.get("timings", timings),
-                      environment=prev.get("environment", result["environment"]))
-        result["corpus"] = prev.get("corpus") or result["corpus"]
-        result["protocol"]["report_only"] = False
-        result["summarised_again_by"] = "--report-only"
+    if args.report_only:
+        merge_records(result, [Path(d) for d in args.merge_from] or [out], out)
     write_json(out / "results.json", result)
     write_markdown(out / "results.md", result)
     plot(out / "label_efficiency.png", result)

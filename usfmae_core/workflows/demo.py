@@ -85,21 +85,24 @@ def run_demo(out: Path, device: str = "auto", scale: float = 1.0, seed: int = 0)
     # 2. pretraining
     _run(["pretrain", "--corpus", str(out / "corpus"), "--out", str(out / "pretrain"), "--preset", "vit_micro",
           "--img-size", str(IMAGE_SIZE), "--patch-size", str(PATCH), "--in-channels", "1",
-          "--max-steps", str(n(500)), "--batch-size", "64", "--blr", "1.5e-3", "--warmup-steps", str(n(40)),
+          "--max-steps", str(n(400)), "--batch-size", "64", "--blr", "1.5e-3", "--warmup-steps", str(n(40)),
           "--ckpt-every", "100", "--picture-every", str(n(250)), "--device", device, "--seed", str(seed),
           "--workers", "0"])
     mae = out / "pretrain" / "model.pt"
 
-    # 3. fine-tuning with and without pretraining, same budget and split; evaluation on the test split
-    common = ["--data", str(labelled), "--epochs", str(n(12)), "--batch-size", "32", "--device", device,
-              "--seed", str(seed), "--workers", "0"]
+    # 3. fine-tuning with and without pretraining, same budget and split, plus a small CNN as a sanity reference
+    # that the task is learnable at this size; evaluation of all three on the same test split
+    common = ["--data", str(labelled), "--epochs", str(n(20)), "--batch-size", "16", "--lr", "1e-3",
+              "--device", device, "--seed", str(seed), "--workers", "0"]
     _run(["finetune", *common, "--init", str(mae), "--out", str(out / "finetune_pretrained")])
-    datalist = out / "finetune_pretrained" / "datalist.json"  # the same split for both arms
+    datalist = out / "finetune_pretrained" / "datalist.json"  # the same split for every arm
     common[1] = str(datalist)
     _run(["finetune", *common, "--preset", "vit_micro", "--img-size", str(IMAGE_SIZE), "--patch-size", str(PATCH),
           "--in-channels", "1", "--out", str(out / "finetune_scratch")])
+    _run(["finetune", *common, "--arch", "resnet", "--depth", "10", "--img-size", str(IMAGE_SIZE), "--in-channels",
+          "1", "--out", str(out / "finetune_resnet")])
     results = {}
-    for arm in ("pretrained", "scratch"):
+    for arm in ("pretrained", "scratch", "resnet"):
         _run(["evaluate", "--model", str(out / f"finetune_{arm}" / "model.pt"), "--data", str(datalist),
               "--split", "test", "--out", str(out / f"eval_{arm}"), "--device", device])
         results[arm] = _metrics(out / f"eval_{arm}")
@@ -115,9 +118,17 @@ def run_demo(out: Path, device: str = "auto", scale: float = 1.0, seed: int = 0)
 
 def write_report(out: Path, results: dict[str, dict], volume_path: Path, seconds: float) -> Path:
     """``report.md``: what ran, the two arms' test metrics, the volume's classification and the pictures."""
-    pre, scr = results["pretrained"], results["scratch"]
+    pre, scr, cnn = results["pretrained"], results["scratch"], results["resnet"]
     f1_gap = pre["f1_macro"] - scr["f1_macro"]
-    if f1_gap > 0.02:
+    chance = 1.0 / len(pre.get("classes") or [0, 0, 0])
+    if max(pre["balanced_accuracy"], scr["balanced_accuracy"]) < chance + 0.1:
+        verdict = (f"Neither ViT learned this task at demo scale (balanced accuracy {pre['balanced_accuracy']:.2f} "
+                   f"pretrained, {scr['balanced_accuracy']:.2f} from scratch; chance {chance:.2f}), so this run "
+                   f"cannot show whether pretraining helps. The small CNN reached {cnn['balanced_accuracy']:.2f} on "
+                   "the same split: the task is learnable, but ViTs need far more images and steps than a few "
+                   "minutes of CPU allow (the paper pretrained on 370k images). See benchmarks/README.md for the "
+                   "real-data study, or rerun with `--scale 4` on a GPU.")
+    elif f1_gap > 0.02:
         verdict = (f"Pretraining helped here: macro-F1 {pre['f1_macro']:.3f} vs {scr['f1_macro']:.3f} from scratch "
                    f"(+{f1_gap:.3f}) with the same fine-tuning budget.")
     elif f1_gap < -0.02:
@@ -138,7 +149,7 @@ def write_report(out: Path, results: dict[str, dict], volume_path: Path, seconds
         "## Does pretraining help?", "", verdict, "",
         "| arm | accuracy | balanced acc. | macro-F1 [95% CI] | AUC (ovr) |", "|---|---|---|---|---|",
     ]
-    for arm, m in (("MAE-pretrained ViT", pre), ("ViT from scratch", scr)):
+    for arm, m in (("MAE-pretrained ViT", pre), ("ViT from scratch", scr), ("ResNet-10 from scratch (reference)", cnn)):
         lines.append(f"| {arm} | {_fmt(m, 'accuracy')} | {_fmt(m, 'balanced_accuracy')} | {_fmt(m, 'f1_macro')} | "
                      f"{_fmt(m, 'auc_macro')} |")
     lines += ["", f"Test split: {pre['n']} images; 95% bootstrap intervals in brackets.", "",

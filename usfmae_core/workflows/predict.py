@@ -13,9 +13,10 @@ A 2D model (``config["spatial_dims"] == 2``) classifies every frame of a cine an
 Preprocessing is :func:`~usfmae_core.data.transforms.frames_to_tensor` with the checkpoint's
 :class:`~usfmae_core.data.transforms.Preprocessing`, exactly as in fine-tuning.
 
-Speed: batched, ``torch.inference_mode``, and autocast where it was measured faster. On CPUs with native bf16
-(AVX512-BF16 / AMX, checked through oneDNN) bf16 autocast runs ViT-B about 4x faster than fp32; on CPUs without it
-bf16 is emulated and slower, so ``precision="auto"`` keeps fp32 there (figures in benchmarks/README.md, "Predict").
+Speed: batched, ``torch.inference_mode``, and bf16 where it was measured faster. On CPUs with native bf16
+(AVX512-BF16 / AMX, checked through oneDNN) bf16 autocast needs 2.3-4x less time than fp32 for ViT-B, and a model
+cast to bf16 (:func:`to_inference_model`, used by :func:`predict`) another ~20 % less; on CPUs without native bf16
+it is emulated and slower, so ``precision="auto"`` keeps fp32 there (benchmarks/README.md, "Predict").
 """
 
 from __future__ import annotations
@@ -134,8 +135,8 @@ def to_inference_model(model: nn.Module, device: torch.device | str = "cpu", pre
     weights are bf16 (a copy unless ``copy`` is False), which :func:`classify_frames` then runs without autocast.
 
     Autocast keeps the residual stream and LayerNorms in fp32 and converts activations at every block; bf16 weights
-    skip those conversions (measured 15-40 % faster than autocast for ViT-B on CPU, probabilities within ~0.005 of
-    fp32, like autocast: benchmarks/README.md, "Predict"). Elsewhere the model is returned as it is.
+    skip those conversions (ViT-B on CPU: ~20 % less CPU time than autocast, probabilities within ~0.005 of fp32,
+    like autocast; benchmarks/README.md, "Predict"). Elsewhere the model is returned as it is.
     """
     dev = _device(device)
     if dev.type != "cpu" or inference_dtype(dev, precision) != torch.bfloat16 or not hasattr(model, "encoder"):
