@@ -19,6 +19,7 @@ Shapes (2D; 3D adds a depth axis ``D`` before ``H``):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -42,7 +43,8 @@ def sincos_pos_embed(grid: Sequence[int], dim: int) -> torch.Tensor:
     grid = [int(g) for g in grid]
     step = 2 * len(grid)
     usable = dim - dim % step
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.meshgrid")  # MONAI calls meshgrid without indexing=
         emb = build_sincos_position_embedding(grid if len(grid) > 1 else grid[0], usable, len(grid)).data
     if usable < dim:
         emb = F.pad(emb, (0, dim - usable))
