@@ -16,12 +16,14 @@ def test_demo_runs_end_to_end_and_reports(tmp_path: Path) -> None:
     report = (out / "report.md").read_text()
     # the three arms are reported with numbers, and the verdict is one of the honest outcomes
     for arm in ("MAE-pretrained ViT", "ViT from scratch", "ResNet-10"):
-        assert re.search(rf"\| {re.escape(arm)}[^|]*\| 0\.\d+|\| {re.escape(arm)}[^|]*\| 1\.0", report), arm
-    assert any(v in report for v in ("Pretraining helped", "did not help", "No clear difference",
-                                     "Neither ViT learned"))
-    # every picture the report shows exists
+        assert re.search(rf"\| {re.escape(arm)}[^|]*\| \d+ \| (0\.\d+|1\.0)", report), arm
+    verdicts = ("Pretraining helped", "did not help", "No clear difference", "Neither ViT learned")
+    assert sum(v in report for v in verdicts) == 1
+    assert "Neither ViT learned" in report or "paired bootstrap 95% CI" in report
+    # every picture the report shows exists, the learning curves and per-slice probabilities among them
     pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert pictures and all((out / p).is_file() for p in pictures)
+    assert {"learning_curves.png", "predict/slice_probabilities.png"} <= set(pictures)
+    assert all((out / p).is_file() for p in pictures)
     # each step left its own outputs: corpus, MAE, classifiers, evaluation, per-slice volume predictions
     assert (out / "corpus" / "corpus.json").is_file() and (out / "pretrain" / "model.pt").is_file()
     rows = (out / "predict" / "predictions.csv").read_text().strip().splitlines()

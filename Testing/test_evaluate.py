@@ -20,6 +20,7 @@ from usfmae_core.data import phantom
 from usfmae_core.networks.mae import USFMAE
 from usfmae_core.networks.presets import mae_config
 from usfmae_core.workflows import metrics as M
+from usfmae_core.workflows.evaluate import load_predictions
 from usfmae_core.workflows.finetune import FinetuneOptions, finetune
 
 
@@ -94,6 +95,27 @@ def test_bootstrap_intervals_seeded_and_sane() -> None:
     assert 0.3 * wide < narrow < 0.8 * wide
 
 
+def test_bootstrap_mean_difference_paired() -> None:
+    y, p = _fixed_predictions(3, 150, 3)
+    perfect = np.eye(3)[y] * 0.9 + 0.1 / 3
+    one = M.bootstrap_mean_difference([(y, p)], None, 300, seed=1)
+    assert one["f1_macro"]["mean"] == pytest.approx(M.summary_metrics(y, p)["f1_macro"])
+    lo, hi = one["accuracy"]["ci95"]
+    assert [lo, hi] == pytest.approx(M.bootstrap_intervals(y, p, 300, seed=1)["accuracy"], abs=0.03)
+    # a run minus itself is exactly 0 in every resample: pairing is kept
+    same = M.bootstrap_mean_difference([(y, p)], [(y, p)], 200)
+    assert same["f1_macro"] == {"n": 1, "mean": 0.0, "ci95": [0.0, 0.0]}
+    # perfect predictions beat the fixed ones, and the interval excludes 0
+    d = M.bootstrap_mean_difference([(y, perfect)], [(y, p)], 300)["f1_macro"]
+    assert d["mean"] == pytest.approx(1.0 - M.summary_metrics(y, p)["f1_macro"])
+    assert 0.0 < d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    # two runs: the mean of their metrics
+    two = M.bootstrap_mean_difference([(y, p), (y, perfect)], None, 50)["accuracy"]["mean"]
+    assert two == pytest.approx((M.summary_metrics(y, p)["accuracy"] + 1.0) / 2)
+    with pytest.raises(ValueError, match="same test cases"):
+        M.bootstrap_mean_difference([(y, p)], [(y[:10], p[:10])])
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
@@ -143,6 +165,10 @@ def test_evaluate_cli_end_to_end(trained: tuple[Path, Path], tmp_path: Path,
     assert res["bootstrap"]["resamples"] == 200
     lo, hi = res["intervals"]["accuracy"]
     assert lo <= res["accuracy"] <= hi
+    images, y_back, p_back, classes_back = load_predictions(out)  # the reader matches the writer
+    assert images == [r["image"] for r in rows] and classes_back == classes
+    np.testing.assert_array_equal(y_back, y)
+    np.testing.assert_allclose(p_back, p)
     table = _read_csv(out / "metrics.csv")
     assert {r["metric"] for r in table} >= set(M.SUMMARY_KEYS) | {"support"}
     assert {r["class"] for r in table if r["class"]} == set(classes)

@@ -166,7 +166,6 @@ def facebook_mae_state_dict(embed: int = 48, depth: int = 2, dec_embed: int = 32
                             img: int = 32, chans: int = 3, mlp_ratio: float = 4.0, seed: int = 0) -> dict:
     """Keys and shapes exactly as facebookresearch/mae models_mae.MaskedAutoencoderViT's state_dict, random values."""
     g = torch.Generator().manual_seed(seed)
-    n = (img // patch) ** 2
 
     def r(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * 0.2

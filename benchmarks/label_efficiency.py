@@ -65,7 +65,6 @@ import platform
 import shlex
 import sys
 import time
-import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -354,59 +353,14 @@ def select_lrs(rec: Recorder, args: argparse.Namespace, arms: Sequence[str], mae
 
 
 # ------------------------------------------------------------------------------------------------------ reporting
-def load_predictions(run: dict[str, Any]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(image paths, labels ``(N,)``, probabilities ``(N, K)``) of a run's test evaluation (``predictions.csv``)."""
-    import csv
-
-    with open(Path(run["run"]) / "eval_test" / "predictions.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    classes = [c[len("prob_"):] for c in rows[0] if c.startswith("prob_")]
-    y = np.array([classes.index(r["true"]) for r in rows], dtype=np.int64)
-    p = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows], dtype=np.float64)
-    return [r["image"] for r in rows], y, p
-
-
-def bootstrap_fold_mean(arm_runs: Sequence[tuple[np.ndarray, np.ndarray]],
-                        ref_runs: Sequence[tuple[np.ndarray, np.ndarray]] | None = None, n_boot: int = 1000,
-                        seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Percentile-bootstrap 95 % interval of the mean over runs of each metric (minus the paired ``ref_runs``'
-    when given), resampling the shared test images jointly for every run, so paired differences are paired.
-
-    Args:
-        arm_runs / ref_runs: per run ``(y (N,), probs (N, K))`` on the same test images in the same order.
-    """
-    from usfmae_core.workflows import metrics as M
-
-    def stat(idx: np.ndarray | None) -> np.ndarray:
-        def mean_of(runs):
-            vals = []
-            for y, p in runs:
-                m = M.summary_metrics(y if idx is None else y[idx], p if idx is None else p[idx])
-                vals.append([m[k] for k in METRICS])
-            with warnings.catch_warnings():  # an undefined metric (NaN AUC) in every run of a resample stays NaN
-                warnings.simplefilter("ignore", RuntimeWarning)
-                return np.nanmean(np.array(vals, dtype=np.float64), 0)
-        v = mean_of(arm_runs)
-        return v - mean_of(ref_runs) if ref_runs is not None else v
-
-    point = stat(None)
-    n = len(arm_runs[0][0])
-    rng = np.random.default_rng(seed)
-    boots = (np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)]) if n_boot > 0
-             else np.zeros((0, len(METRICS))))
-    out = {}
-    for j, k in enumerate(METRICS):
-        col = boots[:, j][np.isfinite(boots[:, j])] if len(boots) else np.array([])
-        ci = [float(np.percentile(col, 2.5)), float(np.percentile(col, 97.5))] if col.size else [math.nan, math.nan]
-        out[k] = {"n": len(arm_runs), "mean": float(point[j]), "ci95": ci}
-    return out
-
-
 def summarise(runs: list[dict[str, Any]], arms: Sequence[str], fractions: Sequence[float], n_boot: int = 1000
               ) -> dict[str, Any]:
     """Per (arm, fraction): the mean over runs (folds x seeds) of each test metric with a paired test-image
     bootstrap 95 % interval, the spread over runs (SD, t-interval), and the paired difference to the reference arm
     (``vit_scratch``, else the first arm) over the (seed, fold) pairs both completed."""
+    from usfmae_core.workflows.evaluate import load_predictions
+    from usfmae_core.workflows.metrics import bootstrap_mean_difference
+
     table: list[dict[str, Any]] = []
     by: dict[tuple[str, float], dict[tuple[int, int], dict]] = defaultdict(dict)
     for r in runs:
@@ -418,7 +372,7 @@ def summarise(runs: list[dict[str, Any]], arms: Sequence[str], fractions: Sequen
     def preds(r: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         nonlocal order
         if r["run"] not in cache:
-            images, y, p = load_predictions(r)
+            images, y, p, _ = load_predictions(Path(r["run"]) / "eval_test")
             if order is None:
                 order = images
             pos = {im: i for i, im in enumerate(images)}
@@ -433,7 +387,7 @@ def summarise(runs: list[dict[str, Any]], arms: Sequence[str], fractions: Sequen
             keys = sorted(rs)
             row: dict[str, Any] = {"arm": arm, "fraction": f, "runs": len(rs),
                                    "n_train_mean": float(np.mean([r["n_train"] for r in rs.values()])) if rs else None}
-            boot = bootstrap_fold_mean([preds(rs[k]) for k in keys], None, n_boot) if rs else {}
+            boot = bootstrap_mean_difference([preds(rs[k]) for k in keys], None, n_boot, keys=METRICS) if rs else {}
             for k in METRICS:
                 row[k] = boot.get(k, {"n": 0, "mean": math.nan, "ci95": [math.nan, math.nan]})
                 row[k + "_over_runs"] = t_interval([rs[q]["test"][k] for q in keys])
@@ -441,7 +395,8 @@ def summarise(runs: list[dict[str, Any]], arms: Sequence[str], fractions: Sequen
                 base = by.get((ref, f), {})
                 pairs = sorted(set(rs) & set(base))
                 if arm != ref and pairs:
-                    d = bootstrap_fold_mean([preds(rs[q]) for q in pairs], [preds(base[q]) for q in pairs], n_boot)
+                    d = bootstrap_mean_difference([preds(rs[q]) for q in pairs], [preds(base[q]) for q in pairs],
+                                                  n_boot, keys=METRICS)
                     row["diff_vs_" + ref] = {k: {**d[k], "pairs": len(pairs), "over_runs": t_interval(
                         [rs[q]["test"][k] - base[q]["test"][k] for q in pairs])} for k in ("f1_macro", "auc_macro")}
             table.append(row)
@@ -499,7 +454,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> Path:
 def plot(path: Path, result: dict[str, Any]) -> Path:
     from matplotlib.figure import Figure
 
-    from usfmae_core.workflows.finetune import save_figure
+    from usfmae_core.workflows.pictures import save_figure
 
     fig = Figure(figsize=(6.4, 4.4), dpi=110)
     ax = fig.subplots()

@@ -120,7 +120,6 @@ def deduplicate(items: Sequence[dict], near_threshold: float = 0.02, thumb: int 
     report entries with ``reason == "near-duplicate (grouped, kept)"``.
     """
     removed: list[dict] = []
-    first: dict[str, int] = {}
     fps: list[tuple[str, np.ndarray] | None] = []
     for i, it in enumerate(items):
         try:

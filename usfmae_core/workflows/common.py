@@ -10,12 +10,16 @@ and :func:`parse_progress_line` reads it back.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 import os
 import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,23 @@ def write_json(path: str | Path, obj: Any) -> Path:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, default=_plain)
         f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """Write a CSV file atomically (temp file + rename); floats with up to 6 significant digits, NaN empty."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    for row in rows:
+        w.writerow(["" if isinstance(v, float) and not math.isfinite(v) else (f"{v:.6g}" if isinstance(v, float)
+                    else v) for v in row])
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as f:
+        f.write(buf.getvalue())
     os.replace(tmp, path)
     return path
 

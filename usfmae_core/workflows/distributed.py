@@ -74,7 +74,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
         the :class:`DistContext` of this process.
     """
     world_size = _env_int("WORLD_SIZE", 1)
-    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:
         if world_size > 1 and local_rank >= torch.cuda.device_count():

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from usfmae_core.errors import UsfmaeError
-from usfmae_core.workflows.predict import (_device, _model_input_size, _weights_dtype, _write_csv,
+from usfmae_core.workflows.predict import (_device, _model_input_size, _weights_dtype,
                                            add_common_arguments, collect_inputs, inference_context, inference_dtype,
                                            model_spatial_dims, preprocessing_from_config, to_inference_model,
                                            volume_to_tensor)
@@ -111,7 +111,7 @@ def embed(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], ou
     from usfmae_core.checkpoints import load_model
     from usfmae_core.data.readers import read_ultrasound
     from usfmae_core.data.transforms import image_to_frames
-    from usfmae_core.workflows.common import Progress, prepare_output_dir, write_json
+    from usfmae_core.workflows.common import Progress, prepare_output_dir, write_csv, write_json
 
     if pool not in POOLS:
         raise UsfmaeError(f"unknown pooling '{pool}'", "use --pool avg or --pool cls")
@@ -152,7 +152,7 @@ def embed(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], ou
     tmp = out / ".embeddings.tmp.npy"
     np.save(tmp, emb_all)
     os.replace(tmp, out / "embeddings.npy")
-    _write_csv(out / "embeddings_index.csv", ["row", "source", "index", "kind"], rows)
+    write_csv(out / "embeddings_index.csv", ["row", "source", "index", "kind"], rows)
     write_json(out / "embed.json", {"model": str(model_path), "arch": ckpt["arch"], "pool": pool,
                                     "shape": list(emb_all.shape), "spatial_dims": dims, "axis": axis,
                                     "skipped": skipped})

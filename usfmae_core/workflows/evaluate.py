@@ -33,9 +33,10 @@ import numpy as np
 from usfmae_core.device import DEVICE_CHOICES, autocast_dtype, resolve_device
 from usfmae_core.errors import UsfmaeError
 from usfmae_core.workflows import metrics as M
-from usfmae_core.workflows.common import Progress, prepare_output_dir, write_json
+from usfmae_core.workflows.common import Progress, prepare_output_dir, write_csv, write_json
 from usfmae_core.workflows.finetune import (SPLITS, jsonable, load_labelled, make_datasets, make_loader,
-                                            predict_probs, save_figure, write_csv)
+                                            predict_probs)
+from usfmae_core.workflows.pictures import save_figure
 
 __all__ = ["evaluate", "evaluate_predictions", "write_evaluation", "select_items", "map_labels",
            "save_confusion_matrix", "save_roc", "add_parser", "run"]
@@ -153,6 +154,22 @@ def write_evaluation(out: str | Path, images: Sequence[str], y_true: np.ndarray,
     files["roc"] = save_roc(y_true, probs, classes, out / "roc.png")
     files["metrics"] = write_json(out / "metrics.json", jsonable(result))
     return files
+
+
+def load_predictions(out: str | Path) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """Read back an evaluation's ``predictions.csv``: (image paths, labels ``(N,)``, probabilities ``(N, K)``,
+    class names)."""
+    import csv
+
+    path = Path(out) / "predictions.csv"
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise UsfmaeError(f"{path}: no predictions; re-run `usfmae evaluate`")
+    classes = [c[len("prob_"):] for c in rows[0] if c.startswith("prob_")]
+    y = np.array([classes.index(r["true"]) for r in rows], dtype=np.int64)
+    p = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows], dtype=np.float64)
+    return [r["image"] for r in rows], y, p, classes
 
 
 def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: str = "test", bootstrap: int = 1000,

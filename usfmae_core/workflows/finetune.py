@@ -55,11 +55,8 @@ with :func:`usfmae_core.networks.presets.build_model` from its config.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -73,7 +70,8 @@ import torch.nn as nn
 from usfmae_core.device import DEVICE_CHOICES, autocast_dtype, resolve_device
 from usfmae_core.errors import UsfmaeError
 from usfmae_core.workflows import metrics as M
-from usfmae_core.workflows.common import Progress, prepare_output_dir, seed_everything, write_json
+from usfmae_core.workflows.common import Progress, prepare_output_dir, seed_everything, write_csv, write_json
+from usfmae_core.workflows.pictures import save_figure
 
 __all__ = ["FinetuneOptions", "finetune", "train_classifier", "build_classifier", "make_transforms", "make_datasets",
            "make_loader", "make_loss", "make_sampler", "make_optimizer", "predict_probs", "load_labelled",
@@ -99,33 +97,6 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, (float, np.floating)):
         return float(obj) if math.isfinite(obj) else None
     return obj
-
-
-def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
-    """Write a CSV file atomically (temp file + rename); floats with up to 6 significant digits, NaN empty."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    for row in rows:
-        w.writerow(["" if isinstance(v, float) and not math.isfinite(v) else (f"{v:.6g}" if isinstance(v, float)
-                    else v) for v in row])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
-    return path
-
-
-def save_figure(fig: Any, path: str | Path) -> Path:
-    """Save a matplotlib ``Figure`` as PNG atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
 
 
 # ------------------------------------------------------------------------------------------------------- data

@@ -16,7 +16,9 @@ definitions are scikit-learn's (``Testing/test_evaluate.py`` checks them against
 
 Bootstrap intervals (:func:`bootstrap_intervals`) resample the N cases with replacement (seeded) and take the
 2.5th / 97.5th percentiles of each summary metric (the percentile method), skipping resamples where a metric is
-undefined (e.g. a class missing from the resample for AUC).
+undefined (e.g. a class missing from the resample for AUC). :func:`bootstrap_mean_difference` does the same for
+the mean over several runs on the same test cases, optionally minus a paired reference's mean (resampling the cases
+jointly, so paired differences stay paired).
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import math
+import warnings
+
 import numpy as np
 
 __all__ = ["confusion_matrix", "binary_auc", "ovr_auc", "roc_curve", "classification_metrics",
-           "summary_metrics", "bootstrap_intervals", "SUMMARY_KEYS"]
+           "summary_metrics", "bootstrap_intervals", "bootstrap_mean_difference", "SUMMARY_KEYS"]
 
 # The scalar metrics reported with intervals, in table order.
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_macro")
@@ -186,4 +191,45 @@ def bootstrap_intervals(y_true: np.ndarray, probs: np.ndarray, n_boot: int = 100
         col = values[:, j][~np.isnan(values[:, j])]
         out[key] = ([float(np.percentile(col, tail)), float(np.percentile(col, 100 - tail))] if col.size
                     else [float("nan"), float("nan")])
+    return out
+
+
+def bootstrap_mean_difference(runs: Sequence[tuple[np.ndarray, np.ndarray]],
+                              ref_runs: Sequence[tuple[np.ndarray, np.ndarray]] | None = None, n_boot: int = 1000,
+                              seed: int = 0, keys: Sequence[str] = SUMMARY_KEYS) -> dict[str, dict[str, Any]]:
+    """Mean over ``runs`` of each metric (minus the mean over the paired ``ref_runs`` when given) with a percentile
+    bootstrap 95 % interval that resamples the shared test cases jointly for every run.
+
+    Args:
+        runs / ref_runs: per run ``(y_true (N,), probs (N, K))``, all on the same N cases in the same order.
+        keys: metrics of :func:`summary_metrics` to report.
+
+    Returns:
+        ``{metric: {"n": len(runs), "mean": point value, "ci95": [low, high]}}`` (NaN bounds when undefined).
+    """
+    n = len(runs[0][0])
+    if any(len(y) != n for y, _ in [*runs, *(ref_runs or [])]):
+        raise ValueError("every run must score the same test cases (same length and order)")
+
+    def mean_of(group: Sequence[tuple[np.ndarray, np.ndarray]], idx: np.ndarray | None) -> np.ndarray:
+        vals = []
+        for y, p in group:
+            m = summary_metrics(y if idx is None else y[idx], p if idx is None else p[idx])
+            vals.append([m[k] for k in keys])
+        with warnings.catch_warnings():  # a metric undefined (NaN AUC) in every run of a resample stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(np.array(vals, dtype=np.float64), 0)
+
+    def stat(idx: np.ndarray | None) -> np.ndarray:
+        v = mean_of(runs, idx)
+        return v - mean_of(ref_runs, idx) if ref_runs else v
+
+    point = stat(None)
+    rng = np.random.default_rng(seed)
+    boots = np.array([stat(rng.integers(0, n, n)) for _ in range(max(n_boot, 0))]).reshape(-1, len(keys))
+    out: dict[str, dict[str, Any]] = {}
+    for j, key in enumerate(keys):
+        col = boots[:, j][np.isfinite(boots[:, j])]
+        ci = [float(np.percentile(col, 2.5)), float(np.percentile(col, 97.5))] if col.size else [math.nan, math.nan]
+        out[key] = {"n": len(runs), "mean": float(point[j]), "ci95": ci}
     return out

@@ -9,13 +9,14 @@ by its input. Volumes ``(N, C, D, H, W)`` show their middle slice.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["to_grey_uint8", "save_reconstruction_grid", "save_image_grid", "save_curve"]
+__all__ = ["to_grey_uint8", "save_reconstruction_grid", "save_image_grid", "save_curve", "save_curves", "save_figure"]
 
 
 def _middle_slice(x: torch.Tensor) -> torch.Tensor:
@@ -102,19 +103,35 @@ def save_reconstruction_grid(masked: torch.Tensor, recon: torch.Tensor, original
 def save_curve(xs: Sequence[float], ys: Sequence[float], path: str | Path, title: str = "",
                ylabel: str = "loss", xlabel: str = "step", logy: bool = False) -> Path:
     """Plot ``ys`` against ``xs`` (e.g. training loss per step) as a PNG, written atomically."""
+    return save_curves({"": (xs, ys)}, path, title, ylabel, xlabel, logy)
+
+
+def save_curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, title: str = "",
+                ylabel: str = "loss", xlabel: str = "step", logy: bool = False) -> Path:
+    """Plot several ``{label: (xs, ys)}`` curves on one axis (a legend when labelled) as a PNG, written atomically."""
     from matplotlib.figure import Figure  # no pyplot: no global state, safe in threads and without a display
 
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.subplots()
-    ax.plot(list(xs), list(ys), lw=1.2)
+    positive = True
+    for label, (xs, ys) in series.items():
+        ax.plot(list(xs), list(ys), lw=1.2, label=label or None)
+        positive = positive and len(ys) > 0 and min(ys) > 0
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    if logy and len(ys) and min(ys) > 0:
+    if logy and positive:
         ax.set_yscale("log")
+    if any(series):
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Save a matplotlib ``Figure`` as PNG atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

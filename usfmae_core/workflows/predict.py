@@ -22,7 +22,6 @@ it is emulated and slower, so ``precision="auto"`` keeps fp32 there (benchmarks/
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -372,16 +371,6 @@ def _fmt(p: float) -> str:
     return f"{float(p):.6f}"
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
-    return path
-
-
 def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
             device: str = "auto", axis: int = 0, batch_size: int = 32, precision: str = "auto", top_k: int = 3,
             run_config: dict[str, Any] | None = None, quiet: bool = False) -> Path:
@@ -398,7 +387,7 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
     from usfmae_core.checkpoints import load_model
     from usfmae_core.data.readers import read_ultrasound
     from usfmae_core.device import describe_device
-    from usfmae_core.workflows.common import Progress, prepare_output_dir, write_json
+    from usfmae_core.workflows.common import Progress, prepare_output_dir, write_csv, write_json
 
     files, skipped = collect_inputs(inputs)  # fail on a bad path before loading a big model
     dev = _device(device)
@@ -440,8 +429,8 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
         raise UsfmaeError(f"no input could be classified ({first['reason']})",
                           "check the files named above (format, corruption) and the model (2D/3D)")
     prob_cols = [f"p_{c}" for c in names]
-    _write_csv(out / "predictions.csv", ["source", "index", "kind", *prob_cols, "pred"], frame_rows)
-    _write_csv(out / "summary.csv", ["source", "kind", "n_frames", "label", *prob_cols, "top_slices"],
+    write_csv(out / "predictions.csv", ["source", "index", "kind", *prob_cols, "pred"], frame_rows)
+    write_csv(out / "summary.csv", ["source", "kind", "n_frames", "label", *prob_cols, "top_slices"],
                [[r["source"], r["kind"], r["n_frames"], r["label"], *(_fmt(r[c]) for c in prob_cols),
                  " ".join(str(i) for i in r["top_slices"])] for r in results])
     write_json(out / "predictions.json", {
