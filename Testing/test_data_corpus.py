@@ -119,6 +119,9 @@ def test_resume_after_interruption(sources, tmp_path, monkeypatch):
     monkeypatch.setattr(corpus_mod, "_process_source", real)
     rep = prepare_corpus([sources], out, image_size=S, axes=(0,), progress=False, shard_frames=10)
     assert rep["sources_resumed"] == 7 and rep["sources_processed"] == 13 - 7
+    # this run's counts cover the rest; the totals over both runs equal an uninterrupted run's
+    assert rep["frames_written"] < full["frames_written"]
+    assert rep["totals"] == {k: full[k] for k in rep["totals"]}
     assert rep["n_frames"] == full["n_frames"] and _sha_set(out) == _sha_set(ref)
     assert kept <= _sha_set(out)
     assert len(FrameCorpus(out)) == full["n_frames"]

@@ -6,7 +6,7 @@ Layout of a corpus folder::
     manifest.jsonl     one JSON per frame: shard, index, source, frame, axis, kind, spacing, crop, sha1
     shards/*.npy       uint8 (N, S, S), np.load(mmap_mode="r")
     done.jsonl         one JSON per finished source (written after its frames are safely on disk): resume state
-    report.json        counts + skipped files {path, reason}
+    report.json        this run's counts, ``totals`` over all runs (resumes add up), skipped files {path, reason}
     volumes/*.npy      (--native-3d) uint8 (V, V, V) isotropic volumes; volumes.jsonl describes them
 
 Per source: read (:func:`read_ultrasound`); volumes -> slices along each requested axis, made isotropic in plane
@@ -290,7 +290,12 @@ class _Writer:
         self.buffer: list[dict] = []
         self.buffered = 0
         self.counts = {"frames_written": 0, "duplicates_removed": 0, "empty_frames_skipped": 0,
-                       "near_duplicates_removed": 0, "volumes_written": 0}
+                       "near_duplicates_removed": 0, "volumes_written": 0}  # this run
+        self.earlier_counts = dict(self.summary.get("counts", {}))  # earlier (interrupted or resumed) runs
+
+    def total_counts(self) -> dict[str, int]:
+        """Counts over every run that built this corpus."""
+        return {k: int(self.earlier_counts.get(k, 0)) + v for k, v in self.counts.items()}
 
     def _load_summary(self) -> dict:
         path = self.out / "corpus.json"
@@ -383,6 +388,7 @@ class _Writer:
                 f.write("\n".join(vol_lines) + "\n")
         self.summary["n_volumes"] = len(self.volumes)
         self.summary["volume_size"] = self.opts.volume_size
+        self.summary["counts"] = self.total_counts()  # saved with the sources they count, so resume can add to them
         _atomic_write_text(out / "corpus.json", json.dumps(self.summary, indent=1))
         with open(out / "done.jsonl", "a") as f:
             for e in self.buffer:
@@ -482,6 +488,7 @@ def prepare_corpus(
         "sources_skipped": len(skipped),
         "frames_added": writer.summary["n_frames"] - frames_before,
         **writer.counts,
+        "totals": writer.total_counts(),
         "elapsed_s": round(elapsed, 3),
         "worker_seconds": round(work_seconds, 3),
         "skipped": skipped,
@@ -582,7 +589,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("sources", nargs="+", metavar="SRC", help="files or folders")
     p.add_argument("--out", required=True, help="corpus folder")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", "--img-size", dest="image_size", type=int, default=224)
     p.add_argument("--axes", type=int, nargs="+", default=[0, 1, 2], help="volume axes to slice along")
     p.add_argument("--frame-stride", type=int, default=1, help="keep every n-th cine frame")
     p.add_argument("--crop-sector", action="store_true", help="crop to the detected imaged region")
