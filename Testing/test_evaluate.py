@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -229,34 +230,24 @@ def test_evaluate_volume_and_cine_use_middle_frame(trained: tuple[Path, Path], t
         np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-def _expect_error(argv: list[str], capsys: pytest.CaptureFixture[str], *words: str) -> str:
-    rc = cli.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert err.startswith("usfmae: error:") and len(err.splitlines()) == 1, err
-    for w in words:
-        assert w in err, err
-    return err
-
-
-def test_evaluate_errors(trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_errors(trained: tuple[Path, Path], tmp_path: Path, cli_error: Callable[..., str]) -> None:
     data, run = trained
     out = tmp_path / "eval"
     # an MAE checkpoint is not a classifier
     mae = USFMAE(**mae_config("vit_test", img_size=32, patch_size=8))
     save_checkpoint(tmp_path / "mae.pt", make_checkpoint(mae, "mae", mae_config("vit_test", img_size=32, patch_size=8)))
-    _expect_error(["evaluate", "--model", str(tmp_path / "mae.pt"), "--data", str(data), "--out", str(out),
-                   "--device", "cpu"], capsys, "mae", "classifier")
+    cli_error(["evaluate", "--model", str(tmp_path / "mae.pt"), "--data", str(data), "--out", str(out),
+                   "--device", "cpu"], "mae", "classifier")
     # data whose classes differ from the model's: one class folder renamed
     other = tmp_path / "other"
     for i, name in enumerate(("cyst", "mass", "tumour")):
         phantom.write_image(other / name / f"{name}_{i}.png", phantom.make_image(i, 32, rng=i))
         phantom.write_image(other / name / f"{name}_{i}b.png", phantom.make_image(i, 32, rng=10 + i))
-    _expect_error(["evaluate", "--model", str(run / "model.pt"), "--data", str(other), "--split", "all", "--out",
-                   str(out), "--device", "cpu"], capsys, "tumour", "normal", "do not match")
+    cli_error(["evaluate", "--model", str(run / "model.pt"), "--data", str(other), "--split", "all", "--out",
+                   str(out), "--device", "cpu"], "tumour", "normal", "do not match")
     # missing data folder and missing model
-    _expect_error(["evaluate", "--model", str(run / "model.pt"), "--data", str(tmp_path / "nope"), "--out", str(out),
-                   "--device", "cpu"], capsys, "nope", "does not exist")
-    _expect_error(["evaluate", "--model", str(tmp_path / "none.pt"), "--data", str(data), "--out", str(out),
-                   "--device", "cpu"], capsys, "none.pt")
+    cli_error(["evaluate", "--model", str(run / "model.pt"), "--data", str(tmp_path / "nope"), "--out", str(out),
+                   "--device", "cpu"], "nope", "does not exist")
+    cli_error(["evaluate", "--model", str(tmp_path / "none.pt"), "--data", str(data), "--out", str(out),
+                   "--device", "cpu"], "none.pt")
     assert not out.exists()  # nothing half-written

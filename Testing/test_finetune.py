@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -192,38 +193,29 @@ def test_finetune_learns_above_chance(easy: Path, tmp_path: Path) -> None:
     assert min(h["train_loss"] for h in m["history"][-3:]) < 0.6 * m["history"][0]["train_loss"]
 
 
-def _expect_error(argv: list[str], capsys: pytest.CaptureFixture[str], *words: str) -> None:
-    rc = cli.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert err.startswith("usfmae: error:") and len(err.splitlines()) == 1, err
-    for w in words:
-        assert w in err, err
-
-
-def test_finetune_errors(labelled: Path, mae_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_finetune_errors(labelled: Path, mae_ckpt: Path, tmp_path: Path,
+                         cli_error: Callable[..., str]) -> None:
     out = tmp_path / "run"
     base = ["--out", str(out), "--epochs", "1", *TINY]
-    _expect_error(["finetune", "--data", str(tmp_path / "missing"), *base], capsys, "missing", "does not exist")
+    cli_error(["finetune", "--data", str(tmp_path / "missing"), *base], "missing", "does not exist")
     one = tmp_path / "one"
     shutil.copytree(labelled / "cyst", one / "cyst")
-    _expect_error(["finetune", "--data", str(one), *base], capsys, "1 class", "at least 2 classes")
+    cli_error(["finetune", "--data", str(one), *base], "1 class", "at least 2 classes")
     few = tmp_path / "few"
     shutil.copytree(labelled, few)
     for p in sorted((few / "mass").iterdir())[1:]:
         p.unlink()
-    _expect_error(["finetune", "--data", str(few), *base], capsys, "'mass' (1 image(s))", "too few images")
+    cli_error(["finetune", "--data", str(few), *base], "'mass' (1 image(s))", "too few images")
     # a classifier checkpoint is not a pretrained MAE
     clf = tmp_path / "clf.pt"
     model, cfg = ft.build_classifier(3, preset="vit_test", image_size=32, patch_size=8)
     save_checkpoint(clf, make_checkpoint(model, "classifier", {**cfg, "classes": ["a", "b", "c"]}))
-    _expect_error(["finetune", "--data", str(labelled), "--init", str(clf), *base], capsys, "clf.pt",
+    cli_error(["finetune", "--data", str(labelled), "--init", str(clf), *base], "clf.pt",
                   "not a pretrained MAE")
-    _expect_error(["finetune", "--data", str(labelled), "--linear-probe", *base], capsys, "--init")
-    _expect_error(["finetune", "--data", str(labelled), "--init", str(mae_ckpt), "--arch", "resnet", *base], capsys,
-                  "resnet")
+    cli_error(["finetune", "--data", str(labelled), "--linear-probe", *base], "--init")
+    cli_error(["finetune", "--data", str(labelled), "--init", str(mae_ckpt), "--arch", "resnet", *base], "resnet")
     try:
         import mlflow  # noqa: F401
     except ImportError:
-        _expect_error(["finetune", "--data", str(labelled), "--mlflow", "file:///tmp/x", *base], capsys, "mlflow")
+        cli_error(["finetune", "--data", str(labelled), "--mlflow", "file:///tmp/x", *base], "mlflow")
     assert not out.exists()  # nothing written for a refused run
