@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +127,25 @@ def test_resume_after_interruption(sources, tmp_path, monkeypatch):
     assert rep["n_frames"] == full["n_frames"] and _sha_set(out) == _sha_set(ref)
     assert kept <= _sha_set(out)
     assert len(FrameCorpus(out)) == full["n_frames"]
+
+
+def test_resume_recognises_copied_sources_by_content(tmp_path):
+    src = tmp_path / "s"
+    for i in range(3):
+        phantom.write_image(src / f"{i}.bmp", phantom.make_image(i % 3, 64, "sector", np.random.default_rng(i)))
+    first = prepare_corpus([src], tmp_path / "c", image_size=S, progress=False)
+    later = time.time() + 3600  # a copy or re-sync without timestamps: same bytes, new mtime
+    for f in src.iterdir():
+        os.utime(f, (later, later))
+    rep = prepare_corpus([src], tmp_path / "c", image_size=S, progress=False)
+    assert rep["sources_resumed"] == 3 and rep["sources_processed"] == 0 and rep["n_frames"] == first["n_frames"]
+    # same size (BMP: fixed by the dimensions) and new mtime but other content: processed again
+    bmp = src / "1.bmp"
+    size = bmp.stat().st_size
+    phantom.write_image(bmp, phantom.make_image(2, 64, "sector", np.random.default_rng(99)))
+    assert bmp.stat().st_size == size
+    rep = prepare_corpus([src], tmp_path / "c", image_size=S, progress=False)
+    assert rep["sources_resumed"] == 2 and rep["sources_processed"] == 1
 
 
 def test_resume_discards_orphan_shard(sources, tmp_path):

@@ -18,7 +18,9 @@ duplicates (SHA-1 of the uint8 frame) removed across the whole corpus.
 
 Robustness: a source that cannot be read is listed in the report with the reason and the run goes on. Shards
 are written atomically (temporary file + rename) and only then are the manifest and ``done.jsonl`` appended, so
-an interrupted run loses at most the sources still in memory; re-running skips the finished sources.
+an interrupted run loses at most the sources still in memory; re-running skips the finished sources. A source
+counts as finished when its path and size match and either its modification time or its content (SHA-1 of the
+file) does, so a data folder copied or re-synced without timestamps is not processed again.
 """
 
 from __future__ import annotations
@@ -138,8 +140,25 @@ def _not_empty(frames01: np.ndarray) -> np.ndarray:
     return ((flat > 0.05).mean(1) >= _EMPTY_FRACTION) & (flat.std(1) > 0.01)
 
 
+def _file_sha1(path: str | Path) -> str | None:
+    """SHA-1 of a file's bytes (None when it cannot be read): recognises a finished source whose timestamp changed."""
+    h = hashlib.sha1()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
 def _process_source(path: str, opts: _Options) -> dict[str, Any]:
-    """Read one source and return its finished frames (uint8 ``(N, S, S)``), per-frame records, optional volume."""
+    """Read one source and return its finished frames (uint8 ``(N, S, S)``), per-frame records, optional volume,
+    and ``file_sha1`` for resuming."""
+    return {**_frames_of_source(path, opts), "file_sha1": _file_sha1(path)}
+
+
+def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
     from usfmae_core.data.readers import read_ultrasound
     from usfmae_core.data.sector import detect_imaged_region, remove_annotations
 
@@ -312,11 +331,15 @@ class _Writer:
 
     def is_done(self, key: dict) -> bool:
         d = self.done.get(key["source"])
-        return d is not None and d.get("size") == key["size"] and d.get("mtime") == key["mtime"]
+        if d is None or d.get("size") != key["size"]:
+            return False
+        # same timestamp, or (copied / re-synced folder) same content
+        return d.get("mtime") == key["mtime"] or (d.get("sha1") is not None and d["sha1"] == _file_sha1(key["source"]))
 
     def add(self, key: dict, result: dict) -> None:
         if "error" in result:
-            self.buffer.append({"done": {**key, "status": "skipped", "reason": result["error"]}})
+            self.buffer.append({"done": {**key, "sha1": result.get("file_sha1"), "status": "skipped",
+                                         "reason": result["error"]}})
             return
         frames, recs = result["frames"], result["records"]
         keep, hashes = [], []
@@ -333,7 +356,8 @@ class _Writer:
         self.counts["near_duplicates_removed"] += st["near_duplicate"]
         entry = {"frames": frames[keep], "records": [{**recs[i], "sha1": h} for i, h in zip(keep, hashes)],
                  "volume": result.get("volume"), "kind": result["kind"],
-                 "done": {**key, "status": "ok", "kind": result["kind"], "n_frames": len(keep)}}
+                 "done": {**key, "sha1": result.get("file_sha1"), "status": "ok", "kind": result["kind"],
+                          "n_frames": len(keep)}}
         self.buffer.append(entry)
         self.buffered += len(keep)
         if self.buffered >= self.shard_frames:
