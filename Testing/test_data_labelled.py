@@ -101,6 +101,16 @@ def test_datalist_entry_points(tmp_path, tree):
         labelled_source_to_datalist(tmp_path / "nothing.txt")
 
 
+def test_datalist_from_relative_folder_works_elsewhere(tmp_path, tree, monkeypatch):
+    """`usfmae finetune --data ../data/tree` writes RUN/datalist.json, which must still load from RUN/."""
+    monkeypatch.chdir(tmp_path / "tree")
+    d = labelled_source_to_datalist(Path("..") / "tree", out_json=tmp_path / "run" / "datalist.json")
+    reread = load_datalist(tmp_path / "run" / "datalist.json")
+    for split in ("training", "validation", "test"):
+        assert [it["image"] for it in reread[split]] == [it["image"] for it in d[split]]
+        assert all(Path(it["image"]).is_absolute() and Path(it["image"]).is_file() for it in reread[split])
+
+
 def test_subsample_fraction_stratified(tree):
     items, _ = scan_class_folders(tree)
     sub = subsample_fraction(items, 0.25, seed=0)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 def test_demo_runs_end_to_end_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "usfmae_core.cli", "demo", "--scale", "0.1", "--out", str(out),
-                           "--device", "cpu"], capture_output=True, text=True, timeout=900)
+    # a relative --out, as `make demo` runs it (every step's files must resolve from their own run folders)
+    proc = subprocess.run([sys.executable, "-m", "usfmae_core.cli", "demo", "--scale", "0.1", "--out", "demo",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = (out / "report.md").read_text()
     # the three arms are reported with numbers, and the verdict is one of the honest outcomes

@@ -36,10 +36,11 @@ _GROUP_COLUMNS = ("group", "patient", "patient_id", "patientid", "subject", "cas
 
 
 def scan_class_folders(root: str | os.PathLike) -> tuple[list[dict], list[str]]:
-    """``root/<class>/**/<file>`` -> (items ``{image, label, group}``, sorted class names)."""
+    """``root/<class>/**/<file>`` -> (items ``{image, label, group}``, sorted class names). Image paths are absolute,
+    so a datalist written from them works from any folder (relative paths in a datalist are read relative to it)."""
     from usfmae_core.data.readers import is_supported
 
-    root = Path(root)
+    root = Path(root).absolute()
     if not root.is_dir():
         raise UsfmaeError(f"{root} is not a folder", "give a folder with one sub-folder per class")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -68,7 +69,7 @@ def read_csv_manifest(csv_path: str | os.PathLike, root: str | os.PathLike | Non
     sorted class names; integer labels are kept and named ``"0", "1", ...``.
     """
     csv_path = Path(csv_path)
-    base = Path(root) if root is not None else csv_path.parent
+    base = (Path(root) if root is not None else csv_path.parent).absolute()  # absolute: see scan_class_folders
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     if not rows:
