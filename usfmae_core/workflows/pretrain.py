@@ -523,9 +523,12 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
             raise UsfmaeError(f"{ckpt_path} is not a pretraining state", "choose another --out")
     ctx = D.init_distributed(args.device)
     try:
-        return _pretrain(args, ctx, out, resume_ckpt)
-    finally:
-        D.cleanup()
+        result = _pretrain(args, ctx, out, resume_ckpt)
+    except BaseException:
+        D.cleanup(barrier=False)
+        raise
+    D.cleanup()
+    return result
 
 
 def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ckpt: dict[str, Any] | None
