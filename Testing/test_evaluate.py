@@ -237,17 +237,17 @@ def test_evaluate_errors(trained: tuple[Path, Path], tmp_path: Path, cli_error: 
     mae = USFMAE(**mae_config("vit_test", img_size=32, patch_size=8))
     save_checkpoint(tmp_path / "mae.pt", make_checkpoint(mae, "mae", mae_config("vit_test", img_size=32, patch_size=8)))
     cli_error(["evaluate", "--model", str(tmp_path / "mae.pt"), "--data", str(data), "--out", str(out),
-                   "--device", "cpu"], "mae", "classifier")
+              "--device", "cpu"], "mae", "classifier")
     # data whose classes differ from the model's: one class folder renamed
     other = tmp_path / "other"
     for i, name in enumerate(("cyst", "mass", "tumour")):
         phantom.write_image(other / name / f"{name}_{i}.png", phantom.make_image(i, 32, rng=i))
         phantom.write_image(other / name / f"{name}_{i}b.png", phantom.make_image(i, 32, rng=10 + i))
     cli_error(["evaluate", "--model", str(run / "model.pt"), "--data", str(other), "--split", "all", "--out",
-                   str(out), "--device", "cpu"], "tumour", "normal", "do not match")
+              str(out), "--device", "cpu"], "tumour", "normal", "do not match")
     # missing data folder and missing model
     cli_error(["evaluate", "--model", str(run / "model.pt"), "--data", str(tmp_path / "nope"), "--out", str(out),
-                   "--device", "cpu"], "nope", "does not exist")
+              "--device", "cpu"], "nope", "does not exist")
     cli_error(["evaluate", "--model", str(tmp_path / "none.pt"), "--data", str(data), "--out", str(out),
-                   "--device", "cpu"], "none.pt")
+              "--device", "cpu"], "none.pt")
     assert not out.exists()  # nothing half-written

@@ -473,7 +473,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "usfmae checkpoint (format detected automatically)")
     p.add_argument("src", help="foreign checkpoint (.pth/.pt)")
     p.add_argument("--out", required=True, help="usfmae checkpoint to write")
-    p.add_argument("--image-size", "--img-size", dest="img_size", type=int, help="re-fit to this image size (position embeddings interpolated)")
+    p.add_argument("--image-size", "--img-size", dest="img_size", type=int,
+                   help="re-fit to this image size (position embeddings interpolated)")
     p.add_argument("--in-channels", type=int, choices=(1, 3), help="re-fit to 1 (grey) or 3 input channels")
     p.add_argument("--spatial-dims", type=int, choices=(2, 3), help="3 inflates 2D weights for volumes")
     p.add_argument("--num-heads", type=int, help="encoder heads (default: width / 64)")

@@ -180,15 +180,10 @@ def pretraining_verdict(out: Path, results: dict[str, dict], n_boot: int = 2000)
                 f"show whether pretraining helps. The small CNN reached {cnn['balanced_accuracy']:.2f} on the same "
                 "split: the task is learnable, but ViTs need more images and epochs than this run had. Rerun with a "
                 "larger `--scale` (e.g. 4 on a GPU); benchmarks/README.md has the real-data study.")
-    runs = {}
-    for arm in ("pretrained", "scratch"):
-        images, y, p, _ = load_predictions(out / f"eval_{arm}")
-        runs[arm] = (images, y, p)
-    order = {im: i for i, im in enumerate(runs["pretrained"][0])}
-    idx = [order[im] for im in runs["scratch"][0]]  # align both arms on the same test images
-    _, y_pre, p_pre = runs["pretrained"]
-    d = bootstrap_mean_difference([(y_pre[idx], p_pre[idx])], [runs["scratch"][1:]], n_boot,
-                                  keys=("f1_macro",))["f1_macro"]
+    images_pre, y_pre, p_pre, _ = load_predictions(out / "eval_pretrained")
+    images_scr, y_scr, p_scr, _ = load_predictions(out / "eval_scratch")
+    idx = [images_pre.index(im) for im in images_scr]  # both arms on the same test images, in the same order
+    d = bootstrap_mean_difference([(y_pre[idx], p_pre[idx])], [(y_scr, p_scr)], n_boot, keys=("f1_macro",))["f1_macro"]
     gap, (lo, hi) = d["mean"], d["ci95"]
     scores = (f"macro-F1 {pre['f1_macro']:.3f} pretrained vs {scr['f1_macro']:.3f} from scratch "
               f"(difference {gap:+.3f}, paired bootstrap 95% CI [{lo:+.3f}, {hi:+.3f}], {pre['n']} test images)")

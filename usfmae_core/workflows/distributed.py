@@ -120,14 +120,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup(barrier: bool = True) -> None:
+def cleanup(sync: bool = True) -> None:
     """Tear down the process group (safe to call when none exists). After a normal end, a barrier first: a rank that
     destroys its group while another still finishes a collective or a rank-0 checkpoint can make gloo abort or hang
     at exit. After an error no barrier (the other ranks may never reach it)."""
     if dist.is_available() and dist.is_initialized():
         try:
-            if barrier:
-                dist.barrier()
+            if sync:
+                barrier()
         finally:
             dist.destroy_process_group()
 

@@ -525,7 +525,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     try:
         result = _pretrain(args, ctx, out, resume_ckpt)
     except BaseException:
-        D.cleanup(barrier=False)
+        D.cleanup(sync=False)
         raise
     D.cleanup()
     return result
@@ -779,7 +779,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="vit_base", choices=sorted(PRESETS), help="model size (default vit_base)")
     g.add_argument("--init", help="start from this MAE checkpoint (ours, e.g. from usfmae import-weights)")
-    g.add_argument("--image-size", "--img-size", dest="img_size", type=int, help="input size (default: the corpus's frame / volume size, or --init's)")
+    g.add_argument("--image-size", "--img-size", dest="img_size", type=int,
+                   help="input size (default: the corpus's frame / volume size, or --init's)")
     g.add_argument("--patch-size", type=int, help="patch size (default 16)")
     g.add_argument("--in-channels", type=int, choices=(1, 3), help="1 (grey) or 3 (default, ImageNet/USF-MAE)")
     g.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2,
