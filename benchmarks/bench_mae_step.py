@@ -1,153 +1,218 @@
-"""MAE train-step throughput: usfmae's USFMAE against MONAI's MaskedAutoEncoderViT of the same dimensions.
+"""MAE train-step throughput: usfmae's USFMAE against facebook's MAE and MONAI's MaskedAutoEncoderViT, side by side,
+as a fraction of the machine's GEMM limit.
 
-Both models are ViT-B/16 with a 512-wide, 8-block decoder (USF-MAE's ``mae_vit_base_patch16_dec512d8b``), 75% masking,
-MSE on masked patches, AdamW. The two are alternated within one run (A, B, A, B, ...) so machine noise hits both.
+All contenders are ViT-B/16 with a 512-wide, 8-block decoder (``mae_vit_base_patch16_dec512d8b``, the USF-MAE model),
+224 x 224 x 3, 75% masking, MSE on masked patches, AdamW. Each runs its own training step as its project ships it:
 
-    python benchmarks/bench_mae_step.py --json benchmarks/results/mae_step_cpu.json
-    python benchmarks/bench_mae_step.py --device cuda --batch-size 64 --json mae_step_cuda.json
+- ``ours``: :func:`usfmae_core.workflows.pretrain.mae_train_step` with :func:`~usfmae_core.workflows.pretrain.
+  make_optimizer` (what ``usfmae pretrain`` runs);
+- ``facebook``: ``models_mae.mae_vit_base_patch16_dec512d8b`` of a facebookresearch/mae checkout (``--facebook-mae``;
+  timm from a benchmark-only venv) stepped as its ``engine_pretrain.train_one_epoch`` does: autocast, loss, backward,
+  gradient norm (its ``NativeScalerWithGradNormCount``; the fp16 loss scaling is off on CPU), ``torch.optim.AdamW``
+  as ``main_pretrain.py`` builds it (no weight decay on biases and norms), ``zero_grad``;
+- ``monai``: MONAI's ``MaskedAutoEncoderViT`` of the same dimensions (it returns predictions and mask only, so
+  facebook's masked-patch MSE is added), ``torch.optim.AdamW``.
 
-Prints a table and writes JSON with, per configuration: ``ours_img_s``, ``monai_img_s``, ``ratio``, ``dtype``,
-``device`` (plus step times and, on CUDA, model FLOPs utilisation).
+The contenders are alternated step by step within one process (ours, facebook, MONAI, ours, ...), so that changes in
+the load of a shared machine hit all of them alike; medians of the timed steps are reported. For every batch size and
+precision the script also measures the GEMM ceiling (:func:`benchlib.gemm_ceiling`: every matrix product of one step,
+timed alone at its best) and reports each figure as a fraction of it.
+
+    python benchmarks/bench_mae_step.py --json benchmarks/results/mae_step_cpu.json                # ours vs MONAI
+    /path/to/bench-venv/bin/python benchmarks/bench_mae_step.py --facebook-mae /path/to/mae \\
+        --batch-sizes 8 64 --json benchmarks/results/mae_step_cpu.json                            # + facebook
+    python benchmarks/bench_mae_step.py --device cuda --batch-sizes 64 128 256 --dtypes bf16 --json mae_step_cuda.json
+
+(see benchmarks/README.md for the benchmark venv). On CUDA the script adds model FLOPs utilisation against the GPU's
+dense bf16 peak.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from usfmae_core.networks import build_model, mae_config
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
 
 # Dense bf16 tensor-core peak (no sparsity) used for model FLOPs utilisation, by GPU name.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+                    "A10": 125.0, "4090": 165.0}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PATCH = 16
 
 
-def monai_mae(in_channels: int, img: int, patch: int) -> torch.nn.Module:
+def monai_mae(in_channels: int, img: int) -> torch.nn.Module:
     from monai.networks.nets import MaskedAutoEncoderViT
 
-    return MaskedAutoEncoderViT(in_channels=in_channels, img_size=img, patch_size=patch, hidden_size=768,
+    return MaskedAutoEncoderViT(in_channels=in_channels, img_size=img, patch_size=PATCH, hidden_size=768,
                                 mlp_dim=3072, num_layers=12, num_heads=12, masking_ratio=0.75,
                                 decoder_hidden_size=512, decoder_mlp_dim=2048, decoder_num_layers=8,
                                 decoder_num_heads=16, spatial_dims=2, qkv_bias=True)
 
 
-def monai_loss(model: torch.nn.Module, x: torch.Tensor, patch: int) -> torch.Tensor:
+def monai_loss(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """MONAI's MAE returns (pred, mask) only: add facebook's masked-patch MSE (patchify as in models_mae)."""
     pred, mask = model(x)
     b, c, h, _ = x.shape
-    g = h // patch
-    target = x.reshape(b, c, g, patch, g, patch).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, -1)
+    g = h // PATCH
+    target = x.reshape(b, c, g, PATCH, g, PATCH).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, -1)
     loss = ((pred.float() - target) ** 2).mean(-1)
     return (loss * mask).sum() / mask.sum()
 
 
-def make_step(name: str, model: torch.nn.Module, patch: int, dtype: torch.dtype | None, device: torch.device):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
+def decay_groups(model: torch.nn.Module, weight_decay: float = 0.05) -> list[dict]:
+    """timm's ``optim_factory.add_weight_decay`` as facebook's main_pretrain.py calls it: no decay on 1-D parameters
+    and biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
-    def step(x: torch.Tensor) -> None:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = model(x)[0] if name == "ours" else monai_loss(model, x, patch)
-        opt.zero_grad(set_to_none=True)
+
+def build(name: str, args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name == "ours":
+        from usfmae_core.networks import build_model, mae_config
+
+        model = build_model("mae", mae_config("vit_base", img_size=args.img_size, in_channels=args.in_channels))
+    elif name == "facebook":
+        model = benchlib.facebook_mae(args.facebook_mae, img_size=args.img_size, in_chans=args.in_channels)
+    else:
+        model = monai_mae(args.in_channels, args.img_size)
+    return model.to(device).train()
+
+
+def make_step(name: str, model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None,
+              device: torch.device) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(one training step, its forward + backward only) for contender ``name``."""
+    lr = 1.5e-4 * x.shape[0] / 256
+    autocast = lambda: torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)  # noqa: E731
+    if name == "ours":
+        from usfmae_core.workflows.pretrain import mae_train_step, make_optimizer
+
+        opt = make_optimizer(model, lr)
+
+        def step() -> None:
+            mae_train_step(model, x, None, opt, amp_dtype=dtype)
+
+        def fwd_bwd() -> None:
+            with autocast():
+                loss = model(x)[0]
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        return step, fwd_bwd
+    opt = torch.optim.AdamW(decay_groups(model), lr=lr, betas=(0.9, 0.95))
+    loss_of = (lambda: model(x)[0]) if name == "facebook" else (lambda: monai_loss(model, x))
+
+    def step() -> None:
+        with autocast():
+            loss = loss_of()
         loss.backward()
+        if name == "facebook":  # its loss scaler computes the gradient norm on every step
+            grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+            torch.norm(torch.stack([torch.norm(g, 2.0) for g in grads]), 2.0)
         opt.step()
+        opt.zero_grad()
 
-    return step
-
-
-def count_flops(model: torch.nn.Module, name: str, x: torch.Tensor, patch: int) -> float:
-    """FLOPs of one training step (forward + backward), counted by PyTorch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        loss = model(x)[0] if name == "ours" else monai_loss(model, x, patch)
+    def fwd_bwd() -> None:
+        with autocast():
+            loss = loss_of()
         loss.backward()
-    model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
+        model.zero_grad(set_to_none=True)
+
+    return step, fwd_bwd
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--in-channels", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per model and configuration")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
-    ap.add_argument("--json", type=Path, help="write results here")
-    args = ap.parse_args()
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per contender and configuration (default 5)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    ap.add_argument("--facebook-mae", type=Path, metavar="DIR",
+                    help="a checkout of facebookresearch/mae (needs timm in this Python): adds facebook's MAE")
+    ap.add_argument("--contenders", nargs="+", choices=("ours", "facebook", "monai"),
+                    help="default: ours, monai, and facebook with --facebook-mae")
+    ap.add_argument("--no-ceiling", dest="ceiling", action="store_false", help="skip the GEMM ceiling")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args(argv)
 
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    patch = 16
-    models = {"ours": build_model("mae", mae_config("vit_base", img_size=args.img_size,
-                                                    in_channels=args.in_channels)).to(device),
-              "monai": monai_mae(args.in_channels, args.img_size, patch).to(device)}
-    x = torch.rand(args.batch_size, args.in_channels, args.img_size, args.img_size, device=device)
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    flops = {n: count_flops(m, n, x, patch) for n, m in models.items()} if device.type == "cuda" else {}
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if gpu and k in gpu), None)
-
+    names = args.contenders or ["ours", *(["facebook"] if args.facebook_mae else []), "monai"]
+    if "facebook" in names and not args.facebook_mae:
+        ap.error("the facebook contender needs --facebook-mae DIR")
+    info = benchlib.machine(device)
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in info.get("gpu", "")), None)
+    print(f"{info['cpu']} ({', '.join(info['cpu_flags'])}), {info['threads']} threads, torch {info['torch']}, "
+          f"load {info['load_average']}" + (f", GPU {info['gpu']}" if "gpu" in info else ""), flush=True)
+    models = {n: build(n, args, device) for n in names}
+    flops = {}
     results = []
-    for dname in args.dtypes.split(","):
-        dtype = dtypes[dname]
-        steps = {n: make_step(n, m, patch, dtype, device) for n, m in models.items()}
-        times: dict[str, list[float]] = {n: [] for n in models}
-        errors: dict[str, str] = {}
-        for i in range(args.warmup + args.steps):
-            for n in models:  # alternate ours / MONAI so that load changes affect both alike
-                if n in errors:
-                    continue
-                try:
-                    sync(device)
-                    t0 = time.perf_counter()
-                    steps[n](x)
-                    sync(device)
-                    if i >= args.warmup:
-                        times[n].append(time.perf_counter() - t0)
-                except RuntimeError as err:  # MONAI's MAE fails under autocast (index_put dtype mismatch)
-                    errors[n] = str(err).splitlines()[0][:160]
-        row = {"dtype": dname, "device": str(device), "gpu": gpu, "batch_size": args.batch_size,
-               "img_size": args.img_size, "in_channels": args.in_channels, "threads": torch.get_num_threads()}
-        for n in models:
-            if n in errors:
-                row[f"{n}_img_s"], row[f"{n}_error"] = None, errors[n]
-                continue
-            med = statistics.median(times[n])
-            row[f"{n}_img_s"] = round(args.batch_size / med, 3)
-            row[f"{n}_step_s"] = [round(t, 4) for t in times[n]]
-            if flops.get(n) and peak:
-                row[f"{n}_mfu"] = round(flops[n] / med / (peak * 1e12), 4)
-                row[f"{n}_tflops"] = round(flops[n] / med / 1e12, 1)
-        row["ratio"] = (round(row["ours_img_s"] / row["monai_img_s"], 3)
-                        if row.get("ours_img_s") and row.get("monai_img_s") else None)
-        results.append(row)
-        print(f"{dname:5s} ours {row['ours_img_s'] or 'failed':>8} img/s   monai "
-              f"{row['monai_img_s'] or 'failed (' + row.get('monai_error', '')[:60] + ')'} img/s   "
-              f"ratio {row['ratio']}" + (f"   MFU ours {row.get('ours_mfu')}" if "ours_mfu" in row else ""))
+    for bs in args.batch_sizes:
+        x = torch.rand(bs, args.in_channels, args.img_size, args.img_size, device=device,
+                       generator=torch.Generator(device).manual_seed(1))
+        if device.type == "cuda":
+            from torch.utils.flop_counter import FlopCounterMode
 
-    best_monai = max((r["monai_img_s"] for r in results if r.get("monai_img_s")), default=None)
-    best_ours = max((r["ours_img_s"] for r in results if r.get("ours_img_s")), default=None)
-    summary = {"best_ours_img_s": best_ours, "best_monai_img_s": best_monai,
-               "ratio_best_vs_best": round(best_ours / best_monai, 3) if best_ours and best_monai else None,
-               "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
-    print(f"best ours {best_ours} img/s vs best MONAI {best_monai} img/s -> {summary['ratio_best_vs_best']}x")
+            for n, m in models.items():  # model FLOPs of one forward + backward (same for all: same arithmetic)
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    make_step(n, m, x, None, device)[1]()
+                flops[n] = float(counter.get_total_flops())
+        for dname in args.dtypes:
+            dtype = DTYPES[dname]
+            steps = {n: make_step(n, m, x, dtype, device) for n, m in models.items()}
+            row: dict[str, Any] = {"batch_size": bs, "dtype": dname, "load_before": benchlib.load_average()}
+            if args.ceiling:
+                ceil = benchlib.gemm_ceiling(steps["ours"][1], device)
+                row["ceiling_img_s"] = round(bs / ceil["seconds"], 3)
+                row["ceiling"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in ceil.items()}
+            times, errors = benchlib.alternate({n: s[0] for n, s in steps.items()}, args.warmup, args.steps, device)
+            row["load_after"] = benchlib.load_average()
+            for n in models:
+                med = benchlib.median(times[n])
+                row[n] = {"img_s": round(bs / med, 3) if med else None, "step_s": [round(t, 4) for t in times[n]],
+                          "error": errors.get(n)}
+                if med and args.ceiling:
+                    row[n]["fraction_of_ceiling"] = round(bs / med / row["ceiling_img_s"], 3)
+                if med and flops.get(n) and peak:
+                    row[n]["mfu"] = round(flops[n] / med / (peak * 1e12), 4)
+                    row[n]["tflops"] = round(flops[n] / med / 1e12, 1)
+            for peer in names[1:]:
+                a, b = row["ours"]["img_s"], row[peer]["img_s"]
+                row[f"ours_vs_{peer}"] = round(a / b, 3) if a and b else None
+            results.append(row)
+            cells = []
+            for n in names:
+                r = row[n]
+                cell = f"{n} {r['img_s']:.2f}" if r["img_s"] else f"{n} failed ({(r['error'] or '')[:50]})"
+                if r.get("fraction_of_ceiling"):
+                    cell += f" ({100 * r['fraction_of_ceiling']:.0f}%)"
+                if r.get("mfu"):
+                    cell += f" MFU {100 * r['mfu']:.1f}%"
+                cells.append(cell)
+            ratios = ", ".join(f"ours/{p} {row[f'ours_vs_{p}']}" for p in names[1:] if row.get(f"ours_vs_{p}"))
+            ceiling = f"ceiling {row['ceiling_img_s']:.2f} img/s, " if args.ceiling else ""
+            print(f"batch {bs:3d} {dname}: {ceiling}img/s " + "   ".join(cells) + f"   {ratios}"
+                  f"   load {row['load_before']} -> {row['load_after']}", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"results": results, "summary": summary}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"machine": info, "contenders": names, "steps": args.steps,
+                                         "warmup": args.warmup, "results": results}, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

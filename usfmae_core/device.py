@@ -43,23 +43,12 @@ def describe_device(device: torch.device) -> dict:
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for ``precision`` in ``auto|bf16|fp16|fp32`` on ``device`` (None means fp32).
+    """The autocast dtype for ``precision`` in ``auto|bf16|fp16|fp32`` on ``device`` (None means fp32), without a model.
 
-    ``auto`` picks bf16 on CUDA GPUs that support it (fp16 otherwise) and bf16 on CPU: on the project's AVX512-BF16
-    CPUs an MAE train step ran 1.3-2x faster in bf16 from ViT-Tiny up and at parity for the demo's vit_micro
-    (interleaved measurement, benchmarks/README.md). CPUs without native bf16 should use ``--precision fp32``.
+    The model-aware decision (on CPU, bf16 only where it was measured faster for that model) is
+    :func:`usfmae_core.precision.resolve_precision`; without a model to measure, ``auto`` means bf16 on CUDA GPUs that
+    support it (fp16 otherwise) and on CPUs with native bf16, fp32 elsewhere.
     """
-    precision = precision.lower()
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if precision != "auto":
-        raise UsfmaeError(f"unknown precision '{precision}'", "choose auto, bf16, fp16 or fp32")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        return torch.bfloat16
-    return None
+    from usfmae_core.precision import resolve_precision
+
+    return resolve_precision(precision, device, log=None)

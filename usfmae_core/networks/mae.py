@@ -142,8 +142,24 @@ class Block(TransformerBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """``(B, N, D)`` -> ``(B, N, D)``."""
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.attention(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-head self-attention ``(B, N, D)`` -> ``(B, N, D)`` with the weights of MONAI's ``SABlock``
+        (``attn.qkv``, ``attn.out_proj``: same state dict, same arithmetic).
+
+        Computed as facebook MAE / timm do: one view of the qkv projection and ``unbind``. MONAI's einops rearrange
+        followed by three ``[i]`` selections makes autograd build three zero-filled copies of the whole qkv tensor
+        and add them in the backward pass (a few % of an MAE step on CPU).
+        """
+        attn = self.attn
+        b, n, _ = x.shape
+        qkv = attn.qkv(x).view(b, n, 3, attn.num_heads, attn.dim_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim) each
+        p = attn.dropout_rate if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=attn.scale)
+        return attn.drop_output(attn.out_proj(y.transpose(1, 2).reshape(b, n, attn.inner_dim)))
 
 
 class ViTEncoder(nn.Module):

@@ -74,7 +74,8 @@ def embed_frames(model: nn.Module, frames: np.ndarray, prep, pool: str = "avg", 
     enc = enc.to(dev).eval()
     wdtype = _weights_dtype(enc)  # bf16 weights (to_inference_model) run as they are, without autocast
     out: list[np.ndarray] = []
-    with inference_context(dev, inference_dtype(dev, precision) if wdtype == torch.float32 else None):
+    amp = inference_dtype(dev, precision, enc, batch_size, prep) if wdtype == torch.float32 else None
+    with inference_context(dev, amp):
         for i in range(0, len(frames), max(1, int(batch_size))):
             x = frames_to_tensor(frames[i:i + batch_size], prep).to(dev, wdtype)
             out.append(_features(enc, x, pool).cpu().numpy())
@@ -93,7 +94,7 @@ def embed_volume(model: nn.Module, volume: np.ndarray, prep, pool: str = "avg", 
     enc = enc.to(dev).eval()
     wdtype = _weights_dtype(enc)
     x = volume_to_tensor(volume, prep, _model_input_size(model, prep, 3)).to(dev, wdtype)
-    with inference_context(dev, inference_dtype(dev, precision) if wdtype == torch.float32 else None):
+    with inference_context(dev, inference_dtype(dev, precision, enc, 1, prep) if wdtype == torch.float32 else None):
         return _features(enc, x, pool).cpu().numpy().astype(np.float32)
 
 

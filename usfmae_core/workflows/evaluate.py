@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from usfmae_core.device import DEVICE_CHOICES, autocast_dtype, resolve_device
+from usfmae_core.device import DEVICE_CHOICES, resolve_device
 from usfmae_core.errors import UsfmaeError
+from usfmae_core.precision import precision_name, resolve_precision
 from usfmae_core.workflows import metrics as M
 from usfmae_core.workflows.common import Progress, prepare_output_dir, write_csv, write_json
 from usfmae_core.workflows.finetune import (SPLITS, jsonable, load_labelled, make_datasets, make_loader,
@@ -202,10 +203,12 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: s
 
     dataset = make_datasets({"test": items}, prep, ("test",), cache=False, augment=False)["test"]
     loader = make_loader(dataset, batch_size, train=False, workers=workers)
+    dtype = resolve_precision(precision, dev, model, (loader.batch_size, prep.in_channels, prep.image_size,
+                                                      prep.image_size), train=False, log=None if quiet else print)
     with Progress(len(loader), "evaluate", disable=quiet) as progress:
-        probs, labels, _ = predict_probs(model, loader, dev, autocast_dtype(dev, precision), progress)
+        probs, labels, _ = predict_probs(model, loader, dev, dtype, progress)
     result = evaluate_predictions(labels, probs, classes, bootstrap, seed)
-    result.update(model=str(model_path), data=str(data), split=split, arch=ckpt["arch"])
+    result.update(model=str(model_path), data=str(data), split=split, arch=ckpt["arch"], autocast=precision_name(dtype))
 
     out = prepare_output_dir(out, run_config if run_config is not None else
                              dict(model=str(model_path), data=str(data), split=split, bootstrap=bootstrap, seed=seed,

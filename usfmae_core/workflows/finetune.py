@@ -67,15 +67,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from usfmae_core.device import DEVICE_CHOICES, autocast_dtype, resolve_device
+from usfmae_core.device import DEVICE_CHOICES, resolve_device
 from usfmae_core.errors import UsfmaeError
+from usfmae_core.precision import precision_name, resolve_precision
 from usfmae_core.workflows import metrics as M
 from usfmae_core.workflows.common import Progress, prepare_output_dir, seed_everything, write_csv, write_json
 from usfmae_core.workflows.pictures import save_figure
 
 __all__ = ["FinetuneOptions", "finetune", "train_classifier", "build_classifier", "make_transforms", "make_datasets",
-           "make_loader", "make_loss", "make_sampler", "make_optimizer", "predict_probs", "load_labelled",
-           "kfold_datalists", "mae_preprocessing", "add_parser", "run"]
+           "make_loader", "make_loss", "make_sampler", "make_optimizer", "classifier_train_step", "predict_probs",
+           "load_labelled", "kfold_datalists", "mae_preprocessing", "add_parser", "run"]
 
 SPLITS = ("training", "validation", "test")
 CACHE_BYTES = 4 * 2**30  # cache at most this much preprocessed model input in memory; the rest is re-read per epoch
@@ -342,19 +343,52 @@ def build_classifier(num_classes: int, arch: str = "vit", init: str | Path | dic
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05, layer_decay: float | None = None
                    ) -> torch.optim.Optimizer:
-    """AdamW (betas 0.9, 0.999 as in MAE fine-tuning) over :func:`~usfmae_core.workflows.optim.param_groups`
+    """AdamW (betas 0.9, 0.999 as in MAE fine-tuning; fused kernel where available,
+    :func:`~usfmae_core.workflows.optim.adamw`) over :func:`~usfmae_core.workflows.optim.param_groups`
     (layer-wise decay applies to ViTs; CNNs get one decay / no-decay pair)."""
-    from usfmae_core.workflows.optim import param_groups
+    from usfmae_core.workflows.optim import adamw, param_groups
 
     groups = param_groups(model, weight_decay, layer_decay, base_lr=lr)
     if not groups:
         raise UsfmaeError("the model has no trainable parameter", "do not freeze everything")
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    return adamw(groups, lr=lr, betas=(0.9, 0.999))
 
 
 # ------------------------------------------------------------------------------------------------ train / eval
 def _as_plain(x: torch.Tensor) -> torch.Tensor:
     return x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
+
+
+def classifier_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module,
+                          optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None, *,
+                          amp_dtype: torch.dtype | None = None, clip_grad: float | None = None, where: str = ""
+                          ) -> float:
+    """One fine-tuning step: forward under autocast, loss on float32 logits, backward, optional gradient clipping,
+    optimiser step. ``x`` ``(B, C, *S)`` and ``y`` ``(B,)`` are on the model's device; returns the loss.
+
+    Raises:
+        UsfmaeError: the loss is not finite (the weights are left as they were).
+    """
+    with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = model(x)
+    loss = criterion(logits.float(), y)
+    value = loss.detach().item()
+    if not math.isfinite(value):
+        raise UsfmaeError(f"the training loss became {value}{' ' + where if where else ''}",
+                          "lower --lr / --blr, or use --precision fp32")
+    optimizer.zero_grad(set_to_none=True)
+    scaling = scaler is not None and scaler.is_enabled()
+    (scaler.scale(loss) if scaling else loss).backward()
+    if clip_grad:
+        if scaling:
+            scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaling:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return value
 
 
 @torch.no_grad()
@@ -540,7 +574,6 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
     classes = [str(c) for c in datalist["classes"]]
     k = len(classes)
     device = resolve_device(opts.device)
-    dtype = autocast_dtype(device, opts.precision)
     seed_everything(opts.seed)
 
     model, config = build_classifier(k, opts.arch, opts.init, opts.preset, opts.image_size, opts.in_channels,
@@ -564,6 +597,10 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
     test_loader = make_loader(data["test"], opts.batch_size * 2, False, workers) if len(data["test"]) else None
 
     hp = opts.resolved(train_loader.batch_size)
+    dtype = resolve_precision(opts.precision, device, model, (train_loader.batch_size, prep.in_channels,
+                                                              prep.image_size, prep.image_size),
+                              train=True, log=None if opts.quiet else print)
+    hp["precision"] = precision_name(dtype)
     criterion = make_loss(k, counts, opts.balance, opts.label_smoothing).to(device)
     optimizer = make_optimizer(model, hp["lr"], hp["weight_decay"], hp["layer_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
@@ -592,21 +629,9 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
                 y = torch.as_tensor(batch["label"]).long().to(device)
                 lr = cosine_lr(step, total, warmup, hp["lr"], min(opts.min_lr, hp["lr"]))
                 set_lr(optimizer, lr)
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    logits = model(x)
-                loss = criterion(logits.float(), y)
-                if not torch.isfinite(loss.detach()):
-                    raise UsfmaeError(f"the training loss became {loss.detach().item()} at epoch {epoch}",
-                                      "lower --lr / --blr, or use --precision fp32")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if opts.clip_grad:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), opts.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
+                loss_value = classifier_train_step(model, x, y, criterion, optimizer, scaler, amp_dtype=dtype,
+                                                   clip_grad=opts.clip_grad, where=f"at epoch {epoch}")
                 step += 1
-                loss_value = loss.detach().item()
                 loss_sum += loss_value * len(y)
                 seen += len(y)
                 progress.update(1, loss=loss_value, lr=lr, epoch=epoch)

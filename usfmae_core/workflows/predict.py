@@ -13,10 +13,11 @@ A 2D model (``config["spatial_dims"] == 2``) classifies every frame of a cine an
 Preprocessing is :func:`~usfmae_core.data.transforms.frames_to_tensor` with the checkpoint's
 :class:`~usfmae_core.data.transforms.Preprocessing`, exactly as in fine-tuning.
 
-Speed: batched, ``torch.inference_mode``, and bf16 where it was measured faster. On CPUs with native bf16
-(AVX512-BF16 / AMX, checked through oneDNN) bf16 autocast needs 2.3-4x less time than fp32 for ViT-B, and a model
-cast to bf16 (:func:`to_inference_model`, used by :func:`predict`) another ~20 % less; on CPUs without native bf16
-it is emulated and slower, so ``precision="auto"`` keeps fp32 there (benchmarks/README.md, "Predict").
+Speed: batched, ``torch.inference_mode``, and bf16 where it was measured faster (``precision="auto"``:
+:func:`usfmae_core.precision.resolve_precision` times this model on this machine once and caches the answer). On CPUs
+with native bf16 (AVX512-BF16 / AMX) bf16 autocast needs 2.3-4x less time than fp32 for ViT-B, and a model cast to
+bf16 (:func:`to_inference_model`, used by :func:`predict`) another ~20 % less; on CPUs without native bf16 it is
+emulated and slower, so ``auto`` keeps fp32 there (benchmarks/README.md, "Predict").
 """
 
 from __future__ import annotations
@@ -105,18 +106,26 @@ def volume_to_tensor(volume: np.ndarray, prep, size: Sequence[int] | None = None
     return ((t[None].expand(-1, c, -1, -1, -1) - mean.view(1, c, 1, 1, 1)) / std.view(1, c, 1, 1, 1)).contiguous()
 
 
-def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """Autocast dtype for inference (None = fp32). ``auto`` on CPU is bf16 only where the CPU computes bf16
-    natively (oneDNN says so): there it was measured ~4x faster than fp32 for ViT-B; emulated bf16 is slower."""
-    from usfmae_core.device import autocast_dtype
+def _input_shape(model: nn.Module, batch_size: int, prep: Any = None) -> tuple[int, ...]:
+    """One forward pass's input shape ``(B, C, *S)`` for the precision probe (a 3D model sees one volume)."""
+    enc = getattr(model, "encoder", model)  # a model with an encoder, or the encoder itself
+    if hasattr(enc, "img_size") and hasattr(enc, "in_channels"):
+        size = tuple(int(s) for s in enc.img_size)
+        return (1 if len(size) == 3 else int(batch_size), int(enc.in_channels), *size)
+    size = int(getattr(prep, "image_size", 224))
+    return (int(batch_size), int(getattr(prep, "in_channels", 3)), size, size)
 
-    if str(precision).lower() == "auto" and device.type == "cpu":
-        try:
-            native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            native = False
-        return torch.bfloat16 if native else None
-    return autocast_dtype(device, str(precision))
+
+def inference_dtype(device: torch.device, precision: str = "auto", model: nn.Module | None = None,
+                    batch_size: int = 32, prep: Any = None, log: Callable[[str], None] | None = None
+                    ) -> torch.dtype | None:
+    """Autocast dtype for inference (None = fp32): :func:`usfmae_core.precision.resolve_precision` for forward passes
+    of ``model`` on batches of ``batch_size``. ``auto`` on a CPU means bf16 only where it was measured faster for this
+    model (never on CPUs without native bf16, where it is emulated and slower)."""
+    from usfmae_core.precision import resolve_precision
+
+    shape = _input_shape(model, batch_size, prep) if model is not None else None
+    return resolve_precision(str(precision), device, model, shape, train=False, log=log)
 
 
 def inference_context(device: torch.device, dtype: torch.dtype | None) -> ExitStack:
@@ -138,7 +147,8 @@ def to_inference_model(model: nn.Module, device: torch.device | str = "cpu", pre
     like autocast; benchmarks/README.md, "Predict"). Elsewhere the model is returned as it is.
     """
     dev = _device(device)
-    if dev.type != "cpu" or inference_dtype(dev, precision) != torch.bfloat16 or not hasattr(model, "encoder"):
+    if dev.type != "cpu" or not hasattr(model, "encoder") or _weights_dtype(model) != torch.float32 or \
+            inference_dtype(dev, precision, model) != torch.bfloat16:
         return model
     if copy:
         import copy as _copy
@@ -195,7 +205,7 @@ def classify_frames(model: nn.Module, frames: np.ndarray, prep, device: torch.de
     dev = _device(device)
     model = _prepare_model(model, dev)
     wdtype = _weights_dtype(model)  # a model in bf16 (see to_inference_model) runs as it is, without autocast
-    dtype = inference_dtype(dev, precision) if wdtype == torch.float32 else None
+    dtype = inference_dtype(dev, precision, model, batch_size, prep) if wdtype == torch.float32 else None
     out: list[np.ndarray] = []
     with inference_context(dev, dtype):
         for i in range(0, len(frames), max(1, int(batch_size))):
@@ -213,7 +223,8 @@ def _classify_volume_3d(model: nn.Module, volume: np.ndarray, prep, device: torc
     model = _prepare_model(model, dev)
     wdtype = _weights_dtype(model)
     x = volume_to_tensor(volume, prep, _model_input_size(model, prep, 3)).to(dev, wdtype)
-    with inference_context(dev, inference_dtype(dev, precision) if wdtype == torch.float32 else None):
+    amp = inference_dtype(dev, precision, model, 1, prep) if wdtype == torch.float32 else None
+    with inference_context(dev, amp):
         return torch.softmax(model(x).float(), dim=-1).cpu().numpy().astype(np.float32)
 
 
@@ -387,13 +398,18 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
     from usfmae_core.checkpoints import load_model
     from usfmae_core.data.readers import read_ultrasound
     from usfmae_core.device import describe_device
+    from usfmae_core.precision import precision_name
     from usfmae_core.workflows.common import Progress, prepare_output_dir, write_csv, write_json
 
     files, skipped = collect_inputs(inputs)  # fail on a bad path before loading a big model
     dev = _device(device)
     model, ckpt = load_model(model_path, expect=CLASSIFIER_ARCHS, device=dev)
-    model = to_inference_model(model, dev, precision, copy=False)
     config = ckpt["config"]
+    # decided (and said) once for the run; the classify_* calls then get the explicit choice
+    amp = inference_dtype(dev, precision, model, batch_size, preprocessing_from_config(config),
+                          log=None if quiet else print)
+    precision = precision_name(amp)
+    model = to_inference_model(model, dev, precision, copy=False)
     out = prepare_output_dir(out_dir, run_config if run_config is not None else
                              {"model": str(model_path), "inputs": [str(i) for i in inputs], "device": device,
                               "axis": axis, "batch_size": batch_size, "precision": precision})
@@ -437,8 +453,7 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
         "model": str(model_path), "arch": ckpt["arch"], "classes": names,
         "spatial_dims": model_spatial_dims(model, config), "axis": axis,
         "device": describe_device(dev), "weights_dtype": str(_weights_dtype(model)).replace("torch.", ""),
-        "autocast": str(inference_dtype(dev, precision) or "none").replace("torch.", "")
-        if _weights_dtype(model) == torch.float32 else "none",
+        "autocast": str(amp or "none").replace("torch.", "") if _weights_dtype(model) == torch.float32 else "none",
         "results": results, "skipped": skipped})
     return out
 

@@ -162,12 +162,11 @@ def make_augment(config: Mapping[str, Any]) -> nn.Module:
 # ------------------------------------------------------------------------------------------------- optimiser
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
                    betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.Optimizer:
-    """AdamW over :func:`~usfmae_core.workflows.optim.param_groups` (no decay on norms, biases, tokens, pos-embeds)."""
-    from usfmae_core.workflows.optim import param_groups
+    """AdamW (fused kernel where available, :func:`~usfmae_core.workflows.optim.adamw`) over
+    :func:`~usfmae_core.workflows.optim.param_groups` (no decay on norms, biases, tokens, pos-embeds)."""
+    from usfmae_core.workflows.optim import adamw, param_groups
 
-    groups = param_groups(D.unwrap_model(model), weight_decay=weight_decay, base_lr=lr)
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, **fused)
+    return adamw(param_groups(D.unwrap_model(model), weight_decay=weight_decay, base_lr=lr), lr=lr, betas=betas)
 
 
 def make_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> torch.amp.GradScaler:
@@ -239,8 +238,8 @@ class MAEIterationUpdate:
 
     Args:
         augment: batched augmentation applied on the engine's device (None: the batch is model input already).
-        precision: ``auto|bf16|fp16|fp32`` (see :func:`usfmae_core.device.autocast_dtype`); fp16 uses its own
-            GradScaler.
+        precision: ``auto|bf16|fp16|fp32`` (:func:`usfmae_core.precision.resolve_precision`, decided at the first
+            iteration for the engine's network and batch); fp16 uses its own GradScaler.
         clip_grad: max gradient norm, or None.
         base_lr, total_steps, warmup_steps, min_lr: when ``base_lr`` and ``total_steps`` are given, the lr follows
             :func:`~usfmae_core.workflows.optim.cosine_lr` per optimiser step (otherwise leave lr to handlers).
@@ -258,14 +257,16 @@ class MAEIterationUpdate:
         self.amp_dtype: torch.dtype | None = None
 
     def __call__(self, engine: Any, batchdata: Any) -> dict[str, Any]:
-        from usfmae_core.device import autocast_dtype
         from usfmae_core.workflows.optim import cosine_lr, set_lr
 
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         device = next(engine.network.parameters()).device
         if self.scaler is None:
-            self.amp_dtype = autocast_dtype(device, self.precision)
+            enc = D.unwrap_model(engine.network).encoder
+            shape = (len(_images_of(batchdata, self.image_key)), enc.in_channels, *enc.img_size)
+            self.amp_dtype = _run_precision(self.precision, D.unwrap_model(engine.network), shape[0], device,
+                                            D.is_main(), None)
             self.augment = self.augment.to(device) if isinstance(self.augment, nn.Module) else self.augment
             self.scaler = make_scaler(device, self.amp_dtype)
         acc = int(getattr(engine, "accumulation_steps", self.accum_steps) or 1)
@@ -473,10 +474,31 @@ def weights_sha1(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _run_precision(precision: str, model: nn.Module, batch_size: int, device: torch.device, main: bool,
+                   resume_ckpt: dict[str, Any] | None) -> torch.dtype | None:
+    """The run's autocast dtype (:func:`usfmae_core.precision.resolve_precision`, training steps of this model and
+    batch). A resumed ``auto`` run keeps the precision it started with; under torchrun rank 0 decides for all."""
+    from usfmae_core.precision import precision_name, resolve_precision
+
+    earlier = (resume_ckpt or {}).get("precision")
+    if str(precision).lower() == "auto" and earlier in ("bf16", "fp16", "fp32"):
+        if main:
+            print(f"precision auto -> {earlier} (as the run being resumed)", flush=True)
+        return resolve_precision(earlier, device)
+    name = None
+    if main:
+        enc = model.encoder
+        shape = (batch_size, enc.in_channels, *enc.img_size)
+        name = precision_name(resolve_precision(precision, device, model, shape, train=True,
+                                                log=lambda m: print(m, flush=True)))
+    return resolve_precision(D.broadcast_object(name), device)
+
+
 def _training_checkpoint(model: nn.Module, config: dict, optimizer: torch.optim.Optimizer,
                          scaler: torch.amp.GradScaler, state: dict[str, Any], rng: list[dict],
-                         args: argparse.Namespace) -> dict[str, Any]:
+                         args: argparse.Namespace, amp_dtype: torch.dtype | None) -> dict[str, Any]:
     from usfmae_core.checkpoints import make_checkpoint
+    from usfmae_core.precision import precision_name
 
     return make_checkpoint(
         D.unwrap_model(model), "mae", config,
@@ -485,6 +507,7 @@ def _training_checkpoint(model: nn.Module, config: dict, optimizer: torch.optim.
         scheduler={"step": state["step"], "total_steps": state["total_steps"],
                    "warmup_steps": state["warmup_steps"], "base_lr": state["lr"]},
         step=state["step"], epoch=state["epoch"], batches_in_epoch=state["batches"],
+        precision=precision_name(amp_dtype),
         world_size=D.get_world_size(), rng={"per_rank": rng},
         train_args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                     if k != "func" and (v is None or isinstance(v, (int, float, str, bool, Path, list)))},
@@ -534,7 +557,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
 def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ckpt: dict[str, Any] | None
               ) -> dict[str, Any]:
     from usfmae_core.checkpoints import make_checkpoint, save_checkpoint
-    from usfmae_core.device import autocast_dtype, describe_device
+    from usfmae_core.device import describe_device
     from usfmae_core.workflows.common import prepare_output_dir, seed_everything, write_json
     from usfmae_core.workflows.optim import cosine_lr, scaled_lr, set_lr
 
@@ -566,8 +589,8 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
         if int(config.get("spatial_dims", 2)) != dims:
             raise UsfmaeError(f"--init {args.init} is a {config.get('spatial_dims')}D model but --spatial-dims is "
                               f"{dims}", "pass --spatial-dims to match, or another checkpoint")
-    amp_dtype = autocast_dtype(device, args.precision)
     model = model.to(device)
+    amp_dtype = _run_precision(args.precision, model, args.batch_size, device, ctx.main, resume_ckpt)
 
     # ---- sizes of the run
     world = ctx.world_size
@@ -643,7 +666,8 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
     def save_state() -> None:
         rng = D.all_gather_objects(capture_rng_state())
         if ctx.main:
-            save_checkpoint(ckpt_path, _training_checkpoint(model, config, optimizer, scaler, state, rng, args))
+            save_checkpoint(ckpt_path, _training_checkpoint(model, config, optimizer, scaler, state, rng, args,
+                                                            amp_dtype))
         D.barrier()
 
     # ---- training

@@ -113,7 +113,8 @@ def reconstruct_frames(mae: nn.Module, frames: np.ndarray, prep, mask_ratio: flo
     sse = count = 0.0
     bs = max(1, int(batch_size))
     wdtype = _weights_dtype(mae)
-    with inference_context(dev, inference_dtype(dev, precision) if wdtype == torch.float32 else None):
+    amp = inference_dtype(dev, precision, mae, bs, prep) if wdtype == torch.float32 else None
+    with inference_context(dev, amp):
         for i in range(0, n, bs):
             x = frames_to_tensor(frames[i:i + bs], prep).to(dev, wdtype)
             _, recon, mask_img = mae.reconstruct(x, mask_ratio, noise[i:i + bs].to(dev))
@@ -143,7 +144,7 @@ def reconstruct_volume(mae: nn.Module, volume: np.ndarray, prep, mask_ratio: flo
     scaled = scale_intensity(vol)
     wdtype = _weights_dtype(mae)
     x = volume_to_tensor(vol, prep, _model_input_size(mae, prep, 3)).to(dev, wdtype)
-    with inference_context(dev, inference_dtype(dev, precision) if wdtype == torch.float32 else None):
+    with inference_context(dev, inference_dtype(dev, precision, mae, 1, prep) if wdtype == torch.float32 else None):
         _, recon, mask_img = mae.reconstruct(x, mask_ratio, _noise(1, mae.encoder.num_patches, seed).to(dev))
         sse, count = _loss(x, recon, mask_img)
     unit = _to_unit(recon, prep).cpu()  # (1, S, S, S)
