@@ -25,7 +25,6 @@ file) does, so a data folder copied or re-synced without timestamps is not proce
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -40,7 +39,7 @@ import numpy as np
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["prepare_corpus", "FrameCorpus", "VolumeCorpus", "iter_source_files", "add_parser", "run",
+__all__ = ["prepare_corpus", "FrameCorpus", "VolumeCorpus", "iter_source_files",
            "CORPUS_VERSION"]
 
 CORPUS_VERSION = 1
@@ -601,43 +600,3 @@ class VolumeCorpus:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return np.load(self.path / self.entries[int(i)]["file"], mmap_mode="r")
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "prepare",
-        help="turn folders of ultrasound files into a pretraining frame cache",
-        description="Walk SRC files/folders (PNG/JPG/BMP/TIFF, DICOM, NIfTI, NRRD, MetaImage, mp4/avi/mov/mpeg/gif) "
-                    "and write a sharded uint8 frame cache + manifest to --out. Re-running resumes.",
-    )
-    p.add_argument("sources", nargs="+", metavar="SRC", help="files or folders")
-    p.add_argument("--out", required=True, help="corpus folder")
-    p.add_argument("--image-size", "--img-size", dest="image_size", type=int, default=224)
-    p.add_argument("--axes", type=int, nargs="+", default=[0, 1, 2], help="volume axes to slice along")
-    p.add_argument("--frame-stride", type=int, default=1, help="keep every n-th cine frame")
-    p.add_argument("--crop-sector", action="store_true", help="crop to the detected imaged region")
-    p.add_argument("--remove-text", action="store_true", help="inpaint burned-in text, calipers and overlays")
-    p.add_argument("--native-3d", action="store_true", help="also write isotropic volumes for 3D pretraining")
-    p.add_argument("--volume-size", type=int, default=96)
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    rep = prepare_corpus(args.sources, args.out, args.image_size, tuple(args.axes), args.frame_stride,
-                         args.crop_sector, args.remove_text, args.native_3d, args.workers,
-                         not args.no_progress, args.volume_size)
-    print(f"prepared {rep['n_frames']} frames in {rep['corpus']} ({rep['frames_added']} new from "
-          f"{rep['sources_read']} files; {rep['sources_resumed']} already done; {rep['duplicates_removed']} "
-          f"duplicates, {rep['near_duplicates_removed']} near-duplicate cine frames, "
-          f"{rep['empty_frames_skipped']} empty frames dropped; {rep['n_volumes']} volumes)")
-    if rep["skipped"]:
-        print(f"skipped {len(rep['skipped'])} files (details in {Path(args.out) / 'report.json'}):")
-        for s in rep["skipped"][:20]:
-            print(f"  {s['path']}: {s['reason']}")
-        if len(rep["skipped"]) > 20:
-            print(f"  ... and {len(rep['skipped']) - 20} more")
-    return 0

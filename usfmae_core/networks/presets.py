@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any
 
 from usfmae_core.errors import UsfmaeError
+
+if TYPE_CHECKING:  # torch stays out of the CLI's start-up (preset names are read by `usfmae --help`)
+    import torch.nn as nn
 
 # Encoder and decoder shapes. The paper's model is ``vit_base`` (ViT-B/16, decoder 512 wide, 8 blocks).
 # ``vit_micro`` and ``vit_test`` are for CPU demos and tests; their widths divide by 4 and 6 (2D and 3D sin-cos).

@@ -21,7 +21,6 @@ it is emulated and slower, so ``precision="auto"`` keeps fp32 there (benchmarks/
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -37,7 +36,7 @@ from usfmae_core.errors import UsfmaeError
 
 __all__ = ["CLASSIFIER_ARCHS", "classify_frames", "classify_array", "classify_file", "predict", "collect_inputs",
            "preprocessing_from_config", "class_names", "model_spatial_dims", "volume_to_tensor",
-           "inference_dtype", "inference_context", "to_inference_model", "add_parser", "run"]
+           "inference_dtype", "inference_context", "to_inference_model"]
 
 CLASSIFIER_ARCHS = ("classifier", "resnet", "densenet")
 KINDS = ("auto", "image", "cine", "volume")
@@ -441,40 +440,3 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
         if _weights_dtype(model) == torch.float32 else "none",
         "results": results, "skipped": skipped})
     return out
-
-
-# ----------------------------------------------------------------------------------------------------- CLI
-def add_common_arguments(p: argparse.ArgumentParser, batch_size: int = 32) -> None:
-    """``--out``, ``--axis``, ``--device``, ``--batch-size`` (shared by predict / embed / reconstruct)."""
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2),
-                   help="slicing axis of volumes for 2D models (array order D, H, W; default 0)")
-    p.add_argument("--device", default="auto", help="auto|cuda|mps|cpu (default: auto)")
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"frames per batch (default {batch_size})")
-
-
-def run(args: argparse.Namespace) -> int:
-    out = predict(args.model, args.inputs, args.out, args.device, args.axis, args.batch_size, args.precision,
-                  args.top_k, run_config=vars(args))
-    report = json.loads((out / "predictions.json").read_text())
-    for r in report["results"]:
-        probs = ", ".join(f"{c} {r[f'p_{c}']:.3f}" for c in report["classes"])
-        print(f"{r['source']}: {r['label']} ({r['kind']}, {r['n_frames']} frame(s); {probs})")
-    for s in report["skipped"]:
-        print(f"skipped {s['source']}: {s['reason']}")
-    print(f"wrote {out / 'predictions.csv'}, {out / 'summary.csv'}, {out / 'predictions.json'}")
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="classify images, cine clips and volumes with a fine-tuned classifier",
-                       description="Classify 2D images, cine clips and 3D volumes (any format usfmae reads), "
-                       "folders (recursively) or the images of a datalist JSON. A 2D model classifies each "
-                       "frame / slice and averages; a 3D model classifies each volume as a whole.")
-    p.add_argument("model", help="classifier checkpoint (from usfmae finetune; resnet/densenet baselines too)")
-    p.add_argument("inputs", nargs="+", help="files, folders or a datalist .json")
-    add_common_arguments(p)
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="autocast precision (auto: bf16 on GPUs and on CPUs with native bf16, else fp32)")
-    p.add_argument("--top-k", type=int, default=3, help="frames listed in top_slices per input (default 3)")
-    p.set_defaults(func=run)
