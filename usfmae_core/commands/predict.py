@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     report = json.loads((out / "predictions.json").read_text())
     for r in report["results"]:
         probs = ", ".join(f"{c} {r[f'p_{c}']:.3f}" for c in report["classes"])
-        print(f"{r['source']}: {r['label']} ({r['kind']}, {r['n_frames']} frame(s); {probs})")
+        excluded = f", {r['n_excluded']} empty/constant left out" if r.get("n_excluded") else ""
+        print(f"{r['source']}: {r['label']} ({r['kind']}, {r['n_frames']} frame(s){excluded}; {probs})")
     for s in report["skipped"]:
         print(f"skipped {s['source']}: {s['reason']}")
     print(f"wrote {out / 'predictions.csv'}, {out / 'summary.csv'}, {out / 'predictions.json'}")

@@ -13,7 +13,8 @@ Per source: read (:func:`read_ultrasound`); volumes -> slices along each request
 and letterboxed so anatomy keeps its physical aspect; cine -> every ``frame_stride``-th frame, dropping frames
 that differ from the last kept one by less than 1 grey level on average; optional sector crop and annotation
 inpainting (:mod:`usfmae_core.data.sector`); per-frame intensity scaling (:func:`scale_intensity`, the same rule
-as fine-tuning), resize to ``S x S``, uint8; near-empty frames (under 5 % non-black pixels) are skipped and exact
+as fine-tuning), resize to ``S x S``, uint8; empty and constant frames
+(:func:`~usfmae_core.data.transforms.informative_frames`, the rule ``predict`` uses too) are skipped and exact
 duplicates (SHA-1 of the uint8 frame) removed across the whole corpus.
 
 Robustness: a source that cannot be read is listed in the report with the reason and the run goes on. Shards
@@ -44,7 +45,6 @@ __all__ = ["prepare_corpus", "FrameCorpus", "VolumeCorpus", "MixedCorpus", "open
 
 CORPUS_VERSION = 1
 _COMPANIONS = (".raw", ".zraw", ".img")  # data files of .mhd / .hdr headers: read through their header
-_EMPTY_FRACTION = 0.05  # a frame with fewer non-black pixels than this is background, not anatomy
 _NEAR_DUP_MAD = 1.0  # mean absolute difference (grey levels) under which consecutive cine frames are the same
 
 
@@ -133,12 +133,6 @@ def _finish_frames(frames: np.ndarray, size: int) -> np.ndarray:
     return _to_uint8(resize_frames(scaled, size).numpy())
 
 
-def _not_empty(frames01: np.ndarray) -> np.ndarray:
-    """Boolean per frame: enough non-black pixels and some contrast to be worth training on."""
-    flat = frames01.reshape(len(frames01), -1)
-    return ((flat > 0.05).mean(1) >= _EMPTY_FRACTION) & (flat.std(1) > 0.01)
-
-
 def _file_sha1(path: str | Path) -> str | None:
     """SHA-1 of a file's bytes (None when it cannot be read): recognises a finished source whose timestamp changed."""
     h = hashlib.sha1()
@@ -160,6 +154,7 @@ def _process_source(path: str, opts: _Options) -> dict[str, Any]:
 def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
     from usfmae_core.data.readers import read_ultrasound
     from usfmae_core.data.sector import detect_imaged_region, remove_annotations
+    from usfmae_core.data.transforms import informative_frames
 
     t0 = time.perf_counter()
     try:
@@ -180,7 +175,7 @@ def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
                 if axis >= a.ndim:
                     continue
                 stack = np.moveaxis(a, axis, 0)
-                keep = _not_empty((stack - lo) / (hi - lo))  # judged on the volume's range, not per slice
+                keep = informative_frames(stack, lo, hi)  # judged on the volume's range, not per slice
                 stats["empty"] += int((~keep).sum())
                 idx = np.nonzero(keep)[0]
                 if idx.size == 0:
@@ -215,8 +210,7 @@ def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
                     if crop is not None:
                         cm = cm[..., crop[0]:crop[1], crop[2]:crop[3]]
                 frames, _ = remove_annotations(frames, cm)
-            lo, hi = float(frames.min()), float(frames.max())
-            keep = _not_empty((frames - lo) / (hi - lo)) if hi > lo else np.zeros(len(frames), bool)
+            keep = informative_frames(frames)
             stats["empty"] += int((~keep).sum())
             frames, idx = frames[keep], idx[keep]
             out = _finish_frames(frames, S) if len(frames) else np.zeros((0, S, S), np.uint8)

@@ -38,9 +38,7 @@ def _encoder(model: nn.Module) -> nn.Module:
 
 
 def _features(enc: nn.Module, x: torch.Tensor, pool: str) -> torch.Tensor:
-    tokens, _, _ = enc(x, apply_norm=False)
-    pooled = tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
-    return enc.norm(pooled).float()
+    return enc.pooled_features(x, pool).float()
 
 
 def embed_frames(model: nn.Module, frames: np.ndarray, prep, pool: str = "avg", device: torch.device | str = "cpu",
