@@ -28,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labelled-splits", "--datalist-splits", dest="labelled_splits", nargs="+", default=["training"],
                    choices=("training", "validation"), metavar="SPLIT",
                    help="splits of --labelled to use: training (default) and/or validation; never test")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the split of --labelled folders / CSV (default 0)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the split of --labelled folders / CSV (default 0)")
     p.add_argument("--image-size", "--img-size", dest="image_size", type=positive_int, default=224,
                    help="side of the stored square frames (default 224)")
     p.add_argument("--axes", type=int, nargs="+", default=[0, 1, 2], choices=(0, 1, 2),
