@@ -16,8 +16,14 @@ from usfmae_core import cli
 from usfmae_core.checkpoints import load_checkpoint, load_model, make_checkpoint, save_checkpoint
 from usfmae_core.data import phantom
 from usfmae_core.data.transforms import Preprocessing
-from usfmae_core.data.volumes import (VolumeInput, bag_indices, collate_bags, volume_from_config, volume_to_bag,
-                                      volume_to_cube)
+from usfmae_core.data.volumes import (
+    VolumeInput,
+    bag_indices,
+    collate_bags,
+    volume_from_config,
+    volume_to_bag,
+    volume_to_cube,
+)
 from usfmae_core.networks.mae import USFMAE
 from usfmae_core.networks.presets import mae_config
 from usfmae_core.workflows.predict import aggregate_frames, normal_class_index
@@ -189,7 +195,8 @@ def test_3d_vit_from_3d_mae_then_predict_and_embed(volumes: Path, mae3d: Path, t
     assert ckpt["config"]["preprocessing"]["mean"] == [0.5]  # the MAE's normalisation carries over
     mae = torch.load(mae3d, weights_only=True)["model"]
     # the encoder started from the MAE: with 2 tiny epochs its patch projection is still close to the MAE's
-    w0, w1 = mae["encoder.patch_embed.patch_embeddings.weight"], ckpt["model"]["encoder.patch_embed.patch_embeddings.weight"]
+    key = "encoder.patch_embed.patch_embeddings.weight"
+    w0, w1 = mae[key], ckpt["model"][key]
     assert torch.nn.functional.cosine_similarity(w0.flatten(), w1.flatten(), dim=0) > 0.9
     vol = sorted((volumes / "lesion").glob("*.nrrd"))[0]
     _run(["predict", str(run / "model.pt"), str(vol), "--out", str(tmp_path / "pred"), "--device", "cpu"])
