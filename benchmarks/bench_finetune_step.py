@@ -63,8 +63,10 @@ def make_step(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
         opt = make_optimizer(model, lr, 0.05, 0.75)
         forward = model
 
+        batch = {"image": x, "label": y}
+
         def step() -> None:
-            classifier_train_step(model, x, y, criterion, opt, amp_dtype=dtype)
+            classifier_train_step(model, batch, criterion, opt, device=x.device, amp_dtype=dtype)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
 

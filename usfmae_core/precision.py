@@ -209,8 +209,9 @@ def resolve_precision(precision: str, device: torch.device, model: nn.Module | N
     entry = _MEMO.get(key) or _read_cache().get(key)
     how = "cached"
     if not isinstance(entry, dict) or "bf16_s" not in entry or "fp32_s" not in entry:
-        say(f"precision auto: timing fp32 against bf16 for this model and machine ({'training' if train else 'inference'}"
-            f" step, input {'x'.join(map(str, input_shape))}) ...")
+        mode = "training" if train else "inference"
+        say(f"precision auto: timing fp32 against bf16 for this model and machine ({mode} step, input "
+            f"{'x'.join(map(str, input_shape))}) ...")
         entry = probe_speed(model, input_shape, device, train)
         entry["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
         failed = _write_cache(key, entry)

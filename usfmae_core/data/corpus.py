@@ -13,7 +13,8 @@ Per source: read (:func:`read_ultrasound`); volumes -> slices along each request
 and letterboxed so anatomy keeps its physical aspect; cine -> every ``frame_stride``-th frame, dropping frames
 that differ from the last kept one by less than 1 grey level on average; optional sector crop and annotation
 inpainting (:mod:`usfmae_core.data.sector`); per-frame intensity scaling (:func:`scale_intensity`, the same rule
-as fine-tuning), resize to ``S x S``, uint8; near-empty frames (under 5 % non-black pixels) are skipped and exact
+as fine-tuning), resize to ``S x S``, uint8; empty and constant frames
+(:func:`~usfmae_core.data.transforms.informative_frames`, the rule ``predict`` uses too) are skipped and exact
 duplicates (SHA-1 of the uint8 frame) removed across the whole corpus.
 
 Robustness: a source that cannot be read is listed in the report with the reason and the run goes on. Shards
@@ -25,7 +26,6 @@ file) does, so a data folder copied or re-synced without timestamps is not proce
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -40,12 +40,11 @@ import numpy as np
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["prepare_corpus", "FrameCorpus", "VolumeCorpus", "iter_source_files", "add_parser", "run",
-           "CORPUS_VERSION"]
+__all__ = ["prepare_corpus", "FrameCorpus", "VolumeCorpus", "MixedCorpus", "open_corpora", "datalist_sources",
+           "split_labelled_for_corpus", "iter_source_files", "CORPUS_VERSION"]
 
 CORPUS_VERSION = 1
 _COMPANIONS = (".raw", ".zraw", ".img")  # data files of .mhd / .hdr headers: read through their header
-_EMPTY_FRACTION = 0.05  # a frame with fewer non-black pixels than this is background, not anatomy
 _NEAR_DUP_MAD = 1.0  # mean absolute difference (grey levels) under which consecutive cine frames are the same
 
 
@@ -134,12 +133,6 @@ def _finish_frames(frames: np.ndarray, size: int) -> np.ndarray:
     return _to_uint8(resize_frames(scaled, size).numpy())
 
 
-def _not_empty(frames01: np.ndarray) -> np.ndarray:
-    """Boolean per frame: enough non-black pixels and some contrast to be worth training on."""
-    flat = frames01.reshape(len(frames01), -1)
-    return ((flat > 0.05).mean(1) >= _EMPTY_FRACTION) & (flat.std(1) > 0.01)
-
-
 def _file_sha1(path: str | Path) -> str | None:
     """SHA-1 of a file's bytes (None when it cannot be read): recognises a finished source whose timestamp changed."""
     h = hashlib.sha1()
@@ -161,6 +154,7 @@ def _process_source(path: str, opts: _Options) -> dict[str, Any]:
 def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
     from usfmae_core.data.readers import read_ultrasound
     from usfmae_core.data.sector import detect_imaged_region, remove_annotations
+    from usfmae_core.data.transforms import informative_frames
 
     t0 = time.perf_counter()
     try:
@@ -181,7 +175,7 @@ def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
                 if axis >= a.ndim:
                     continue
                 stack = np.moveaxis(a, axis, 0)
-                keep = _not_empty((stack - lo) / (hi - lo))  # judged on the volume's range, not per slice
+                keep = informative_frames(stack, lo, hi)  # judged on the volume's range, not per slice
                 stats["empty"] += int((~keep).sum())
                 idx = np.nonzero(keep)[0]
                 if idx.size == 0:
@@ -216,8 +210,7 @@ def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
                     if crop is not None:
                         cm = cm[..., crop[0]:crop[1], crop[2]:crop[3]]
                 frames, _ = remove_annotations(frames, cm)
-            lo, hi = float(frames.min()), float(frames.max())
-            keep = _not_empty((frames - lo) / (hi - lo)) if hi > lo else np.zeros(len(frames), bool)
+            keep = informative_frames(frames)
             stats["empty"] += int((~keep).sum())
             frames, idx = frames[keep], idx[keep]
             out = _finish_frames(frames, S) if len(frames) else np.zeros((0, S, S), np.uint8)
@@ -434,6 +427,8 @@ def prepare_corpus(
     progress: bool = True,
     volume_size: int = 96,
     shard_frames: int = 4096,
+    exclude: Iterable[str | os.PathLike] = (),
+    exclude_reason: str = "held out",
 ) -> dict[str, Any]:
     """Build (or resume) a frame corpus from files / folders; returns the report (also ``out/report.json``).
 
@@ -450,6 +445,10 @@ def prepare_corpus(
         progress: show a tqdm progress bar.
         volume_size: side ``V`` of native 3D volumes.
         shard_frames: frames per shard (a shard holds whole sources, so it can be a little larger).
+        exclude: files that must never enter the corpus (e.g. the validation / test images of a labelled set, see
+            :func:`datalist_sources`): a source is left out when its resolved path is one of them, or when its bytes
+            equal one of them (a copy under another name). Left-out sources are counted and listed in the report
+            (``excluded``), with ``exclude_reason``.
     """
     from tqdm.auto import tqdm
 
@@ -461,6 +460,16 @@ def prepare_corpus(
     if opts.image_size < 16:
         raise UsfmaeError(f"--image-size {opts.image_size} is too small", "use at least 16 (224 is the default)")
     writer = _Writer(out, opts, int(shard_frames))
+    held_out = {str(Path(e).resolve()) for e in exclude}
+    held_out_sha1 = {h for h in (_file_sha1(e) for e in held_out) if h is not None}
+    held_out_sizes = {Path(e).stat().st_size for e in held_out if Path(e).is_file()}
+    for d in writer.done.values():  # an earlier run (without the exclusion) may have let them in already
+        if held_out and d.get("status") == "ok" and d.get("n_frames") and (
+                d["source"] in held_out or d.get("sha1") in held_out_sha1):
+            raise UsfmaeError(f"corpus {out} already holds frames of {d['source']}, which is {exclude_reason}",
+                              "prepare the corpus into a new --out folder")
+    excluded: list[dict] = []
+    queued: set[str] = set()
     todo: list[tuple[Path, dict]] = []
     skipped_now: list[dict] = []
     n_resumed = 0
@@ -469,6 +478,14 @@ def prepare_corpus(
             skipped_now.append({"path": str(p), "reason": reason})
             continue
         key = _source_key(p)
+        if key["source"] in queued:  # the same file listed twice (e.g. a folder and a datalist naming it)
+            continue
+        queued.add(key["source"])
+        if held_out and (key["source"] in held_out or (key["size"] in held_out_sizes
+                                                        and _file_sha1(p) in held_out_sha1)):
+            why = exclude_reason if key["source"] in held_out else f"a copy of a file that is {exclude_reason}"
+            excluded.append({"path": str(p), "reason": why})
+            continue
         if writer.is_done(key):
             n_resumed += 1
         else:
@@ -511,14 +528,68 @@ def prepare_corpus(
         "sources_resumed": n_resumed,
         "sources_skipped": len(skipped),
         "frames_added": writer.summary["n_frames"] - frames_before,
+        "sources_excluded": len(excluded),
         **writer.counts,
         "totals": writer.total_counts(),
         "elapsed_s": round(elapsed, 3),
         "worker_seconds": round(work_seconds, 3),
         "skipped": skipped,
+        "excluded": excluded,
     }
     _atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     return report
+
+
+def split_labelled_for_corpus(labelled: str | os.PathLike, out: str | os.PathLike, seed: int = 0) -> Path:
+    """The datalist JSON to draw a corpus from: ``labelled`` itself when it is one, else the split of a class-folder
+    tree / CSV that ``usfmae finetune --seed SEED`` would make (deduplicated, group-aware, 15 % validation, 15 % test),
+    written once to ``OUT/datalist.json`` (reused while its source and seed match). Fine-tune on that file, so the
+    images held out here stay held out there."""
+    from usfmae_core.data.labelled import labelled_source_to_datalist
+
+    labelled = Path(labelled)
+    if not labelled.exists():
+        raise UsfmaeError(f"labelled data {labelled} does not exist",
+                          "pass a datalist JSON, a class-per-folder tree or a CSV manifest")
+    if labelled.suffix.lower() == ".json":
+        return labelled
+    path = Path(out) / "datalist.json"
+    if path.exists():
+        d = json.loads(path.read_text())
+        if d.get("source") == str(labelled) and d.get("split_seed") == int(seed):
+            return path
+    d = labelled_source_to_datalist(labelled, seed=int(seed), val_fraction=0.15, test_fraction=0.15)
+    d["split_seed"] = int(seed)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(path, json.dumps(d, indent=1))
+    return path
+
+
+def datalist_sources(datalist: str | os.PathLike, splits: Sequence[str] = ("training",)
+                     ) -> tuple[list[str], list[str], dict[str, int]]:
+    """The images of ``splits`` of a labelled datalist JSON (labels ignored), and the images of its other splits.
+
+    For building a pretraining corpus from the unlabelled part of a labelled set without leaking held-out images:
+    pass the first list as sources and the second as ``exclude`` of :func:`prepare_corpus`.
+
+    Returns:
+        (images to use, held-out images (every other split), images per split) with absolute paths; an image
+        listed in both a used and a held-out split is held out.
+    """
+    from usfmae_core.data.labelled import load_datalist
+
+    d = load_datalist(datalist)
+    names = ("training", "validation", "test")
+    unknown = [s for s in splits if s not in names]
+    if unknown:
+        raise UsfmaeError(f"unknown datalist split(s) {unknown}", f"choose from {', '.join(names)}")
+    per = {s: [str(Path(it["image"]).resolve()) for it in d.get(s) or []] for s in names}
+    held = {p for s in names if s not in splits for p in per[s]}
+    use = list(dict.fromkeys(p for s in splits for p in per[s] if p not in held))
+    if not use:
+        raise UsfmaeError(f"datalist {datalist} has no images in {'/'.join(splits)} (outside its other splits)",
+                          "check the datalist, or choose other --datalist-splits")
+    return use, sorted(held), {s: len(v) for s, v in per.items()}
 
 
 # ---------------------------------------------------------------------------------------------- readers
@@ -603,41 +674,104 @@ class VolumeCorpus:
         return np.load(self.path / self.entries[int(i)]["file"], mmap_mode="r")
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "prepare",
-        help="turn folders of ultrasound files into a pretraining frame cache",
-        description="Walk SRC files/folders (PNG/JPG/BMP/TIFF, DICOM, NIfTI, NRRD, MetaImage, mp4/avi/mov/mpeg/gif) "
-                    "and write a sharded uint8 frame cache + manifest to --out. Re-running resumes.",
-    )
-    p.add_argument("sources", nargs="+", metavar="SRC", help="files or folders")
-    p.add_argument("--out", required=True, help="corpus folder")
-    p.add_argument("--image-size", "--img-size", dest="image_size", type=int, default=224)
-    p.add_argument("--axes", type=int, nargs="+", default=[0, 1, 2], help="volume axes to slice along")
-    p.add_argument("--frame-stride", type=int, default=1, help="keep every n-th cine frame")
-    p.add_argument("--crop-sector", action="store_true", help="crop to the detected imaged region")
-    p.add_argument("--remove-text", action="store_true", help="inpaint burned-in text, calipers and overlays")
-    p.add_argument("--native-3d", action="store_true", help="also write isotropic volumes for 3D pretraining")
-    p.add_argument("--volume-size", type=int, default=96)
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
-    return p
+class MixedCorpus:
+    """Several prepared corpora read as one: index ``i`` of the concatenation, with a mixing weight per corpus.
+
+    The corpora must hold items of one shape (same ``--image-size`` for frames, same ``--volume-size`` for native
+    volumes). The weights (summing to 1) are the shares of the training samples drawn from each corpus by
+    :class:`usfmae_core.workflows.pretrain.MixtureSampler`; without weights each corpus counts by its size (plain
+    concatenation).
+    """
+
+    def __init__(self, parts: Sequence[FrameCorpus | VolumeCorpus], weights: Sequence[float] | None = None) -> None:
+        if not parts:
+            raise ValueError("no corpora")
+        self.parts = list(parts)
+        self.sizes = [len(p) for p in self.parts]
+        self.offsets = np.cumsum([0] + self.sizes)
+        self.frames = isinstance(self.parts[0], FrameCorpus)
+        attr = "image_size" if self.frames else "volume_size"
+        sizes = {int(getattr(p, attr)) for p in self.parts}
+        if len(sizes) > 1 or any(isinstance(p, FrameCorpus) != self.frames for p in self.parts):
+            desc = ", ".join(f"{p.path} ({getattr(p, attr, '?')} px)" for p in self.parts)
+            raise UsfmaeError(f"the corpora to mix hold items of different sizes: {desc}",
+                              f"prepare them with the same --{attr.replace('_', '-')} (usfmae prepare ... "
+                              f"--{attr.replace('_', '-')} N)")
+        setattr(self, attr, sizes.pop())
+        total = float(sum(self.sizes))
+        raw = [float(w) for w in weights] if weights is not None else [n / total for n in self.sizes]
+        if len(raw) != len(self.parts) or not all(np.isfinite(w) and w > 0 for w in raw):
+            raise UsfmaeError(f"mixing weights {raw} do not match the {len(self.parts)} corpora",
+                              "give one weight > 0 per corpus (PATH:WEIGHT) or none")
+        self.weights = [w / sum(raw) for w in raw]
+        self.weighted = weights is not None
+        self.path = self.parts[0].path
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(corpus number, index inside it) of item ``i`` of the concatenation."""
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return k, int(i - self.offsets[k])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        k, j = self.locate(int(i))
+        return self.parts[k][j]
+
+    def get_batch(self, indices: Sequence[int]) -> np.ndarray:
+        """``(B, S, S)`` uint8 frames for many indices (frame corpora only), order preserved."""
+        idx = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(idx), self.image_size, self.image_size), np.uint8)
+        ks = np.searchsorted(self.offsets, idx, side="right") - 1
+        for k in np.unique(ks):
+            sel = np.nonzero(ks == k)[0]
+            out[sel] = self.parts[int(k)].get_batch(idx[sel] - self.offsets[k])
+        return out
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One ``{path, items, weight}`` per corpus (weight: share of the drawn samples)."""
+        return [{"path": str(p.path), "items": n, "weight": round(w, 6)}
+                for p, n, w in zip(self.parts, self.sizes, self.weights, strict=True)]
 
 
-def run(args: argparse.Namespace) -> int:
-    rep = prepare_corpus(args.sources, args.out, args.image_size, tuple(args.axes), args.frame_stride,
-                         args.crop_sector, args.remove_text, args.native_3d, args.workers,
-                         not args.no_progress, args.volume_size)
-    print(f"prepared {rep['n_frames']} frames in {rep['corpus']} ({rep['frames_added']} new from "
-          f"{rep['sources_read']} files; {rep['sources_resumed']} already done; {rep['duplicates_removed']} "
-          f"duplicates, {rep['near_duplicates_removed']} near-duplicate cine frames, "
-          f"{rep['empty_frames_skipped']} empty frames dropped; {rep['n_volumes']} volumes)")
-    if rep["skipped"]:
-        print(f"skipped {len(rep['skipped'])} files (details in {Path(args.out) / 'report.json'}):")
-        for s in rep["skipped"][:20]:
-            print(f"  {s['path']}: {s['reason']}")
-        if len(rep["skipped"]) > 20:
-            print(f"  ... and {len(rep['skipped']) - 20} more")
-    return 0
+def open_corpora(specs: Sequence[tuple[str | os.PathLike, float | None]], spatial_dims: int = 2
+                 ) -> FrameCorpus | VolumeCorpus | MixedCorpus:
+    """Open the corpora of ``specs`` (``(path, weight or None)``): one corpus without a weight is returned as it is,
+    several as a :class:`MixedCorpus` (weighted when every corpus has a weight).
+
+    Raises:
+        UsfmaeError: a corpus is missing, not a folder or empty; weights given for some corpora but not all; a
+            corpus listed twice; the corpora hold items of different sizes.
+    """
+    if not specs:
+        raise UsfmaeError("no corpus given", "pass --corpus PATH[:WEIGHT] (one or more)")
+    opened = []
+    seen: set[str] = set()
+    for path, _ in specs:
+        path = Path(path)
+        if not path.exists():
+            raise UsfmaeError(f"corpus {path} does not exist", f"prepare one first: usfmae prepare SRC... --out {path}")
+        if not path.is_dir():
+            raise UsfmaeError(f"corpus {path} is not a folder", "pass the folder written by usfmae prepare")
+        if str(path.resolve()) in seen:
+            raise UsfmaeError(f"corpus {path} is given twice", "list each corpus once, with its weight")
+        seen.add(str(path.resolve()))
+        corpus = VolumeCorpus(path) if spatial_dims == 3 else FrameCorpus(path)
+        if len(corpus) == 0:
+            raise UsfmaeError(f"no {'volumes' if spatial_dims == 3 else 'frames'} in corpus {path}",
+                              f"run usfmae prepare SRC...{' --native-3d' if spatial_dims == 3 else ''} --out {path}")
+        opened.append(corpus)
+    weights = [w for _, w in specs]
+    given = [w is not None for w in weights]
+    if len(specs) == 1:
+        return opened[0]
+    if any(given) and not all(given):
+        missing = [str(p) for (p, w) in specs if w is None]
+        raise UsfmaeError(f"mixing weights are given for some corpora but not for {', '.join(missing)}",
+                          "give every corpus a weight (--corpus A:0.5 B:0.5) or none (plain concatenation)")
+    return MixedCorpus(opened, weights if all(given) else None)

@@ -7,8 +7,9 @@ Usage::
 
 ``--data`` is read like ``usfmae finetune --data`` (class folders, CSV manifest or datalist JSON, split with the same
 seeded rule); ``--split`` picks ``test`` (default), ``validation``, ``training`` or ``all``. The data's class names
-must be the model's (any order: labels are mapped by name). Cines and volumes contribute their middle frame / slice,
-as in fine-tuning.
+must be the model's (any order: labels are mapped by name). For a 2D model, cines and volumes contribute their middle
+frame / slice, as in fine-tuning; a volume model (``finetune --volume-model``) classifies each volume / clip whole,
+one row per scan.
 
 Writes into ``EVAL`` (each file atomically, and only after every prediction is made):
 
@@ -23,26 +24,25 @@ Writes into ``EVAL`` (each file atomically, and only after every prediction is m
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from usfmae_core.device import DEVICE_CHOICES, resolve_device
+from usfmae_core.device import resolve_device
 from usfmae_core.errors import UsfmaeError
 from usfmae_core.precision import precision_name, resolve_precision
 from usfmae_core.workflows import metrics as M
 from usfmae_core.workflows.common import Progress, prepare_output_dir, write_csv, write_json
 from usfmae_core.workflows.finetune import (SPLITS, jsonable, load_labelled, make_datasets, make_loader,
-                                            predict_probs)
+                                            predict_probs, probe_input_shape)
 from usfmae_core.workflows.pictures import save_figure
 
 __all__ = ["evaluate", "evaluate_predictions", "write_evaluation", "select_items", "map_labels",
-           "save_confusion_matrix", "save_roc", "add_parser", "run"]
+           "save_confusion_matrix", "save_roc"]
 
-MODEL_ARCHS = ("classifier", "resnet", "densenet")
+MODEL_ARCHS = ("classifier", "mil", "resnet", "densenet")
 
 
 def select_items(datalist: dict[str, Any], split: str, source: str | Path) -> list[dict[str, Any]]:
@@ -174,23 +174,25 @@ def load_predictions(out: str | Path) -> tuple[list[str], np.ndarray, np.ndarray
 
 
 def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: str = "test", bootstrap: int = 1000,
-             seed: int = 0, device: str = "auto", batch_size: int = 64, workers: int = 0, precision: str = "auto",
-             val_fraction: float = 0.15, test_fraction: float = 0.15, run_config: dict[str, Any] | None = None,
-             quiet: bool = False) -> dict[str, Any]:
+             seed: int = 0, device: str = "auto", batch_size: int | None = None, workers: int = 0,
+             precision: str = "auto", val_fraction: float = 0.15, test_fraction: float = 0.15,
+             run_config: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
     """Evaluate the classifier in ``model_path`` on ``split`` of ``data`` and write the results into ``out``.
 
     Args:
-        model_path: a checkpoint from ``usfmae finetune`` (arch classifier / resnet / densenet).
+        model_path: a checkpoint from ``usfmae finetune`` (arch classifier / mil / resnet / densenet).
         data: class folders, CSV manifest or datalist JSON (``RUN/datalist.json`` gives the run's own splits).
         split: ``test`` | ``validation`` | ``training`` | ``all``.
         val_fraction / test_fraction: how folders / CSVs are split (as given to ``usfmae finetune``).
         bootstrap: resamples for the 95% intervals (0: none); ``seed`` seeds them and the data split.
+        batch_size: images per batch (default 64), or volumes for a volume model (default 2).
 
     Returns:
         The contents of ``metrics.json``.
     """
     from usfmae_core.checkpoints import load_model
     from usfmae_core.data.transforms import Preprocessing
+    from usfmae_core.data.volumes import volume_from_config
 
     dev = resolve_device(device)
     model, ckpt = load_model(model_path, expect=MODEL_ARCHS, device=dev)
@@ -201,51 +203,20 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: s
     mapping = map_labels(datalist["classes"], classes, data, model_path)
     items = [{**it, "label": int(mapping[int(it["label"])])} for it in select_items(datalist, split, data)]
 
-    dataset = make_datasets({"test": items}, prep, ("test",), cache=False, augment=False)["test"]
-    loader = make_loader(dataset, batch_size, train=False, workers=workers)
-    dtype = resolve_precision(precision, dev, model, (loader.batch_size, prep.in_channels, prep.image_size,
-                                                      prep.image_size), train=False, log=None if quiet else print)
+    volume = volume_from_config(cfg)
+    dataset = make_datasets({"test": items}, prep, ("test",), cache=False, augment=False, volume=volume)["test"]
+    loader = make_loader(dataset, batch_size or (2 if volume is not None else 64), train=False, workers=workers,
+                         volume=volume)
+    dtype = resolve_precision(precision, dev, model, probe_input_shape(loader.batch_size, prep, volume), train=False,
+                              log=None if quiet else print)
     with Progress(len(loader), "evaluate", disable=quiet) as progress:
         probs, labels, _ = predict_probs(model, loader, dev, dtype, progress)
     result = evaluate_predictions(labels, probs, classes, bootstrap, seed)
-    result.update(model=str(model_path), data=str(data), split=split, arch=ckpt["arch"], autocast=precision_name(dtype))
+    result.update(model=str(model_path), data=str(data), split=split, arch=ckpt["arch"],
+                  volume_model=None if volume is None else volume.model, autocast=precision_name(dtype))
 
     out = prepare_output_dir(out, run_config if run_config is not None else
                              dict(model=str(model_path), data=str(data), split=split, bootstrap=bootstrap, seed=seed,
                                   device=device, batch_size=batch_size, precision=precision))
     write_evaluation(out, [it["image"] for it in items], labels, probs, classes, result)
     return result
-
-
-# ---------------------------------------------------------------------------------------------------------- CLI
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="metrics of a trained classifier on labelled data (with 95%% intervals)",
-                       description="Evaluate a classifier from usfmae finetune: accuracy, balanced accuracy, "
-                       "precision/recall/F1, one-vs-rest AUC, confusion matrix, bootstrap 95%% intervals; writes "
-                       "metrics.json, metrics.csv, predictions.csv, confusion_matrix.png and roc.png.")
-    p.add_argument("--model", required=True, help="classifier checkpoint (RUN/model.pt)")
-    p.add_argument("--data", required=True, help="labelled data: class folders, CSV manifest or datalist JSON "
-                   "(RUN/datalist.json for the run's own test split)")
-    p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--split", default="test", choices=("test", "validation", "training", "all"),
-                   help="which split of --data (default test; 'all' for an external test set)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of splitting --data (default 0)")
-    p.add_argument("--val-fraction", type=float, default=0.15, help="as given to finetune (folders / CSV)")
-    p.add_argument("--test-fraction", type=float, default=0.15, help="as given to finetune (folders / CSV)")
-    p.add_argument("--batch-size", type=int, default=64, help="default 64")
-    p.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="default auto")
-    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="default auto")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    r = evaluate(args.model, args.data, args.out, args.split, args.bootstrap, args.seed, args.device,
-                 args.batch_size, args.workers, args.precision, args.val_fraction, args.test_fraction,
-                 run_config=vars(args))
-    ci = r["intervals"].get("f1_macro")
-    tail = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci and all(np.isfinite(ci)) else ""
-    print(f"{r['n']} images: accuracy {r['accuracy']:.3f}, balanced accuracy {r['balanced_accuracy']:.3f}, "
-          f"macro-F1 {r['f1_macro']:.3f}{tail}, macro AUC {r['auc_macro']:.3f} -> {Path(args.out) / 'metrics.json'}")
-    return 0
