@@ -268,7 +268,10 @@ def _write_dicom(path: Path, array: np.ndarray, spacing: Sequence[float], rgb: b
         ds.FrameTime = f"{frame_time_ms or 40.0:.6g}"
         ds.FrameIncrementPointer = pydicom.tag.Tag(0x0018, 0x1063)
     ds.PixelData = np.ascontiguousarray(array).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    try:
+        ds.save_as(path, enforce_file_format=True)
+    except TypeError:  # pydicom 2.x (3D Slicer 5.10): the same file-format enforcement under its old name
+        ds.save_as(path, write_like_original=False)
 
 
 def _write_seq_nrrd(path: Path, frames: np.ndarray, spacing: Sequence[float]) -> None:
