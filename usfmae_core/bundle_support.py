@@ -12,7 +12,7 @@ so no logic hides in JSON:
 - metadata and models: ``network_data_format`` of ``configs/metadata.json`` is the one place of the classifier's
   classes, image size and channels (:func:`metadata_classes`, :func:`training_classes`, :func:`write_network_format`);
   :func:`check_weights` (one-line refusals before MONAI's strict ``CheckpointLoader``), :func:`load_weights` /
-  :func:`save_state_dict` (``resave_weights``: weights of older MONAI versions), :func:`load_mae_encoder` /
+  :func:`save_state_dict` (``resave_weights``: weights of older MONAI versions), :func:`start_from_mae` /
   :func:`init_mae` (start from an MAE), :func:`classifier_config` / :func:`mae_checkpoint_config` (our checkpoint
   format, read from the modules);
 - training: :func:`macro_f1` (ignite metric), :func:`cosine_schedule` (per-step warm-up + cosine, keeping layer-wise
@@ -50,7 +50,7 @@ from usfmae_core.errors import UsfmaeError
 __all__ = ["CorpusDataset", "split_items", "evaluation_items", "inference_items", "cache_rate", "check_batches",
            "UltrasoundToFramesd", "FrameAveragingInferer", "prepare_batch", "metadata_classes", "labelled_data",
            "training_classes", "write_network_format", "write_json_file", "check_weights", "load_weights",
-           "save_state_dict", "load_mae_encoder", "init_mae", "classifier_config", "mae_checkpoint_config",
+           "save_state_dict", "start_from_mae", "init_mae", "classifier_config", "mae_checkpoint_config",
            "macro_f1", "cosine_schedule", "use_amp", "amp_kwargs", "is_not_rank0", "prepare_process",
            "with_iteration_events", "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler"]
 
@@ -168,8 +168,10 @@ class UltrasoundToFramesd(MapTransform):
     Input: channel-first grey ``(1, H, W)`` or ``(1, T|D, H, W)`` from
     :class:`~usfmae_core.data.transforms.LoadUltrasoundd`. Frames come from
     :func:`~usfmae_core.data.transforms.image_to_frames` (volumes sliced along ``axis``, array order D, H, W) and are
-    preprocessed by :func:`~usfmae_core.data.transforms.frames_to_tensor`, as ``usfmae predict`` does. The meta dict
-    is kept and gains ``n_frames``.
+    preprocessed by :func:`~usfmae_core.data.transforms.frames_to_tensor`, as ``usfmae predict`` does: empty and
+    constant frames / slices of a cine or volume are left out
+    (:func:`~usfmae_core.data.transforms.informative_frames`) and an input without any informative one is refused.
+    The meta dict is kept and gains ``n_frames`` (frames given to the model) and ``n_excluded``.
     """
 
     def __init__(self, keys: KeysCollection, image_size: int = 224, in_channels: int = 3,
@@ -183,7 +185,7 @@ class UltrasoundToFramesd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from usfmae_core.data.readers import UltrasoundImage
-        from usfmae_core.data.transforms import frames_to_tensor, image_to_frames
+        from usfmae_core.data.transforms import frames_to_tensor, image_to_frames, informative_frames
 
         d = dict(data)
         for key in self.key_iterator(d):
@@ -196,10 +198,15 @@ class UltrasoundToFramesd(MapTransform):
             if arr.ndim == 2:
                 kind = "image"
             spacing = tuple(meta.get("spacing") or (1.0,) * arr.ndim)
-            frames = image_to_frames(UltrasoundImage(arr, spacing, kind, str(meta.get("filename_or_obj", ""))),
-                                     axis=self.axis)
-            out = frames_to_tensor(frames, self.prep)
-            meta.update(n_frames=int(out.shape[0]), kind=kind)
+            source = str(meta.get("filename_or_obj", ""))
+            frames = image_to_frames(UltrasoundImage(arr, spacing, kind, source), axis=self.axis)
+            keep = np.ones(len(frames), bool) if kind == "image" else informative_frames(frames)
+            if not keep.any():
+                raise UsfmaeError(f"{source or f'the {kind}'} has no informative "
+                                  f"{'frame' if kind == 'cine' else 'slice'}: all {len(frames)} are empty or "
+                                  "constant", "check the file (a blank or padding-only export?) or leave it out")
+            out = frames_to_tensor(frames[keep] if not keep.all() else frames, self.prep)
+            meta.update(n_frames=int(out.shape[0]), n_excluded=int((~keep).sum()), kind=kind)
             d[key] = MetaTensor(out, meta=meta)
         return d
 
@@ -453,7 +460,7 @@ def save_state_dict(network: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_mae_encoder(network: nn.Module, mae: str | os.PathLike, in_channels: int | None = None) -> nn.Module:
+def start_from_mae(network: nn.Module, mae: str | os.PathLike, in_channels: int | None = None) -> nn.Module:
     """Start ``network`` (a :class:`~usfmae_core.networks.classifier.USFMAEClassifier`) from the encoder of the MAE
     checkpoint ``mae`` (``usfmae pretrain`` / ``configs/pretrain.json`` / ``usfmae import-weights``, or the name of a
     published model fetched with ``usfmae pull``).
@@ -745,9 +752,9 @@ class ProbabilityWriter:
 
     Without labels (inference), into ``output_dir``:
 
-    - ``<filename>.csv``: ``source, kind, n_frames, label, p_<class>...``, one row per file (the columns of
-      ``usfmae predict``'s ``summary.csv``);
-    - ``<filename>.json``: ``{"classes", "results": [{source, kind, n_frames, label, p_<class>...}]}``.
+    - ``<filename>.csv``: ``source, kind, n_frames, n_excluded, label, p_<class>...``, one row per file (the columns
+      of ``usfmae predict``'s ``summary.csv``: frames classified, empty / constant frames left out);
+    - ``<filename>.json``: ``{"classes", "results": [{source, kind, n_frames, n_excluded, label, p_<class>...}]}``.
 
     With a label for every image (evaluation): what ``usfmae evaluate`` writes
     (:func:`usfmae_core.workflows.evaluate.write_evaluation`): ``predictions.csv`` (image, true, predicted, correct,
@@ -792,12 +799,15 @@ class ProbabilityWriter:
             n = len(image) if image is not None else 0
             names = list(getattr(image, "meta", {}).get("filename_or_obj", []) or [])
             kinds = list(getattr(image, "meta", {}).get("kind", []) or [])
+            excluded = getattr(image, "meta", {}).get("n_excluded")
+            excluded = [] if excluded is None else [int(e) for e in torch.as_tensor(excluded).reshape(-1)]
             label = batch.get("label")
             items = []
             for i in range(n):
                 items.append({"source": names[i] if i < len(names) else None,
                               "kind": kinds[i] if i < len(kinds) else None,
                               "n_frames": int(image[i].shape[0]) if image[i].dim() == 4 else 1,
+                              "n_excluded": excluded[i] if i < len(excluded) else 0,
                               "label": None if label is None else int(torch.as_tensor(label[i]).reshape(-1)[0])})
             return items
         items = []
@@ -807,6 +817,7 @@ class ProbabilityWriter:
             label = item.get("label")
             items.append({"source": meta.get("filename_or_obj"), "kind": meta.get("kind"),
                           "n_frames": int(image.shape[0]) if image is not None and image.dim() == 4 else 1,
+                          "n_excluded": int(meta.get("n_excluded") or 0),
                           "label": None if label is None else int(torch.as_tensor(label).reshape(-1)[0])})
         return items
 
@@ -862,10 +873,10 @@ class ProbabilityWriter:
         results = []
         for source, r in zip(sources, rows):
             res = {"source": source, "kind": r["kind"] or "image", "n_frames": r["n_frames"],
-                   "label": self.classes[int(np.argmax(r["probs"]))]}
+                   "n_excluded": int(r.get("n_excluded") or 0), "label": self.classes[int(np.argmax(r["probs"]))]}
             res.update({c: round(p, 6) for c, p in zip(cols, r["probs"])})
             results.append(res)
-        header = ["source", "kind", "n_frames", "label", *cols]
+        header = ["source", "kind", "n_frames", "n_excluded", "label", *cols]
         csv_path = self.output_dir / f"{self.filename}.csv"
         tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
         with open(tmp, "w", newline="") as f:
