@@ -94,6 +94,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     from usfmae_core.bundle_export import is_bundle, load_bundle
 
     path = Path(path)
+    if not path.exists():
+        from usfmae_core.hub import MODELS, resolve_init
+
+        if str(path) in MODELS:  # a published model by name: from the cache, downloaded on first use
+            path = resolve_init(str(path))
     if path.is_dir() and is_bundle(path):
         return load_bundle(path)
     if path.parent.name == "models" and is_bundle(path.parent.parent) and not path.is_dir():

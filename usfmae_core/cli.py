@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "usfmae_core.commands.info",
     "usfmae_core.commands.prepare",
     "usfmae_core.commands.weights",  # import-weights, export-weights
+    "usfmae_core.commands.pull",
     "usfmae_core.commands.pretrain",
     "usfmae_core.commands.finetune",
     "usfmae_core.commands.evaluate",
