@@ -32,6 +32,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "usfmae_core.commands.predict",
     "usfmae_core.commands.reconstruct",
     "usfmae_core.commands.embed",
+    "usfmae_core.commands.export_bundle",
     "usfmae_core.commands.demo",
 )
 
