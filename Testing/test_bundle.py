@@ -203,7 +203,8 @@ def test_layout_metadata_and_model_zoo_keys() -> None:
         assert f.get("hash_type", "sha256") in ("md5", "sha1", "sha256", "sha512")
     readme = (BUNDLE / "docs" / "README.md").read_text()
     for heading in ("## **Model Description**", "## **Data**", "## **Performance**", "## **System Configuration**",
-                    "## **Limitations**", "## **References**"):
+                    "## **Limitations**", "## **References**", "## **License**", "pip install usfmae", "TensorRT",
+                    "Al-Dhabyani"):
         assert heading in readme, heading
     for name in CONFIGS:
         assert f"configs/{name}.json" in readme, f"README gives no command for {name}.json"
