@@ -385,7 +385,7 @@ def read_ultrasound(path: str | os.PathLike) -> UltrasoundImage:
     """Read an ultrasound file (2D image, DICOM, NIfTI, NRRD, MetaImage, video) as grey intensity.
 
     Args:
-        path: the file.
+        path: the file, or a folder holding a DICOM series (:mod:`usfmae_core.data.dicom_series`: one volume).
 
     Returns:
         :class:`UltrasoundImage` with ``array`` float32 ``(H, W)`` / ``(T, H, W)`` / ``(D, H, W)``.
@@ -395,6 +395,17 @@ def read_ultrasound(path: str | os.PathLike) -> UltrasoundImage:
             of an absurd shape (the message names the file and what to do).
     """
     p = Path(path)
+    if p.is_dir():  # a folder of positioned DICOM slices is one volume
+        from usfmae_core.data.dicom_series import read_dicom_series
+
+        try:
+            arr, spacing, kind, meta = read_dicom_series(p)
+        except Exception as err:  # noqa: BLE001 - any failure is one line naming the folder
+            msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise UsfmaeError(f"cannot read {p} as a DICOM series ({msg})",
+                              "give a folder of DICOM slices of one series, or a file") from None
+        arr = _validate(np.asarray(arr, dtype=np.float32), kind, str(p))
+        return UltrasoundImage(array=np.ascontiguousarray(arr), spacing=spacing, kind=kind, path=str(p), meta=meta)
     if not p.is_file():
         raise UsfmaeError(f"{p} does not exist or is not a file", "check the path")
     if p.stat().st_size == 0:
