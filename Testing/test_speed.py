@@ -178,7 +178,7 @@ def test_probe_leaves_the_model_and_the_random_streams_alone(monkeypatch, tmp_pa
     assert torch.equal(torch.rand(3), expected)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
-    assert result["fp32_s"] > 0 and result["bf16_s"] > 0 and result["batch"] == 2
+    assert result["fp32_s"] > 0 and result["bf16_s"] > 0 and result["batch"] in (1, 2)  # 1: a slow, busy machine
 
 
 def test_probe_with_a_batchnorm_cnn_keeps_its_statistics(monkeypatch, tmp_path) -> None:
@@ -210,3 +210,33 @@ def test_gemm_log_counts_the_products_of_a_training_step() -> None:
     ceiling = benchlib.gemm_ceiling(fwd_bwd, torch.device("cpu"), reps=2)
     assert ceiling["products"] == 2 and ceiling["seconds"] > 0
     assert ceiling["gflop"] == pytest.approx(2 * 2 * 40 * 32 * 48 / 1e9)
+
+
+def test_bundle_precision_inferer_autocasts_on_cpu(monkeypatch) -> None:
+    """The bundle's inferer applies the engine's precision on the CPU too (MONAI's amp is CUDA only): decided once,
+    for the network's mode and the input shape, output as float32."""
+    from usfmae_core.bundle_support import FrameAveragingInferer, PrecisionInferer
+    from usfmae_core.workflows.finetune import build_classifier
+
+    seen = []
+
+    def fake_probe(model, shape, device, train=True, **_):
+        seen.append((tuple(shape), train))
+        return {"fp32_s": 1.0, "bf16_s": 0.5, "batch": shape[0], "pairs": 1}
+
+    monkeypatch.setattr(P, "native_bf16", lambda: True)
+    monkeypatch.setattr(P, "_MEMO", {})
+    monkeypatch.setattr(P, "_read_cache", lambda: {})
+    monkeypatch.setattr(P, "_write_cache", lambda *a: None)
+    monkeypatch.setattr(P, "probe_speed", fake_probe)
+    net, _ = build_classifier(3, preset="vit_test", image_size=32, patch_size=8)
+    dtypes = []
+    net.head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    inferer = PrecisionInferer("auto")
+    out = inferer(torch.randn(4, 3, 32, 32), net.train())
+    inferer(torch.randn(4, 3, 32, 32), net)
+    assert out.dtype == torch.float32 and dtypes == [torch.bfloat16] * 2 and seen == [((4, 3, 32, 32), True)]
+    frames = PrecisionInferer("auto", FrameAveragingInferer(frame_batch_size=5))
+    probs = frames(torch.randn(1, 7, 3, 32, 32), net.eval())
+    assert probs.shape == (1, 3) and seen[-1] == ((5, 3, 32, 32), False)
+    assert PrecisionInferer("fp32")(torch.randn(2, 3, 32, 32), net).dtype == torch.float32 and dtypes[-1] == torch.float32

@@ -242,6 +242,56 @@ class FrameAveragingInferer(Inferer):
         return torch.stack(out)
 
 
+class PrecisionInferer(Inferer):
+    """Runs ``network`` under the autocast of ``precision`` on any device and returns float32 outputs.
+
+    MONAI's engines autocast only on CUDA (their ``amp``); this inferer gives the bundle the engine's precision rule
+    everywhere (:func:`usfmae_core.precision.resolve_precision`): ``auto`` is decided at the first call for this network
+    and input shape, as training steps when the network is in training mode and as inference otherwise, and said in
+    the log; under ``torchrun`` rank 0 decides for all processes.
+
+    Args:
+        precision: ``auto|bf16|fp16|fp32``.
+        inner: the inferer to run inside the autocast (default: ``network(inputs)``), e.g.
+            :class:`FrameAveragingInferer`.
+    """
+
+    def __init__(self, precision: str = "auto", inner: Inferer | None = None) -> None:
+        from usfmae_core.precision import PRECISIONS
+
+        if str(precision).lower() not in PRECISIONS:
+            raise UsfmaeError(f"unknown precision '{precision}'", f"choose one of {', '.join(PRECISIONS)}")
+        self.precision = str(precision).lower()
+        self.inner = inner
+        self.dtype: torch.dtype | None = None
+        self._resolved = False
+
+    def _resolve(self, x: torch.Tensor, network: Callable[..., Any]) -> None:
+        from usfmae_core.precision import precision_name, resolve_precision
+        from usfmae_core.workflows import distributed as D
+
+        net = D.unwrap_model(network) if isinstance(network, nn.Module) else None
+        device = x.device
+        shape = tuple(x.shape)
+        if isinstance(self.inner, FrameAveragingInferer):  # the network sees frame batches (F, C, S, S)
+            shape = (min(self.inner.frame_batch_size, x.shape[1] if x.dim() == 5 else x.shape[0]), *x.shape[-3:])
+        name = None
+        if D.is_main():
+            train = bool(net is not None and net.training)
+            name = precision_name(resolve_precision(self.precision, device, net, shape, train=train,
+                                                    log=logger.info))
+        self.dtype = resolve_precision(D.broadcast_object(name), device, log=None)
+        self._resolved = True
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        x = inputs.as_subclass(torch.Tensor) if isinstance(inputs, MetaTensor) else inputs
+        if not self._resolved:
+            self._resolve(x, network)
+        with torch.autocast(x.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            out = self.inner(x, network, *args, **kwargs) if self.inner is not None else network(x, *args, **kwargs)
+        return out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+
+
 def prepare_batch(batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False,
                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``prepare_batch`` for MONAI engines: ``(image, label)`` as plain tensors on ``device``.
@@ -628,18 +678,20 @@ def _device(device: torch.device | str) -> torch.device:
 
 
 def use_amp(device: torch.device | str, precision: str = "auto") -> bool:
-    """Whether MONAI's engines should autocast (their ``amp`` runs on CUDA only): CUDA and not ``fp32``."""
-    from usfmae_core.device import autocast_dtype
+    """Whether MONAI's engines should use their ``amp`` (autocast and, for fp16, a GradScaler; CUDA only): CUDA and not
+    ``fp32``. On other devices :class:`PrecisionInferer` applies the precision."""
+    from usfmae_core.precision import resolve_precision
 
     dev = _device(device)
-    return dev.type == "cuda" and autocast_dtype(dev, precision) is not None
+    return dev.type == "cuda" and resolve_precision(precision, dev, log=None) is not None
 
 
 def amp_kwargs(device: torch.device | str, precision: str = "auto") -> dict[str, Any]:
-    """``amp_kwargs`` for MONAI's engines: the autocast dtype of :func:`usfmae_core.device.autocast_dtype`."""
-    from usfmae_core.device import autocast_dtype
+    """``amp_kwargs`` for MONAI's engines (CUDA): the autocast dtype of
+    :func:`usfmae_core.precision.resolve_precision`."""
+    from usfmae_core.precision import resolve_precision
 
-    return {"dtype": autocast_dtype(_device(device), precision) or torch.float32}
+    return {"dtype": resolve_precision(precision, _device(device), log=None) or torch.float32}
 
 
 def prepare_process(ctx: Any, local_rank: int | None = None) -> str:

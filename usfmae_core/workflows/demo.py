@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,26 @@ def _run(argv: list[str]) -> None:
     rc = args.func(args)
     if rc:
         raise RuntimeError(f"usfmae {argv[0]} exited with {rc}")
+
+
+class Stages:
+    """Wall time of each part of the demo, said on the console as each ends and listed in the report (a part added
+    later, e.g. another arm, is timed by wrapping it in ``with stages("name"):``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - t0
+            print(f"demo: {name} took {self.seconds[name]:.0f} s", flush=True)
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())
 
 
 def _shipped_ultrasound() -> list[Path]:
@@ -69,27 +91,30 @@ def run_demo(out: Path, device: str = "auto", scale: float = 1.0, seed: int = 0)
     from usfmae_core.data import phantom
 
     t0 = time.monotonic()
+    stages = Stages()
     out = prepare_output_dir(out, {"device": device, "scale": scale, "seed": seed})
     data = out / "data"
     n = lambda k: max(1, int(round(k * scale)))  # noqa: E731
 
     # 1. data: unlabelled mixed-format sources (+ shipped real cine) -> corpus; labelled phantom set
-    sources = phantom.write_unlabelled_corpus_sources(data / "unlabelled", n_images=n(150), n_volumes=n(6),
-                                                      n_cines=n(6), seed=seed, size=96)
-    extra = _shipped_ultrasound()
-    _run(["prepare", str(sources), *map(str, extra), "--out", str(out / "corpus"), "--image-size", str(IMAGE_SIZE),
-          "--workers", "2"])
-    labelled = phantom.write_labelled_folder(data / "labelled", n_per_class=n(100), size=96, seed=seed + 1)
-    volume_path = phantom.write_volume(data / "volume_mass.nii.gz",
-                                       phantom.make_volume(2, (24, 96, 96), np.random.default_rng(seed + 2)),
-                                       spacing=(1.0, 0.4, 0.4))
+    with stages("data"):
+        sources = phantom.write_unlabelled_corpus_sources(data / "unlabelled", n_images=n(150), n_volumes=n(6),
+                                                          n_cines=n(6), seed=seed, size=96)
+        extra = _shipped_ultrasound()
+        _run(["prepare", str(sources), *map(str, extra), "--out", str(out / "corpus"), "--image-size",
+              str(IMAGE_SIZE), "--workers", "2"])
+        labelled = phantom.write_labelled_folder(data / "labelled", n_per_class=n(100), size=96, seed=seed + 1)
+        volume_path = phantom.write_volume(data / "volume_mass.nii.gz",
+                                           phantom.make_volume(2, (24, 96, 96), np.random.default_rng(seed + 2)),
+                                           spacing=(1.0, 0.4, 0.4))
 
     # 2. pretraining
-    _run(["pretrain", "--corpus", str(out / "corpus"), "--out", str(out / "pretrain"), "--preset", "vit_micro",
-          "--img-size", str(IMAGE_SIZE), "--patch-size", str(PATCH), "--in-channels", "1",
-          "--max-steps", str(n(400)), "--batch-size", "64", "--blr", "1.5e-3", "--warmup-steps", str(n(40)),
-          "--ckpt-every", "100", "--picture-every", str(n(250)), "--device", device, "--seed", str(seed),
-          "--workers", "0"])
+    with stages("pretraining"):
+        _run(["pretrain", "--corpus", str(out / "corpus"), "--out", str(out / "pretrain"), "--preset", "vit_micro",
+              "--img-size", str(IMAGE_SIZE), "--patch-size", str(PATCH), "--in-channels", "1",
+              "--max-steps", str(n(400)), "--batch-size", "64", "--blr", "1.5e-3", "--warmup-steps", str(n(40)),
+              "--ckpt-every", "100", "--picture-every", str(n(250)), "--device", device, "--seed", str(seed),
+              "--workers", "0"])
     mae = out / "pretrain" / "model.pt"
 
     # 3. fine-tuning with and without pretraining, same budget and split, plus a small CNN as a sanity reference
@@ -98,27 +123,31 @@ def run_demo(out: Path, device: str = "auto", scale: float = 1.0, seed: int = 0)
     # without early stopping and keeps its best-validation epoch.
     common = ["--data", str(labelled), "--epochs", str(n(100)), "--patience", "0", "--batch-size", "16",
               "--lr", "1e-3", "--device", device, "--seed", str(seed), "--workers", "0"]
-    _run(["finetune", *common, "--init", str(mae), "--out", str(out / "finetune_pretrained")])
-    datalist = out / "finetune_pretrained" / "datalist.json"  # the same split for every arm
-    common[1] = str(datalist)
-    _run(["finetune", *common, "--preset", "vit_micro", "--img-size", str(IMAGE_SIZE), "--patch-size", str(PATCH),
-          "--in-channels", "1", "--out", str(out / "finetune_scratch")])
-    _run(["finetune", *common, "--arch", "resnet", "--depth", "10", "--img-size", str(IMAGE_SIZE), "--in-channels",
-          "1", "--out", str(out / "finetune_resnet")])
+    with stages("fine-tuning"):
+        _run(["finetune", *common, "--init", str(mae), "--out", str(out / "finetune_pretrained")])
+        datalist = out / "finetune_pretrained" / "datalist.json"  # the same split for every arm
+        common[1] = str(datalist)
+        _run(["finetune", *common, "--preset", "vit_micro", "--img-size", str(IMAGE_SIZE), "--patch-size",
+              str(PATCH), "--in-channels", "1", "--out", str(out / "finetune_scratch")])
+        _run(["finetune", *common, "--arch", "resnet", "--depth", "10", "--img-size", str(IMAGE_SIZE),
+              "--in-channels", "1", "--out", str(out / "finetune_resnet")])
     results = {}
-    for arm in ARMS:
-        _run(["evaluate", "--model", str(out / f"finetune_{arm}" / "model.pt"), "--data", str(datalist),
-              "--split", "test", "--out", str(out / f"eval_{arm}"), "--device", device])
-        results[arm] = _metrics(out / f"eval_{arm}")
-    save_learning_curves(out, out / "learning_curves.png")
+    with stages("evaluation"):
+        for arm in ARMS:
+            _run(["evaluate", "--model", str(out / f"finetune_{arm}" / "model.pt"), "--data", str(datalist),
+                  "--split", "test", "--out", str(out / f"eval_{arm}"), "--device", device])
+            results[arm] = _metrics(out / f"eval_{arm}")
+        save_learning_curves(out, out / "learning_curves.png")
 
     # 4. inference on a 3D volume and reconstruction pictures
-    _run(["predict", str(out / "finetune_pretrained" / "model.pt"), str(volume_path), "--out",
-          str(out / "predict"), "--device", device])
-    example = sorted((labelled / "mass").iterdir())[0]
-    _run(["reconstruct", str(mae), str(example), "--out", str(out / "reconstruct"), "--device", device])
+    with stages("3D volume"):
+        _run(["predict", str(out / "finetune_pretrained" / "model.pt"), str(volume_path), "--out",
+              str(out / "predict"), "--device", device])
+    with stages("reconstructions"):
+        example = sorted((labelled / "mass").iterdir())[0]
+        _run(["reconstruct", str(mae), str(example), "--out", str(out / "reconstruct"), "--device", device])
 
-    return write_report(out, results, volume_path, time.monotonic() - t0)
+    return write_report(out, results, volume_path, time.monotonic() - t0, stages)
 
 
 def save_learning_curves(out: Path, path: Path) -> Path:
@@ -195,7 +224,8 @@ def pretraining_verdict(out: Path, results: dict[str, dict], n_boot: int = 2000)
             "tell. benchmarks/README.md has the real-data study.")
 
 
-def write_report(out: Path, results: dict[str, dict], volume_path: Path, seconds: float) -> Path:
+def write_report(out: Path, results: dict[str, dict], volume_path: Path, seconds: float,
+                 stages: Stages | None = None) -> Path:
     """``report.md``: what ran, the arms' test metrics, the verdict, learning curves, the volume's classification
     and reconstruction pictures."""
     verdict = pretraining_verdict(out, results)
@@ -209,8 +239,9 @@ def write_report(out: Path, results: dict[str, dict], volume_path: Path, seconds
               for arm in ARMS}
     lines = [
         "# usfmae demo report", "",
-        f"Ran in {seconds / 60:.1f} min. Data: synthetic B-mode phantoms (normal / cyst / mass) and pydicom's "
-        "SonoSite cine; model: vit_micro MAE, 64x64 px, patch 8, 1 channel.", "",
+        f"Ran in {seconds / 60:.1f} min{f' ({stages.summary()})' if stages else ''}. Data: synthetic B-mode "
+        "phantoms (normal / cyst / mass) and pydicom's SonoSite cine; model: vit_micro MAE, 64x64 px, patch 8, "
+        "1 channel.", "",
         "## Does pretraining help?", "", verdict, "",
         "| arm | best epoch | accuracy | balanced acc. | macro-F1 [95% CI] | AUC (ovr) |", "|---|---|---|---|---|---|",
     ]
