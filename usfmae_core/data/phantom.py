@@ -268,7 +268,11 @@ def _write_dicom(path: Path, array: np.ndarray, spacing: Sequence[float], rgb: b
         ds.FrameTime = f"{frame_time_ms or 40.0:.6g}"
         ds.FrameIncrementPointer = pydicom.tag.Tag(0x0018, 0x1063)
     ds.PixelData = np.ascontiguousarray(array).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(path, enforce_file_format=True)
+    else:  # pydicom 2.4 (bundled with Slicer 5.10): encoding from the dataset's flags, not the transfer syntax
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(path, write_like_original=False)
 
 
 def _write_seq_nrrd(path: Path, frames: np.ndarray, spacing: Sequence[float]) -> None:

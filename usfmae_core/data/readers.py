@@ -231,16 +231,35 @@ def _dicom_spacing(ds) -> tuple[float, float]:
     return 1.0, 1.0
 
 
+def _pydicom_major() -> int:
+    """pydicom's major version from its metadata (without importing it: readers load lazily)."""
+    from importlib import metadata
+
+    try:
+        return int(metadata.version("pydicom").split(".")[0])
+    except (metadata.PackageNotFoundError, ValueError):
+        return 3
+
+
+_PYDICOM_MAJOR = _pydicom_major()
+
+
 def _read_dicom(path: Path) -> tuple[np.ndarray, tuple[float, ...], str, dict]:
     import pydicom
-    from pydicom.pixels import apply_color_lut
 
     ds = pydicom.dcmread(path)
     if "PixelData" not in ds:
         raise ValueError("DICOM file has no pixel data")
-    arr = ds.pixel_array  # pydicom 3 converts YBR_* to RGB by default
+    arr = ds.pixel_array
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     spp = int(ds.get("SamplesPerPixel", 1))
+    if _PYDICOM_MAJOR >= 3:  # pydicom 3 converts YBR_FULL / YBR_FULL_422 to RGB in pixel_array
+        from pydicom.pixels import apply_color_lut
+    else:  # pydicom 2.4 (Slicer 5.10) returns them as decoded (YCbCr): convert as pydicom 3 does
+        from pydicom.pixel_data_handlers.util import apply_color_lut, convert_color_space
+
+        if spp == 3 and photometric in ("YBR_FULL", "YBR_FULL_422"):
+            arr = convert_color_space(arr, photometric, "RGB", per_frame=True)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     meta: dict[str, Any] = {
         "source_format": "dicom",

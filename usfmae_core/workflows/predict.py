@@ -371,15 +371,39 @@ def _fmt(p: float) -> str:
     return f"{float(p):.6f}"
 
 
+def as_kind(img, kind: str):
+    """``img`` (an :class:`~usfmae_core.data.readers.UltrasoundImage`) read as ``kind``: ``auto`` keeps the reader's
+    choice; ``cine`` / ``volume`` take the slices of a 3D array as frames / slices (a 2D image becomes one of them);
+    ``image`` needs a single 2D frame. The spacing keeps one entry per axis."""
+    from usfmae_core.data.readers import UltrasoundImage
+
+    if kind == "auto" or kind == img.kind:
+        return img
+    if kind not in KINDS:
+        raise UsfmaeError(f"unknown kind '{kind}'", f"choose one of {', '.join(KINDS)}")
+    arr, spacing = img.array, tuple(img.spacing)
+    if kind == "image":
+        if arr.ndim == 3 and arr.shape[0] == 1:
+            arr, spacing = arr[0], spacing[1:]
+        elif arr.ndim != 2:
+            raise UsfmaeError(f"{img.path} has {arr.shape[0]} {img.kind} slices, not one image",
+                              "use --kind auto, cine or volume")
+    elif arr.ndim == 2:
+        arr, spacing = arr[None], (1.0, *spacing)
+    return UltrasoundImage(arr, spacing, kind, img.path, dict(img.meta))
+
+
 def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
             device: str = "auto", axis: int = 0, batch_size: int = 32, precision: str = "auto", top_k: int = 3,
-            run_config: dict[str, Any] | None = None, quiet: bool = False) -> Path:
+            run_config: dict[str, Any] | None = None, quiet: bool = False, kind: str = "auto") -> Path:
     """Classify every input file and write the results to ``out_dir``.
 
     Writes ``predictions.csv`` (one row per frame / slice: ``source, index, kind, p_<class>..., pred``),
     ``summary.csv`` and ``predictions.json`` (one aggregate per input: ``source, kind, n_frames, label,
     p_<class>..., top_slices``; the JSON also lists ``skipped`` inputs with the reason) and ``config.json``.
-    Unreadable inputs are skipped and reported; the run fails only when none could be classified.
+    Unreadable inputs are skipped and reported; the run fails only when none could be classified. ``kind`` (default
+    ``auto``: as the reader decides) forces how every input's slices are read (see :func:`as_kind`), e.g. ``cine``
+    for a 2D+t clip stored as a 3D NRRD.
 
     Returns:
         ``out_dir``.
@@ -403,7 +427,7 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
     with Progress(len(files), "predict", disable=quiet) as bar:
         for path in files:
             try:
-                img = read_ultrasound(path)
+                img = as_kind(read_ultrasound(path), kind)
                 inner = Progress(img.n_frames, "classify", disable=True) if img.n_frames > batch_size else None
                 try:
                     res = classify_array(model, config, img.array, img.kind, img.spacing, axis, dev, batch_size,
@@ -455,7 +479,7 @@ def add_common_arguments(p: argparse.ArgumentParser, batch_size: int = 32) -> No
 
 def run(args: argparse.Namespace) -> int:
     out = predict(args.model, args.inputs, args.out, args.device, args.axis, args.batch_size, args.precision,
-                  args.top_k, run_config=vars(args))
+                  args.top_k, run_config=vars(args), kind=args.kind)
     report = json.loads((out / "predictions.json").read_text())
     for r in report["results"]:
         probs = ", ".join(f"{c} {r[f'p_{c}']:.3f}" for c in report["classes"])
@@ -477,4 +501,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="autocast precision (auto: bf16 on GPUs and on CPUs with native bf16, else fp32)")
     p.add_argument("--top-k", type=int, default=3, help="frames listed in top_slices per input (default 3)")
+    p.add_argument("--kind", default="auto", choices=KINDS,
+                   help="how to read each input: auto (as its format says), or image, cine (2D+t: one result per "
+                   "frame) or volume (3D), e.g. --kind cine for a clip stored as a 3D NRRD")
     p.set_defaults(func=run)
