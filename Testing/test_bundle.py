@@ -570,3 +570,24 @@ def test_cosine_schedule_follows_the_finetune_recipe() -> None:
             assert g["lr"] == pytest.approx(want * scale, rel=1e-9), step
         opt.step()
         sched.step()
+
+
+def test_frames_transform_leaves_out_empty_slices_as_predict_does(tmp_path: Path) -> None:
+    """The bundle's per-frame transform applies predict's rule: padding / constant slices are not model input."""
+    from usfmae_core.bundle_support import UltrasoundToFramesd
+    from usfmae_core.data import phantom
+    from usfmae_core.data.transforms import LoadUltrasoundd
+    from usfmae_core.errors import UsfmaeError
+
+    vol = np.zeros((10, 32, 36), np.uint8)
+    vol[3:8] = phantom.make_volume(1, (5, 32, 36), rng=3)
+    vol[9] = 77
+    path = phantom.write_volume(tmp_path / "padded.nii.gz", vol)
+    item = LoadUltrasoundd("image")({"image": str(path)})
+    out = UltrasoundToFramesd("image", image_size=16, in_channels=3)(item)["image"]
+    assert tuple(out.shape) == (5, 3, 16, 16) and out.meta["n_frames"] == 5 and out.meta["n_excluded"] == 5
+    blank = np.zeros((4, 32, 32), np.uint8)
+    blank[:, 0, :2] = 255
+    item = LoadUltrasoundd("image")({"image": str(phantom.write_volume(tmp_path / "blank.mha", blank))})
+    with pytest.raises(UsfmaeError, match="blank.mha has no informative slice"):
+        UltrasoundToFramesd("image", image_size=16)(item)

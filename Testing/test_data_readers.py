@@ -149,23 +149,7 @@ def _shared_files() -> list:
         return [pytest.param(None, marks=pytest.mark.skip(reason=f"shared data not found at {SHARED} "
                                                                  "(set USFMAE_SHARED_DATA)"))]
     files = sorted(p for p in SHARED.rglob("*") if p.is_file() and is_supported(p))
-    videos = sorted((p for p in files if "videos" in p.parts), key=lambda p: p.stat().st_size)
-    quick = {}
-    for p in videos:  # the smallest clip of each extension stays in the default run
-        quick.setdefault(p.suffix.lower(), p)
-    params = []
-    for p in files:
-        rel = p.relative_to(SHARED).as_posix()
-        marks = [pytest.mark.shared_data]
-        # all videos and BUSI images take > 1 min: one video per extension and a BUSI sample stay in the default run
-        if "videos/" in rel and quick.get(p.suffix.lower()) != p:
-            marks.append(pytest.mark.slow)
-        if rel.startswith("busi_256/") and not p.name.endswith(("(1).png", "(145).png", "(433).png")):
-            marks.append(pytest.mark.slow)
-        if rel.startswith("volumes/trus_prostate/") and p.name not in ("obs000.nii.gz", "obs001.nii.gz"):
-            marks.append(pytest.mark.slow)
-        params.append(pytest.param(p, marks=marks, id=rel))
-    return params
+    return [pytest.param(p, marks=[pytest.mark.shared_data], id=p.relative_to(SHARED).as_posix()) for p in files]
 
 
 @pytest.mark.shared_data

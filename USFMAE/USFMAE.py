@@ -19,17 +19,20 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import ctk
 import qt
-import vtk
-
 import slicer
+import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTableNode
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 try:
@@ -45,6 +48,8 @@ except ImportError:  # Slicer < 5.4
 from USFMAELib import engine, install, paths, samples
 from USFMAELib.engine import UsfmaeError
 from USFMAELib.logic import WEIGHTS, USFMAEEngineLogic, action_states
+
+logger = logging.getLogger(__name__)
 
 SETTINGS_DEVICE = "USFMAE/Device"
 SETTINGS_TORCH_BACKEND = "USFMAE/TorchBackend"
@@ -168,7 +173,7 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     COMBO_FIELDS = (("inputKindComboBox", "inputKind"), ("finetunePresetComboBox", "finetunePreset"),
                     ("pretrainPresetComboBox", "pretrainPreset"))
-    ACTION_BUTTONS = {"classify": "classifyButton", "reconstruct": "reconstructButton", "finetune": "finetuneButton",
+    ACTION_BUTTONS: ClassVar[dict[str, str]] = {"classify": "classifyButton", "reconstruct": "reconstructButton", "finetune": "finetuneButton",
                       "pretrain": "pretrainButton", "import": "importModelButton", "pull": "pullWeightsButton",
                       "samples": "loadSamplesButton"}
 
@@ -378,7 +383,7 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(str(err), windowTitle=_(TITLE))
             return
         except Exception as err:  # noqa: BLE001 - the GUI must report, not crash
-            logging.error(traceback.format_exc())
+            logger.error(traceback.format_exc())
             slicer.util.errorDisplay(_("{action} failed to start: {error}").format(action=action, error=err),
                                      detailedText=traceback.format_exc(), windowTitle=_(TITLE))
             return
@@ -475,7 +480,7 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif outcome.kind == "model-info":
             self.ui.modelInfoLabel.text = outcome.message
         if not outcome.ok and not outcome.cancelled:
-            logging.warning(outcome.message)
+            logger.warning(outcome.message)
 
     # -------------------------------------------------------------------------------------- setup section
     def onDeviceChanged(self, text: str) -> None:
@@ -516,7 +521,7 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateDependencyStatus()
             return
         if slicer.app.commandOptions().testingEnabled:
-            logging.info("USF-MAE: testing mode, packages not installed: %s", plan.summary())
+            logger.info("USF-MAE: testing mode, packages not installed: %s", plan.summary())
             return
         blocked = install.torch_upgrade_blocked(plan)
         if blocked:
@@ -554,7 +559,7 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 try:
                     slicer.util.pip_install(install.pip_arguments(requirement, constraints))
                 except Exception:  # noqa: BLE001 - one package failing does not stop the others
-                    logging.error(traceback.format_exc())
+                    logger.error(traceback.format_exc())
                     failures.append(requirement)
         self.updateDependencyStatus()
         if failures:

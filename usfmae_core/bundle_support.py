@@ -163,8 +163,10 @@ class UltrasoundToFramesd(MapTransform):
     Input: channel-first grey ``(1, H, W)`` or ``(1, T|D, H, W)`` from
     :class:`~usfmae_core.data.transforms.LoadUltrasoundd`. Frames come from
     :func:`~usfmae_core.data.transforms.image_to_frames` (volumes sliced along ``axis``, array order D, H, W) and are
-    preprocessed by :func:`~usfmae_core.data.transforms.frames_to_tensor`, as ``usfmae predict`` does. The meta dict
-    is kept and gains ``n_frames``.
+    preprocessed by :func:`~usfmae_core.data.transforms.frames_to_tensor`, as ``usfmae predict`` does: empty and
+    constant frames / slices of a cine or volume are left out
+    (:func:`~usfmae_core.data.transforms.informative_frames`) and an input without any informative one is refused.
+    The meta dict is kept and gains ``n_frames`` (frames given to the model) and ``n_excluded``.
     """
 
     def __init__(self, keys: KeysCollection, image_size: int = 224, in_channels: int = 3,
@@ -178,7 +180,7 @@ class UltrasoundToFramesd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from usfmae_core.data.readers import UltrasoundImage
-        from usfmae_core.data.transforms import frames_to_tensor, image_to_frames
+        from usfmae_core.data.transforms import frames_to_tensor, image_to_frames, informative_frames
 
         d = dict(data)
         for key in self.key_iterator(d):
@@ -191,10 +193,15 @@ class UltrasoundToFramesd(MapTransform):
             if arr.ndim == 2:
                 kind = "image"
             spacing = tuple(meta.get("spacing") or (1.0,) * arr.ndim)
-            frames = image_to_frames(UltrasoundImage(arr, spacing, kind, str(meta.get("filename_or_obj", ""))),
-                                     axis=self.axis)
-            out = frames_to_tensor(frames, self.prep)
-            meta.update(n_frames=int(out.shape[0]), kind=kind)
+            source = str(meta.get("filename_or_obj", ""))
+            frames = image_to_frames(UltrasoundImage(arr, spacing, kind, source), axis=self.axis)
+            keep = np.ones(len(frames), bool) if kind == "image" else informative_frames(frames)
+            if not keep.any():
+                raise UsfmaeError(f"{source or f'the {kind}'} has no informative "
+                                  f"{'frame' if kind == 'cine' else 'slice'}: all {len(frames)} are empty or "
+                                  "constant", "check the file (a blank or padding-only export?) or leave it out")
+            out = frames_to_tensor(frames[keep] if not keep.all() else frames, self.prep)
+            meta.update(n_frames=int(out.shape[0]), n_excluded=int((~keep).sum()), kind=kind)
             d[key] = MetaTensor(out, meta=meta)
         return d
 
@@ -557,9 +564,9 @@ class ProbabilityWriter:
 
     Without labels (inference), into ``output_dir``:
 
-    - ``<filename>.csv``: ``source, kind, n_frames, label, p_<class>...``, one row per file (the columns of
-      ``usfmae predict``'s ``summary.csv``);
-    - ``<filename>.json``: ``{"classes", "results": [{source, kind, n_frames, label, p_<class>...}]}``.
+    - ``<filename>.csv``: ``source, kind, n_frames, n_excluded, label, p_<class>...``, one row per file (the columns
+      of ``usfmae predict``'s ``summary.csv``: frames classified, empty / constant frames left out);
+    - ``<filename>.json``: ``{"classes", "results": [{source, kind, n_frames, n_excluded, label, p_<class>...}]}``.
 
     With a label for every image (evaluation): what ``usfmae evaluate`` writes
     (:func:`usfmae_core.workflows.evaluate.write_evaluation`): ``predictions.csv`` (image, true, predicted, correct,
@@ -604,12 +611,15 @@ class ProbabilityWriter:
             n = len(image) if image is not None else 0
             names = list(getattr(image, "meta", {}).get("filename_or_obj", []) or [])
             kinds = list(getattr(image, "meta", {}).get("kind", []) or [])
+            excluded = getattr(image, "meta", {}).get("n_excluded")
+            excluded = [] if excluded is None else [int(e) for e in torch.as_tensor(excluded).reshape(-1)]
             label = batch.get("label")
             items = []
             for i in range(n):
                 items.append({"source": names[i] if i < len(names) else None,
                               "kind": kinds[i] if i < len(kinds) else None,
                               "n_frames": int(image[i].shape[0]) if image[i].dim() == 4 else 1,
+                              "n_excluded": excluded[i] if i < len(excluded) else 0,
                               "label": None if label is None else int(torch.as_tensor(label[i]).reshape(-1)[0])})
             return items
         items = []
@@ -619,6 +629,7 @@ class ProbabilityWriter:
             label = item.get("label")
             items.append({"source": meta.get("filename_or_obj"), "kind": meta.get("kind"),
                           "n_frames": int(image.shape[0]) if image is not None and image.dim() == 4 else 1,
+                          "n_excluded": int(meta.get("n_excluded") or 0),
                           "label": None if label is None else int(torch.as_tensor(label).reshape(-1)[0])})
         return items
 
@@ -674,10 +685,10 @@ class ProbabilityWriter:
         results = []
         for source, r in zip(sources, rows):
             res = {"source": source, "kind": r["kind"] or "image", "n_frames": r["n_frames"],
-                   "label": self.classes[int(np.argmax(r["probs"]))]}
+                   "n_excluded": int(r.get("n_excluded") or 0), "label": self.classes[int(np.argmax(r["probs"]))]}
             res.update({c: round(p, 6) for c, p in zip(cols, r["probs"])})
             results.append(res)
-        header = ["source", "kind", "n_frames", "label", *cols]
+        header = ["source", "kind", "n_frames", "n_excluded", "label", *cols]
         csv_path = self.output_dir / f"{self.filename}.csv"
         tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
         with open(tmp, "w", newline="") as f:

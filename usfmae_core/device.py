@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from usfmae_core.constants import DEVICE_CHOICES
 from usfmae_core.errors import UsfmaeError
 
-DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

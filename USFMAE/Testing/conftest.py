@@ -56,8 +56,8 @@ def tiny_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
     prep = Preprocessing(image_size=32, in_channels=3).to_dict()
     torch.manual_seed(0)
-    enc = dict(in_channels=3, img_size=32, patch_size=8, spatial_dims=2, hidden_size=48, num_layers=2, num_heads=3,
-               mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0)
+    enc = {"in_channels": 3, "img_size": 32, "patch_size": 8, "spatial_dims": 2, "hidden_size": 48, "num_layers": 2,
+           "num_heads": 3, "mlp_ratio": 4.0, "qkv_bias": True, "drop_path_rate": 0.0}
     model = USFMAEClassifier(num_classes=3, pool="avg", dropout=0.0, **enc)
     with torch.no_grad():
         model.head.weight.normal_(0.0, 0.2)

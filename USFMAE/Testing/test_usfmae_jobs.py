@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from USFMAELib.jobs import Job, format_seconds
 
 SCRIPT = Path(__file__).resolve().parents[1] / "Scripts" / "usfmae_job.py"
@@ -71,8 +70,9 @@ def test_progress_lines_are_parsed_and_log_kept(tmp_path):
 
 
 def test_status_text_while_running():
-    job = Job([sys.executable, "-c", "print('USFMAE_PROGRESS ' + '{\"stage\": \"pretrain\", \"step\": 3, "
-               "\"total\": 12, \"eta_s\": 95.0, \"loss\": 0.41}', flush=True); import time; time.sleep(30)"]).start()
+    job = Job([sys.executable, "-c", ("print('USFMAE_PROGRESS ' + '{\"stage\": \"pretrain\", \"step\": 3, "
+                                      "\"total\": 12, \"eta_s\": 95.0, \"loss\": 0.41}', flush=True); import time; "
+                                      "time.sleep(30)")]).start()
     try:
         _wait_for(job, lambda: job.progress is not None)
         assert job.fraction == pytest.approx(0.25)
@@ -164,6 +164,7 @@ def test_the_progress_protocol_is_the_engines():
     """The module parses progress lines itself (the engine's parser lives in a module that imports torch, which the
     Slicer process must not load): same prefix, same records."""
     from USFMAELib import jobs
+
     from usfmae_core.workflows import common
 
     assert jobs.PROGRESS_PREFIX == common.PROGRESS_PREFIX

@@ -20,17 +20,17 @@ if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the installed 'slicer' package has no MRML scene (install slicer-core)", allow_module_level=True)
 torch = pytest.importorskip("torch")
 
-import vtk  # noqa: E402  (slicer-core brings it)
-from vtk.util import numpy_support  # noqa: E402
+import vtk
+from USFMAELib import inputs
+from USFMAELib.logic import USFMAEEngineLogic
+from vtk.util import numpy_support
 
-from USFMAELib import inputs  # noqa: E402
-from USFMAELib.logic import USFMAEEngineLogic  # noqa: E402
-from usfmae_core import UsfmaeError  # noqa: E402
-from usfmae_core.checkpoints import load_model  # noqa: E402
-from usfmae_core.data import phantom  # noqa: E402
-from usfmae_core.data.transforms import Preprocessing  # noqa: E402
-from usfmae_core.workflows.predict import classify_array  # noqa: E402
-from usfmae_core.workflows.reconstruct import reconstruct_frames  # noqa: E402
+from usfmae_core import UsfmaeError
+from usfmae_core.checkpoints import load_model
+from usfmae_core.data import phantom
+from usfmae_core.data.transforms import Preprocessing
+from usfmae_core.workflows.predict import classify_array
+from usfmae_core.workflows.reconstruct import reconstruct_frames
 
 CLASSES = list(phantom.CLASSES)
 
@@ -223,7 +223,7 @@ def test_reconstruction_volumes_keep_the_input_geometry(scene, tiny_models, run_
                                                       device="cpu"))
 
     assert outcome.ok and outcome.show == "volumes", outcome.message
-    mae, ckpt = load_model(tiny_models["mae"], expect="mae")
+    mae, _ = load_model(tiny_models["mae"], expect="mae")
     ref = reconstruct_frames(mae, vol, Preprocessing.from_dict(tiny_models["prep"]), mask_ratio=0.75, seed=3)
     for key in ("masked", "reconstruction"):
         result = outcome.nodes[key]

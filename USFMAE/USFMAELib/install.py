@@ -75,7 +75,9 @@ def installed_versions() -> dict[str, str]:
 
 
 def _parse(requirement: str):
-    from packaging.requirements import Requirement  # packaging ships with Slicer (bundled) and with pip
+    from packaging.requirements import (
+        Requirement,  # packaging ships with Slicer (bundled) and with pip
+    )
 
     return Requirement(requirement)
 

@@ -103,9 +103,9 @@ class Job:
         """Start the child in its own process group and the background reader; returns ``self``."""
         if self.proc is not None:
             raise RuntimeError(f"job '{self.name}' was already started")
-        kwargs: dict[str, Any] = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, encoding="utf-8", errors="replace", bufsize=1, env=self.env,
-                                      cwd=self.cwd)
+        kwargs: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT,
+                                  "text": True, "encoding": "utf-8", "errors": "replace", "bufsize": 1, "env": self.env,
+                                  "cwd": self.cwd}
         if os.name == "posix":
             kwargs["start_new_session"] = True  # own session and process group: the group id is the child's pid
         else:
@@ -306,7 +306,7 @@ class Job:
 
 def format_seconds(seconds: float) -> str:
     """``75`` -> ``1 min 15 s``; ``3700`` -> ``1 h 01 min``."""
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     if seconds < 60:
         return f"{seconds} s"
     minutes, secs = divmod(seconds, 60)

@@ -32,7 +32,7 @@ import numpy as np
 import slicer
 import vtk
 
-from USFMAELib import install, inputs, models, samples
+from USFMAELib import inputs, install, models, samples
 from USFMAELib.engine import MODULE_DIR, TORCH_REQUIREMENT, UsfmaeError, requirements
 from USFMAELib.jobs import Job
 
@@ -95,6 +95,12 @@ class JobOutcome:
 
 def _node_name(node: Any) -> str:
     return node.GetName() or node.GetID() or "input"
+
+
+def _frame_index(result: dict[str, Any], n: int) -> np.ndarray:
+    """The input slice / frame number of each row of ``result["per_frame"]`` (empty slices are not classified)."""
+    index = result.get("frame_index")
+    return np.arange(n) if index is None or len(index) != n else np.asarray(index, dtype=np.int64)
 
 
 class USFMAEEngineLogic:
@@ -331,8 +337,9 @@ class USFMAEEngineLogic:
             self.place_in_subject_hierarchy(list(nodes.values()) + self._series(chart), input_node)
         probability = float(max(result["aggregate"]))
         what = {"cine": "frame(s)", "volume": "slice(s)"}.get(result["kind"], "image")
-        message = (f"{result['label']} (mean probability {probability:.2f} over {result['n_frames']} {what}; most "
-                   f"typical: {', '.join(str(i) for i in result['top_slices']) or '-'})")
+        excluded = f", {result['n_excluded']} empty / constant left out" if result["n_excluded"] else ""
+        message = (f"{result['label']} (mean probability {probability:.2f} over {result['n_frames']} {what}{excluded}; "
+                   f"most typical: {', '.join(str(i) for i in result['top_slices']) or '-'})")
         return JobOutcome("classify", True, message=message, nodes=nodes, value=result, show="table")
 
     def _finish_reconstruct(self, job: Job, spec: JobSpec) -> JobOutcome:
@@ -422,6 +429,7 @@ class USFMAEEngineLogic:
         slice / frame number, and ``aggregate`` for the last row), ``p_<class>`` per class (float), ``label``."""
         classes = [str(c) for c in result["classes"]]
         per_frame = np.asarray(result["per_frame"], dtype=np.float64).reshape(-1, len(classes))
+        frame_index = _frame_index(result, per_frame.shape[0])
         aggregate = np.asarray(result["aggregate"], dtype=np.float64).reshape(len(classes))
         rows = np.concatenate([per_frame, aggregate[None]], 0)
         was_modifying = table_node.StartModify()
@@ -432,13 +440,14 @@ class USFMAEEngineLogic:
             labels = vtk.vtkStringArray()
             labels.SetName("label")
             for i in range(per_frame.shape[0]):
-                index.InsertNextValue(str(i))
+                index.InsertNextValue(str(int(frame_index[i])))
                 labels.InsertNextValue(classes[int(per_frame[i].argmax())])
             index.InsertNextValue("aggregate")
             labels.InsertNextValue(str(result.get("label", classes[int(aggregate.argmax())])))
             table_node.AddColumn(index)
-            table_node.SetColumnDescription(index_name, f"{index_name} index (0-based, slowest array axis); the last "
-                                            "row is the aggregate over all of them")
+            table_node.SetColumnDescription(index_name, f"{index_name} index (0-based, slowest array axis); empty "
+                                            "or constant ones are not classified; the last row is the aggregate over "
+                                            "the classified ones")
             for c, name in enumerate(classes):
                 col = vtk.vtkDoubleArray()
                 col.SetName(f"p_{name}")
@@ -468,7 +477,8 @@ class USFMAEEngineLogic:
                                                  scene.GenerateUniqueName(f"{table_node.GetName()} plot data"))
             plot_table.SetAttribute(OUTPUT_ATTRIBUTE, "plot data")
             table_node.SetNodeReferenceID("USFMAE.plotTable", plot_table.GetID())
-        columns = [np.arange(per_frame.shape[0], dtype=np.float64)] + [per_frame[:, c] for c in range(len(classes))]
+        columns = [_frame_index(result, per_frame.shape[0]).astype(np.float64)] + [per_frame[:, c]
+                                                                                   for c in range(len(classes))]
         slicer.util.updateTableFromArray(plot_table, columns, [index_name] + [f"p_{c}" for c in classes])
         chart = table_node.GetNodeReference("USFMAE.chart")
         if chart is None:
@@ -750,13 +760,15 @@ def read_predictions(folder: str | os.PathLike) -> dict[str, Any]:
         raise UsfmaeError(f"the input could not be classified ({skipped[0].get('reason')})", "see the job log")
     classes = [str(c) for c in report["classes"]]
     summary = report["results"][0]
-    per_frame = np.array([[float(r[f"p_{c}"]) for c in classes] for r in sorted(rows, key=lambda r: int(r["index"]))],
-                         dtype=np.float64).reshape(-1, len(classes))
+    rows = sorted(rows, key=lambda r: int(r["index"]))
+    per_frame = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64).reshape(
+        -1, len(classes))
     aggregate = np.array([float(summary[f"p_{c}"]) for c in classes])
     scope = "volume" if report.get("spatial_dims") == 3 else "frame"
-    return {"classes": classes, "per_frame": per_frame, "aggregate": aggregate, "label": summary["label"],
-            "top_slices": list(summary.get("top_slices") or []), "kind": summary["kind"],
-            "n_frames": int(summary["n_frames"]), "scope": scope}
+    return {"classes": classes, "per_frame": per_frame, "frame_index": np.array([int(r["index"]) for r in rows]),
+            "aggregate": aggregate, "label": summary["label"], "top_slices": list(summary.get("top_slices") or []),
+            "kind": summary["kind"], "n_frames": int(summary["n_frames"]),
+            "n_excluded": int(summary.get("n_excluded") or 0), "scope": scope}
 
 
 def describe_model(info: dict[str, Any]) -> str:

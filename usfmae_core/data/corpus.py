@@ -13,7 +13,8 @@ Per source: read (:func:`read_ultrasound`); volumes -> slices along each request
 and letterboxed so anatomy keeps its physical aspect; cine -> every ``frame_stride``-th frame, dropping frames
 that differ from the last kept one by less than 1 grey level on average; optional sector crop and annotation
 inpainting (:mod:`usfmae_core.data.sector`); per-frame intensity scaling (:func:`scale_intensity`, the same rule
-as fine-tuning), resize to ``S x S``, uint8; near-empty frames (under 5 % non-black pixels) are skipped and exact
+as fine-tuning), resize to ``S x S``, uint8; empty and constant frames
+(:func:`~usfmae_core.data.transforms.informative_frames`, the rule ``predict`` uses too) are skipped and exact
 duplicates (SHA-1 of the uint8 frame) removed across the whole corpus.
 
 Robustness: a source that cannot be read is listed in the report with the reason and the run goes on. Shards
@@ -25,7 +26,6 @@ file) does, so a data folder copied or re-synced without timestamps is not proce
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -40,12 +40,11 @@ import numpy as np
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["prepare_corpus", "FrameCorpus", "VolumeCorpus", "iter_source_files", "add_parser", "run",
+__all__ = ["prepare_corpus", "FrameCorpus", "VolumeCorpus", "iter_source_files",
            "CORPUS_VERSION"]
 
 CORPUS_VERSION = 1
 _COMPANIONS = (".raw", ".zraw", ".img")  # data files of .mhd / .hdr headers: read through their header
-_EMPTY_FRACTION = 0.05  # a frame with fewer non-black pixels than this is background, not anatomy
 _NEAR_DUP_MAD = 1.0  # mean absolute difference (grey levels) under which consecutive cine frames are the same
 
 
@@ -134,12 +133,6 @@ def _finish_frames(frames: np.ndarray, size: int) -> np.ndarray:
     return _to_uint8(resize_frames(scaled, size).numpy())
 
 
-def _not_empty(frames01: np.ndarray) -> np.ndarray:
-    """Boolean per frame: enough non-black pixels and some contrast to be worth training on."""
-    flat = frames01.reshape(len(frames01), -1)
-    return ((flat > 0.05).mean(1) >= _EMPTY_FRACTION) & (flat.std(1) > 0.01)
-
-
 def _file_sha1(path: str | Path) -> str | None:
     """SHA-1 of a file's bytes (None when it cannot be read): recognises a finished source whose timestamp changed."""
     h = hashlib.sha1()
@@ -161,6 +154,7 @@ def _process_source(path: str, opts: _Options) -> dict[str, Any]:
 def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
     from usfmae_core.data.readers import read_ultrasound
     from usfmae_core.data.sector import detect_imaged_region, remove_annotations
+    from usfmae_core.data.transforms import informative_frames
 
     t0 = time.perf_counter()
     try:
@@ -181,7 +175,7 @@ def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
                 if axis >= a.ndim:
                     continue
                 stack = np.moveaxis(a, axis, 0)
-                keep = _not_empty((stack - lo) / (hi - lo))  # judged on the volume's range, not per slice
+                keep = informative_frames(stack, lo, hi)  # judged on the volume's range, not per slice
                 stats["empty"] += int((~keep).sum())
                 idx = np.nonzero(keep)[0]
                 if idx.size == 0:
@@ -216,8 +210,7 @@ def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
                     if crop is not None:
                         cm = cm[..., crop[0]:crop[1], crop[2]:crop[3]]
                 frames, _ = remove_annotations(frames, cm)
-            lo, hi = float(frames.min()), float(frames.max())
-            keep = _not_empty((frames - lo) / (hi - lo)) if hi > lo else np.zeros(len(frames), bool)
+            keep = informative_frames(frames)
             stats["empty"] += int((~keep).sum())
             frames, idx = frames[keep], idx[keep]
             out = _finish_frames(frames, S) if len(frames) else np.zeros((0, S, S), np.uint8)
@@ -601,43 +594,3 @@ class VolumeCorpus:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return np.load(self.path / self.entries[int(i)]["file"], mmap_mode="r")
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "prepare",
-        help="turn folders of ultrasound files into a pretraining frame cache",
-        description="Walk SRC files/folders (PNG/JPG/BMP/TIFF, DICOM, NIfTI, NRRD, MetaImage, mp4/avi/mov/mpeg/gif) "
-                    "and write a sharded uint8 frame cache + manifest to --out. Re-running resumes.",
-    )
-    p.add_argument("sources", nargs="+", metavar="SRC", help="files or folders")
-    p.add_argument("--out", required=True, help="corpus folder")
-    p.add_argument("--image-size", "--img-size", dest="image_size", type=int, default=224)
-    p.add_argument("--axes", type=int, nargs="+", default=[0, 1, 2], help="volume axes to slice along")
-    p.add_argument("--frame-stride", type=int, default=1, help="keep every n-th cine frame")
-    p.add_argument("--crop-sector", action="store_true", help="crop to the detected imaged region")
-    p.add_argument("--remove-text", action="store_true", help="inpaint burned-in text, calipers and overlays")
-    p.add_argument("--native-3d", action="store_true", help="also write isotropic volumes for 3D pretraining")
-    p.add_argument("--volume-size", type=int, default=96)
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    rep = prepare_corpus(args.sources, args.out, args.image_size, tuple(args.axes), args.frame_stride,
-                         args.crop_sector, args.remove_text, args.native_3d, args.workers,
-                         not args.no_progress, args.volume_size)
-    print(f"prepared {rep['n_frames']} frames in {rep['corpus']} ({rep['frames_added']} new from "
-          f"{rep['sources_read']} files; {rep['sources_resumed']} already done; {rep['duplicates_removed']} "
-          f"duplicates, {rep['near_duplicates_removed']} near-duplicate cine frames, "
-          f"{rep['empty_frames_skipped']} empty frames dropped; {rep['n_volumes']} volumes)")
-    if rep["skipped"]:
-        print(f"skipped {len(rep['skipped'])} files (details in {Path(args.out) / 'report.json'}):")
-        for s in rep["skipped"][:20]:
-            print(f"  {s['path']}: {s['reason']}")
-        if len(rep["skipped"]) > 20:
-            print(f"  ... and {len(rep['skipped']) - 20} more")
-    return 0

@@ -1,8 +1,25 @@
-"""Networks: the USF-MAE masked autoencoder, its classifier and model presets."""
+"""Networks: the USF-MAE masked autoencoder, its 2D / native-3D classifier, the attention-MIL volume classifier
+and model presets.
 
-from usfmae_core.networks.classifier import USFMAEClassifier, cnn_baseline
-from usfmae_core.networks.mae import USFMAE, MAEDecoder, ViTEncoder, patchify, unpatchify
-from usfmae_core.networks.presets import PRESETS, build_model, mae_config
+Attributes are imported on first use (PEP 562), so that ``usfmae_core.networks.presets`` (read by the command-line
+parser) does not import torch.
+"""
 
-__all__ = ["USFMAE", "USFMAEClassifier", "ViTEncoder", "MAEDecoder", "PRESETS", "build_model", "cnn_baseline",
-           "mae_config", "patchify", "unpatchify"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "USFMAE": "mae", "MAEDecoder": "mae", "ViTEncoder": "mae", "patchify": "mae", "unpatchify": "mae",
+    "USFMAEClassifier": "classifier", "cnn_baseline": "classifier",
+    "AttentionMILClassifier": "volume", "GatedAttentionPooling": "volume",
+    "PRESETS": "presets", "build_model": "presets", "mae_config": "presets",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

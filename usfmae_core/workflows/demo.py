@@ -14,7 +14,6 @@ reconstruct``), so the demo also shows their output folders.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -236,18 +235,3 @@ def write_report(out: Path, results: dict[str, dict], volume_path: Path, seconds
     report.write_text("\n".join(lines) + "\n")
     print(f"\n{verdict}\nreport: {report}")
     return report
-
-
-def run(args: argparse.Namespace) -> int:
-    run_demo(Path(args.out), args.device, args.scale, args.seed)
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run prepare -> pretrain -> fine-tune -> evaluate -> predict on built-in data",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
-    p.add_argument("--device", default="auto", help="auto|cuda|mps|cpu")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply data and budgets (e.g. 0.2 for a smoke run)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=run)

@@ -8,7 +8,6 @@ classifier fine-tuned from it starts from, and a classifier's embedding is what 
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,11 +19,11 @@ import torch.nn as nn
 
 from usfmae_core.errors import UsfmaeError
 from usfmae_core.workflows.predict import (_device, _model_input_size, _weights_dtype,
-                                           add_common_arguments, collect_inputs, inference_context, inference_dtype,
+                                           collect_inputs, inference_context, inference_dtype,
                                            model_spatial_dims, preprocessing_from_config, to_inference_model,
                                            volume_to_tensor)
 
-__all__ = ["EMBED_ARCHS", "embed_frames", "embed_volume", "embed", "add_parser", "run"]
+__all__ = ["EMBED_ARCHS", "embed_frames", "embed_volume", "embed"]
 
 EMBED_ARCHS = ("mae", "classifier")
 POOLS = ("avg", "cls")
@@ -39,9 +38,7 @@ def _encoder(model: nn.Module) -> nn.Module:
 
 
 def _features(enc: nn.Module, x: torch.Tensor, pool: str) -> torch.Tensor:
-    tokens, _, _ = enc(x, apply_norm=False)
-    pooled = tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
-    return enc.norm(pooled).float()
+    return enc.pooled_features(x, pool).float()
 
 
 def embed_frames(model: nn.Module, frames: np.ndarray, prep, pool: str = "avg", device: torch.device | str = "cpu",
@@ -157,29 +154,3 @@ def embed(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], ou
                                     "shape": list(emb_all.shape), "spatial_dims": dims, "axis": axis,
                                     "skipped": skipped})
     return out
-
-
-# ----------------------------------------------------------------------------------------------------- CLI
-def run(args: argparse.Namespace) -> int:
-    out = embed(args.model, args.inputs, args.out, args.pool, args.axis, args.device, args.batch_size,
-                run_config=vars(args))
-    import json
-
-    report = json.loads((out / "embed.json").read_text())
-    for s in report["skipped"]:
-        print(f"skipped {s['source']}: {s['reason']}")
-    n, d = report["shape"]
-    print(f"wrote {n} embeddings of width {d} to {out / 'embeddings.npy'} (rows: {out / 'embeddings_index.csv'})")
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embed", help="encoder features of images, clip frames and volume slices",
-                       description="Write one embedding per frame / slice (a 3D model: per volume) to "
-                       "embeddings.npy, with embeddings_index.csv naming the file and frame of each row.")
-    p.add_argument("model", help="MAE or ViT classifier checkpoint")
-    p.add_argument("inputs", nargs="+", help="files, folders or a datalist .json")
-    add_common_arguments(p)
-    p.add_argument("--pool", default="avg", choices=POOLS,
-                   help="avg: mean of patch tokens (default), cls: the cls token (both after the final norm)")
-    p.set_defaults(func=run)

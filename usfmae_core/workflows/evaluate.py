@@ -23,14 +23,13 @@ Writes into ``EVAL`` (each file atomically, and only after every prediction is m
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from usfmae_core.device import DEVICE_CHOICES, autocast_dtype, resolve_device
+from usfmae_core.device import autocast_dtype, resolve_device
 from usfmae_core.errors import UsfmaeError
 from usfmae_core.workflows import metrics as M
 from usfmae_core.workflows.common import Progress, prepare_output_dir, write_csv, write_json
@@ -39,7 +38,7 @@ from usfmae_core.workflows.finetune import (SPLITS, jsonable, load_labelled, mak
 from usfmae_core.workflows.pictures import save_figure
 
 __all__ = ["evaluate", "evaluate_predictions", "write_evaluation", "select_items", "map_labels",
-           "save_confusion_matrix", "save_roc", "add_parser", "run"]
+           "save_confusion_matrix", "save_roc"]
 
 MODEL_ARCHS = ("classifier", "resnet", "densenet")
 
@@ -212,37 +211,3 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: s
                                   device=device, batch_size=batch_size, precision=precision))
     write_evaluation(out, [it["image"] for it in items], labels, probs, classes, result)
     return result
-
-
-# ---------------------------------------------------------------------------------------------------------- CLI
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="metrics of a trained classifier on labelled data (with 95%% intervals)",
-                       description="Evaluate a classifier from usfmae finetune: accuracy, balanced accuracy, "
-                       "precision/recall/F1, one-vs-rest AUC, confusion matrix, bootstrap 95%% intervals; writes "
-                       "metrics.json, metrics.csv, predictions.csv, confusion_matrix.png and roc.png.")
-    p.add_argument("--model", required=True, help="classifier checkpoint (RUN/model.pt)")
-    p.add_argument("--data", required=True, help="labelled data: class folders, CSV manifest or datalist JSON "
-                   "(RUN/datalist.json for the run's own test split)")
-    p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--split", default="test", choices=("test", "validation", "training", "all"),
-                   help="which split of --data (default test; 'all' for an external test set)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of splitting --data (default 0)")
-    p.add_argument("--val-fraction", type=float, default=0.15, help="as given to finetune (folders / CSV)")
-    p.add_argument("--test-fraction", type=float, default=0.15, help="as given to finetune (folders / CSV)")
-    p.add_argument("--batch-size", type=int, default=64, help="default 64")
-    p.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="default auto")
-    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="default auto")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    r = evaluate(args.model, args.data, args.out, args.split, args.bootstrap, args.seed, args.device,
-                 args.batch_size, args.workers, args.precision, args.val_fraction, args.test_fraction,
-                 run_config=vars(args))
-    ci = r["intervals"].get("f1_macro")
-    tail = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci and all(np.isfinite(ci)) else ""
-    print(f"{r['n']} images: accuracy {r['accuracy']:.3f}, balanced accuracy {r['balanced_accuracy']:.3f}, "
-          f"macro-F1 {r['f1_macro']:.3f}{tail}, macro AUC {r['auc_macro']:.3f} -> {Path(args.out) / 'metrics.json'}")
-    return 0

@@ -8,8 +8,11 @@ In-memory API (used by the CLI, the MONAI bundle and the 3D Slicer module):
 * :func:`classify_file` - the same for a file (any format :func:`~usfmae_core.data.readers.read_ultrasound` reads);
 * :func:`predict` - files / folders / a datalist JSON -> ``predictions.csv``, ``summary.csv``, ``predictions.json``.
 
-A 2D model (``config["spatial_dims"] == 2``) classifies every frame of a cine and every slice of a volume along
-``axis``, and the aggregate is the mean probability; a 3D model sees the whole volume resized to its cube (one row).
+A 2D model (``config["spatial_dims"] == 2``) classifies every informative frame of a cine and every informative
+slice of a volume along ``axis``, and the aggregate is their mean probability: empty and constant frames / slices
+(:func:`~usfmae_core.data.transforms.informative_frames`, e.g. the zero padding of a resampled volume) are left out
+and counted (``n_excluded``), and an input without any informative frame is an error. A 3D model sees the whole
+volume resized to its cube (one row).
 Preprocessing is :func:`~usfmae_core.data.transforms.frames_to_tensor` with the checkpoint's
 :class:`~usfmae_core.data.transforms.Preprocessing`, exactly as in fine-tuning.
 
@@ -21,7 +24,6 @@ it is emulated and slower, so ``precision="auto"`` keeps fp32 there (benchmarks/
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -33,14 +35,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from usfmae_core.constants import KIND_CHOICES
 from usfmae_core.errors import UsfmaeError
 
 __all__ = ["CLASSIFIER_ARCHS", "classify_frames", "classify_array", "classify_file", "predict", "collect_inputs",
            "preprocessing_from_config", "class_names", "model_spatial_dims", "volume_to_tensor",
-           "inference_dtype", "inference_context", "to_inference_model", "add_parser", "run"]
+           "inference_dtype", "inference_context", "to_inference_model"]
 
 CLASSIFIER_ARCHS = ("classifier", "resnet", "densenet")
-KINDS = ("auto", "image", "cine", "volume")
+KINDS = KIND_CHOICES
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -220,8 +223,12 @@ def _classify_volume_3d(model: nn.Module, volume: np.ndarray, prep, device: torc
 def classify_array(model: nn.Module, config: dict[str, Any], array: np.ndarray, kind: str = "auto",
                    spacing: Sequence[float] | None = None, axis: int = 0, device: torch.device | str = "cpu",
                    batch_size: int = 32, top_k: int = 3, precision: str = "auto",
-                   progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[int], None] | None = None, source: str | None = None) -> dict[str, Any]:
     """Classify an image ``(H, W)``, cine ``(T, H, W)`` or volume ``(D, H, W)`` (unscaled grey).
+
+    Empty and constant frames / slices of a cine or volume
+    (:func:`~usfmae_core.data.transforms.informative_frames`: the zero padding of a resampled volume, blank frames)
+    are not classified and do not enter the aggregate; they are counted in ``n_excluded``.
 
     Args:
         model: classifier (2D or 3D) from :func:`~usfmae_core.checkpoints.load_model`.
@@ -232,15 +239,21 @@ def classify_array(model: nn.Module, config: dict[str, Any], array: np.ndarray, 
         axis: slicing axis of a volume for a 2D model.
         device, batch_size, precision, progress: see :func:`classify_frames`.
         top_k: how many frames to list in ``top_slices``.
+        source: the file the array came from, named in errors.
 
     Returns:
-        ``classes`` (names), ``per_frame`` ``(N, K)`` float32 (one row per frame / slice; a 3D model gives one row
-        for the volume), ``aggregate`` ``(K,)`` mean probability, ``label`` (argmax of the aggregate),
-        ``top_slices`` (indices of the ``top_k`` frames with the highest probability of ``label``; empty for a 3D
-        model), ``kind``, ``n_frames`` (rows), ``scope`` (``frame`` or ``volume``), ``axis`` and ``spacing``.
+        ``classes`` (names), ``per_frame`` ``(N, K)`` float32 (one row per classified frame / slice; a 3D model gives
+        one row for the volume), ``frame_index`` ``(N,)`` (the input frame / slice index of each row),
+        ``aggregate`` ``(K,)`` mean probability over the rows, ``label`` (argmax of the aggregate), ``top_slices``
+        (frame indices of the ``top_k`` rows with the highest probability of ``label``; empty for a 3D model),
+        ``kind``, ``n_frames`` (rows), ``n_excluded`` (empty / constant frames left out), ``scope`` (``frame`` or
+        ``volume``), ``axis`` and ``spacing``.
+
+    Raises:
+        UsfmaeError: bad kind / shape / axis, a model that does not fit the input, or no informative frame.
     """
     from usfmae_core.data.readers import UltrasoundImage
-    from usfmae_core.data.transforms import image_to_frames
+    from usfmae_core.data.transforms import image_to_frames, informative_frames
 
     arr = np.asarray(array, dtype=np.float32)
     if kind not in KINDS:
@@ -254,16 +267,25 @@ def classify_array(model: nn.Module, config: dict[str, Any], array: np.ndarray, 
         raise UsfmaeError(f"axis {axis} is out of range for a {arr.ndim}D array", "use --axis 0, 1 or 2")
     prep = preprocessing_from_config(config)
     dims = model_spatial_dims(model, config)
+    sp = tuple(spacing) if spacing is not None else (1.0,) * arr.ndim
+    frames = image_to_frames(UltrasoundImage(arr, sp, kind, source or ""), axis=axis)
+    # a 2D image is its own single frame (the reader already refuses a constant file)
+    keep = np.ones(len(frames), bool) if kind == "image" else informative_frames(frames)
+    if not keep.any():
+        unit = "frame" if kind == "cine" else "slice"
+        raise UsfmaeError(f"{source or f'the {kind}'} has no informative {unit}: all {len(frames)} are empty or "
+                          "constant", "check the file (a blank or padding-only export?) or leave it out")
     if dims == 3:
         if kind == "image":
             raise UsfmaeError("a 2D image was given to a 3D (volume) classifier",
                               "classify volumes with this model, or use a 2D classifier for images")
         per_frame = _classify_volume_3d(model, arr, prep, _device(device), precision)
-        scope = "volume"
+        scope, index, n_excluded = "volume", np.zeros(1, np.int64), 0  # the model sees the whole volume
     else:
-        sp = tuple(spacing) if spacing is not None else (1.0,) * arr.ndim
-        frames = image_to_frames(UltrasoundImage(arr, sp, kind, ""), axis=axis)
-        per_frame = classify_frames(model, frames, prep, device, batch_size, precision, progress)
+        index = np.nonzero(keep)[0]
+        n_excluded = int(len(frames) - len(index))
+        per_frame = classify_frames(model, frames[index] if n_excluded else frames, prep, device, batch_size,
+                                    precision, progress)
         scope = "frame"
     names = class_names(config, per_frame.shape[1])
     if len(names) != per_frame.shape[1]:
@@ -271,10 +293,11 @@ def classify_array(model: nn.Module, config: dict[str, Any], array: np.ndarray, 
                           "re-export the classifier with matching 'classes' in its config")
     aggregate = per_frame.mean(axis=0).astype(np.float32)
     label_idx = int(aggregate.argmax())
-    top = [] if scope == "volume" else [int(i) for i in np.argsort(-per_frame[:, label_idx], kind="stable")[:top_k]]
-    return {"classes": names, "per_frame": per_frame, "aggregate": aggregate, "label": names[label_idx],
-            "top_slices": top, "kind": kind, "n_frames": int(per_frame.shape[0]), "scope": scope,
-            "axis": int(axis) if kind == "volume" else None,
+    top = [] if scope == "volume" else [int(index[i]) for i in
+                                        np.argsort(-per_frame[:, label_idx], kind="stable")[:top_k]]
+    return {"classes": names, "per_frame": per_frame, "frame_index": index, "aggregate": aggregate,
+            "label": names[label_idx], "top_slices": top, "kind": kind, "n_frames": int(per_frame.shape[0]),
+            "n_excluded": n_excluded, "scope": scope, "axis": int(axis) if kind == "volume" else None,
             "spacing": None if spacing is None else [float(s) for s in spacing]}
 
 
@@ -286,7 +309,7 @@ def classify_file(model: nn.Module, config: dict[str, Any], path: str | os.PathL
 
     img = read_ultrasound(path)
     result = classify_array(model, config, img.array, img.kind, img.spacing, axis, device, batch_size, top_k,
-                            precision, progress)
+                            precision, progress, source=str(path))
     result["source"] = str(path)
     return result
 
@@ -398,9 +421,11 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
             run_config: dict[str, Any] | None = None, quiet: bool = False, kind: str = "auto") -> Path:
     """Classify every input file and write the results to ``out_dir``.
 
-    Writes ``predictions.csv`` (one row per frame / slice: ``source, index, kind, p_<class>..., pred``),
-    ``summary.csv`` and ``predictions.json`` (one aggregate per input: ``source, kind, n_frames, label,
-    p_<class>..., top_slices``; the JSON also lists ``skipped`` inputs with the reason) and ``config.json``.
+    Writes ``predictions.csv`` (one row per classified frame / slice: ``source, index, kind, p_<class>..., pred``;
+    ``index`` is the frame / slice number in the input), ``summary.csv`` and ``predictions.json`` (one aggregate per
+    input: ``source, kind, n_frames, n_excluded, label, p_<class>..., top_slices``, where ``n_frames`` frames were
+    classified and ``n_excluded`` empty / constant ones left out; the JSON also lists ``skipped`` inputs with the
+    reason) and ``config.json``.
     Unreadable inputs are skipped and reported; the run fails only when none could be classified. ``kind`` (default
     ``auto``: as the reader decides) forces how every input's slices are read (see :func:`as_kind`), e.g. ``cine``
     for a 2D+t clip stored as a 3D NRRD.
@@ -431,7 +456,7 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
                 inner = Progress(img.n_frames, "classify", disable=True) if img.n_frames > batch_size else None
                 try:
                     res = classify_array(model, config, img.array, img.kind, img.spacing, axis, dev, batch_size,
-                                         top_k, precision, None if inner is None else inner.update)
+                                         top_k, precision, None if inner is None else inner.update, source=str(path))
                 finally:
                     if inner is not None:
                         inner.close()
@@ -441,10 +466,10 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
                 bar.update(1)
                 continue
             names = res["classes"]
-            for i, row in enumerate(res["per_frame"]):
-                frame_rows.append([str(path), i, res["kind"], *map(_fmt, row), names[int(row.argmax())]])
+            for i, row in zip(res["frame_index"], res["per_frame"], strict=True):
+                frame_rows.append([str(path), int(i), res["kind"], *map(_fmt, row), names[int(row.argmax())]])
             results.append({"source": str(path), "kind": res["kind"], "n_frames": res["n_frames"],
-                            "label": res["label"],
+                            "n_excluded": res["n_excluded"], "label": res["label"],
                             **{f"p_{c}": round(float(p), 6) for c, p in zip(names, res["aggregate"])},
                             "top_slices": res["top_slices"]})
             bar.update(1, label=res["label"])
@@ -454,9 +479,9 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
                           "check the files named above (format, corruption) and the model (2D/3D)")
     prob_cols = [f"p_{c}" for c in names]
     write_csv(out / "predictions.csv", ["source", "index", "kind", *prob_cols, "pred"], frame_rows)
-    write_csv(out / "summary.csv", ["source", "kind", "n_frames", "label", *prob_cols, "top_slices"],
-               [[r["source"], r["kind"], r["n_frames"], r["label"], *(_fmt(r[c]) for c in prob_cols),
-                 " ".join(str(i) for i in r["top_slices"])] for r in results])
+    write_csv(out / "summary.csv", ["source", "kind", "n_frames", "n_excluded", "label", *prob_cols, "top_slices"],
+              [[r["source"], r["kind"], r["n_frames"], r["n_excluded"], r["label"], *(_fmt(r[c]) for c in prob_cols),
+                " ".join(str(i) for i in r["top_slices"])] for r in results])
     write_json(out / "predictions.json", {
         "model": str(model_path), "arch": ckpt["arch"], "classes": names,
         "spatial_dims": model_spatial_dims(model, config), "axis": axis,
@@ -465,43 +490,3 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
         if _weights_dtype(model) == torch.float32 else "none",
         "results": results, "skipped": skipped})
     return out
-
-
-# ----------------------------------------------------------------------------------------------------- CLI
-def add_common_arguments(p: argparse.ArgumentParser, batch_size: int = 32) -> None:
-    """``--out``, ``--axis``, ``--device``, ``--batch-size`` (shared by predict / embed / reconstruct)."""
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2),
-                   help="slicing axis of volumes for 2D models (array order D, H, W; default 0)")
-    p.add_argument("--device", default="auto", help="auto|cuda|mps|cpu (default: auto)")
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"frames per batch (default {batch_size})")
-
-
-def run(args: argparse.Namespace) -> int:
-    out = predict(args.model, args.inputs, args.out, args.device, args.axis, args.batch_size, args.precision,
-                  args.top_k, run_config=vars(args), kind=args.kind)
-    report = json.loads((out / "predictions.json").read_text())
-    for r in report["results"]:
-        probs = ", ".join(f"{c} {r[f'p_{c}']:.3f}" for c in report["classes"])
-        print(f"{r['source']}: {r['label']} ({r['kind']}, {r['n_frames']} frame(s); {probs})")
-    for s in report["skipped"]:
-        print(f"skipped {s['source']}: {s['reason']}")
-    print(f"wrote {out / 'predictions.csv'}, {out / 'summary.csv'}, {out / 'predictions.json'}")
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="classify images, cine clips and volumes with a fine-tuned classifier",
-                       description="Classify 2D images, cine clips and 3D volumes (any format usfmae reads), "
-                       "folders (recursively) or the images of a datalist JSON. A 2D model classifies each "
-                       "frame / slice and averages; a 3D model classifies each volume as a whole.")
-    p.add_argument("model", help="classifier checkpoint (from usfmae finetune; resnet/densenet baselines too)")
-    p.add_argument("inputs", nargs="+", help="files, folders or a datalist .json")
-    add_common_arguments(p)
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="autocast precision (auto: bf16 on GPUs and on CPUs with native bf16, else fp32)")
-    p.add_argument("--top-k", type=int, default=3, help="frames listed in top_slices per input (default 3)")
-    p.add_argument("--kind", default="auto", choices=KINDS,
-                   help="how to read each input: auto (as its format says), or image, cine (2D+t: one result per "
-                   "frame) or volume (3D), e.g. --kind cine for a clip stored as a 3D NRRD")
-    p.set_defaults(func=run)

@@ -65,15 +65,14 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from usfmae_core.constants import IMAGENET_MEAN, IMAGENET_STD
 from usfmae_core.errors import UsfmaeError
 from usfmae_core.workflows import distributed as D
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "build_pretrain_model", "make_augment", "make_optimizer", "make_scaler",
            "ResumableSampler", "mae_train_step", "MAEIterationUpdate", "capture_rng_state", "restore_rng_state",
-           "weights_sha1", "pretrain", "add_parser", "run"]
+           "weights_sha1", "pretrain"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CKPT_NAME = "checkpoint_last.pt"
 MODEL_NAME = "model.pt"
 
@@ -754,73 +753,3 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
                   flush=True)
     D.barrier()
     return summary
-
-
-# ------------------------------------------------------------------------------------------------------- CLI
-class _EpochsAction(argparse.Action):
-    """Remembers that --epochs was given explicitly (then it caps --max-steps too)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
-        setattr(namespace, self.dest, values)
-        namespace.epochs_given = True
-
-
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from usfmae_core.device import DEVICE_CHOICES
-    from usfmae_core.networks.presets import PRESETS
-
-    p = sub.add_parser(
-        "pretrain", help="masked-autoencoder pretraining on a prepared corpus (2D frames or 3D volumes)",
-        description="MAE pretraining (facebook MAE / USF-MAE recipe) on a corpus from `usfmae prepare`. "
-                    "Multi-GPU / multi-node: launch with torchrun (e.g. torchrun --nproc_per_node=4 "
-                    "-m usfmae_core.cli pretrain ...). A killed run continues with --resume.")
-    p.add_argument("--corpus", required=True, help="corpus folder written by usfmae prepare")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, model.pt, logs, pictures)")
-    g = p.add_argument_group("model")
-    g.add_argument("--preset", default="vit_base", choices=sorted(PRESETS), help="model size (default vit_base)")
-    g.add_argument("--init", help="start from this MAE checkpoint (ours, e.g. from usfmae import-weights)")
-    g.add_argument("--image-size", "--img-size", dest="img_size", type=int,
-                   help="input size (default: the corpus's frame / volume size, or --init's)")
-    g.add_argument("--patch-size", type=int, help="patch size (default 16)")
-    g.add_argument("--in-channels", type=int, choices=(1, 3), help="1 (grey) or 3 (default, ImageNet/USF-MAE)")
-    g.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2,
-                   help="3: pretrain natively on volumes (corpus prepared with --native-3d)")
-    g.add_argument("--mask-ratio", type=float, help="fraction of patches masked (default 0.75)")
-    g.add_argument("--norm-pix-loss", action="store_true", help="regress per-patch normalised pixels")
-    g.add_argument("--drop-path", type=float, help="stochastic depth rate of the encoder (default 0)")
-    g.add_argument("--mean", type=float, nargs="+", default=list(IMAGENET_MEAN), help="normalisation mean")
-    g.add_argument("--std", type=float, nargs="+", default=list(IMAGENET_STD), help="normalisation std")
-    t = p.add_argument_group("optimisation")
-    t.add_argument("--epochs", type=int, default=100, action=_EpochsAction,
-                   help="epochs over the corpus (default 100; --max-steps takes precedence)")
-    t.add_argument("--max-steps", type=int, help="optimiser steps (overrides --epochs unless both are given: min)")
-    t.add_argument("--batch-size", type=int, default=64, help="images per process per micro-step (default 64)")
-    t.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation micro-steps (default 1)")
-    t.add_argument("--blr", type=float, default=1.5e-4, help="base lr; lr = blr * effective batch / 256")
-    t.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
-    t.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine schedule")
-    t.add_argument("--weight-decay", type=float, default=0.05)
-    t.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 5%% of all steps)")
-    t.add_argument("--warmup-epochs", type=float, help="warm-up in epochs (alternative to --warmup-steps)")
-    t.add_argument("--clip-grad", type=float, help="max gradient norm (default: no clipping)")
-    t.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="autocast dtype (auto: bf16 where supported, fp16 + GradScaler on older GPUs)")
-    t.add_argument("--compile", action="store_true", help="torch.compile the model (faster on GPUs, slow start)")
-    t.add_argument("--seed", type=int, default=0)
-    r = p.add_argument_group("run")
-    r.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto|cuda|mps|cpu (default auto)")
-    r.add_argument("--threads", type=int,
-                   help="CPU threads for torch (default: torch's choice; 1 helps on a busy, shared CPU)")
-    r.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
-    r.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from checkpoint_last.pt (starts fresh when there is none)")
-    r.add_argument("--ckpt-every", type=int, default=500, help="write checkpoint_last.pt every N steps")
-    r.add_argument("--picture-every", type=int, default=1000, help="reconstruction picture every N steps (0: end)")
-    r.add_argument("--log-every", type=int, default=20, help="log loss / lr / img/s every N steps")
-    p.set_defaults(func=run, epochs_given=False)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    pretrain(args)
-    return 0

@@ -14,7 +14,6 @@ resampled with nearest neighbours, so visible pixels stay exact at full resoluti
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from usfmae_core.errors import UsfmaeError
-from usfmae_core.workflows.predict import (_device, _model_input_size, _weights_dtype, add_common_arguments,
+from usfmae_core.workflows.predict import (_device, _model_input_size, _weights_dtype,
                                            inference_context, inference_dtype, preprocessing_from_config,
                                            volume_to_tensor)
 
-__all__ = ["reconstruct_frames", "reconstruct_volume", "reconstruct_file", "MAX_PICTURES", "add_parser", "run"]
+__all__ = ["reconstruct_frames", "reconstruct_volume", "reconstruct_file", "MAX_PICTURES"]
 
 MAX_PICTURES = 16  # PNG grids per file: enough to see the model's behaviour, few enough to look at
 _VOLUME_EXTS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -190,7 +189,7 @@ def _write_with_geometry(array: np.ndarray, img, path: Path) -> Path:
     if origin is not None and len(origin) >= dims:
         ref.SetOrigin([float(o) for o in origin[:dims]])
     if direction is not None:
-        n = int(round(len(direction) ** 0.5))
+        n = round(len(direction) ** 0.5)
         if n >= dims:
             ref.SetDirection([float(d) for d in np.asarray(direction, float).reshape(n, n)[:dims, :dims].ravel()])
     out.CopyInformation(ref)
@@ -223,7 +222,8 @@ def reconstruct_file(model_path: str | os.PathLike, path: str | os.PathLike, out
     evenly spaced). 3D volume, and any input in a volume format (NRRD, NIfTI, MetaImage: e.g. a one-slice image
     or a clip saved from Slicer): ``<name>_masked``, ``<name>_reconstruction`` (float ``[0, 1]``) and
     ``<name>_mask`` (uint8, 1 = hidden) in the input's format when SimpleITK writes it (else ``.nrrd``) with the
-    input's spacing, origin and direction, plus PNG grids of slices. Also ``reconstruct.json`` (loss, paths) and ``config.json``.
+    input's spacing, origin and direction, plus PNG grids of slices. Also ``reconstruct.json`` (loss, paths) and
+    ``config.json``.
 
     Returns:
         ``{"pictures": [paths], "volumes": {"masked", "reconstruction", "mask"} (volumes only), "loss", "summary"}``.
@@ -274,26 +274,3 @@ def reconstruct_file(model_path: str | os.PathLike, path: str | os.PathLike, out
         "spatial_dims": dims, "axis": axis if dims == 2 and img.kind == "volume" else None,
         "mask_ratio": mask_ratio, "seed": seed, "loss": res["loss"], **written}))
     return written
-
-
-# ----------------------------------------------------------------------------------------------------- CLI
-def run(args: argparse.Namespace) -> int:
-    written = reconstruct_file(args.model, args.input, args.out, args.mask_ratio, args.seed, args.axis, args.device,
-                               args.batch_size, run_config=vars(args))
-    print(f"masked-patch loss {written['loss']:.4f}; {len(written['pictures'])} picture(s) in {args.out}")
-    for name, p in written.get("volumes", {}).items():
-        print(f"{name}: {p}")
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("reconstruct", help="mask and reconstruct an image, clip or volume with a pretrained MAE",
-                       description="Hide a fraction of patches and let the MAE fill them in: PNG grids "
-                       "(input | masked | reconstruction) for images and clips; volumes also get the masked input, "
-                       "reconstruction and mask as volumes with the input's geometry (to overlay in Slicer).")
-    p.add_argument("model", help="MAE checkpoint (from usfmae pretrain or import-weights)")
-    p.add_argument("input", help="an image, cine clip or volume")
-    add_common_arguments(p, batch_size=16)
-    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches hidden (default 0.75)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random mask (default 0)")
-    p.set_defaults(func=run)

@@ -1,0 +1,84 @@
+"""Argument types and shared options of every ``usfmae`` command, in one place.
+
+Light by design (argparse only): ``usfmae --help`` must not import torch or MONAI. A value that does not parse or is
+out of range is refused by argparse itself, and :class:`OneLineParser` prints it as the usual one-line error::
+
+    usfmae: error: argument --lr: must be a finite number > 0, got 'nan'; see 'usfmae finetune --help'
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from usfmae_core.constants import DEVICE_CHOICES, PRECISION_CHOICES
+
+__all__ = ["OneLineParser", "positive_int", "nonneg_int", "positive_float", "nonneg_float", "fraction",
+           "open_fraction", "unit_fraction", "add_device", "add_precision", "add_inference_arguments"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line, ``usfmae: error: <cause>; <fix>``, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"usfmae: error: {message}; see '{self.prog} --help'\n")
+        sys.exit(2)
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
+            high_open: bool = False) -> Callable[[str], float | int]:
+    """An argparse ``type`` parsing ``kind`` (int / float) within ``low .. high`` (open or closed ends), refusing
+    NaN and infinity."""
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+    want = f"{'an integer' if kind is int else 'a finite number'}{' ' + lo if lo else ''}" \
+           f"{' and ' + hi if lo and hi else (' ' + hi if hi else '')}"
+
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {want}, got '{text}'") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {want}, got '{text}'")
+        if low is not None and (value < low or (low_open and value == low)):
+            raise argparse.ArgumentTypeError(f"must be {want}, got '{text}'")
+        if high is not None and (value > high or (high_open and value == high)):
+            raise argparse.ArgumentTypeError(f"must be {want}, got '{text}'")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 1)
+nonneg_int = _number(int, 0)
+positive_float = _number(float, 0, low_open=True)
+nonneg_float = _number(float, 0)
+fraction = _number(float, 0, 1, low_open=True)  # (0, 1]: label fractions
+open_fraction = _number(float, 0, 1, low_open=True, high_open=True)  # (0, 1): mask ratio
+unit_fraction = _number(float, 0, 1, high_open=True)  # [0, 1): dropout, drop-path, validation / test fractions
+
+
+def add_device(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--device", default="auto",
+                   help=f"compute device: {'|'.join(DEVICE_CHOICES)} or cuda:N (default auto)")
+
+
+def add_precision(p: argparse.ArgumentParser | argparse._ArgumentGroup, help: str | None = None) -> None:
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                   help=help or "autocast precision (default auto)")
+
+
+
+def add_inference_arguments(p: argparse.ArgumentParser, batch_size: int = 32) -> None:
+    """``--out``, ``--axis``, ``--device``, ``--batch-size`` (shared by predict / embed / reconstruct)."""
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2),
+                   help="slicing axis of volumes for 2D models (array order D, H, W; default 0)")
+    add_device(p)
+    p.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help=f"frames per batch (default {batch_size})")
