@@ -764,7 +764,7 @@ def read_predictions(folder: str | os.PathLike) -> dict[str, Any]:
     per_frame = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64).reshape(
         -1, len(classes))
     aggregate = np.array([float(summary[f"p_{c}"]) for c in classes])
-    scope = "volume" if report.get("spatial_dims") == 3 else "frame"
+    scope = "volume" if report.get("volume_model") or report.get("spatial_dims") == 3 else "frame"
     return {"classes": classes, "per_frame": per_frame, "frame_index": np.array([int(r["index"]) for r in rows]),
             "aggregate": aggregate, "label": summary["label"], "top_slices": list(summary.get("top_slices") or []),
             "kind": summary["kind"], "n_frames": int(summary["n_frames"]),

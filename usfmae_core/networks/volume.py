@@ -31,8 +31,8 @@ class GatedAttentionPooling(nn.Module):
     """Gated attention pooling of a bag of instance features (Ilse et al. 2018, eq. 9).
 
     ``a_i = softmax_i(w^T (tanh(V h_i) * sigmoid(U h_i)))`` over the real instances of each bag, and the pooled
-    feature is ``z = sum_i a_i h_i``. Scores are computed in float32 (also under autocast) so that a large bag's
-    softmax keeps its precision.
+    feature is ``z = sum_i a_i h_i``. The softmax and the weighted sum run in float32 (also under autocast or with
+    bf16 weights), so that a large bag keeps its precision.
 
     Args:
         in_features: instance feature width ``D``.
@@ -50,15 +50,15 @@ class GatedAttentionPooling(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        h = features.float()
+        h = features.to(self.attention_v.weight.dtype)
         gated = torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))
-        scores = self.attention_w(self.dropout(gated)).squeeze(-1)  # (B, N)
+        scores = self.attention_w(self.dropout(gated)).squeeze(-1).float()  # (B, N)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         attention = torch.softmax(scores, dim=1)
         if mask is not None:  # a bag without any real instance would give NaN; it gets zero weights instead
             attention = torch.nan_to_num(attention, nan=0.0)
-        pooled = torch.bmm(attention.unsqueeze(1), h).squeeze(1)
+        pooled = torch.bmm(attention.unsqueeze(1), features.float()).squeeze(1)
         return pooled, attention
 
 
@@ -114,7 +114,7 @@ class AttentionMILClassifier(nn.Module):
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Instance features ``(B, N, D)`` (+ mask ``(B, N)``) -> logits ``(B, K)``, attention ``(B, N)``."""
         pooled, attention = self.attention(features, mask)
-        return self.head(self.dropout(pooled.to(features.dtype))), attention
+        return self.head(self.dropout(pooled.to(self.head.weight.dtype))), attention
 
     def forward_with_attention(self, x: torch.Tensor, mask: torch.Tensor | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor]:
