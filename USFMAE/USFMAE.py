@@ -187,6 +187,7 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None  # the long job (progress bar, Cancel)
         self._probes = {}  # short background probes by kind (device, model details)
         self._engineMessage = None
+        self._installPlan = None  # cached install plan (what is missing), refreshed by updateDependencyStatus
         self._jobTimer = qt.QTimer()
         self._jobTimer.setInterval(250)
         self._jobTimer.connect("timeout()", self.onJobTimer)
@@ -330,15 +331,17 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 button.toolTip = reason
 
     # ------------------------------------------------------------------------------------------------ helpers
-    def _engineReady(self, quiet: bool = False) -> bool:
+    def _engineReady(self, quiet: bool = False, refresh: bool = False) -> bool:
         """True when the engine, torch and the engine's packages are there; otherwise (unless ``quiet``) says how
-        to get them."""
+        to get them. The package check (installed distributions' metadata) is cached until ``refresh``."""
         if self._engineMessage:
             if not quiet:
                 slicer.util.errorDisplay(_("USF-MAE cannot run: {message}").format(message=self._engineMessage),
                                          windowTitle=_(TITLE))
             return False
-        plan = self.logic.install_plan()
+        if refresh or self._installPlan is None:
+            self._installPlan = self.logic.install_plan()
+        plan = self._installPlan
         if plan.nothing_to_install:
             return True
         if not quiet:
@@ -505,7 +508,8 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.installDependenciesButton.enabled = False
             return
         self.ui.engineStatusLabel.visible = False
-        plan = self.logic.install_plan()
+        self._engineReady(quiet=True, refresh=True)
+        plan = self._installPlan
         self.ui.dependenciesLabel.text = (_("All required Python packages are installed") if plan.nothing_to_install
                                           else _("To install: {packages}").format(
                                               packages=plan.summary().replace("\n", "; ")))

@@ -292,16 +292,23 @@ def test_scene_export_writes_every_frame_of_sequences(scene):
                                    nodeClassName="vtkMRMLLabelMapVolumeNode")
     out = slicer.util.addVolumeFromArray(np.zeros((4, 24, 24), np.float32), name="a result")
     out.SetAttribute("USFMAE.output", "reconstruction")
+    rgb = np.stack([frames[:3], frames[:3] // 2, 255 - frames[:3]], axis=-1).astype(np.uint8)  # colour video
+    _sequence(scene, rgb, "video", "vtkMRMLVectorVolumeNode")
 
     sources = logic.scene_sources()
-    assert sorted(s.GetName() for s in sources) == ["clip", "vol"]  # not the proxy, the label map or our output
+    # not the proxies, the label map or our output
+    assert sorted(s.GetName() for s in sources) == ["clip", "video", "vol"]
     folder = logic.export_scene_for_pretraining()
     try:
         files = sorted(p.name for p in folder.iterdir())
-        assert len(files) == 2 and any(f.endswith(".seq.nrrd") for f in files)
-        clip = read_ultrasound(next(folder.glob("*.seq.nrrd")))
+        assert len(files) == 3 and sum(f.endswith(".seq.nrrd") for f in files) == 2
+        clip = read_ultrasound(next(folder.glob("clip_*.seq.nrrd")))
         assert clip.kind == "cine" and clip.array.shape == frames.shape  # every frame, not the one shown
         np.testing.assert_array_equal(clip.array, frames.astype(np.float32))
+        video = read_ultrasound(next(folder.glob("video_*.seq.nrrd")))  # Slicer's colour sequence file
+        luma = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        assert video.kind == "cine" and video.meta["colour"].startswith("rgb->luma")
+        np.testing.assert_allclose(video.array, luma, atol=1e-3)
         assert read_ultrasound(next(p for p in folder.glob("*.nrrd") if not p.name.endswith(".seq.nrrd"))
                                ).array.shape == (4, 24, 24)
     finally:
@@ -333,7 +340,10 @@ def test_model_cache_import_details_and_device_in_the_background(tmp_path, monke
                                                                  run_job):
     monkeypatch.setenv("USFMAE_HOME", str(tmp_path / "home"))
     logic = USFMAEEngineLogic(scene)
-    assert logic.model_cache_dir() == tmp_path / "home" / "models" and logic.cached_models() == []
+    from usfmae_core.commands.info import model_cache_dir
+
+    assert logic.model_cache_dir() == tmp_path / "home" / "models" == model_cache_dir()  # the engine's folder
+    assert logic.cached_models() == []
     first, _ = run_job(logic, logic.import_job(tiny_models["classifier"], name="breast v1"))
     second, _ = run_job(logic, logic.import_job(tiny_models["classifier"], name="breast v1"))
     assert first.ok and second.ok, (first.message, second.message)

@@ -26,11 +26,12 @@ def model_cache_dir() -> Path:
 
 
 def cached_models(folder: str | os.PathLike | None = None) -> list[Path]:
-    """Model files in the cache (recursively: downloads may sit in sub-folders), newest first."""
+    """Model files in the cache, newest first (its sub-folders, e.g. ``usfmae pull``'s raw downloads, are not
+    models yet)."""
     root = Path(folder) if folder is not None else model_cache_dir()
     if not root.is_dir():
         return []
-    files = [p for p in root.rglob("*") if p.suffix in MODEL_SUFFIXES and p.is_file() and not p.name.startswith(".")]
+    files = [p for p in root.iterdir() if p.suffix in MODEL_SUFFIXES and p.is_file() and not p.name.startswith(".")]
     return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
