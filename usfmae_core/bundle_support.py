@@ -43,8 +43,8 @@ from monai.transforms import MapTransform, apply_transform
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["CorpusDataset", "split_items", "evaluation_items", "inference_items", "cache_rate", "check_batches",
-           "UltrasoundToFramesd", "FrameAveragingInferer", "prepare_batch", "training_settings", "read_model_config",
+__all__ = ["CorpusDataset", "split_items", "evaluation_items", "inference_items", "log_data_summary", "cache_rate",
+           "check_batches", "UltrasoundToFramesd", "FrameAveragingInferer", "prepare_batch", "training_settings", "read_model_config",
            "classifier_from_settings", "load_weights", "save_state_dict", "WeightsLoader", "macro_f1",
            "cosine_schedule", "use_amp", "amp_kwargs", "is_not_rank0", "prepare_process", "with_iteration_events",
            "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler"]
@@ -123,15 +123,35 @@ def evaluation_items(datalist: Mapping[str, Any], classes: Sequence[str], split:
 def inference_items(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[dict[str, str]]:
     """Items ``{"image": path}`` for files, folders (recursively, supported files only) or a datalist JSON.
 
-    Uses :func:`usfmae_core.workflows.predict.collect_inputs`; explicit files it cannot use are logged and skipped.
+    Uses :func:`usfmae_core.workflows.predict.collect_inputs`; explicit files it cannot use are logged and skipped,
+    segmentation masks / annotation files in folders are left out (counted in the log).
     """
     from usfmae_core.workflows.predict import collect_inputs
 
     sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     files, skipped = collect_inputs(sources)
     for s in skipped:
-        logger.warning("skipped %s: %s", s["source"], s["reason"])
+        if not s.get("mask"):
+            logger.warning("skipped %s: %s", s["source"], s["reason"])
+    masks = [s["source"] for s in skipped if s.get("mask")]
+    if masks:
+        logger.warning("left out %d segmentation masks / annotation files (e.g. %s)", len(masks),
+                       ", ".join(Path(m).name for m in masks[:3]))
     return [{"image": str(p)} for p in files]
+
+
+def log_data_summary(datalist: Mapping[str, Any], source: str | os.PathLike | None = None) -> list[str]:
+    """Log the console summary of a labelled datalist (files found, per-class counts per split, masks excluded,
+    duplicates removed, near-duplicate groups, unreadable files: :func:`usfmae_core.data.labelled.datalist_summary`,
+    what ``usfmae finetune`` / ``evaluate`` print) at the start of a bundle run; first process only. Returns the
+    lines."""
+    from usfmae_core.data.labelled import datalist_summary
+
+    lines = datalist_summary(dict(datalist), None if source is None else str(source))
+    if not is_not_rank0():
+        for line in lines:
+            logger.info(line)
+    return lines
 
 
 def cache_rate(n_items: int, prep: Any) -> float:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from usfmae_core.commands._args import add_inference_arguments, add_precision, positive_int
+from usfmae_core.commands._args import add_inference_arguments, add_mask_arguments, add_precision, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_inference_arguments(p)
     add_precision(p, "autocast precision (auto: bf16 on GPUs and on CPUs with native bf16, else fp32)")
     p.add_argument("--top-k", type=positive_int, default=3, help="frames listed in top_slices per input (default 3)")
+    add_mask_arguments(p, "inputs to classify")
     p.set_defaults(func=run)
 
 
@@ -25,13 +27,20 @@ def run(args: argparse.Namespace) -> int:
     from usfmae_core.workflows.predict import predict
 
     out = predict(args.model, args.inputs, args.out, args.device, args.axis, args.batch_size, args.precision,
-                  args.top_k, run_config=vars(args))
+                  args.top_k, run_config=vars(args), include_masks=args.include_masks,
+                  mask_patterns=args.mask_patterns)
     report = json.loads((out / "predictions.json").read_text())
     for r in report["results"]:
         probs = ", ".join(f"{c} {r[f'p_{c}']:.3f}" for c in report["classes"])
         excluded = f", {r['n_excluded']} empty/constant left out" if r.get("n_excluded") else ""
         print(f"{r['source']}: {r['label']} ({r['kind']}, {r['n_frames']} frame(s){excluded}; {probs})")
+    masks = [s for s in report["skipped"] if s.get("mask")]
     for s in report["skipped"]:
-        print(f"skipped {s['source']}: {s['reason']}")
+        if not s.get("mask"):
+            print(f"skipped {s['source']}: {s['reason']}")
+    if masks:
+        ex = ", ".join(Path(s["source"]).name for s in masks[:3]) + (", ..." if len(masks) > 3 else "")
+        print(f"left out {len(masks)} segmentation masks / annotation files (e.g. {ex}; listed in predictions.json; "
+              "--include-masks classifies them)")
     print(f"wrote {out / 'predictions.csv'}, {out / 'summary.csv'}, {out / 'predictions.json'}")
     return 0
