@@ -10,9 +10,9 @@ from usfmae_core.commands._args import add_inference_arguments
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="encoder features of images, clip frames and volume slices",
-                       description="Write one embedding per frame / slice (a 3D model: per volume) to "
-                       "embeddings.npy, with embeddings_index.csv naming the file and frame of each row.")
-    p.add_argument("model", help="MAE or ViT classifier checkpoint")
+                       description="Write one embedding per frame / slice (a volume model: per volume or clip) "
+                       "to embeddings.npy, with embeddings_index.csv naming the file and frame of each row.")
+    p.add_argument("model", help="MAE, ViT classifier or attention-MIL volume classifier checkpoint")
     p.add_argument("inputs", nargs="+", help="files, folders or a datalist .json")
     add_inference_arguments(p)
     p.add_argument("--pool", default="avg", choices=("avg", "cls"),

@@ -27,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=unit_fraction, default=0.15, help="as given to finetune (folders / CSV)")
     p.add_argument("--test-fraction", type=unit_fraction, default=0.15, help="as given to finetune (folders / CSV)")
     add_mask_arguments(p)
-    p.add_argument("--batch-size", type=positive_int, default=64, help="default 64")
+    p.add_argument("--batch-size", type=positive_int, help="images per batch (default 64), or volumes for a volume "
+                   "model (default 2)")
     p.add_argument("--workers", type=nonneg_int, default=0, help="data loader processes (default 0)")
     add_precision(p)
     add_device(p)
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     ci = r["intervals"].get("f1_macro")
     finite = ci and all(isinstance(c, float) and math.isfinite(c) for c in ci)
     tail = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if finite else ""
-    print(f"{r['n']} images: accuracy {r['accuracy']:.3f}, balanced accuracy {r['balanced_accuracy']:.3f}, "
+    what = "volumes / clips" if r.get("volume_model") else "images"
+    print(f"{r['n']} {what}: accuracy {r['accuracy']:.3f}, balanced accuracy {r['balanced_accuracy']:.3f}, "
           f"macro-F1 {r['f1_macro']:.3f}{tail}, macro AUC {r['auc_macro']:.3f} -> {Path(args.out) / 'metrics.json'}")
     return 0

@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
               f"{by_content} by content; e.g. {ex}; list in {Path(args.out) / 'report.json'}; "
               "--include-masks keeps them)")
     if rep["totals"].get("colour_sources"):
-        print(f"colour: {rep['totals']['colour_sources']} files carry colour pixels (Doppler, overlays); the corpus stores "
-              "them as grey (BT.601 luma)")
+        print(f"colour: {rep['totals']['colour_sources']} files carry colour pixels (Doppler, overlays); the corpus "
+              "stores them as grey (BT.601 luma)")
     if rep["skipped"]:
         print(f"skipped {len(rep['skipped'])} files (details in {Path(args.out) / 'report.json'}):")
         for s in rep["skipped"][:20]:

@@ -49,7 +49,10 @@ def encoder_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_model(arch: str, config: dict[str, Any]) -> nn.Module:
-    """Build ``arch`` (``mae`` | ``classifier`` | ``resnet`` | ``densenet``) from a stored config."""
+    """Build ``arch`` (``mae`` | ``classifier`` | ``mil`` | ``resnet`` | ``densenet``) from a stored config.
+
+    ``classifier`` is 2D or native 3D by ``spatial_dims``; ``mil`` is the slice-attention volume classifier
+    (:class:`~usfmae_core.networks.volume.AttentionMILClassifier`); CNNs are 2D or 3D by ``spatial_dims``."""
     from usfmae_core.networks.classifier import USFMAEClassifier, cnn_baseline
     from usfmae_core.networks.mae import USFMAE
 
@@ -58,7 +61,14 @@ def build_model(arch: str, config: dict[str, Any]) -> nn.Module:
     if arch == "classifier":
         return USFMAEClassifier(num_classes=config["num_classes"], pool=config.get("pool", "avg"),
                                 dropout=config.get("dropout", 0.0), **encoder_config(config))
+    if arch == "mil":
+        from usfmae_core.networks.volume import AttentionMILClassifier
+
+        return AttentionMILClassifier(num_classes=config["num_classes"], pool=config.get("pool", "avg"),
+                                      dropout=config.get("dropout", 0.0),
+                                      attention_hidden=config.get("attention_hidden", 128),
+                                      attention_dropout=config.get("attention_dropout", 0.0), **encoder_config(config))
     if arch in ("resnet", "densenet"):
         return cnn_baseline(arch, config["num_classes"], config.get("in_channels", 3), config.get("spatial_dims", 2),
                             config.get("depth"))
-    raise UsfmaeError(f"unknown model architecture '{arch}'", "expected mae, classifier, resnet or densenet")
+    raise UsfmaeError(f"unknown model architecture '{arch}'", "expected mae, classifier, mil, resnet or densenet")
