@@ -37,7 +37,8 @@ _GROUP_COLUMNS = ("group", "patient", "patient_id", "patientid", "subject", "cas
 
 def scan_class_folders(root: str | os.PathLike) -> tuple[list[dict], list[str]]:
     """``root/<class>/**/<file>`` -> (items ``{image, label, group}``, sorted class names). Image paths are absolute,
-    so a datalist written from them works from any folder (relative paths in a datalist are read relative to it)."""
+    so a datalist written from them works from any folder (relative paths in a datalist are read relative to it).
+    A sub-folder holding a positioned DICOM series is one item (:func:`~usfmae_core.data.dicom_series.group_dicom_series`)."""
     from usfmae_core.data.readers import is_supported
 
     root = Path(root).absolute()
@@ -49,6 +50,9 @@ def scan_class_folders(root: str | os.PathLike) -> tuple[list[dict], list[str]]:
         for p in sorted((root / name).rglob("*")):
             if p.is_file() and not p.name.startswith(".") and is_supported(p):
                 items.append({"image": str(p), "label": label, "group": None})
+    from usfmae_core.data.dicom_series import group_dicom_series
+
+    items = group_dicom_series(items)  # a folder of positioned DICOM slices is one volume
     classes = [c for i, c in enumerate(classes) if any(it["label"] == i for it in items)] if items else classes
     if not items:
         raise UsfmaeError(f"no images found in class folders under {root}",

@@ -476,7 +476,8 @@ def _datalist_images(path: Path) -> list[Path]:
 
 
 def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[dict[str, str]]]:
-    """Expand files, folders (recursively, supported files only) and datalist JSONs into a list of files.
+    """Expand files, folders (recursively, supported files only) and datalist JSONs into a list of files; a folder of
+    positioned DICOM slices (:mod:`usfmae_core.data.dicom_series`) is one volume.
 
     Returns:
         (files to read, skipped ``[{"source", "reason"}]`` for explicit files of an unsupported type).
@@ -485,6 +486,7 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
         UsfmaeError: an input does not exist, or nothing to read was found.
     """
     from usfmae_core.data.corpus import iter_source_files
+    from usfmae_core.data.dicom_series import group_dicom_series, is_dicom_series
 
     files: list[Path] = []
     skipped: list[dict[str, str]] = []
@@ -508,10 +510,12 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
                     add(p)
         elif src.is_file():
             add(src)  # explicit files are tried even with an odd extension: the reader names the problem
+        elif is_dicom_series(src):
+            add(src)  # a folder of positioned DICOM slices is one volume
         else:
-            for p, reason in iter_source_files([src]):
-                if reason is None:
-                    add(p)
+            found = [{"image": p} for p, reason in iter_source_files([src]) if reason is None]
+            for it in group_dicom_series(found):
+                add(Path(it["image"]))
     if not files:
         if skipped:
             raise UsfmaeError(f"none of the inputs can be read ({skipped[0]['source']}: {skipped[0]['reason']})",
