@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -17,7 +18,7 @@ from typing import NoReturn
 from usfmae_core.constants import DEVICE_CHOICES, PRECISION_CHOICES
 
 __all__ = ["OneLineParser", "positive_int", "nonneg_int", "positive_float", "nonneg_float", "fraction",
-           "open_fraction", "unit_fraction", "add_device", "add_precision", "add_inference_arguments",
+           "open_fraction", "unit_fraction", "corpus_spec", "add_device", "add_precision", "add_inference_arguments",
            "add_mask_arguments"]
 
 
@@ -62,6 +63,24 @@ nonneg_float = _number(float, 0)
 fraction = _number(float, 0, 1, low_open=True)  # (0, 1]: label fractions
 open_fraction = _number(float, 0, 1, low_open=True, high_open=True)  # (0, 1): mask ratio
 unit_fraction = _number(float, 0, 1, high_open=True)  # [0, 1): dropout, drop-path, validation / test fractions
+
+
+def corpus_spec(text: str) -> tuple[str, float | None]:
+    """``PATH`` or ``PATH:WEIGHT`` (a mixing weight > 0) -> ``(path, weight or None)``.
+
+    The weight is what follows the last ``:`` when that parses as a number, so ``C:\\corpus`` stays a path; a folder
+    whose name really ends in ``:<number>`` is taken whole when it exists.
+    """
+    head, sep, tail = text.rpartition(":")
+    if not sep or not head or os.path.isdir(text):
+        return text, None
+    try:
+        weight = float(tail)
+    except ValueError:
+        return text, None
+    if not math.isfinite(weight) or weight <= 0:
+        raise argparse.ArgumentTypeError(f"the mixing weight of '{text}' must be a finite number > 0, got '{tail}'")
+    return head, weight
 
 
 def add_device(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

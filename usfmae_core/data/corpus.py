@@ -42,8 +42,8 @@ import numpy as np
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["prepare_corpus", "FrameCorpus", "VolumeCorpus", "iter_source_files", "corpus_start_summary",
-           "CORPUS_VERSION"]
+__all__ = ["prepare_corpus", "FrameCorpus", "VolumeCorpus", "MixedCorpus", "open_corpora", "datalist_sources",
+           "split_labelled_for_corpus", "iter_source_files", "corpus_start_summary", "CORPUS_VERSION"]
 
 CORPUS_VERSION = 1
 _COMPANIONS = (".raw", ".zraw", ".img")  # data files of .mhd / .hdr headers: read through their header
@@ -458,6 +458,8 @@ def prepare_corpus(
     progress: bool = True,
     volume_size: int = 96,
     shard_frames: int = 4096,
+    exclude: Iterable[str | os.PathLike] = (),
+    exclude_reason: str = "held out",
     include_masks: bool = False,
     mask_patterns: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
@@ -481,6 +483,10 @@ def prepare_corpus(
         progress: show a tqdm progress bar.
         volume_size: side ``V`` of native 3D volumes.
         shard_frames: frames per shard (a shard holds whole sources, so it can be a little larger).
+        exclude: files that must never enter the corpus (e.g. the validation / test images of a labelled set, see
+            :func:`datalist_sources`): a source is left out when its resolved path is one of them, or when its bytes
+            equal one of them (a copy under another name). Left-out sources are counted and listed in the report
+            (``excluded``), with ``exclude_reason``.
         include_masks: keep mask / annotation files as sources (still listed, ``kept``).
         mask_patterns: extra globs naming mask files (``--mask-pattern``).
         log: where to print the start summary (files found per format, masks set aside); None: silent.
@@ -495,6 +501,16 @@ def prepare_corpus(
     if opts.image_size < 16:
         raise UsfmaeError(f"--image-size {opts.image_size} is too small", "use at least 16 (224 is the default)")
     writer = _Writer(out, opts, int(shard_frames))
+    held_out = {str(Path(e).resolve()) for e in exclude}
+    held_out_sha1 = {h for h in (_file_sha1(e) for e in held_out) if h is not None}
+    held_out_sizes = {Path(e).stat().st_size for e in held_out if Path(e).is_file()}
+    for d in writer.done.values():  # an earlier run (without the exclusion) may have let them in already
+        if held_out and d.get("status") == "ok" and d.get("n_frames") and (
+                d["source"] in held_out or d.get("sha1") in held_out_sha1):
+            raise UsfmaeError(f"corpus {out} already holds frames of {d['source']}, which is {exclude_reason}",
+                              "prepare the corpus into a new --out folder")
+    excluded: list[dict] = []
+    queued: set[str] = set()
     from usfmae_core.data.masks import MaskRules, ScanIndex, companion_scan, split_masks
 
     rules = MaskRules.with_patterns(mask_patterns)
@@ -518,6 +534,14 @@ def prepare_corpus(
     n_resumed = 0
     for p in found:
         key = _source_key(p)
+        if key["source"] in queued:  # the same file listed twice (e.g. a folder and a datalist naming it)
+            continue
+        queued.add(key["source"])
+        if held_out and (key["source"] in held_out or (key["size"] in held_out_sizes
+                                                        and _file_sha1(p) in held_out_sha1)):
+            why = exclude_reason if key["source"] in held_out else f"a copy of a file that is {exclude_reason}"
+            excluded.append({"path": str(p), "reason": why})
+            continue
         if writer.is_done(key):
             n_resumed += 1
         else:
@@ -575,15 +599,69 @@ def prepare_corpus(
         "sources_skipped": len(skipped),
         "masks_excluded": sum(1 for m in masks if not m.get("kept")),
         "frames_added": writer.summary["n_frames"] - frames_before,
+        "sources_excluded": len(excluded),
         **writer.counts,
         "totals": writer.total_counts(),
         "elapsed_s": round(elapsed, 3),
         "worker_seconds": round(work_seconds, 3),
         "skipped": skipped,
         "masks": sorted(masks, key=lambda m: m["path"]),
+        "excluded": excluded,
     }
     _atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     return report
+
+
+def split_labelled_for_corpus(labelled: str | os.PathLike, out: str | os.PathLike, seed: int = 0) -> Path:
+    """The datalist JSON to draw a corpus from: ``labelled`` itself when it is one, else the split of a class-folder
+    tree / CSV that ``usfmae finetune --seed SEED`` would make (deduplicated, group-aware, 15 % validation, 15 % test),
+    written once to ``OUT/datalist.json`` (reused while its source and seed match). Fine-tune on that file, so the
+    images held out here stay held out there."""
+    from usfmae_core.data.labelled import labelled_source_to_datalist
+
+    labelled = Path(labelled)
+    if not labelled.exists():
+        raise UsfmaeError(f"labelled data {labelled} does not exist",
+                          "pass a datalist JSON, a class-per-folder tree or a CSV manifest")
+    if labelled.suffix.lower() == ".json":
+        return labelled
+    path = Path(out) / "datalist.json"
+    if path.exists():
+        d = json.loads(path.read_text())
+        if d.get("source") == str(labelled) and d.get("split_seed") == int(seed):
+            return path
+    d = labelled_source_to_datalist(labelled, seed=int(seed), val_fraction=0.15, test_fraction=0.15)
+    d["split_seed"] = int(seed)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(path, json.dumps(d, indent=1))
+    return path
+
+
+def datalist_sources(datalist: str | os.PathLike, splits: Sequence[str] = ("training",)
+                     ) -> tuple[list[str], list[str], dict[str, int]]:
+    """The images of ``splits`` of a labelled datalist JSON (labels ignored), and the images of its other splits.
+
+    For building a pretraining corpus from the unlabelled part of a labelled set without leaking held-out images:
+    pass the first list as sources and the second as ``exclude`` of :func:`prepare_corpus`.
+
+    Returns:
+        (images to use, held-out images (every other split), images per split) with absolute paths; an image
+        listed in both a used and a held-out split is held out.
+    """
+    from usfmae_core.data.labelled import load_datalist
+
+    d = load_datalist(datalist)
+    names = ("training", "validation", "test")
+    unknown = [s for s in splits if s not in names]
+    if unknown:
+        raise UsfmaeError(f"unknown datalist split(s) {unknown}", f"choose from {', '.join(names)}")
+    per = {s: [str(Path(it["image"]).resolve()) for it in d.get(s) or []] for s in names}
+    held = {p for s in names if s not in splits for p in per[s]}
+    use = list(dict.fromkeys(p for s in splits for p in per[s] if p not in held))
+    if not use:
+        raise UsfmaeError(f"datalist {datalist} has no images in {'/'.join(splits)} (outside its other splits)",
+                          "check the datalist, or choose other --datalist-splits")
+    return use, sorted(held), {s: len(v) for s, v in per.items()}
 
 
 # ---------------------------------------------------------------------------------------------- readers
@@ -666,3 +744,106 @@ class VolumeCorpus:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return np.load(self.path / self.entries[int(i)]["file"], mmap_mode="r")
+
+
+class MixedCorpus:
+    """Several prepared corpora read as one: index ``i`` of the concatenation, with a mixing weight per corpus.
+
+    The corpora must hold items of one shape (same ``--image-size`` for frames, same ``--volume-size`` for native
+    volumes). The weights (summing to 1) are the shares of the training samples drawn from each corpus by
+    :class:`usfmae_core.workflows.pretrain.MixtureSampler`; without weights each corpus counts by its size (plain
+    concatenation).
+    """
+
+    def __init__(self, parts: Sequence[FrameCorpus | VolumeCorpus], weights: Sequence[float] | None = None) -> None:
+        if not parts:
+            raise ValueError("no corpora")
+        self.parts = list(parts)
+        self.sizes = [len(p) for p in self.parts]
+        self.offsets = np.cumsum([0] + self.sizes)
+        self.frames = isinstance(self.parts[0], FrameCorpus)
+        attr = "image_size" if self.frames else "volume_size"
+        sizes = {int(getattr(p, attr)) for p in self.parts}
+        if len(sizes) > 1 or any(isinstance(p, FrameCorpus) != self.frames for p in self.parts):
+            desc = ", ".join(f"{p.path} ({getattr(p, attr, '?')} px)" for p in self.parts)
+            raise UsfmaeError(f"the corpora to mix hold items of different sizes: {desc}",
+                              f"prepare them with the same --{attr.replace('_', '-')} (usfmae prepare ... "
+                              f"--{attr.replace('_', '-')} N)")
+        setattr(self, attr, sizes.pop())
+        total = float(sum(self.sizes))
+        raw = [float(w) for w in weights] if weights is not None else [n / total for n in self.sizes]
+        if len(raw) != len(self.parts) or not all(np.isfinite(w) and w > 0 for w in raw):
+            raise UsfmaeError(f"mixing weights {raw} do not match the {len(self.parts)} corpora",
+                              "give one weight > 0 per corpus (PATH:WEIGHT) or none")
+        self.weights = [w / sum(raw) for w in raw]
+        self.weighted = weights is not None
+        self.path = self.parts[0].path
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(corpus number, index inside it) of item ``i`` of the concatenation."""
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return k, int(i - self.offsets[k])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        k, j = self.locate(int(i))
+        return self.parts[k][j]
+
+    def get_batch(self, indices: Sequence[int]) -> np.ndarray:
+        """``(B, S, S)`` uint8 frames for many indices (frame corpora only), order preserved."""
+        idx = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(idx), self.image_size, self.image_size), np.uint8)
+        ks = np.searchsorted(self.offsets, idx, side="right") - 1
+        for k in np.unique(ks):
+            sel = np.nonzero(ks == k)[0]
+            out[sel] = self.parts[int(k)].get_batch(idx[sel] - self.offsets[k])
+        return out
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One ``{path, items, weight}`` per corpus (weight: share of the drawn samples)."""
+        return [{"path": str(p.path), "items": n, "weight": round(w, 6)}
+                for p, n, w in zip(self.parts, self.sizes, self.weights, strict=True)]
+
+
+def open_corpora(specs: Sequence[tuple[str | os.PathLike, float | None]], spatial_dims: int = 2
+                 ) -> FrameCorpus | VolumeCorpus | MixedCorpus:
+    """Open the corpora of ``specs`` (``(path, weight or None)``): one corpus without a weight is returned as it is,
+    several as a :class:`MixedCorpus` (weighted when every corpus has a weight).
+
+    Raises:
+        UsfmaeError: a corpus is missing, not a folder or empty; weights given for some corpora but not all; a
+            corpus listed twice; the corpora hold items of different sizes.
+    """
+    if not specs:
+        raise UsfmaeError("no corpus given", "pass --corpus PATH[:WEIGHT] (one or more)")
+    opened = []
+    seen: set[str] = set()
+    for path, _ in specs:
+        path = Path(path)
+        if not path.exists():
+            raise UsfmaeError(f"corpus {path} does not exist", f"prepare one first: usfmae prepare SRC... --out {path}")
+        if not path.is_dir():
+            raise UsfmaeError(f"corpus {path} is not a folder", "pass the folder written by usfmae prepare")
+        if str(path.resolve()) in seen:
+            raise UsfmaeError(f"corpus {path} is given twice", "list each corpus once, with its weight")
+        seen.add(str(path.resolve()))
+        corpus = VolumeCorpus(path) if spatial_dims == 3 else FrameCorpus(path)
+        if len(corpus) == 0:
+            raise UsfmaeError(f"no {'volumes' if spatial_dims == 3 else 'frames'} in corpus {path}",
+                              f"run usfmae prepare SRC...{' --native-3d' if spatial_dims == 3 else ''} --out {path}")
+        opened.append(corpus)
+    weights = [w for _, w in specs]
+    given = [w is not None for w in weights]
+    if len(specs) == 1:
+        return opened[0]
+    if any(given) and not all(given):
+        missing = [str(p) for (p, w) in specs if w is None]
+        raise UsfmaeError(f"mixing weights are given for some corpora but not for {', '.join(missing)}",
+                          "give every corpus a weight (--corpus A:0.5 B:0.5) or none (plain concatenation)")
+    return MixedCorpus(opened, weights if all(given) else None)

@@ -60,7 +60,8 @@ _AUG_RE = re.compile(r"^(?P<base>.+?)[ _.\-](?:[hv]flip(?:ped)?|flip(?:ped)?(?:[
 
 
 def _class_folder_files(root: Path, rules: Any = None) -> tuple[list[dict], list[str], list[str]]:
-    """``root/<class>/**/<file>`` -> (items, class names, supported files outside any class folder).
+    """``root/<class>/**/<file>`` -> (items, class names, supported files outside any class folder). A sub-folder
+    holding a positioned DICOM series is one item (:func:`~usfmae_core.data.dicom_series.group_dicom_series`).
 
     A top level made of one image folder beside mask folders (``root/images/<class>/`` + ``root/masks/<class>/``,
     a common distribution layout) is read with ``root/images`` as the class root; the mask folders' files are then
@@ -87,6 +88,9 @@ def _class_folder_files(root: Path, rules: Any = None) -> tuple[list[dict], list
     classes = sorted(d.name for d in class_root.iterdir() if d.is_dir() and not d.name.startswith("."))
     items = [{"image": str(p), "label": k, "group": None}
              for k, name in enumerate(classes) for p in files_under(class_root / name)]
+    from usfmae_core.data.dicom_series import group_dicom_series
+
+    items = group_dicom_series(items)  # a folder of positioned DICOM slices is one volume
     present = sorted({Path(it["image"]).relative_to(class_root).parts[0] for it in items})
     index = {n: i for i, n in enumerate(present)}  # classes without any file are not classes
     for it in items:
@@ -97,6 +101,7 @@ def _class_folder_files(root: Path, rules: Any = None) -> tuple[list[dict], list
 def scan_class_folders(root: str | os.PathLike) -> tuple[list[dict], list[str]]:
     """``root/<class>/**/<file>`` -> (items ``{image, label, group}``, sorted class names). Image paths are absolute,
     so a datalist written from them works from any folder (relative paths in a datalist are read relative to it).
+    A sub-folder holding a positioned DICOM series is one item (:func:`~usfmae_core.data.dicom_series.group_dicom_series`).
 
     Every supported file is listed (masks included: :func:`labelled_source_to_datalist` sorts them out)."""
     root = Path(root).absolute()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import gzip
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ __all__ = [
     "write_image",
     "write_volume",
     "write_cine",
+    "write_dicom_series",
     "write_labelled_folder",
     "write_unlabelled_corpus_sources",
     "make_image_with_mask",
@@ -246,6 +247,15 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def _save_dicom(ds: Any, path: Path) -> None:
+    """Write a DICOM file with its file meta (pydicom 3: ``enforce_file_format``; pydicom 2.x, which 3D Slicer 5.10
+    bundles: the same under its old name ``write_like_original=False``)."""
+    try:
+        ds.save_as(path, enforce_file_format=True)
+    except TypeError:
+        ds.save_as(path, write_like_original=False)
+
+
 def _write_dicom(path: Path, array: np.ndarray, spacing: Sequence[float], rgb: bool = False,
                  frame_time_ms: float | None = None) -> None:
     import pydicom
@@ -277,7 +287,7 @@ def _write_dicom(path: Path, array: np.ndarray, spacing: Sequence[float], rgb: b
         ds.FrameTime = f"{frame_time_ms or 40.0:.6g}"
         ds.FrameIncrementPointer = pydicom.tag.Tag(0x0018, 0x1063)
     ds.PixelData = np.ascontiguousarray(array).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    _save_dicom(ds, path)
 
 
 def _write_seq_nrrd(path: Path, frames: np.ndarray, spacing: Sequence[float]) -> None:
@@ -341,6 +351,44 @@ def write_volume(path: str | Path, array: np.ndarray, spacing: Sequence[float] =
         img.SetDirection(tuple(float(d) for d in direction))
     sitk.WriteImage(img, str(path), True)
     return path
+
+
+def write_dicom_series(folder: str | Path, array: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                       origin: Sequence[float] = (0.0, 0.0, 0.0)) -> Path:
+    """Write a ``(D, H, W)`` uint8 / uint16 volume as a DICOM series: one file per slice in ``folder`` (shuffled
+    file names, as exports often are), sharing a SeriesInstanceUID, with ImagePositionPatient along the slice
+    normal every ``spacing[0]`` mm; returns ``folder``."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    series, study, frame = generate_uid(), generate_uid(), generate_uid()
+    bits = 16 if array.dtype == np.uint16 else 8
+    order = np.random.default_rng(len(array)).permutation(len(array))
+    for k, z in enumerate(order):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture: any modality may use it
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PatientName, ds.PatientID = "US", "Phantom^USFMAE", "PHANTOM"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.InstanceNumber = int(z) + 1
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+        ds.ImagePositionPatient = [f"{float(origin[0]):g}", f"{float(origin[1]):g}",
+                                   f"{float(origin[2]) + float(z) * float(spacing[0]):g}"]
+        ds.SliceThickness = f"{float(spacing[0]):g}"
+        ds.PixelSpacing = [f"{float(spacing[1]):g}", f"{float(spacing[2]):g}"]
+        ds.Rows, ds.Columns = int(array.shape[1]), int(array.shape[2])
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+        ds.PixelData = np.ascontiguousarray(array[z]).tobytes()
+        _save_dicom(ds, folder / f"IM{k:04d}.dcm")
+    return folder
 
 
 def write_cine(path: str | Path, frames: np.ndarray, spacing: Sequence[float] = (0.04, 1.0, 1.0)) -> Path:

@@ -683,6 +683,7 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
     workers = opts.workers if opts.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda"
                                                              else 0)
     data = make_datasets(datalist, prep, SPLITS, augment=opts.augment, volume=volume)
+    volume_data = _volume_summary(data, volume, None if opts.quiet else print)
     train_labels = [int(it["label"]) for it in datalist["training"]]
     counts = np.bincount(train_labels, minlength=k)
     sampler = make_sampler(train_labels, k, opts.seed) if opts.balance == "sampler" else None
@@ -770,6 +771,8 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
     result: dict[str, Any] = {"classes": classes, "arch": arch, "best_epoch": best["epoch"], "epochs_run": len(history),
                               "hyperparameters": jsonable(hp),
                               "num_images": {s: len(data[s]) for s in SPLITS}}
+    if volume_data is not None:
+        result["volume_data"] = volume_data
     probs, labels, _ = predict_probs(model, val_loader, device, dtype)
     result["validation"] = M.classification_metrics(labels, probs, classes)
     if test_loader is not None:
@@ -781,6 +784,27 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
     _save_curves(history, out / "curves.png", best["epoch"])
     write_json(out / "metrics.json", jsonable(result))
     return result
+
+
+def _volume_summary(data: dict[str, Any], volume: Any, say: Any = None) -> dict[str, Any] | None:
+    """What volume preprocessing did per split (from the cached datasets' ``VolumeToModelInputd`` records), said on
+    the console: nothing about the scans is changed silently."""
+    if volume is None:
+        return None
+    from usfmae_core.data.volumes import VolumeToModelInputd, summarise_records
+
+    out: dict[str, Any] = {"volume": volume.to_dict()}
+    for split in SPLITS:
+        tf = getattr(data[split], "transform", None)
+        step = next((t for t in getattr(tf, "transforms", []) if isinstance(t, VolumeToModelInputd)), None)
+        if step is None or not step.records:
+            continue
+        out[split] = summarise_records(step.records, volume)
+        if say is not None:
+            more = f"; training draws {volume.max_slices} per scan and step" if split == "training" and \
+                volume.model == "mil" else ""
+            say(f"{split}: {out[split]['text']}{more}")
+    return out
 
 
 def _subsample(datalist: dict[str, Any], fraction: float, seed: int) -> dict[str, Any]:

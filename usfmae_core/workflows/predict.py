@@ -477,7 +477,8 @@ def _datalist_images(path: Path) -> list[Path]:
 
 def collect_inputs(inputs: Iterable[str | os.PathLike], include_masks: bool = False,
                    mask_patterns: Sequence[str] | None = None) -> tuple[list[Path], list[dict[str, Any]]]:
-    """Expand files, folders (recursively, supported files only) and datalist JSONs into a list of files.
+    """Expand files, folders (recursively, supported files only) and datalist JSONs into a list of files; a folder of
+    positioned DICOM slices (:mod:`usfmae_core.data.dicom_series`) is one volume.
 
     Segmentation masks / annotation files found by name in a folder (:mod:`usfmae_core.data.masks`: ``_mask``,
     ``masks/`` ...) are left out unless ``include_masks`` (files named explicitly and datalist entries never are).
@@ -490,6 +491,7 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], include_masks: bool = Fa
         UsfmaeError: an input does not exist, or nothing to read was found.
     """
     from usfmae_core.data.corpus import iter_source_files
+    from usfmae_core.data.dicom_series import group_dicom_series, is_dicom_series
     from usfmae_core.data.masks import MaskRules, split_masks
 
     files: list[Path] = []
@@ -514,13 +516,14 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], include_masks: bool = Fa
                     add(p)
         elif src.is_file():
             add(src)  # explicit files are tried even with an odd extension: the reader names the problem
+        elif is_dicom_series(src):
+            add(src)  # a folder of positioned DICOM slices is one volume
         else:
             found = [p for p, reason in iter_source_files([src]) if reason is None]
             _, masks = split_masks(found, MaskRules.with_patterns(mask_patterns), src)
             left_out = set() if include_masks else {m.path for m in masks}
-            for p in found:
-                if str(p) not in left_out:
-                    add(p)
+            for it in group_dicom_series([{"image": p} for p in found if str(p) not in left_out]):
+                add(Path(it["image"]))
             skipped += [{"source": m.path, "reason": f"segmentation mask / annotation file ({m.reason})",
                          "mask": True} for m in masks if m.path in left_out]
     if not files:
