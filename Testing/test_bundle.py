@@ -195,7 +195,8 @@ def test_layout_metadata_and_model_zoo_keys() -> None:
         text = (BUNDLE / "configs" / f"{name}.json").read_text()
         # pretraining's distributed sampler comes from corpus_sampler (MONAI's DistributedSampler, or the engine's
         # MixtureSampler, a DistributedSampler too, for corpora mixed by weight)
-        sampler = "corpus_sampler(@train#dataset, @seed, True)" if name == "multi_gpu_pretrain" else "DistributedSampler"
+        sampler = "corpus_sampler(@train#dataset, @seed, True)" if name == "multi_gpu_pretrain" else \
+            "DistributedSampler"
         assert "LOCAL_RANK" in text and sampler in text and "wrap_ddp" in text
     assert "validate#dataset" in cfg("evaluate") and "validate#handlers" in cfg("evaluate")
 
