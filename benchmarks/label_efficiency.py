@@ -432,6 +432,18 @@ def finetune_and_evaluate(rec: Recorder, args: argparse.Namespace, arm: str, mae
     return out
 
 
+def arm_candidates(args: argparse.Namespace) -> dict[str, list[float]]:
+    """``--arm-select-lr ARM=LR[,LR...]`` as ``{arm: [lr, ...]}``."""
+    out: dict[str, list[float]] = {}
+    for item in args.arm_select_lr:
+        arm, sep, lrs = item.partition("=")
+        if not sep or arm not in ALL_ARMS:
+            raise SystemExit(f"label_efficiency: --arm-select-lr {item!r}: expected ARM=LR[,LR...] with ARM one of "
+                             f"{', '.join(ALL_ARMS)}")
+        out[arm] = [float(v) for v in lrs.split(",")]
+    return out
+
+
 def select_lrs(rec: Recorder, args: argparse.Namespace, arms: Sequence[str], mae_of: Any, fold0: Path,
                work: Path) -> dict[str, Any]:
     """Per arm, the ``--select-lr`` candidate with the best validation macro-F1 on fold 0 at fraction 1
@@ -439,6 +451,7 @@ def select_lrs(rec: Recorder, args: argparse.Namespace, arms: Sequence[str], mae
     chosen: dict[str, Any] = {}
     for arm in arms:
         cands = args.probe_select_lr if arm == "linear_probe" and args.probe_select_lr else args.select_lr
+        cands = arm_candidates(args).get(arm, cands)
         if not cands:
             chosen[arm] = {"lr": args.probe_lr if arm == "linear_probe" else args.lr, "selected": False}
             continue
@@ -684,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--select-lr", type=float, nargs="*", default=[],
                    help="candidate lrs, chosen per arm on fold-0 validation macro-F1 at fraction 1")
     t.add_argument("--probe-select-lr", type=float, nargs="*", default=[], help="candidates for the linear probe")
+    t.add_argument("--arm-select-lr", nargs="*", default=[], metavar="ARM=LR[,LR...]",
+                   help="candidates for one arm instead of --select-lr (e.g. an lr already chosen on the same "
+                        "fold-0 validation by an earlier run)")
     t.add_argument("--bootstrap", type=int, default=1000)
     t.add_argument("--time-budget-min", type=float, default=0, help="stop launching runs after this (0: none)")
     r = p.add_argument_group("run")
