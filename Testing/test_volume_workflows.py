@@ -35,7 +35,8 @@ TINY = ["--preset", "vit_test", "--patch-size", "8", "--in-channels", "1", *COMM
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Class folders of phantom volumes and clips in every volume format we read: NIfTI, NRRD, MetaImage volumes
-    (anisotropic spacing), DICOM multi-frame and mp4 clips; 'lesion' holds a focal mass, 'none' nothing."""
+    (anisotropic spacing), a DICOM series (a folder of slices), DICOM multi-frame and mp4 clips; 'lesion' holds a
+    focal mass, 'none' nothing."""
     root = tmp_path_factory.mktemp("vol") / "volumes"
     rng = np.random.default_rng(0)
     fmts = ("nii.gz", "nrrd", "mha")
@@ -43,6 +44,8 @@ def volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for i in range(7):
             vol = phantom.make_volume(label, (16, 32, 32), rng)
             phantom.write_volume(root / name / f"{name}_{i}.{fmts[i % 3]}", vol, spacing=(1.0, 0.5, 0.5))
+        phantom.write_dicom_series(root / name / f"{name}_series", phantom.make_volume(label, (12, 32, 32), rng),
+                                   (1.2, 0.5, 0.5))
         phantom.write_cine(root / name / f"{name}_clip.dcm", phantom.make_cine(label, 6, 32, rng), (0.04, 0.5, 0.5))
         phantom.write_cine(root / name / f"{name}_clip.mp4", phantom.make_cine(label, 6, 32, rng), (0.04, 0.5, 0.5))
     return root
@@ -91,6 +94,25 @@ def test_bag_leaves_out_empty_slices_and_training_draws_even_spacing() -> None:
     assert batch["image"][0, 3:].abs().max() == 0
 
 
+def test_dicom_series_is_one_volume_and_2d_dicom_folders_stay_images(tmp_path: Path) -> None:
+    from usfmae_core.data.dicom_series import group_dicom_series
+    from usfmae_core.data.readers import read_ultrasound
+    from usfmae_core.workflows.predict import collect_inputs
+
+    vol = phantom.make_volume(2, (10, 24, 28), 0)
+    series = phantom.write_dicom_series(tmp_path / "scans" / "case1", vol, (2.0, 0.5, 0.4), origin=(5, 6, 7))
+    img = read_ultrasound(series)
+    assert img.kind == "volume" and np.array_equal(img.array, vol) and img.spacing == (2.0, 0.5, 0.4)
+    assert img.meta["origin"] == (5.0, 6.0, 7.0)  # slices sorted by position although the file names are shuffled
+    frames = tmp_path / "scans" / "frames"  # single 2D US frames without slice positions: images, not a volume
+    for i in range(3):
+        phantom.write_image(frames / f"f{i}.dcm", phantom.make_image(0, 32, rng=i))
+    files, _ = collect_inputs([tmp_path / "scans"])
+    assert sorted(p.name for p in files) == ["case1", "f0.dcm", "f1.dcm", "f2.dcm"]
+    items = [{"image": str(p), "label": 1} for p in sorted(series.iterdir())]
+    assert group_dicom_series(items) == [{"image": str(series), "label": 1}]
+
+
 def test_aggregates_and_normal_class() -> None:
     p = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.95, 0.05]])  # classes: none, lesion; a lesion on slice 2
     mean, rows = aggregate_frames(p, "mean")
@@ -125,9 +147,10 @@ def test_mil_finetune_evaluate_predict_embed(mil_run: Path, volumes: Path, tmp_p
     m = json.loads((mil_run / "metrics.json").read_text())
     datalist = json.loads((mil_run / "datalist.json").read_text())
     n_items = sum(len(datalist[s]) for s in ("training", "validation", "test"))
-    assert n_items == 18 and m["num_images"]["test"] == len(datalist["test"])  # one example per volume / clip
-    kinds = {Path(it["image"]).name.split(".", 1)[1] for s in ("training", "validation", "test") for it in datalist[s]}
-    assert kinds == {"nii.gz", "nrrd", "mha", "dcm", "mp4"}
+    assert n_items == 20 and m["num_images"]["test"] == len(datalist["test"])  # one example per volume / clip
+    names = [Path(it["image"]).name for s in ("training", "validation", "test") for it in datalist[s]]
+    assert {n.split(".", 1)[1] for n in names if "." in n} == {"nii.gz", "nrrd", "mha", "dcm", "mp4"}
+    assert sorted(n for n in names if "." not in n) == ["lesion_series", "none_series"]  # one item per series
     # evaluate reproduces the run's own test metrics (same preprocessing: every informative slice)
     _run(["evaluate", "--model", str(mil_run / "model.pt"), "--data", str(mil_run / "datalist.json"), "--out",
           str(tmp_path / "eval"), "--device", "cpu", "--bootstrap", "20", "--precision", "fp32"])

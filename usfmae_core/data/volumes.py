@@ -41,7 +41,7 @@ from usfmae_core.errors import UsfmaeError
 
 __all__ = ["VolumeInput", "VOLUME_MODELS", "volume_from_config", "resample_volume", "volume_to_cube",
            "volume_to_bag", "bag_indices", "VolumeToModelInputd", "RandVolumeAugmentd", "RandBagAugmentd",
-           "collate_bags"]
+           "summarise_records", "collate_bags"]
 
 VOLUME_MODELS = ("3d", "mil")
 
@@ -193,7 +193,9 @@ class VolumeToModelInputd(MapTransform):
 
     ``model="3d"``: ``(C, S, S, S)`` (:func:`volume_to_cube`, spacing read from the meta dict). ``model="mil"``:
     ``(N, C, S, S)`` informative slices (:func:`volume_to_bag`); the meta dict gains ``slice_index`` (their indices
-    in the input) and ``n_excluded``. Deterministic, so a ``CacheDataset`` keeps its output.
+    in the input) and ``n_excluded``. Deterministic, so a ``CacheDataset`` keeps its output. Every call appends what
+    it did to ``records`` (source, kind, slices kept / left out, grid spacing), for the run's console summary
+    (:func:`summarise_records`).
 
     Args:
         keys: image keys.
@@ -205,6 +207,7 @@ class VolumeToModelInputd(MapTransform):
                  ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.prep, self.volume = prep, volume
+        self.records: list[dict[str, Any]] = []
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -226,9 +229,13 @@ class VolumeToModelInputd(MapTransform):
                                                 kind)
                     out = _normalise(cube, self.prep)
                     meta.update(grid_spacing=step)
+                    self.records.append({"source": source, "kind": kind, "grid_spacing": step})
                 else:
                     out, index = volume_to_bag(arr, kind, self.prep, self.volume.axis)
-                    meta.update(slice_index=index.tolist(), n_excluded=int(self._n_slices(arr, kind) - len(index)))
+                    excluded = int(self._n_slices(arr, kind) - len(index))
+                    meta.update(slice_index=index.tolist(), n_excluded=excluded)
+                    self.records.append({"source": source, "kind": kind, "slices": len(index),
+                                         "excluded": excluded})
             except UsfmaeError as err:
                 raise UsfmaeError(f"{source}: {err.cause}", err.fix) from None
             meta.update(kind=kind)
@@ -319,6 +326,33 @@ class RandBagAugmentd(Randomizable, MapTransform):
                 meta["slice_index"] = [meta["slice_index"][i] for i in idx]
             d[key] = MetaTensor(x, meta=meta) if meta else x
         return d
+
+
+def summarise_records(records: Sequence[Mapping[str, Any]], volume: VolumeInput) -> dict[str, Any]:
+    """What :class:`VolumeToModelInputd` did to a set of scans: counts per kind, and the slices per bag and empty /
+    constant slices left out (``mil``) or the range of grid spacings (``3d``), plus a one-line ``text``."""
+    kinds: dict[str, int] = {}
+    for r in records:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+    out: dict[str, Any] = {"scans": len(records), "kinds": kinds}
+    what = ", ".join(f"{n} {k}{'s' if n > 1 else ''}" for k, n in sorted(kinds.items()))
+    if volume.model == "mil" and records:
+        slices = [int(r["slices"]) for r in records]
+        out.update(slices_min=min(slices), slices_max=max(slices), slices_mean=float(np.mean(slices)),
+                   slices_excluded=int(sum(r["excluded"] for r in records)))
+        span = f"{min(slices)}" if min(slices) == max(slices) else \
+            f"{min(slices)}-{max(slices)} (mean {np.mean(slices):.1f})"
+        out["text"] = (f"{what}; bags of {span} informative slices along axis {volume.axis}, "
+                       f"{out['slices_excluded']} empty / constant slice(s) left out")
+    elif records:
+        grid = [float(r["grid_spacing"]) for r in records]
+        out.update(grid_min=min(grid), grid_max=max(grid))
+        how = f"fixed {volume.spacing:g} mm grid" if volume.spacing else "each fitted into the cube"
+        span = f"{min(grid):.3g}" if f"{min(grid):.3g}" == f"{max(grid):.3g}" else f"{min(grid):.3g}-{max(grid):.3g}"
+        out["text"] = f"{what}; isotropic grid of {span} mm per voxel ({how})"
+    else:
+        out["text"] = "no scan preprocessed yet"
+    return out
 
 
 def collate_bags(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

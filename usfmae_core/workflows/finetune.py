@@ -110,10 +110,12 @@ def jsonable(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------------- data
-def load_labelled(source: str | Path, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15
-                  ) -> dict[str, Any]:
+def load_labelled(source: str | Path, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
+                  include_masks: bool = False, mask_patterns: Sequence[str] | None = None) -> dict[str, Any]:
     """The datalist of ``source`` (class folders, CSV or datalist JSON), checked for what training needs. Folders and
-    CSVs are deduplicated and split with ``seed`` and the fractions; a datalist JSON keeps its own splits.
+    CSVs are cleaned (masks set aside, duplicates removed, near-duplicates and augmented copies grouped; see
+    :func:`usfmae_core.data.labelled.labelled_source_to_datalist`) and split with ``seed`` and the fractions; a datalist
+    JSON keeps its own splits. :func:`usfmae_core.data.labelled.datalist_summary` describes the result.
 
     Raises:
         UsfmaeError: the source is missing, has fewer than 2 classes, or a split of it is empty.
@@ -124,7 +126,8 @@ def load_labelled(source: str | Path, seed: int = 0, val_fraction: float = 0.15,
     if not path.exists():
         raise UsfmaeError(f"labelled data {path} does not exist",
                           "pass a class-per-folder tree, a CSV manifest or a datalist JSON with --data")
-    datalist = labelled_source_to_datalist(path, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    datalist = labelled_source_to_datalist(path, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+                                           include_masks=include_masks, mask_patterns=mask_patterns)
     classes = list(datalist.get("classes") or [])
     if len(classes) < 2:
         raise UsfmaeError(f"labelled data {path} has {len(classes)} class(es) ({', '.join(map(str, classes)) or '-'})",
@@ -514,6 +517,8 @@ class FinetuneOptions:
     balance: str = "none"
     patience: int = 10
     label_fraction: float = 1.0
+    include_masks: bool = False
+    mask_patterns: list[str] = field(default_factory=list)
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     folds: int = 0
@@ -678,6 +683,7 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
     workers = opts.workers if opts.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda"
                                                              else 0)
     data = make_datasets(datalist, prep, SPLITS, augment=opts.augment, volume=volume)
+    volume_data = _volume_summary(data, volume, None if opts.quiet else print)
     train_labels = [int(it["label"]) for it in datalist["training"]]
     counts = np.bincount(train_labels, minlength=k)
     sampler = make_sampler(train_labels, k, opts.seed) if opts.balance == "sampler" else None
@@ -765,6 +771,8 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
     result: dict[str, Any] = {"classes": classes, "arch": arch, "best_epoch": best["epoch"], "epochs_run": len(history),
                               "hyperparameters": jsonable(hp),
                               "num_images": {s: len(data[s]) for s in SPLITS}}
+    if volume_data is not None:
+        result["volume_data"] = volume_data
     probs, labels, _ = predict_probs(model, val_loader, device, dtype)
     result["validation"] = M.classification_metrics(labels, probs, classes)
     if test_loader is not None:
@@ -776,6 +784,27 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
     _save_curves(history, out / "curves.png", best["epoch"])
     write_json(out / "metrics.json", jsonable(result))
     return result
+
+
+def _volume_summary(data: dict[str, Any], volume: Any, say: Any = None) -> dict[str, Any] | None:
+    """What volume preprocessing did per split (from the cached datasets' ``VolumeToModelInputd`` records), said on
+    the console: nothing about the scans is changed silently."""
+    if volume is None:
+        return None
+    from usfmae_core.data.volumes import VolumeToModelInputd, summarise_records
+
+    out: dict[str, Any] = {"volume": volume.to_dict()}
+    for split in SPLITS:
+        tf = getattr(data[split], "transform", None)
+        step = next((t for t in getattr(tf, "transforms", []) if isinstance(t, VolumeToModelInputd)), None)
+        if step is None or not step.records:
+            continue
+        out[split] = summarise_records(step.records, volume)
+        if say is not None:
+            more = f"; training draws {volume.max_slices} per scan and step" if split == "training" and \
+                volume.model == "mil" else ""
+            say(f"{split}: {out[split]['text']}{more}")
+    return out
 
 
 def _subsample(datalist: dict[str, Any], fraction: float, seed: int) -> dict[str, Any]:
@@ -826,9 +855,14 @@ def finetune(data: str | Path | dict[str, Any], out: str | Path, opts: FinetuneO
     if isinstance(data, dict):
         datalist, source = data, "the datalist"
     else:
-        datalist = load_labelled(data, opts.seed, opts.val_fraction, opts.test_fraction)
+        datalist = load_labelled(data, opts.seed, opts.val_fraction, opts.test_fraction, opts.include_masks,
+                                 opts.mask_patterns)
         source = str(data)
         opts.extra.setdefault("data", str(data))
+    if not opts.quiet:
+        from usfmae_core.data.labelled import datalist_summary
+
+        print("\n".join(datalist_summary(datalist, source)), flush=True)
     if len(datalist.get("classes") or []) < 2:
         raise UsfmaeError(f"{source} has fewer than 2 classes", "a classifier needs at least 2 classes")
     if opts.folds:

@@ -476,16 +476,24 @@ def _datalist_images(path: Path) -> list[Path]:
     return out
 
 
-def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[dict[str, str]]]:
-    """Expand files, folders (recursively, supported files only) and datalist JSONs into a list of files.
+def collect_inputs(inputs: Iterable[str | os.PathLike], include_masks: bool = False,
+                   mask_patterns: Sequence[str] | None = None) -> tuple[list[Path], list[dict[str, Any]]]:
+    """Expand files, folders (recursively, supported files only) and datalist JSONs into a list of files; a folder of
+    positioned DICOM slices (:mod:`usfmae_core.data.dicom_series`) is one volume.
+
+    Segmentation masks / annotation files found by name in a folder (:mod:`usfmae_core.data.masks`: ``_mask``,
+    ``masks/`` ...) are left out unless ``include_masks`` (files named explicitly and datalist entries never are).
 
     Returns:
-        (files to read, skipped ``[{"source", "reason"}]`` for explicit files of an unsupported type).
+        (files to read, skipped ``[{"source", "reason"}]``: datalist entries that do not exist, and the masks left
+        out, which also carry ``"mask": True``).
 
     Raises:
         UsfmaeError: an input does not exist, or nothing to read was found.
     """
     from usfmae_core.data.corpus import iter_source_files
+    from usfmae_core.data.dicom_series import group_dicom_series, is_dicom_series
+    from usfmae_core.data.masks import MaskRules, split_masks
 
     files: list[Path] = []
     skipped: list[dict[str, str]] = []
@@ -509,10 +517,16 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
                     add(p)
         elif src.is_file():
             add(src)  # explicit files are tried even with an odd extension: the reader names the problem
+        elif is_dicom_series(src):
+            add(src)  # a folder of positioned DICOM slices is one volume
         else:
-            for p, reason in iter_source_files([src]):
-                if reason is None:
-                    add(p)
+            found = [p for p, reason in iter_source_files([src]) if reason is None]
+            _, masks = split_masks(found, MaskRules.with_patterns(mask_patterns), src)
+            left_out = set() if include_masks else {m.path for m in masks}
+            for it in group_dicom_series([{"image": p} for p in found if str(p) not in left_out]):
+                add(Path(it["image"]))
+            skipped += [{"source": m.path, "reason": f"segmentation mask / annotation file ({m.reason})",
+                         "mask": True} for m in masks if m.path in left_out]
     if not files:
         if skipped:
             raise UsfmaeError(f"none of the inputs can be read ({skipped[0]['source']}: {skipped[0]['reason']})",
@@ -552,7 +566,8 @@ def as_kind(img, kind: str):
 def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
             device: str = "auto", axis: int = 0, batch_size: int = 32, precision: str = "auto", top_k: int = 3,
             run_config: dict[str, Any] | None = None, quiet: bool = False, aggregate: str = "mean",
-            normal_class: str | None = None, kind: str = "auto") -> Path:
+            normal_class: str | None = None, include_masks: bool = False,
+            mask_patterns: Sequence[str] | None = None, kind: str = "auto") -> Path:
     """Classify every input file and write the results to ``out_dir``.
 
     Writes ``predictions.csv`` (one row per classified frame / slice: ``source, index, kind, p_<class>..., pred``;
@@ -576,7 +591,7 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
     from usfmae_core.device import describe_device
     from usfmae_core.workflows.common import Progress, prepare_output_dir, write_csv, write_json
 
-    files, skipped = collect_inputs(inputs)  # fail on a bad path before loading a big model
+    files, skipped = collect_inputs(inputs, include_masks, mask_patterns)  # a bad path fails before the model loads
     dev = _device(device)
     model, ckpt = load_model(model_path, expect=CLASSIFIER_ARCHS, device=dev)
     model = to_inference_model(model, dev, precision, copy=False)
