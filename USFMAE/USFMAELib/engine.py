@@ -19,13 +19,13 @@ MODULE_DIR = Path(__file__).resolve().parent.parent
 TORCH_REQUIREMENT = "torch>=2.4"
 REQUIREMENTS: tuple[str, ...] = (
     "monai>=1.5,<1.7",
-    "pytorch-ignite>=0.4.11",
+    "pytorch-ignite>=0.4.11,<0.6",
     "einops>=0.7",
-    "numpy>=1.24",
+    "numpy>=1.24,<3",
     "itk>=5.3",
     "SimpleITK>=2.3",
     "nibabel>=5.0",
-    "pydicom>=2.4",
+    "pydicom>=2.4,<4",
     "pylibjpeg>=2.0",
     "pylibjpeg-openjpeg>=2.0",
     "pylibjpeg-libjpeg>=2.0",
