@@ -85,7 +85,7 @@ def test_adamw_falls_back_without_a_fused_kernel() -> None:
 def test_mae_step_fast_path_equals_plain_path(dtype: torch.dtype | None) -> None:
     """One MAE training step through the engine's fast path (:func:`mae_train_step`, :func:`make_optimizer`) and
     through the plain path (MONAI's attention): equal losses and gradients."""
-    from usfmae_core.workflows.pretrain import make_optimizer, mae_train_step
+    from usfmae_core.workflows.pretrain import mae_train_step, make_optimizer
 
     torch.manual_seed(0)
     fast = build_model("mae", mae_config("vit_test", img_size=32, patch_size=8))
@@ -239,4 +239,24 @@ def test_bundle_precision_inferer_autocasts_on_cpu(monkeypatch) -> None:
     frames = PrecisionInferer("auto", FrameAveragingInferer(frame_batch_size=5))
     probs = frames(torch.randn(1, 7, 3, 32, 32), net.eval())
     assert probs.shape == (1, 3) and seen[-1] == ((5, 3, 32, 32), False)
-    assert PrecisionInferer("fp32")(torch.randn(2, 3, 32, 32), net).dtype == torch.float32 and dtypes[-1] == torch.float32
+    assert PrecisionInferer("fp32")(torch.randn(2, 3, 32, 32), net).dtype == torch.float32
+    assert dtypes[-1] == torch.float32
+
+
+@pytest.mark.slow  # torch.compile on CPU: a minute or more of C++ compilation
+def test_compiled_training_step_equals_eager() -> None:
+    """``--compile`` (pretrain and finetune) steps through ``torch.compile(model)``: same loss and gradients."""
+    from usfmae_core.workflows.pretrain import mae_train_step
+
+    torch.manual_seed(0)
+    model = build_model("mae", mae_config("vit_test", img_size=32, patch_size=8))
+    ref = copy.deepcopy(model)
+    x = torch.rand(4, 3, 32, 32)
+    opt = adamw(model.parameters(), 1e-3)
+    torch.manual_seed(1)
+    loss = mae_train_step(torch.compile(model), x, None, opt, step=False)["loss"]
+    torch.manual_seed(1)
+    loss_ref = ref(x)[0]
+    loss_ref.backward()
+    torch.testing.assert_close(loss, loss_ref.detach(), rtol=1e-4, atol=1e-6)
+    close(grads(model), grads(ref), rtol=1e-3, atol=1e-5)

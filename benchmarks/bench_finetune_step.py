@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per contender and configuration (default 5)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     ap.add_argument("--no-ceiling", dest="ceiling", action="store_false", help="skip the GEMM ceiling")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one step per contender: time in matrix products, optimiser and the rest")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
 
@@ -130,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
                           "error": errors.get(n)}
                 if med and args.ceiling:
                     row[n]["fraction_of_ceiling"] = round(bs / med / row["ceiling_img_s"], 3)
+            if args.profile:
+                for n in names:
+                    if not errors.get(n):
+                        row[n]["profile"] = benchlib.profile_split(steps[n][0])
+                        print(f"  {n} profile: {row[n]['profile']}", flush=True)
             a, b = row["ours"]["img_s"], row["monai"]["img_s"]
             row["ours_vs_monai"] = round(a / b, 3) if a and b else None
             results.append(row)

@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contenders", nargs="+", choices=("ours", "facebook", "monai"),
                     help="default: ours, monai, and facebook with --facebook-mae")
     ap.add_argument("--no-ceiling", dest="ceiling", action="store_false", help="skip the GEMM ceiling")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one step per contender: time in matrix products, optimiser and the rest")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
 
@@ -190,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
                 if med and flops.get(n) and peak:
                     row[n]["mfu"] = round(flops[n] / med / (peak * 1e12), 4)
                     row[n]["tflops"] = round(flops[n] / med / 1e12, 1)
+            if args.profile:
+                for n in models:
+                    if not errors.get(n):
+                        row[n]["profile"] = benchlib.profile_split(steps[n][0])
+                        print(f"  {n} profile: {row[n]['profile']}", flush=True)
             for peer in names[1:]:
                 a, b = row["ours"]["img_s"], row[peer]["img_s"]
                 row[f"ours_vs_{peer}"] = round(a / b, 3) if a and b else None

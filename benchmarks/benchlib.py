@@ -293,3 +293,29 @@ def facebook_mae(checkout: str | os.PathLike, arch: str = "mae_vit_base_patch16_
         if not had_float:
             del np.float  # type: ignore[attr-defined]
         sys.path.remove(root)
+
+
+# ---------------------------------------------------------------------------------------------- profile split
+GEMM_KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
+                "aten::convolution_backward", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def profile_split(step: Callable[[], Any]) -> dict[str, float]:
+    """Where one call of ``step`` spends its time (torch.profiler, CPU): matrix products (``mm``/``addmm``/``bmm``,
+    convolution, fused attention kernels), the optimiser (``Optimizer.step`` / ``zero_grad`` ranges) and everything
+    else (elementwise ops, casts, copies, norms, reductions, Python). Seconds; profiling inflates small ops a little."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        total = time.perf_counter() - t0
+    gemm = opt = 0.0
+    for ev in prof.key_averages():
+        if ev.key in GEMM_KERNELS:
+            gemm += ev.self_cpu_time_total / 1e6
+        elif ev.key.startswith("Optimizer.step#") or ev.key.startswith("Optimizer.zero_grad#"):
+            opt += ev.cpu_time_total / 1e6
+    return {"total_s": round(total, 4), "gemm_s": round(gemm, 4), "optimizer_s": round(opt, 4),
+            "other_s": round(max(0.0, total - gemm - opt), 4)}

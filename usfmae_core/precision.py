@@ -43,6 +43,7 @@ __all__ = ["PRECISIONS", "resolve_precision", "precision_name", "native_bf16", "
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 MIN_GAIN = 0.05  # bf16 must be at least this much faster (fraction of the fp32 time)
 PROBE_STEP_S = 1.5  # a probe step longer than this in fp32 is repeated with a smaller batch
+PROBE_BUDGET_S = 6.0  # no more timed pairs after this long (a busy machine makes every step slow)
 _MEMO: dict[str, dict[str, Any]] = {}
 
 
@@ -127,7 +128,8 @@ def probe_speed(model: nn.Module, shape: Sequence[int], device: torch.device, tr
     A step is the forward (and, if ``train``, ``loss_fn(out).backward()``); the optimiser is left out (it updates
     fp32 weights either way). Runs on a deep copy of the model (BatchNorm statistics, gradients and weights of the
     caller's model stay as they are) inside a forked RNG (the run's random streams are unchanged). fp32 and ``dtype``
-    alternate (one warm-up each, then up to ``pairs`` timed pairs; one pair suffices when the gap is over 1.6x).
+    alternate (one warm-up each, then up to ``pairs`` timed pairs; one pair suffices when the gap is over 1.6x, and
+    none is started after :data:`PROBE_BUDGET_S` seconds of timing).
     When an fp32 step takes longer than :data:`PROBE_STEP_S`, the batch is reduced for the timed pairs.
 
     Returns:
@@ -164,11 +166,12 @@ def probe_speed(model: nn.Module, shape: Sequence[int], device: torch.device, tr
             step(x, None)
         step(x, dtype)  # warm-up
         times: dict[str, list[float]] = {"fp32": [], name: []}
+        start = time.perf_counter()
         for i in range(pairs):
             times["fp32"].append(step(x, None))
             times[name].append(step(x, dtype))
             ratio = times[name][-1] / times["fp32"][-1]
-            if i == 0 and (ratio < 1 / 1.6 or ratio > 1.6):
+            if (i == 0 and (ratio < 1 / 1.6 or ratio > 1.6)) or time.perf_counter() - start > PROBE_BUDGET_S:
                 break
     return {"fp32_s": round(statistics.median(times["fp32"]), 5), f"{name}_s": round(statistics.median(times[name]), 5),
             "batch": shape[0], "pairs": len(times["fp32"])}

@@ -75,6 +75,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--folds", type=nonneg_int, default=0,
                    help="k-fold cross-validation with K >= 2 folds (default: off)")
     add_precision(t)
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (pays on GPUs and long runs; minutes of compilation first)")
     add_device(t)
     t.add_argument("--seed", type=int, default=0, help="seed of splits, sampling and initialisation (default 0)")
     t.add_argument("--workers", type=nonneg_int, help="data loader processes (default 0 on CPU, 8 on CUDA)")

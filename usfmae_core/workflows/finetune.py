@@ -571,6 +571,7 @@ class FinetuneOptions:
     test_fraction: float = 0.15
     folds: int = 0
     precision: str = "auto"
+    compile: bool = False
     device: str = "auto"
     seed: int = 0
     workers: int | None = None
@@ -746,6 +747,9 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
     criterion = make_loss(k, counts, opts.balance, opts.label_smoothing).to(device)
     optimizer = make_optimizer(model, hp["lr"], hp["weight_decay"], hp["layer_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
+    # training steps through the compiled model (same parameters); evaluation runs the plain one (no recompiles for
+    # eval mode and other batch sizes)
+    train_model = torch.compile(model) if opts.compile else model
     steps_per_epoch = len(train_loader)
     total = opts.epochs * steps_per_epoch
     warmup = min(opts.warmup_epochs * steps_per_epoch, max(0, total - 1))
@@ -770,7 +774,7 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
                 y = torch.as_tensor(batch["label"]).long().to(device)
                 lr = cosine_lr(step, total, warmup, hp["lr"], min(opts.min_lr, hp["lr"]))
                 set_lr(optimizer, lr)
-                loss_value = classifier_train_step(model, batch, criterion, optimizer, scaler, device=device,
+                loss_value = classifier_train_step(train_model, batch, criterion, optimizer, scaler, device=device,
                                                    amp_dtype=dtype, clip_grad=opts.clip_grad,
                                                    where=f"at epoch {epoch}")
                 step += 1
