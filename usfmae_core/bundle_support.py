@@ -9,10 +9,12 @@ so no logic hides in JSON:
   volume as model input ``(N, C, S, S)``), :func:`cache_rate`;
 - inference: :class:`FrameAveragingInferer` (softmax per frame, mean over frames: what ``usfmae predict`` does),
   :func:`prepare_batch` (MetaTensor-free batches for the engines);
-- models: :func:`training_settings` / :func:`read_model_config` (``models/model_config.json``, written by
-  ``train.json`` and read by ``evaluate.json`` / ``inference.json``), :func:`classifier_from_settings`,
-  :func:`load_weights` / :class:`WeightsLoader` (plain state dicts or our checkpoints, adapted across MONAI versions
-  with :func:`~usfmae_core.checkpoints.adapt_state_dict`);
+- metadata and models: ``network_data_format`` of ``configs/metadata.json`` is the one place of the classifier's
+  classes, image size and channels (:func:`metadata_classes`, :func:`training_classes`, :func:`write_network_format`);
+  :func:`check_weights` (one-line refusals before MONAI's strict ``CheckpointLoader``), :func:`load_weights` /
+  :func:`save_state_dict` (``resave_weights``: weights of older MONAI versions), :func:`start_from_mae` /
+  :func:`init_mae` (start from an MAE), :func:`classifier_config` / :func:`mae_checkpoint_config` (our checkpoint
+  format, read from the modules);
 - training: :func:`macro_f1` (ignite metric), :func:`cosine_schedule` (per-step warm-up + cosine, keeping layer-wise
   lr scales), :func:`use_amp` / :func:`amp_kwargs`, :func:`is_not_rank0`;
 - handlers: :class:`SaveUsfmaeCheckpoint` (our checkpoint format, for ``usfmae`` / Slicer), :class:`ProbabilityWriter`
@@ -22,7 +24,9 @@ so no logic hides in JSON:
 
 from __future__ import annotations
 
+import copy
 import csv
+import functools
 import json
 import logging
 import math
@@ -44,10 +48,11 @@ from monai.transforms import MapTransform, apply_transform
 from usfmae_core.errors import UsfmaeError
 
 __all__ = ["CorpusDataset", "split_items", "evaluation_items", "inference_items", "cache_rate", "check_batches",
-           "UltrasoundToFramesd", "FrameAveragingInferer", "prepare_batch", "training_settings", "read_model_config",
-           "classifier_from_settings", "load_weights", "save_state_dict", "WeightsLoader", "macro_f1",
-           "cosine_schedule", "use_amp", "amp_kwargs", "is_not_rank0", "prepare_process", "with_iteration_events",
-           "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler"]
+           "UltrasoundToFramesd", "FrameAveragingInferer", "prepare_batch", "metadata_classes", "labelled_data",
+           "training_classes", "write_network_format", "write_json_file", "check_weights", "load_weights",
+           "save_state_dict", "start_from_mae", "init_mae", "classifier_config", "mae_checkpoint_config",
+           "macro_f1", "cosine_schedule", "use_amp", "amp_kwargs", "is_not_rank0", "prepare_process",
+           "with_iteration_events", "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler"]
 
 logger = logging.getLogger("usfmae.bundle")
 
@@ -257,63 +262,95 @@ def prepare_batch(batchdata: Mapping[str, Any], device: torch.device | str | Non
     return image, label
 
 
-# ---------------------------------------------------------------------------------------------------- models
-def training_settings(config: Mapping[str, Any], classes: Sequence[str], arch: str = "vit") -> dict[str, Any]:
-    """What ``models/model_config.json`` holds: the classifier's checkpoint config (model kwargs, ``preset``,
-    ``preprocessing``) plus ``classes``, ``arch`` (``vit|resnet|densenet``) and the flat ``image_size`` /
-    ``in_channels`` / ``patch_size`` / ``pool`` that evaluation and inference build the same network from."""
-    prep = config["preprocessing"]
-    out = dict(config)
-    out.update(arch=str(arch), classes=[str(c) for c in classes], image_size=int(prep["image_size"]),
-               in_channels=int(prep["in_channels"]))
-    patch = config.get("patch_size")
-    if patch is not None:
-        out["patch_size"] = int(patch[-1] if isinstance(patch, (list, tuple)) else patch)
-    out.setdefault("pool", "avg")
-    return out
+# ---------------------------------------------------------------------------------------- metadata and models
+# The classifier's classes, input size and channels live in ONE place: ``network_data_format`` of
+# configs/metadata.json. Every config reads them from there (``@_meta_#network_data_format#...``), so ``network_def``
+# is a plain component whose arguments always agree with what ``verify_net_in_out`` checks; train.json writes them
+# back after reading the labelled data (:func:`write_network_format`).
+def metadata_classes(network_data_format: Mapping[str, Any]) -> list[str]:
+    """Class names in output order, from ``outputs.pred`` (``channel_def`` ``{"0": name, ...}``, ``num_channels``)
+    of a bundle's ``network_data_format``.
 
-
-def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The settings in ``path`` (``models/model_config.json``), or ``{}`` when there is none."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as err:
-        raise UsfmaeError(f"cannot read {path} ({str(err).splitlines()[0][:100]})",
-                          "delete it (the bundle then uses the configs' values) or re-run train.json") from None
-
-
-_MATCH_KEYS = ("arch", "preset", "image_size", "in_channels", "classes")
-_VIT_KEYS = ("patch_size", "pool")
-
-
-def classifier_from_settings(trained: Mapping[str, Any], classes: Sequence[str], arch: str = "vit",
-                             preset: str = "vit_base", image_size: int = 224, in_channels: int = 3,
-                             patch_size: int = 16, pool: str = "avg") -> tuple[nn.Module, dict[str, Any]]:
-    """The classifier for evaluation / inference and its settings (see :func:`training_settings`).
-
-    When the requested settings are those of ``trained`` (``models/model_config.json``) the network is rebuilt from its
-    exact stored config (this also covers MAE-initialised or imported shapes that no preset names); otherwise it is
-    built fresh with :func:`usfmae_core.workflows.finetune.build_classifier` (weights are then adapted on loading,
-    e.g. position embeddings for another image size).
+    Raises:
+        UsfmaeError: ``channel_def`` does not name each of the ``num_channels`` outputs exactly once.
     """
-    from usfmae_core.networks.presets import build_model
-    from usfmae_core.workflows.finetune import build_classifier
+    pred = dict(network_data_format.get("outputs", {}).get("pred", {}))
+    k = int(pred.get("num_channels", 0))
+    names = {str(i): str(v) for i, v in dict(pred.get("channel_def") or {}).items()}
+    if k < 1 or sorted(names) != sorted(str(i) for i in range(k)):
+        raise UsfmaeError(f"configs/metadata.json names classes {names or '-'} for {k} network outputs",
+                          "give network_data_format#outputs#pred#channel_def one name per output, keys '0'..'K-1'")
+    return [names[str(i)] for i in range(k)]
 
-    requested = {"arch": str(arch), "preset": str(preset), "image_size": int(image_size),
-                 "in_channels": int(in_channels), "classes": [str(c) for c in classes]}
-    if str(arch) == "vit":
-        requested.update(patch_size=int(patch_size), pool=str(pool))
-    if trained and all(trained.get(k) == v for k, v in requested.items()):
-        config = dict(trained)
-        model = build_model("classifier" if config["arch"] == "vit" else config["arch"], config)
-        return model, config
-    model, config = build_classifier(len(requested["classes"]), arch=str(arch), preset=str(preset),
-                                     image_size=int(image_size), in_channels=int(in_channels),
-                                     patch_size=int(patch_size), pool=str(pool))
-    return model, training_settings(config, requested["classes"], str(arch))
+
+@functools.lru_cache(maxsize=4)
+def _labelled(source: str, mtime: float, seed: int, val_fraction: float, test_fraction: float) -> dict[str, Any]:
+    from usfmae_core.workflows.finetune import load_labelled
+
+    return load_labelled(source, seed, val_fraction, test_fraction)
+
+
+def labelled_data(source: str | os.PathLike, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15
+                  ) -> dict[str, Any]:
+    """The labelled datalist of ``source`` (:func:`usfmae_core.workflows.finetune.load_labelled`: class folders, CSV or
+    datalist JSON; deduplicated and split), read once per process for the same arguments (train.json asks for it
+    twice: for the classes and for the splits)."""
+    path = Path(source)
+    mtime = path.stat().st_mtime if path.exists() else -1.0
+    return copy.deepcopy(_labelled(str(path), mtime, int(seed), float(val_fraction), float(test_fraction)))
+
+
+def training_classes(source: str | os.PathLike, network_data_format: Mapping[str, Any], seed: int = 0,
+                     val_fraction: float = 0.15, test_fraction: float = 0.15) -> list[str]:
+    """The classes train.json builds ``network_def`` for: those of the labelled data at ``source`` when it exists,
+    else the bundle's own (:func:`metadata_classes`), so that ``monai.bundle.load`` and ``verify_net_in_out`` work
+    without any data. (A missing ``source`` stops the training run itself at its first step, ``check_splits``.)"""
+    if Path(source).exists():
+        return [str(c) for c in labelled_data(source, seed, val_fraction, test_fraction)["classes"]]
+    return metadata_classes(network_data_format)
+
+
+def _image_format(channels: int, size: int) -> dict[str, Any]:
+    names = ["B-mode intensity"] if channels == 1 else [
+        f"B-mode intensity (normalised with the {c} mean/std)" for c in "RGB"][:channels]
+    return {"num_channels": int(channels), "spatial_shape": [int(size), int(size)],
+            "channel_def": {str(i): n for i, n in enumerate(names)}}
+
+
+def write_network_format(metadata_file: str | os.PathLike, classes: Sequence[str], image_size: int,
+                         in_channels: int) -> bool:
+    """Record a training run's classes, image size and channels in ``network_data_format`` of ``metadata_file``
+    (inputs ``image``; outputs and post-processed outputs ``pred``), so that evaluation, inference,
+    ``verify_net_in_out``, ``ckpt_export`` and ``monai.bundle.load`` build the network that was trained.
+
+    The file is rewritten (atomically, 4-space JSON as the Model Zoo's pre-commit formats it) only when something
+    changes, and what changed is logged. Returns whether it was rewritten.
+    """
+    path = Path(metadata_file)
+    meta = json.loads(path.read_text())
+    fmt = meta.setdefault("network_data_format", {})
+    before = json.dumps(fmt, sort_keys=True)
+    image = fmt.setdefault("inputs", {}).setdefault("image", {})
+    image.update(_image_format(int(in_channels), int(image_size)))
+    k = len(classes)
+    for section in ("outputs", "post_processed_outputs"):
+        pred = fmt.setdefault(section, {}).setdefault("pred", {})
+        pred.update(num_channels=k, spatial_shape=[k], channel_def={str(i): str(c) for i, c in enumerate(classes)})
+    if json.dumps(fmt, sort_keys=True) == before:
+        return False
+    write_json_file(path, meta)
+    logger.info("recorded the trained network's inputs (%d channel(s), %d x %d) and classes (%s) in %s",
+                int(in_channels), int(image_size), int(image_size), ", ".join(map(str, classes)), path)
+    return True
+
+
+def write_json_file(path: str | os.PathLike, obj: Any) -> Path:
+    """``obj`` as 4-space-indented JSON with a final newline (the Model Zoo's pretty-format-json style), atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=4) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def _unwrap_state(obj: Any) -> dict[str, torch.Tensor]:
@@ -332,24 +369,15 @@ def _unwrap_state(obj: Any) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load the weights in ``path`` into ``network`` (unwrapping DDP), whatever MONAI version saved them.
+_NO_WEIGHTS_FIX = ("train first (configs/train.json writes models/model.pt), fetch released weights with "
+                   "`python -m monai.bundle download_large_files --bundle_path .`, or pass --ckpt_path")
 
-    ``path`` may hold a plain state dict (Model Zoo's ``models/model.pt``, MONAI's ``CheckpointSaver``) or one of our
-    checkpoints. The state is fitted with :func:`~usfmae_core.checkpoints.adapt_state_dict`: MONAI < 1.6
-    ``cross_attn`` keys are dropped and ``norm_cross_attn`` filled, position embeddings of another image size are
-    interpolated; anything else that does not fit is refused with the keys named.
-    """
-    from usfmae_core.checkpoints import adapt_state_dict
-    from usfmae_core.workflows.distributed import unwrap_model
 
-    path = Path(path)
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
-        raise UsfmaeError(f"weights {path} do not exist",
-                          "train first (configs/train.json writes models/model.pt), fetch released weights with "
-                          "`python -m monai.bundle download_large_files --bundle_path .`, or pass --ckpt_path")
+        raise UsfmaeError(f"weights {path} do not exist", _NO_WEIGHTS_FIX)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:
         raise UsfmaeError(f"{path} needs pickled code to load and was refused for safety",
                           "re-save it as a plain state dict (torch.save(model.state_dict(), ...))") from None
@@ -359,6 +387,54 @@ def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
     state = _unwrap_state(obj)
     if not state:
         raise UsfmaeError(f"{path} holds no state dict of tensors", "pass a PyTorch weights file (model.pt)")
+    return state
+
+
+def check_weights(path: str | os.PathLike, network: nn.Module) -> Path:
+    """Refuse, in one line, weights that MONAI's strict ``CheckpointLoader`` (and ``ckpt_export``) would reject with a
+    long traceback: a missing or unreadable file, MONAI < 1.6 ``cross_attn`` keys (re-save them), or keys and shapes
+    that do not fit ``network`` (another class count, image size or ``network_def``)."""
+    from usfmae_core.workflows.distributed import unwrap_model
+
+    path = Path(path)
+    state = _read_state(path)
+    target = unwrap_model(network).state_dict()
+    if any(".cross_attn." in k for k in state):
+        raise UsfmaeError(f"{path} was saved by MONAI < 1.6 (it holds TransformerBlock cross_attn weights that MONAI "
+                          "1.6 no longer has)",
+                          "re-save it once: python -m monai.bundle run resave_weights --config_file "
+                          "configs/inference.json --load_pretrain False")
+    unexpected = [k for k in state if k not in target]
+    missing = [k for k in target if k not in state]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
+                  if k in state and state[k].shape != v.shape]
+    if unexpected or missing or mismatched:
+        parts = [f"{what} {_few(keys)}" for what, keys in (("unexpected keys", unexpected), ("missing keys", missing),
+                                                            ("mismatched shapes", mismatched)) if keys]
+        raise UsfmaeError(f"weights {path} do not fit network_def: {'; '.join(parts)}",
+                          "the classes / image size in configs/metadata.json or the network_def arguments differ "
+                          "from the run that wrote them; use that run's bundle or override them to match")
+    return path
+
+
+def _few(items: Sequence[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load the weights in ``path`` into ``network`` (unwrapping DDP), whatever MONAI version saved them.
+
+    ``path`` may hold a plain state dict (Model Zoo's ``models/model.pt``, MONAI's ``CheckpointSaver``) or one of our
+    checkpoints. The state is fitted with :func:`~usfmae_core.checkpoints.adapt_state_dict`: MONAI < 1.6
+    ``cross_attn`` keys are dropped and ``norm_cross_attn`` filled, position embeddings of another image size are
+    interpolated; anything else that does not fit is refused with the keys named. (The configs load ``model.pt``
+    with MONAI's strict ``CheckpointLoader``; this is the lenient path behind ``resave_weights``.)
+    """
+    from usfmae_core.checkpoints import adapt_state_dict
+    from usfmae_core.workflows.distributed import unwrap_model
+
+    path = Path(path)
+    state = {k: v.clone() for k, v in _read_state(path).items()}
     target = unwrap_model(network)
     target.load_state_dict(adapt_state_dict(state, target.state_dict(), source=str(path)))
     logger.info("loaded weights from %s", path)
@@ -384,23 +460,135 @@ def save_state_dict(network: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-class WeightsLoader:
-    """Handler / callable loading ``load_path`` into ``network`` with :func:`load_weights`.
+def start_from_mae(network: nn.Module, mae: str | os.PathLike, in_channels: int | None = None) -> nn.Module:
+    """Start ``network`` (a :class:`~usfmae_core.networks.classifier.USFMAEClassifier`) from the encoder of the MAE
+    checkpoint ``mae`` (``usfmae pretrain`` / ``configs/pretrain.json`` / ``usfmae import-weights``, or the name of a
+    published model fetched with ``usfmae pull``).
 
-    Use it like MONAI's ``CheckpointLoader``: in an engine's handlers (loads when the engine starts) or called
-    directly (``"$@checkpointloader(@evaluator)"`` in a config's ``initialize``).
+    Position embeddings of another image size are interpolated (logged); another encoder shape is refused with the
+    ``network_def`` arguments that would fit.
     """
+    from usfmae_core.checkpoints import adapt_state_dict, load_checkpoint
+    from usfmae_core.workflows.distributed import unwrap_model
 
-    def __init__(self, load_path: str | os.PathLike, network: nn.Module) -> None:
-        self.load_path, self.network = load_path, network
+    path = _resolve_model(mae)
+    ckpt = load_checkpoint(path)
+    if ckpt["arch"] != "mae":
+        raise UsfmaeError(f"--pretrained_mae {mae} holds a '{ckpt['arch']}' model, not a pretrained MAE",
+                          "pass an MAE checkpoint (configs/pretrain.json's models/mae.pt, usfmae pretrain, "
+                          "usfmae import-weights or usfmae pull)")
+    cfg = ckpt["config"]
+    target = unwrap_model(network)
+    enc = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    want = target.encoder.state_dict()
+    if in_channels is not None and int(cfg.get("in_channels", 3)) != int(in_channels):
+        raise UsfmaeError(f"the MAE {path} takes {cfg.get('in_channels')} channel(s) but the bundle {in_channels}",
+                          "set network_data_format#inputs#image#num_channels in configs/metadata.json to the MAE's")
+    shape_keys = ("hidden_size", "num_layers", "num_heads", "patch_size")
+    mismatch = (enc.get("cls_token") is None or enc["cls_token"].shape != want["cls_token"].shape
+                or sum(k.endswith("attn.qkv.weight") for k in enc) != sum(k.endswith("attn.qkv.weight") for k in want)
+                or enc["patch_embed.patch_embeddings.weight"].shape[2:]
+                != want["patch_embed.patch_embeddings.weight"].shape[2:])
+    if mismatch:
+        fits = " ".join(f"--network_def#{k} {_scalar(cfg.get(k))}" for k in shape_keys if cfg.get(k) is not None)
+        raise UsfmaeError(f"the MAE {path} has another encoder shape than network_def "
+                          f"(MAE: {', '.join(f'{k} {_scalar(cfg.get(k))}' for k in shape_keys)})",
+                          f"pass {fits} (and the same to evaluate / inference)")
+    size = _scalar(cfg.get("img_size", 224))
+    if size != target.encoder.img_size[-1]:
+        logger.info("MAE %s was pretrained at %d px; its position embeddings are interpolated to %d px", path, size,
+                    target.encoder.img_size[-1])
+    target.encoder.load_state_dict(adapt_state_dict(enc, want, source=str(path)))
+    logger.info("started the classifier's encoder from the MAE %s", path)
+    return network
 
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
 
-        engine.add_event_handler(Events.STARTED, self)
+def _scalar(v: Any) -> Any:
+    return v[-1] if isinstance(v, (list, tuple)) else v
 
-    def __call__(self, engine: Any = None) -> None:
-        load_weights(self.network, self.load_path)
+
+def _resolve_model(name_or_path: str | os.PathLike) -> Path:
+    """A model file, or the cached file of a published model named like ``usf-mae-100ep`` (:mod:`usfmae_core.hub`)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    try:
+        from usfmae_core.hub import resolve_init
+    except ImportError:  # the hub module is optional for the bundle
+        return path
+    return Path(resolve_init(str(name_or_path)))
+
+
+def _encoder_config(encoder: nn.Module) -> dict[str, Any]:
+    block = encoder.blocks[0]
+    return {"in_channels": int(encoder.in_channels), "img_size": [int(s) for s in encoder.img_size],
+            "patch_size": [int(p) for p in encoder.patch_size], "spatial_dims": int(encoder.spatial_dims),
+            "hidden_size": int(encoder.hidden_size), "num_layers": len(encoder.blocks),
+            "num_heads": int(block.attn.num_heads),
+            "mlp_ratio": float(block.mlp.linear1.out_features / encoder.hidden_size),
+            "qkv_bias": block.attn.qkv.bias is not None, "drop_path_rate": 0.0}
+
+
+def mae_checkpoint_config(network: nn.Module, preprocessing: Any, preset: str = "bundle") -> dict[str, Any]:
+    """Our checkpoint config of a :class:`~usfmae_core.networks.mae.USFMAE` (model kwargs + ``preprocessing``), read
+    from the module: what ``usfmae finetune --init`` / ``--pretrained_mae`` / ``reconstruct`` rebuild it from."""
+    from usfmae_core.workflows.distributed import unwrap_model
+
+    model = unwrap_model(network)
+    dec = model.decoder
+    cfg = _encoder_config(model.encoder)
+    dec_hidden = int(dec.decoder_embed.out_features)
+    cfg.update(decoder_hidden_size=dec_hidden, decoder_num_layers=len(dec.decoder_blocks),
+               decoder_num_heads=int(dec.decoder_blocks[0].attn.num_heads), mask_ratio=float(model.mask_ratio),
+               norm_pix_loss=bool(model.norm_pix_loss), preset=str(preset),
+               preprocessing=preprocessing.to_dict() if hasattr(preprocessing, "to_dict") else dict(preprocessing))
+    dec_ratio = dec.decoder_blocks[0].mlp.linear1.out_features / dec_hidden
+    if dec_ratio != cfg["mlp_ratio"]:
+        cfg["decoder_mlp_ratio"] = float(dec_ratio)
+    return cfg
+
+
+def init_mae(network: nn.Module, init: str | os.PathLike) -> nn.Module:
+    """Continue pretraining ``network`` (an MAE) from the MAE checkpoint ``init`` (ours, ``usfmae import-weights`` of
+    facebook / USF-MAE weights, or a published model's name fetched with ``usfmae pull``).
+
+    The weights are fitted with :func:`~usfmae_core.checkpoints.adapt_state_dict` (position embeddings interpolated,
+    channels summed, 2D patches inflated to 3D); the pixel-prediction head restarts from its initialisation when the
+    patch shape changes (logged). Another encoder width / depth is refused with the keys named.
+    """
+    from usfmae_core.checkpoints import adapt_state_dict, load_checkpoint
+    from usfmae_core.workflows.distributed import unwrap_model
+
+    path = _resolve_model(init)
+    ckpt = load_checkpoint(path)
+    if ckpt["arch"] != "mae":
+        raise UsfmaeError(f"--init_mae {init} holds a '{ckpt['arch']}' model, not an MAE (encoder + decoder)",
+                          "pass an MAE checkpoint (usfmae pretrain, configs/pretrain.json, usfmae import-weights or "
+                          "usfmae pull), or leave out --init_mae to start from scratch")
+    model = unwrap_model(network)
+    src, target = dict(ckpt["model"]), model.state_dict()
+    fresh = [k for k in src
+             if k.startswith("decoder.decoder_pred.") and k in target and src[k].shape != target[k].shape]
+    src.update({k: target[k] for k in fresh})
+    model.load_state_dict(adapt_state_dict(src, target, source=str(path)))
+    if fresh:
+        logger.info("the MAE's pixel-prediction head was re-initialised (patch shape changed)")
+    logger.info("continuing pretraining from %s", path)
+    return network
+
+
+def classifier_config(network: nn.Module, classes: Sequence[str], preprocessing: Any,
+                      preset: str = "bundle") -> dict[str, Any]:
+    """Our checkpoint config (model kwargs, ``classes``, ``preprocessing``) of a
+    :class:`~usfmae_core.networks.classifier.USFMAEClassifier`, read from the module itself: what
+    :func:`usfmae_core.networks.presets.build_model` rebuilds it from (``usfmae predict`` / ``evaluate`` / Slicer)."""
+    from usfmae_core.workflows.distributed import unwrap_model
+
+    model = unwrap_model(network)
+    prep = preprocessing.to_dict() if hasattr(preprocessing, "to_dict") else dict(preprocessing)
+    return {**_encoder_config(model.encoder), "num_classes": int(model.head.out_features), "pool": str(model.pool),
+            "dropout": float(model.dropout.p), "preset": str(preset), "classes": [str(c) for c in classes],
+            "preprocessing": prep}
 
 
 # -------------------------------------------------------------------------------------------------- training

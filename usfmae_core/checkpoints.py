@@ -4,7 +4,7 @@ Our format is a dict readable with ``torch.load(weights_only=True)``::
 
     {"model": state_dict, "arch": "mae" | "classifier" | "resnet" | "densenet",
      "config": {...plain types: model kwargs, preset, classes, preprocessing...},
-     "usfmae_version": "0.1.0", "meta": {...plain types: where it came from...}}
+     "usfmae_version": "0.2.0", "meta": {...plain types: where it came from...}}
 
 Training checkpoints add ``optimizer``, ``scheduler``, ``scaler``, ``step``, ``epoch`` and ``rng`` entries (tensors and
 plain types only). Files are written atomically: a temporary file in the same folder, then ``os.replace``.
@@ -88,9 +88,31 @@ def _torch_load(path: Path, allow_namespace: bool = False) -> Any:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load one of our checkpoints (weights only). Foreign weights must go through ``usfmae import-weights``."""
+    """Load one of our checkpoints (weights only), or the classifier of a MONAI bundle folder (or of its
+    ``models/model.pt``) as one (:func:`usfmae_core.bundle_export.load_bundle`). Foreign weights must go through
+    ``usfmae import-weights``."""
+    from usfmae_core.bundle_export import is_bundle, load_bundle
+
     path = Path(path)
-    ckpt = _torch_load(path)
+    if not path.exists():
+        from usfmae_core.hub import MODELS, resolve_init
+
+        if str(path) in MODELS:  # a published model by name: from the cache, downloaded on first use
+            path = resolve_init(str(path))
+    if path.is_dir() and is_bundle(path):
+        return load_bundle(path)
+    if path.parent.name == "models" and is_bundle(path.parent.parent) and not path.is_dir():
+        ckpt = _torch_load(path)
+        if not (isinstance(ckpt, dict) and "arch" in ckpt and "config" in ckpt):  # a bundle's plain state dict
+            return load_bundle(path.parent.parent, weights=path)
+        return _checked(path, ckpt)
+    if path.is_dir():
+        raise UsfmaeError(f"{path} is a folder, not a checkpoint or a MONAI bundle (no configs/metadata.json)",
+                          "pass a checkpoint file (model.pt) or a bundle folder")
+    return _checked(path, _torch_load(path))
+
+
+def _checked(path: Path, ckpt: Any) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt or "config" not in ckpt:
         fmt = detect_format(_unwrap(ckpt)) if isinstance(ckpt, dict) else "unknown"
         raise UsfmaeError(f"{path} is not a usfmae checkpoint (looks like: {fmt})",
@@ -419,6 +441,13 @@ def import_weights(src: str | Path, out: str | Path, img_size: int | None = None
     from usfmae_core.networks.presets import build_model
 
     src = Path(src)
+    from usfmae_core.bundle_export import is_bundle, load_bundle
+
+    if (src.is_dir() and is_bundle(src)) or (src.parent.name == "models" and is_bundle(src.parent.parent)):
+        # a MONAI bundle's classifier (its models/model.pt alone is a plain state dict: the bundle says what it is)
+        ckpt = load_bundle(src) if src.is_dir() else load_bundle(src.parent.parent, weights=src)
+        ckpt["meta"] = {**ckpt["meta"], "imported_from": src.name, "source_format": "monai_bundle"}
+        return save_checkpoint(out, ckpt)
     raw = _torch_load(src, allow_namespace=True)
     state = _unwrap(raw)
     if not state:

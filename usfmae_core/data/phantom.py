@@ -17,7 +17,7 @@ from __future__ import annotations
 import gzip
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -238,6 +238,15 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def _save_dicom(ds: Any, path: Path) -> None:
+    """Write a DICOM file with its file meta (pydicom 3: ``enforce_file_format``; pydicom 2.x, which 3D Slicer 5.10
+    bundles: the same under its old name ``write_like_original=False``)."""
+    try:
+        ds.save_as(path, enforce_file_format=True)
+    except TypeError:
+        ds.save_as(path, write_like_original=False)
+
+
 def _write_dicom(path: Path, array: np.ndarray, spacing: Sequence[float], rgb: bool = False,
                  frame_time_ms: float | None = None) -> None:
     import pydicom
@@ -269,7 +278,7 @@ def _write_dicom(path: Path, array: np.ndarray, spacing: Sequence[float], rgb: b
         ds.FrameTime = f"{frame_time_ms or 40.0:.6g}"
         ds.FrameIncrementPointer = pydicom.tag.Tag(0x0018, 0x1063)
     ds.PixelData = np.ascontiguousarray(array).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    _save_dicom(ds, path)
 
 
 def _write_seq_nrrd(path: Path, frames: np.ndarray, spacing: Sequence[float]) -> None:
@@ -369,7 +378,7 @@ def write_dicom_series(folder: str | Path, array: np.ndarray, spacing: Sequence[
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
         ds.PixelData = np.ascontiguousarray(array[z]).tobytes()
-        ds.save_as(folder / f"IM{k:04d}.dcm", enforce_file_format=True)
+        _save_dicom(ds, folder / f"IM{k:04d}.dcm")
     return folder
 
 

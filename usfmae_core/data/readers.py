@@ -233,13 +233,21 @@ def _dicom_spacing(ds) -> tuple[float, float]:
 
 def _read_dicom(path: Path) -> tuple[np.ndarray, tuple[float, ...], str, dict]:
     import pydicom
-    from pydicom.pixels import apply_color_lut
+
+    try:
+        from pydicom.pixels import apply_color_lut, convert_color_space
+    except ImportError:  # pydicom 2.x (3D Slicer 5.10 bundles 2.4.4)
+        from pydicom.pixel_data_handlers.util import apply_color_lut, convert_color_space
 
     ds = pydicom.dcmread(path)
     if "PixelData" not in ds:
         raise ValueError("DICOM file has no pixel data")
-    arr = ds.pixel_array  # pydicom 3 converts YBR_* to RGB by default
+    arr = ds.pixel_array
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric in ("YBR_FULL", "YBR_FULL_422") and int(pydicom.__version__.split(".")[0]) < 3:
+        # pydicom 3 converts YBR_FULL(_422) to RGB in pixel_array, 2.x returns the stored values (JPEG 2000
+        # YBR_RCT / YBR_ICT come out of the decoder as RGB in both)
+        arr = convert_color_space(arr, photometric, "RGB")
     spp = int(ds.get("SamplesPerPixel", 1))
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     meta: dict[str, Any] = {
