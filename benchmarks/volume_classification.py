@@ -353,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
               args.dataset == "trus" else "phantom lesion / none", "rows": rows, "paired_differences": diffs,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "timings": timings, "cpu": platform.processor() or platform.machine(), "cpu_model": _cpu_model(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "total_s": round(time.monotonic() - t0),
+              "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+              "torch": torch.__version__, "total_s": round(time.monotonic() - t0),
               "finished_load": load(), "command": "python benchmarks/volume_classification.py " +
               " ".join(argv if argv is not None else sys.argv[1:])}
     (out / "results.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
