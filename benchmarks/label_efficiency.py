@@ -154,12 +154,15 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------------- data
 def dedup_report(datalist: dict[str, Any]) -> dict[str, Any]:
-    """Counts of what deduplication removed and grouped (from the datalist's ``removed_duplicates``)."""
-    removed = datalist.get("removed_duplicates") or []
+    """Counts of what deduplication removed and grouped (from the datalist's ``removed`` / ``grouped`` /
+    ``unreadable``; older datalists' ``removed_duplicates`` are split into those by ``upgrade_report_keys``)."""
+    from usfmae_core.data.labelled import upgrade_report_keys
+
+    upgrade_report_keys(datalist)
     classes = list(datalist["classes"])
     items = [it for s in ("training", "validation", "test") for it in datalist.get(s) or []]
-    exact = [r for r in removed if r["reason"].startswith("exact")]
-    unreadable = [r for r in removed if r["reason"].startswith("unreadable")]
+    exact = list(datalist.get("removed") or [])
+    unreadable = list(datalist.get("unreadable") or [])
     groups: dict[str, list[dict]] = defaultdict(list)
     for it in items:
         if it.get("group") is not None and str(it["group"]).startswith("near-dup"):
@@ -172,7 +175,7 @@ def dedup_report(datalist: dict[str, Any]) -> dict[str, Any]:
         "exact_duplicates_removed": [{"path": r["path"], "duplicate_of": r["duplicate_of"], "reason": r["reason"]}
                                      for r in exact],
         "unreadable": unreadable,
-        "near_duplicate_pairs": sum(1 for r in removed if r["reason"].startswith("near-duplicate")),
+        "near_duplicate_pairs": len(datalist.get("grouped") or []),
         "near_duplicate_groups": len(groups),
         "images_in_near_duplicate_groups": sum(len(m) for m in groups.values()),
         "largest_group": max((len(m) for m in groups.values()), default=0),
@@ -212,7 +215,8 @@ def fold_datalists(datalist: dict[str, Any], work: Path, folds: int, split_seed:
 
     paths = []
     for i, d in enumerate(kfold_datalists(datalist, folds, split_seed)):
-        d.pop("removed_duplicates", None)
+        for key in ("removed_duplicates", "removed", "grouped", "unreadable", "masks", "ignored", "colour"):
+            d.pop(key, None)
         paths.append(write_json(work / "folds" / f"fold_{i}.json", d))
     return paths
 
@@ -428,6 +432,18 @@ def finetune_and_evaluate(rec: Recorder, args: argparse.Namespace, arm: str, mae
     return out
 
 
+def arm_candidates(args: argparse.Namespace) -> dict[str, list[float]]:
+    """``--arm-select-lr ARM=LR[,LR...]`` as ``{arm: [lr, ...]}``."""
+    out: dict[str, list[float]] = {}
+    for item in args.arm_select_lr:
+        arm, sep, lrs = item.partition("=")
+        if not sep or arm not in ALL_ARMS:
+            raise SystemExit(f"label_efficiency: --arm-select-lr {item!r}: expected ARM=LR[,LR...] with ARM one of "
+                             f"{', '.join(ALL_ARMS)}")
+        out[arm] = [float(v) for v in lrs.split(",")]
+    return out
+
+
 def select_lrs(rec: Recorder, args: argparse.Namespace, arms: Sequence[str], mae_of: Any, fold0: Path,
                work: Path) -> dict[str, Any]:
     """Per arm, the ``--select-lr`` candidate with the best validation macro-F1 on fold 0 at fraction 1
@@ -435,6 +451,7 @@ def select_lrs(rec: Recorder, args: argparse.Namespace, arms: Sequence[str], mae
     chosen: dict[str, Any] = {}
     for arm in arms:
         cands = args.probe_select_lr if arm == "linear_probe" and args.probe_select_lr else args.select_lr
+        cands = arm_candidates(args).get(arm, cands)
         if not cands:
             chosen[arm] = {"lr": args.probe_lr if arm == "linear_probe" else args.lr, "selected": False}
             continue
@@ -680,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--select-lr", type=float, nargs="*", default=[],
                    help="candidate lrs, chosen per arm on fold-0 validation macro-F1 at fraction 1")
     t.add_argument("--probe-select-lr", type=float, nargs="*", default=[], help="candidates for the linear probe")
+    t.add_argument("--arm-select-lr", nargs="*", default=[], metavar="ARM=LR[,LR...]",
+                   help="candidates for one arm instead of --select-lr (e.g. an lr already chosen on the same "
+                        "fold-0 validation by an earlier run)")
     t.add_argument("--bootstrap", type=int, default=1000)
     t.add_argument("--time-budget-min", type=float, default=0, help="stop launching runs after this (0: none)")
     r = p.add_argument_group("run")

@@ -3,7 +3,8 @@
 The bundle's configs only wire engine code together; whatever they need beyond the workflows' public API lives here,
 so no logic hides in JSON:
 
-- data: :class:`CorpusDataset` (a MONAI ``Dataset`` over a prepared pretraining corpus, ``data`` = the corpus folder),
+- data: :class:`CorpusDataset` (a MONAI ``Dataset`` over a prepared pretraining corpus, ``data`` = the corpus folder,
+  or several mixed by weight) with :func:`corpus_sampler`,
   :func:`split_items` / :func:`evaluation_items` (labelled datalists -> MONAI items), :func:`inference_items`
   (files / folders / datalist JSON -> items), :class:`UltrasoundToFramesd` (every frame / slice of an image, cine or
   volume as model input ``(N, C, S, S)``), :func:`cache_rate`;
@@ -24,6 +25,7 @@ so no logic hides in JSON:
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import functools
@@ -47,13 +49,13 @@ from monai.transforms import MapTransform, apply_transform
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["CorpusDataset", "split_items", "evaluation_items", "inference_items", "cache_rate", "collate_for",
-           "check_batches",
-           "UltrasoundToFramesd", "FrameAveragingInferer", "prepare_batch", "metadata_classes", "labelled_data",
-           "training_classes", "write_network_format", "write_json_file", "check_weights", "load_weights",
-           "save_state_dict", "start_from_mae", "init_mae", "classifier_config", "mae_checkpoint_config",
-           "macro_f1", "cosine_schedule", "use_amp", "amp_kwargs", "is_not_rank0", "prepare_process",
-           "with_iteration_events", "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler"]
+__all__ = ["CorpusDataset", "corpus_sampler", "split_items", "evaluation_items", "inference_items", "log_data_summary",
+           "cache_rate", "collate_for", "check_batches", "UltrasoundToFramesd", "FrameAveragingInferer",
+           "prepare_batch", "metadata_classes", "labelled_data", "training_classes", "write_network_format",
+           "write_json_file", "check_weights", "load_weights", "save_state_dict", "start_from_mae", "init_mae",
+           "classifier_config", "mae_checkpoint_config", "macro_f1", "cosine_schedule", "use_amp", "amp_kwargs",
+           "is_not_rank0", "prepare_process", "with_iteration_events", "SaveUsfmaeCheckpoint", "ProbabilityWriter",
+           "ProgressHandler"]
 
 logger = logging.getLogger("usfmae.bundle")
 
@@ -67,7 +69,10 @@ class CorpusDataset(Dataset):
     :func:`~usfmae_core.data.datasets.collate_uint8` and augment on the device (``MAEBatchAugment``).
 
     Args:
-        data: the corpus folder (the bundle's ``dataset_dir``), or an opened ``FrameCorpus`` / ``VolumeCorpus``.
+        data: the corpus folder (the bundle's ``dataset_dir``); or several, a list of folders, ``"PATH:WEIGHT"``
+            strings or ``[path, weight]`` pairs, read as one :class:`~usfmae_core.data.corpus.MixedCorpus` (draw
+            them in their weights' shares with :func:`corpus_sampler`, as ``usfmae pretrain --corpus A:w B:w``
+            does); or an opened ``FrameCorpus`` / ``VolumeCorpus`` / ``MixedCorpus``.
         transform: optional transform per item (None keeps the fast batched read).
         spatial_dims: 2 for frames, 3 for the ``--native-3d`` volumes ``(V, V, V)``.
     """
@@ -87,6 +92,21 @@ class CorpusDataset(Dataset):
                 raise UsfmaeError(f"corpus {path} is not a folder", "pass the folder written by usfmae prepare "
                                   "as --dataset_dir")
             data = VolumeCorpus(path) if spatial_dims == 3 else FrameCorpus(path)
+        elif isinstance(data, (list, tuple)):
+            from usfmae_core.commands._args import corpus_spec
+            from usfmae_core.data.corpus import open_corpora
+
+            specs = []
+            for item in data:
+                if isinstance(item, (str, os.PathLike)):
+                    try:
+                        specs.append(corpus_spec(str(item)))
+                    except argparse.ArgumentTypeError as err:
+                        raise UsfmaeError(f"dataset_dir: {err}", "give each corpus as PATH or PATH:WEIGHT") from None
+                else:
+                    path, weight = item
+                    specs.append((str(path), None if weight is None else float(weight)))
+            data = open_corpora(specs, spatial_dims)
         super().__init__(data=data, transform=transform)
 
     def _transform(self, index: int) -> Any:
@@ -97,6 +117,27 @@ class CorpusDataset(Dataset):
         if self.transform is None and hasattr(self.data, "get_batch"):
             return torch.from_numpy(self.data.get_batch(indices))
         return [self._transform(int(i)) for i in indices]
+
+
+def corpus_sampler(dataset: Any, seed: int = 0, distributed: bool = False) -> Any:
+    """The sampler for a :class:`CorpusDataset`: corpora mixed by weight are drawn in their shares by
+    :class:`~usfmae_core.workflows.pretrain.MixtureSampler` (a ``DistributedSampler``, so MONAI's engines advance its
+    epoch; split over the ranks when ``distributed``); otherwise MONAI's ``DistributedSampler`` when ``distributed``,
+    else None (let the DataLoader shuffle)."""
+    from usfmae_core.workflows import distributed as D
+
+    data = getattr(dataset, "data", dataset)
+    world, rank = (D.get_world_size(), D.get_rank()) if distributed else (1, 0)
+    if getattr(data, "weighted", False):
+        from usfmae_core.workflows.pretrain import MixtureSampler
+
+        return MixtureSampler(data.sizes, data.weights, num_replicas=world, rank=rank, seed=seed,
+                              drop_last=len(data) >= world)
+    if distributed:
+        from monai.data import DistributedSampler
+
+        return DistributedSampler(dataset, even_divisible=True, shuffle=True, seed=seed)
+    return None
 
 
 def _plain_item(it: Mapping[str, Any]) -> dict[str, Any]:
@@ -129,15 +170,35 @@ def evaluation_items(datalist: Mapping[str, Any], classes: Sequence[str], split:
 def inference_items(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[dict[str, str]]:
     """Items ``{"image": path}`` for files, folders (recursively, supported files only) or a datalist JSON.
 
-    Uses :func:`usfmae_core.workflows.predict.collect_inputs`; explicit files it cannot use are logged and skipped.
+    Uses :func:`usfmae_core.workflows.predict.collect_inputs`; explicit files it cannot use are logged and skipped,
+    segmentation masks / annotation files in folders are left out (counted in the log).
     """
     from usfmae_core.workflows.predict import collect_inputs
 
     sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     files, skipped = collect_inputs(sources)
     for s in skipped:
-        logger.warning("skipped %s: %s", s["source"], s["reason"])
+        if not s.get("mask"):
+            logger.warning("skipped %s: %s", s["source"], s["reason"])
+    masks = [s["source"] for s in skipped if s.get("mask")]
+    if masks:
+        logger.warning("left out %d segmentation masks / annotation files (e.g. %s)", len(masks),
+                       ", ".join(Path(m).name for m in masks[:3]))
     return [{"image": str(p)} for p in files]
+
+
+def log_data_summary(datalist: Mapping[str, Any], source: str | os.PathLike | None = None) -> list[str]:
+    """Log the console summary of a labelled datalist (files found, per-class counts per split, masks excluded,
+    duplicates removed, near-duplicate groups, unreadable files: :func:`usfmae_core.data.labelled.datalist_summary`,
+    what ``usfmae finetune`` / ``evaluate`` print) at the start of a bundle run; first process only. Returns the
+    lines."""
+    from usfmae_core.data.labelled import datalist_summary
+
+    lines = datalist_summary(dict(datalist), None if source is None else str(source))
+    if not is_not_rank0():
+        for line in lines:
+            logger.info(line)
+    return lines
 
 
 def cache_rate(n_items: int, prep: Any, volume: Any = None) -> float:
