@@ -173,9 +173,10 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     COMBO_FIELDS = (("inputKindComboBox", "inputKind"), ("finetunePresetComboBox", "finetunePreset"),
                     ("pretrainPresetComboBox", "pretrainPreset"))
-    ACTION_BUTTONS: ClassVar[dict[str, str]] = {"classify": "classifyButton", "reconstruct": "reconstructButton", "finetune": "finetuneButton",
-                      "pretrain": "pretrainButton", "import": "importModelButton", "pull": "pullWeightsButton",
-                      "samples": "loadSamplesButton"}
+    ACTION_BUTTONS: ClassVar[dict[str, str]] = {
+        "classify": "classifyButton", "reconstruct": "reconstructButton", "finetune": "finetuneButton",
+        "pretrain": "pretrainButton", "import": "importModelButton", "pull": "pullWeightsButton",
+        "samples": "loadSamplesButton"}
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -188,6 +189,9 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._probes = {}  # short background probes by kind (device, model details)
         self._engineMessage = None
         self._installPlan = None  # cached install plan (what is missing), refreshed by updateDependencyStatus
+        self._deviceChecked = False
+        self._probedModels = set()  # model paths whose details were read
+        self._tooltips = {}  # the .ui's tool tips of the action buttons
         self._jobTimer = qt.QTimer()
         self._jobTimer.setInterval(250)
         self._jobTimer.connect("timeout()", self.onJobTimer)
@@ -241,6 +245,7 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.pretrainButton.connect("clicked(bool)", self.onPretrain)
         self.ui.cancelJobButton.connect("clicked(bool)", self.onCancelJob)
 
+        self._tooltips = {action: getattr(self.ui, name).toolTip for action, name in self.ACTION_BUTTONS.items()}
         self._engineMessage = engine.engine_missing_message()
         self.initializeParameterNode()
         self.updateDependencyStatus()
@@ -256,8 +261,8 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
-        if self._engineReady(quiet=True) and "device" not in self._probes:
-            self.onDetectDevice()  # a background probe: entering the module imports no torch
+        if not self._deviceChecked and self._engineReady(quiet=True):
+            self.onDetectDevice()  # once, as a background probe: entering the module imports no torch
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -296,8 +301,6 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if getattr(self._parameterNode, name) != value:
             setattr(self._parameterNode, name, value)
-            if name in ("classifierPath", "maePath"):
-                self._probeModel(value)
 
     def _values(self) -> dict:
         p = self._parameterNode
@@ -327,8 +330,11 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for action, reason in action_states(self._values(), busy, self._engineReady(quiet=True)).items():
             button = getattr(self.ui, self.ACTION_BUTTONS[action])
             button.enabled = reason is None
-            if reason:
-                button.toolTip = reason
+            button.toolTip = reason or self._tooltips.get(action, "")
+        for path in (p.classifierPath, p.maePath):  # details of a newly chosen model, read in the background
+            if path and path not in self._probedModels and Path(path).is_file():
+                self._probedModels.add(path)
+                self._probeModel(path)
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _engineReady(self, quiet: bool = False, refresh: bool = False) -> bool:
@@ -498,6 +504,7 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceInfoLabel.text = _("install the Python packages first (below)")
             return
         self.ui.deviceInfoLabel.text = _("checking...")
+        self._deviceChecked = True
         self._probe(self.logic.device_job(self._device()))
 
     def updateDependencyStatus(self) -> None:
@@ -585,9 +592,12 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _loadSamples(self, written: dict) -> None:
         loaded = self.logic.load_samples(written, slicer.modules.sequences.logic())
-        if self._parameterNode is not None and loaded:
-            self._parameterNode.inputVolume = loaded.get("USFMAEPhantomCine") or next(iter(loaded.values()))
-        slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, fit=True)
+        shown = loaded.get("USFMAEPhantomCine") or next(iter(loaded.values()), None)
+        if shown is None:
+            return
+        if self._parameterNode is not None:
+            self._parameterNode.inputVolume = shown
+        slicer.util.setSliceViewerLayers(background=shown, fit=True)
 
     def onPullWeights(self) -> None:
         name = self.ui.pullWeightsComboBox.currentText
