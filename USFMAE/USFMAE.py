@@ -152,6 +152,8 @@ class USFMAEParameterNode:
     maskRatio: Annotated[float, WithinRange(0.05, 0.95)] = 0.75
     maskSeed: Annotated[int, WithinRange(0, 1000000)] = 0
     finetuneData: str = ""
+    finetuneLabelTable: vtkMRMLTableNode
+    finetuneVolumeModel: str = "2D classifier (images; volumes slice by slice)"
     finetuneInit: str = ""
     finetunePreset: str = "vit_small"
     finetuneEpochs: Annotated[int, WithinRange(1, 1000)] = 20
@@ -172,6 +174,7 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """GUI wiring only: what to run and how to show results are decided by the logic."""
 
     COMBO_FIELDS = (("inputKindComboBox", "inputKind"), ("finetunePresetComboBox", "finetunePreset"),
+                    ("finetuneVolumeModelComboBox", "finetuneVolumeModel"),
                     ("pretrainPresetComboBox", "pretrainPreset"))
     ACTION_BUTTONS: ClassVar[dict[str, str]] = {
         "classify": "classifyButton", "reconstruct": "reconstructButton", "finetune": "finetuneButton",
@@ -242,6 +245,7 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.classifyButton.connect("clicked(bool)", self.onClassify)
         self.ui.reconstructButton.connect("clicked(bool)", self.onReconstruct)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
+        self.ui.listSceneScansButton.connect("clicked(bool)", self.onListSceneScans)
         self.ui.pretrainButton.connect("clicked(bool)", self.onPretrain)
         self.ui.cancelJobButton.connect("clicked(bool)", self.onCancelJob)
 
@@ -305,7 +309,8 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _values(self) -> dict:
         p = self._parameterNode
         return {name: getattr(p, name) for name in ("inputVolume", "classifierPath", "maePath", "finetuneData",
-                                                      "pretrainSource", "pretrainUseScene")} if p else {}
+                                                      "finetuneLabelTable", "pretrainSource", "pretrainUseScene")
+                } if p else {}
 
     def updateGuiFromParameterNode(self, caller=None, event=None) -> None:
         """Path editors and combo boxes (not bound by connectGui) follow the parameter node; the logic says which
@@ -470,6 +475,9 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.classifyResultLabel.text = outcome.message
             self.logic.show_table_and_chart(outcome.nodes["table"], outcome.nodes["chart"],
                                             slicer.app.applicationLogic())
+            if outcome.nodes.get("attention_volume") is not None:  # attention MIL: which slices drove the result
+                slicer.util.setSliceViewerLayers(background=p.inputVolume if p is not None else None,
+                                                 foreground=outcome.nodes["attention_volume"], foregroundOpacity=0.4)
         elif outcome.kind == "reconstruct":
             slicer.util.setSliceViewerLayers(background=outcome.nodes["masked"],
                                              foreground=outcome.nodes["reconstruction"], foregroundOpacity=0.5,
@@ -639,9 +647,22 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ---------------------------------------------------------------------------------------------- training
     def onFinetune(self) -> None:
         p = self._parameterNode
-        self._start("finetune", lambda: self.logic.finetune_job(
-            p.finetuneData, p.finetuneOutput or self._defaultRunFolder("finetune"), init=p.finetuneInit or None,
-            epochs=p.finetuneEpochs, device=self._device(), preset=p.finetunePreset))
+        plan = dict(init=p.finetuneInit or None, epochs=p.finetuneEpochs, device=self._device(),
+                    preset=p.finetunePreset, volume_model=p.finetuneVolumeModel)
+        out = p.finetuneOutput or self._defaultRunFolder("finetune")
+        if p.finetuneLabelTable is not None:  # scans of the scene, labelled in a table
+            self._start("finetune", lambda: self.logic.finetune_scene_job(p.finetuneLabelTable, out, **plan))
+        else:
+            self._start("finetune", lambda: self.logic.finetune_job(p.finetuneData, out, **plan))
+
+    def onListSceneScans(self) -> None:
+        """A label table listing the scene's volumes and sequences, chosen for fine-tuning and shown to be filled."""
+        table = self.logic.label_table_for_scene()
+        if self._parameterNode is not None:
+            self._parameterNode.finetuneLabelTable = table
+        self.logic.show_table_and_chart(table, None, slicer.app.applicationLogic())
+        slicer.util.showStatusMessage(_("USF-MAE: fill in the class of each scan in '{table}'").format(
+            table=table.GetName()), 5000)
 
     def onPretrain(self) -> None:
         p = self._parameterNode
