@@ -94,6 +94,25 @@ def test_bag_leaves_out_empty_slices_and_training_draws_even_spacing() -> None:
     assert batch["image"][0, 3:].abs().max() == 0
 
 
+@pytest.mark.parametrize("kind", ["3d", "mil"])
+def test_training_augmentation_is_fixed_by_the_transforms_own_state(kind: str) -> None:
+    """A transform's ``R`` state alone fixes what it draws next (what ``finetune --resume`` saves and restores), and
+    a bag keeps its slices' common geometry and their order."""
+    from usfmae_core.data.volumes import RandBagAugmentd, RandVolumeAugmentd
+
+    make = (lambda: RandVolumeAugmentd("image")) if kind == "3d" else (lambda: RandBagAugmentd("image", 4))
+    x = torch.randn(1, 12, 12, 12) if kind == "3d" else torch.randn(10, 1, 12, 12)
+    t = make().set_random_state(3)
+    first = t({"image": x})["image"]
+    state = t.R.get_state()
+    second = t({"image": x})["image"]
+    again = make()
+    again.R.set_state(state)
+    assert torch.equal(again({"image": x})["image"], second) and not torch.equal(first, second)
+    if kind == "mil":
+        assert second.shape == (4, 1, 12, 12)
+
+
 def test_dicom_series_is_one_volume_and_2d_dicom_folders_stay_images(tmp_path: Path) -> None:
     from usfmae_core.data.dicom_series import group_dicom_series
     from usfmae_core.data.readers import read_ultrasound

@@ -263,18 +263,15 @@ class RandVolumeAugmentd(Randomizable, MapTransform):
                                  scale_range=(scale,) * 3, padding_mode="zeros", mode="bilinear")
         self.flips = [RandFlip(prob=prob_flip, spatial_axis=0), RandFlip(prob=prob_flip, spatial_axis=2)]
 
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None
-                         ) -> RandVolumeAugmentd:
-        super().set_random_state(seed, state)
+    def randomize(self, data: Any = None) -> None:
+        # the MONAI transforms inside are reseeded from this transform's own stream at every call, so that its one
+        # state (``self.R``) fixes everything: a resumed run (finetune --resume) continues the same augmentations
         for t in (self.affine, *self.flips):
             t.set_random_state(seed=int(self.R.randint(0, 2**31 - 1)))
-        return self
-
-    def randomize(self, data: Any = None) -> None:
-        pass  # the MONAI transforms inside draw their own parameters
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        self.randomize()
         for key in self.key_iterator(d):
             x = torch.as_tensor(d[key]).as_subclass(torch.Tensor).float()
             fill = x.amin(dim=tuple(range(1, x.dim())), keepdim=True)
