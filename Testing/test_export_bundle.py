@@ -126,7 +126,7 @@ def test_bundle_inference_equals_usfmae_predict_on_the_bundle(exported: dict[str
           "--dataset_dir", str(exported["scans"]), "--num_workers", "0"], bundle)
     monai_rows = {Path(r["source"]).name: r for r in csv.DictReader(open(bundle / "eval" / "predictions.csv"))}
     _run([sys.executable, "-m", "usfmae_core.cli", "predict", str(bundle), str(exported["scans"]), "--out",
-          str(tmp_path / "pred"), "--device", "cpu"], tmp_path)
+          str(tmp_path / "pred"), "--device", "cpu", "--precision", "fp32"], tmp_path)
     rows = {Path(r["source"]).name: r for r in csv.DictReader(open(tmp_path / "pred" / "summary.csv"))}
     assert set(rows) == set(monai_rows) == {"m.png", "vol.nii.gz"}
     classes = json.loads((bundle / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"]
