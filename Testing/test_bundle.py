@@ -193,7 +193,11 @@ def test_layout_metadata_and_model_zoo_keys() -> None:
         assert has(pre, key), f"pretrain.json lacks {key}"
     for name in ("multi_gpu_pretrain", "multi_gpu_train"):
         text = (BUNDLE / "configs" / f"{name}.json").read_text()
-        assert "LOCAL_RANK" in text and "DistributedSampler" in text and "wrap_ddp" in text
+        # pretraining's distributed sampler comes from corpus_sampler (MONAI's DistributedSampler, or the engine's
+        # MixtureSampler, a DistributedSampler too, for corpora mixed by weight)
+        sampler = "corpus_sampler(@train#dataset, @seed, True)" if name == "multi_gpu_pretrain" else \
+            "DistributedSampler"
+        assert "LOCAL_RANK" in text and sampler in text and "wrap_ddp" in text
     assert "validate#dataset" in cfg("evaluate") and "validate#handlers" in cfg("evaluate")
 
     large = yaml.safe_load((BUNDLE / "large_files.yml").read_text())["large_files"]
@@ -321,6 +325,37 @@ def test_pretrain_writes_mae_checkpoint_and_tensorboard(pretrained: Path, data: 
     losses = _scalars(pretrained / "eval" / "tensorboard" / "pretrain", "train_loss")
     assert len(losses) == len(FrameCorpus(data["corpus"])) // 8  # one scalar per iteration (drop_last batches)
     assert all(np.isfinite(losses)) and min(losses) > 0
+
+
+def test_pretrain_mixes_corpora_by_weight(data: dict[str, Path], tmp_path: Path) -> None:
+    """``--dataset_dir`` as a list of ``PATH:WEIGHT``: the dataloader draws each corpus in its share (the engine's
+    MixtureSampler, as ``usfmae pretrain --corpus A:w B:w``), and ``monai.bundle run`` trains on the mix."""
+    from monai.bundle import ConfigParser
+
+    from usfmae_core.checkpoints import load_checkpoint
+    from usfmae_core.data.corpus import FrameCorpus, prepare_corpus
+    from usfmae_core.workflows.pretrain import MixtureSampler
+
+    target = tmp_path / "target"
+    prepare_corpus([data["labelled"]], target, image_size=32, progress=False)
+    mix = [f"{data['corpus']}:1", f"{target}:3"]
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "pretrain.json"))
+    parser.update({"dataset_dir": mix, "bundle_root": str(tmp_path), "image_size": 32, "batch_size": 8,
+                   "num_workers": 0})
+    loader = parser.get_parsed_content("train#dataloader")
+    sampler = loader.sampler
+    assert isinstance(sampler, MixtureSampler) and sampler.weights == [0.25, 0.75]
+    n_general = len(FrameCorpus(data["corpus"]))
+    sampler.set_epoch(1)  # MONAI's workflows call this at every epoch (a DistributedSampler)
+    idx = np.array(list(sampler))
+    assert (idx >= n_general).sum() == sampler.counts[1] and sampler.counts[1] == round(0.75 * len(idx))
+
+    bundle = _copy_bundle(tmp_path / "usf_mae")
+    _monai_bundle("run", *_bundle_args(bundle, "pretrain"), "--dataset_dir", "[" + ",".join(f"'{m}'" for m in mix)
+                  + "]", *TINY, "--batch_size", "8", "--train#trainer#max_epochs", "2", cwd=bundle)
+    ckpt = load_checkpoint(bundle / "models" / "mae.pt")
+    assert ckpt["meta"]["corpus"] == mix and ckpt["meta"]["epoch"] == 2
 
 
 def test_train_writes_model_zoo_weights_and_network_format(trained: Path, pretrained: Path) -> None:

@@ -3,7 +3,8 @@
 The bundle's configs only wire engine code together; whatever they need beyond the workflows' public API lives here,
 so no logic hides in JSON:
 
-- data: :class:`CorpusDataset` (a MONAI ``Dataset`` over a prepared pretraining corpus, ``data`` = the corpus folder),
+- data: :class:`CorpusDataset` (a MONAI ``Dataset`` over a prepared pretraining corpus, ``data`` = the corpus folder,
+  or several mixed by weight) with :func:`corpus_sampler`,
   :func:`split_items` / :func:`evaluation_items` (labelled datalists -> MONAI items), :func:`inference_items`
   (files / folders / datalist JSON -> items), :class:`UltrasoundToFramesd` (every frame / slice of an image, cine or
   volume as model input ``(N, C, S, S)``), :func:`cache_rate`;
@@ -24,6 +25,7 @@ so no logic hides in JSON:
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import functools
@@ -47,7 +49,8 @@ from monai.transforms import MapTransform, apply_transform
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["CorpusDataset", "split_items", "evaluation_items", "inference_items", "cache_rate", "check_batches",
+__all__ = ["CorpusDataset", "corpus_sampler", "split_items", "evaluation_items", "inference_items", "cache_rate",
+           "check_batches",
            "UltrasoundToFramesd", "FrameAveragingInferer", "prepare_batch", "metadata_classes", "labelled_data",
            "training_classes", "write_network_format", "write_json_file", "check_weights", "load_weights",
            "save_state_dict", "start_from_mae", "init_mae", "classifier_config", "mae_checkpoint_config",
@@ -66,7 +69,10 @@ class CorpusDataset(Dataset):
     :func:`~usfmae_core.data.datasets.collate_uint8` and augment on the device (``MAEBatchAugment``).
 
     Args:
-        data: the corpus folder (the bundle's ``dataset_dir``), or an opened ``FrameCorpus`` / ``VolumeCorpus``.
+        data: the corpus folder (the bundle's ``dataset_dir``); or several, a list of folders, ``"PATH:WEIGHT"``
+            strings or ``[path, weight]`` pairs, read as one :class:`~usfmae_core.data.corpus.MixedCorpus` (draw
+            them in their weights' shares with :func:`corpus_sampler`, as ``usfmae pretrain --corpus A:w B:w``
+            does); or an opened ``FrameCorpus`` / ``VolumeCorpus`` / ``MixedCorpus``.
         transform: optional transform per item (None keeps the fast batched read).
         spatial_dims: 2 for frames, 3 for the ``--native-3d`` volumes ``(V, V, V)``.
     """
@@ -86,6 +92,21 @@ class CorpusDataset(Dataset):
                 raise UsfmaeError(f"corpus {path} is not a folder", "pass the folder written by usfmae prepare "
                                   "as --dataset_dir")
             data = VolumeCorpus(path) if spatial_dims == 3 else FrameCorpus(path)
+        elif isinstance(data, (list, tuple)):
+            from usfmae_core.commands._args import corpus_spec
+            from usfmae_core.data.corpus import open_corpora
+
+            specs = []
+            for item in data:
+                if isinstance(item, (str, os.PathLike)):
+                    try:
+                        specs.append(corpus_spec(str(item)))
+                    except argparse.ArgumentTypeError as err:
+                        raise UsfmaeError(f"dataset_dir: {err}", "give each corpus as PATH or PATH:WEIGHT") from None
+                else:
+                    path, weight = item
+                    specs.append((str(path), None if weight is None else float(weight)))
+            data = open_corpora(specs, spatial_dims)
         super().__init__(data=data, transform=transform)
 
     def _transform(self, index: int) -> Any:
@@ -96,6 +117,27 @@ class CorpusDataset(Dataset):
         if self.transform is None and hasattr(self.data, "get_batch"):
             return torch.from_numpy(self.data.get_batch(indices))
         return [self._transform(int(i)) for i in indices]
+
+
+def corpus_sampler(dataset: Any, seed: int = 0, distributed: bool = False) -> Any:
+    """The sampler for a :class:`CorpusDataset`: corpora mixed by weight are drawn in their shares by
+    :class:`~usfmae_core.workflows.pretrain.MixtureSampler` (a ``DistributedSampler``, so MONAI's engines advance its
+    epoch; split over the ranks when ``distributed``); otherwise MONAI's ``DistributedSampler`` when ``distributed``,
+    else None (let the DataLoader shuffle)."""
+    from usfmae_core.workflows import distributed as D
+
+    data = getattr(dataset, "data", dataset)
+    world, rank = (D.get_world_size(), D.get_rank()) if distributed else (1, 0)
+    if getattr(data, "weighted", False):
+        from usfmae_core.workflows.pretrain import MixtureSampler
+
+        return MixtureSampler(data.sizes, data.weights, num_replicas=world, rank=rank, seed=seed,
+                              drop_last=len(data) >= world)
+    if distributed:
+        from monai.data import DistributedSampler
+
+        return DistributedSampler(dataset, even_divisible=True, shuffle=True, seed=seed)
+    return None
 
 
 def _plain_item(it: Mapping[str, Any]) -> dict[str, Any]:
