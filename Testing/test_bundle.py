@@ -102,6 +102,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     phantom.write_unlabelled_corpus_sources(root / "src", n_images=4, n_volumes=1, n_cines=0, size=48, seed=3)
     prepare_corpus([root / "src"], root / "corpus", image_size=32, progress=False)
     phantom.write_labelled_folder(root / "labelled", n_per_class=6, size=40, seed=4)
+    # a segmentation mask beside one scan, as datasets ship them: left out of training, named in the summary
+    phantom.write_image(root / "labelled" / "mass" / "mass_0002_mask.png",
+                        phantom.make_image_with_mask(2, 40, rng=7)[1])
     infer = root / "infer"
     infer.mkdir()
     shutil.copy(root / "labelled" / "cyst" / "cyst_0000.png", infer / "a.png")
@@ -392,8 +395,10 @@ def test_train_writes_model_zoo_weights_and_network_format(trained: Path, pretra
 
 def test_evaluate_writes_metrics_and_probabilities(trained: Path, data: dict[str, Path]) -> None:
     """evaluate.json on the run's test split writes what ``usfmae evaluate`` writes, for exactly those images."""
-    _monai_bundle("run", *_bundle_args(trained, ["train", "evaluate"]), "--dataset_dir", str(data["labelled"]),
-                  "--num_workers", "0", "--bootstrap", "50", *TINY_CLS, cwd=trained)
+    proc = _monai_bundle("run", *_bundle_args(trained, ["train", "evaluate"]), "--dataset_dir",
+                         str(data["labelled"]), "--num_workers", "0", "--bootstrap", "50", *TINY_CLS, cwd=trained)
+    log = proc.stdout + proc.stderr  # the data summary comes first, as in usfmae evaluate
+    assert f"data: {data['labelled']}: 19 files found; 18 used" in log and "masks excluded: 1" in log
     test = json.loads((trained / "eval" / "datalist.json").read_text())["test"]
     metrics = json.loads((trained / "eval" / "metrics.json").read_text())
     assert metrics["n"] == len(test) and 0.0 <= metrics["accuracy"] <= 1.0

@@ -254,3 +254,32 @@ def test_volume_model_errors(volumes: Path, mae3d: Path, tmp_path: Path, cli_err
     cli_error(["finetune", "--data", str(images), "--out", str(tmp_path / "y"), "--volume-model", "3d", "--epochs",
                "1", "--image-size", "16", *TINY], "is a 2D image", "3D model")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.shared_data
+def test_real_clips_and_volumes_as_labelled_scans(shared_data: Path, tmp_path: Path) -> None:
+    """Real files of ../shared/data as one-label scans: lung POCUS clips (mp4 / avi / mov / gif) of two classes and
+    the TRUS volumes (NIfTI) go through MIL fine-tuning (every frame / slice read, bags built), then predict gives
+    each a volume-level result with attention over its informative frames."""
+    videos = shared_data / "pocus_lung" / "videos"
+    root = tmp_path / "clips"
+    for cls in ("covid", "regular"):
+        (root / cls).mkdir(parents=True)
+        for src in sorted((videos / cls).iterdir())[:3]:
+            (root / cls / src.name).symlink_to(src)
+    vols = sorted((shared_data / "volumes" / "trus_prostate").glob("*.nii.gz"))[:2]
+    for i, src in enumerate(vols):
+        (root / ("covid", "regular")[i] / src.name).symlink_to(src)
+    run = tmp_path / "run"
+    _run(["finetune", "--data", str(root), "--out", str(run), "--volume-model", "mil", "--image-size", "16",
+          "--max-slices", "4", "--epochs", "1", "--batch-size", "2", "--val-fraction", "0.25", "--test-fraction",
+          "0.25", *TINY])
+    m = json.loads((run / "metrics.json").read_text())
+    kinds = {k for s in ("training", "validation", "test") for k in (m["volume_data"].get(s) or {}).get("kinds", {})}
+    assert kinds == {"cine", "volume"}
+    clip = sorted((root / "covid").iterdir())[0]
+    _run(["predict", str(run / "model.pt"), str(clip), str(root / "regular" / vols[1].name), "--out",
+          str(tmp_path / "pred"), "--device", "cpu"])
+    report = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert [r["kind"] for r in report["results"]] == ["cine", "volume"] and not report["skipped"]
+    assert all(r["n_slices"] > 1 for r in report["results"])

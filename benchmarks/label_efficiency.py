@@ -154,12 +154,15 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------------- data
 def dedup_report(datalist: dict[str, Any]) -> dict[str, Any]:
-    """Counts of what deduplication removed and grouped (from the datalist's ``removed_duplicates``)."""
-    removed = datalist.get("removed_duplicates") or []
+    """Counts of what deduplication removed and grouped (from the datalist's ``removed`` / ``grouped`` /
+    ``unreadable``; older datalists' ``removed_duplicates`` are split into those by ``upgrade_report_keys``)."""
+    from usfmae_core.data.labelled import upgrade_report_keys
+
+    upgrade_report_keys(datalist)
     classes = list(datalist["classes"])
     items = [it for s in ("training", "validation", "test") for it in datalist.get(s) or []]
-    exact = [r for r in removed if r["reason"].startswith("exact")]
-    unreadable = [r for r in removed if r["reason"].startswith("unreadable")]
+    exact = list(datalist.get("removed") or [])
+    unreadable = list(datalist.get("unreadable") or [])
     groups: dict[str, list[dict]] = defaultdict(list)
     for it in items:
         if it.get("group") is not None and str(it["group"]).startswith("near-dup"):
@@ -172,7 +175,7 @@ def dedup_report(datalist: dict[str, Any]) -> dict[str, Any]:
         "exact_duplicates_removed": [{"path": r["path"], "duplicate_of": r["duplicate_of"], "reason": r["reason"]}
                                      for r in exact],
         "unreadable": unreadable,
-        "near_duplicate_pairs": sum(1 for r in removed if r["reason"].startswith("near-duplicate")),
+        "near_duplicate_pairs": len(datalist.get("grouped") or []),
         "near_duplicate_groups": len(groups),
         "images_in_near_duplicate_groups": sum(len(m) for m in groups.values()),
         "largest_group": max((len(m) for m in groups.values()), default=0),
@@ -212,7 +215,8 @@ def fold_datalists(datalist: dict[str, Any], work: Path, folds: int, split_seed:
 
     paths = []
     for i, d in enumerate(kfold_datalists(datalist, folds, split_seed)):
-        d.pop("removed_duplicates", None)
+        for key in ("removed_duplicates", "removed", "grouped", "unreadable", "masks", "ignored", "colour"):
+            d.pop(key, None)
         paths.append(write_json(work / "folds" / f"fold_{i}.json", d))
     return paths
 

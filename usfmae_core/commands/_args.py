@@ -18,7 +18,8 @@ from typing import NoReturn
 from usfmae_core.constants import DEVICE_CHOICES, PRECISION_CHOICES
 
 __all__ = ["OneLineParser", "positive_int", "nonneg_int", "positive_float", "nonneg_float", "fraction",
-           "open_fraction", "unit_fraction", "corpus_spec", "add_device", "add_precision", "add_inference_arguments"]
+           "open_fraction", "unit_fraction", "corpus_spec", "add_device", "add_precision", "add_inference_arguments",
+           "add_mask_arguments"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -101,3 +102,14 @@ def add_inference_arguments(p: argparse.ArgumentParser, batch_size: int = 32) ->
     add_device(p)
     p.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help=f"frames per batch (default {batch_size})")
+
+
+def add_mask_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str = "images") -> None:
+    """``--include-masks`` and ``--mask-pattern`` (segmentation masks / annotation files among the data)."""
+    p.add_argument("--include-masks", action="store_true",
+                   help=f"keep segmentation masks / annotation files as {what} (default: they are found by name - "
+                   "_mask, _mask_1, _seg, _gt, masks/, labels/, gt/ ... - or by content - few grey levels beside a "
+                   "scan - and left out, with a count on the console and the list in the run folder)")
+    p.add_argument("--mask-pattern", dest="mask_patterns", action="append", default=[], metavar="GLOB",
+                   help="also treat files matching this glob as masks (path below the data folder or file name, "
+                   "case-insensitive, e.g. '*_roi.png'; repeatable)")

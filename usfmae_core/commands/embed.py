@@ -27,7 +27,11 @@ def run(args: argparse.Namespace) -> int:
                 run_config=vars(args))
     report = json.loads((out / "embed.json").read_text())
     for s in report["skipped"]:
-        print(f"skipped {s['source']}: {s['reason']}")
+        if not s.get("mask"):
+            print(f"skipped {s['source']}: {s['reason']}")
+    masks = sum(1 for s in report["skipped"] if s.get("mask"))
+    if masks:
+        print(f"left out {masks} segmentation masks / annotation files (listed in embed.json)")
     n, d = report["shape"]
     print(f"wrote {n} embeddings of width {d} to {out / 'embeddings.npy'} (rows: {out / 'embeddings_index.csv'})")
     return 0

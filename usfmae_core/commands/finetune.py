@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from usfmae_core.commands._args import (add_device, add_precision, fraction, nonneg_float, nonneg_int,
-                                        positive_float, positive_int, unit_fraction)
+from usfmae_core.commands._args import (add_device, add_mask_arguments, add_precision, fraction, nonneg_float,
+                                        nonneg_int, positive_float, positive_int, unit_fraction)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -71,6 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="validation fraction when --data is split here (folders / CSV; default 0.15)")
     t.add_argument("--test-fraction", type=unit_fraction, default=0.15,
                    help="test fraction when --data is split here (folders / CSV; default 0.15)")
+    add_mask_arguments(t)
     t.add_argument("--folds", type=nonneg_int, default=0,
                    help="k-fold cross-validation with K >= 2 folds (default: off)")
     add_precision(t)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from usfmae_core.commands._args import add_inference_arguments, add_precision, positive_int
+from usfmae_core.commands._args import add_inference_arguments, add_mask_arguments, add_precision, positive_int
+from usfmae_core.constants import KIND_CHOICES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--normal-class", metavar="NAME",
                    help="for --aggregate max/topk: the class meaning 'nothing found' (default: the class named "
                    "normal, none, negative, healthy, no_lesion, background, regular or control)")
+    p.add_argument("--kind", default="auto", choices=KIND_CHOICES,
+                   help="how to read each input: auto (as its format says), or image, cine (2D+t: one result per "
+                   "frame) or volume (3D), e.g. --kind cine for a clip stored as a 3D NRRD")
+    add_mask_arguments(p, "inputs to classify")
     p.set_defaults(func=run)
 
 
@@ -36,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from usfmae_core.workflows.predict import predict
 
     out = predict(args.model, args.inputs, args.out, args.device, args.axis, args.batch_size, args.precision,
-                  args.top_k, run_config=vars(args), aggregate=args.aggregate, normal_class=args.normal_class)
+                  args.top_k, run_config=vars(args), aggregate=args.aggregate, normal_class=args.normal_class,
+                  include_masks=args.include_masks, mask_patterns=args.mask_patterns, kind=args.kind)
     report = json.loads((out / "predictions.json").read_text())
     for r in report["results"]:
         probs = ", ".join(f"{c} {r[f'p_{c}']:.3f}" for c in report["classes"])
@@ -50,8 +57,14 @@ def run(args: argparse.Namespace) -> int:
             what = f"{r['n_frames']} frame(s){excluded}" + ("" if how == "mean" else
                                                            f", {how} of {_slices(r['top_slices'])}")
         print(f"{r['source']}: {r['label']} ({r['kind']}, {what}; {probs})")
+    masks = [s for s in report["skipped"] if s.get("mask")]
     for s in report["skipped"]:
-        print(f"skipped {s['source']}: {s['reason']}")
+        if not s.get("mask"):
+            print(f"skipped {s['source']}: {s['reason']}")
+    if masks:
+        ex = ", ".join(Path(s["source"]).name for s in masks[:3]) + (", ..." if len(masks) > 3 else "")
+        print(f"left out {len(masks)} segmentation masks / annotation files (e.g. {ex}; listed in predictions.json; "
+              "--include-masks classifies them)")
     print(f"wrote {out / 'predictions.csv'}, {out / 'summary.csv'}, {out / 'predictions.json'}")
     return 0
 

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from usfmae_core.commands._args import positive_int
+from usfmae_core.commands._args import add_mask_arguments, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--volume-size", type=positive_int, default=96, help="side of native 3D volumes (default 96)")
     p.add_argument("--workers", type=positive_int, default=max(1, os.cpu_count() or 1),
                    help="reader processes (default: all cores)")
+    add_mask_arguments(p, "sources")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -64,11 +65,22 @@ def run(args: argparse.Namespace) -> int:
         raise UsfmaeError("nothing to prepare", "pass files / folders (SRC...) and/or --labelled DATA")
     rep = prepare_corpus(sources, args.out, args.image_size, tuple(args.axes), args.frame_stride,
                          args.crop_sector, args.remove_text, args.native_3d, args.workers,
-                         not args.no_progress, args.volume_size, exclude=held_out, exclude_reason=reason)
+                         not args.no_progress, args.volume_size, exclude=held_out, exclude_reason=reason,
+                         include_masks=args.include_masks, mask_patterns=args.mask_patterns, log=print)
     print(f"prepared {rep['n_frames']} frames in {rep['corpus']} ({rep['frames_added']} new from "
           f"{rep['sources_read']} files; {rep['sources_resumed']} already done; {rep['duplicates_removed']} "
           f"duplicates, {rep['near_duplicates_removed']} near-duplicate cine frames, "
           f"{rep['empty_frames_skipped']} empty frames dropped; {rep['n_volumes']} volumes)")
+    masks = [m for m in rep["masks"] if not m.get("kept")]
+    if masks:
+        by_content = sum(1 for m in masks if str(m["reason"]).startswith("content"))
+        ex = ", ".join(Path(m["path"]).name for m in masks[:3]) + (", ..." if len(masks) > 3 else "")
+        print(f"left out {len(masks)} segmentation masks / annotation files ({len(masks) - by_content} by name, "
+              f"{by_content} by content; e.g. {ex}; list in {Path(args.out) / 'report.json'}; "
+              "--include-masks keeps them)")
+    if rep["totals"].get("colour_sources"):
+        print(f"colour: {rep['totals']['colour_sources']} files carry colour pixels (Doppler, overlays); the corpus "
+              "stores them as grey (BT.601 luma)")
     if rep["skipped"]:
         print(f"skipped {len(rep['skipped'])} files (details in {Path(args.out) / 'report.json'}):")
         for s in rep["skipped"][:20]:

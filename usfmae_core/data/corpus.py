@@ -30,18 +30,20 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from usfmae_core.errors import UsfmaeError
 
 __all__ = ["prepare_corpus", "FrameCorpus", "VolumeCorpus", "MixedCorpus", "open_corpora", "datalist_sources",
-           "split_labelled_for_corpus", "iter_source_files", "CORPUS_VERSION"]
+           "split_labelled_for_corpus", "iter_source_files", "corpus_start_summary", "CORPUS_VERSION"]
 
 CORPUS_VERSION = 1
 _COMPANIONS = (".raw", ".zraw", ".img")  # data files of .mhd / .hdr headers: read through their header
@@ -108,21 +110,14 @@ def _letterbox_slices(stack: np.ndarray, spacing_hw: tuple[float, float], size: 
 
 
 def _native_volume(vol: np.ndarray, spacing: Sequence[float], size: int) -> tuple[np.ndarray, float]:
-    """Resample a volume to an isotropic cube of side ``size`` (letterboxed); returns (uint8, new spacing mm)."""
-    import torch
-    import torch.nn.functional as F
+    """Resample a volume to an isotropic cube of side ``size`` (letterboxed); returns (uint8, new spacing mm).
 
-    from usfmae_core.data.transforms import scale_intensity
+    The rule volume classifiers see too (:func:`~usfmae_core.data.volumes.volume_to_cube`), so a ``--native-3d``
+    MAE is fine-tuned on what it was pretrained on."""
+    from usfmae_core.data.volumes import volume_to_cube
 
-    ext = [n * s for n, s in zip(vol.shape, spacing)]
-    big = max(ext)
-    dims = [max(1, round(size * e / big)) for e in ext]
-    t = torch.from_numpy(scale_intensity(vol))[None, None]
-    t = F.interpolate(t, size=dims, mode="trilinear", align_corners=False)[0, 0]
-    out = torch.zeros((size,) * 3)
-    o = [(size - d) // 2 for d in dims]
-    out[o[0]:o[0] + dims[0], o[1]:o[1] + dims[1], o[2]:o[2] + dims[2]] = t
-    return _to_uint8(out.numpy()), big / size
+    cube, step = volume_to_cube(vol, spacing, size)
+    return _to_uint8(cube[0].numpy()), step
 
 
 def _finish_frames(frames: np.ndarray, size: int) -> np.ndarray:
@@ -152,6 +147,7 @@ def _process_source(path: str, opts: _Options) -> dict[str, Any]:
 
 
 def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
+    from usfmae_core.data.masks import label_like
     from usfmae_core.data.readers import read_ultrasound
     from usfmae_core.data.sector import detect_imaged_region, remove_annotations
     from usfmae_core.data.transforms import informative_frames
@@ -240,7 +236,9 @@ def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - e.g. an absurd geometry; reported, never fatal
         return {"source": path, "error": f"{type(err).__name__}: {err}"[:300]}
     return {"source": path, "kind": img.kind, "frames": frames_u8, "records": records, "volume": volume,
-            "stats": stats, "seconds": time.perf_counter() - t0, "source_spacing": list(img.spacing)}
+            "stats": stats, "seconds": time.perf_counter() - t0, "source_spacing": list(img.spacing),
+            "label_like": label_like(img.array) if img.kind != "cine" else None,
+            "colour": float(img.meta.get("colour_fraction") or 0.0) > 0}
 
 
 def _worker_init() -> None:
@@ -302,7 +300,7 @@ class _Writer:
         self.buffer: list[dict] = []
         self.buffered = 0
         self.counts = {"frames_written": 0, "duplicates_removed": 0, "empty_frames_skipped": 0,
-                       "near_duplicates_removed": 0, "volumes_written": 0}  # this run
+                       "near_duplicates_removed": 0, "volumes_written": 0, "colour_sources": 0}  # this run
         self.earlier_counts = dict(self.summary.get("counts", {}))  # earlier (interrupted or resumed) runs
 
     def total_counts(self) -> dict[str, int]:
@@ -329,6 +327,11 @@ class _Writer:
         # same timestamp, or (copied / re-synced folder) same content
         return d.get("mtime") == key["mtime"] or (d.get("sha1") is not None and d["sha1"] == _file_sha1(key["source"]))
 
+    def add_mask(self, key: dict, result: dict, scan: str, reason: str) -> None:
+        """A source found to be a mask by its content: nothing written, remembered as done (resume skips it)."""
+        self.buffer.append({"done": {**key, "sha1": result.get("file_sha1"), "status": "mask", "scan": scan,
+                                     "reason": reason}})
+
     def add(self, key: dict, result: dict) -> None:
         if "error" in result:
             self.buffer.append({"done": {**key, "sha1": result.get("file_sha1"), "status": "skipped",
@@ -345,6 +348,7 @@ class _Writer:
             keep.append(i)
             hashes.append(h)
         st = result["stats"]
+        self.counts["colour_sources"] += int(bool(result.get("colour")))
         self.counts["empty_frames_skipped"] += st["empty"]
         self.counts["near_duplicates_removed"] += st["near_duplicate"]
         entry = {"frames": frames[keep], "records": [{**recs[i], "sha1": h} for i, h in zip(keep, hashes)],
@@ -414,6 +418,26 @@ class _Writer:
         self.buffer, self.buffered = [], 0
 
 
+def corpus_start_summary(files: Sequence[Path], masks: Sequence[dict], skipped: Sequence[dict], resumed: int = 0,
+                         include_masks: bool = False) -> list[str]:
+    """The lines ``usfmae prepare`` prints before it reads anything: files found per format family, masks found by
+    name (count and examples), unsupported files, sources already done."""
+    from usfmae_core.data.readers import file_format
+
+    fams = Counter(file_format(p) or "dicom" for p in files)
+    order = ("image", "video", "dicom", "itk")
+    names = {"image": "images", "video": "videos", "dicom": "DICOM", "itk": "NIfTI/NRRD/MetaImage"}
+    lines = [f"found {len(files)} ultrasound files (" + ", ".join(f"{fams[f]} {names[f]}" for f in order if fams[f])
+             + ")" + (f", {resumed} already in the corpus" if resumed else "")]
+    if masks:
+        ex = ", ".join(Path(m["path"]).name for m in list(masks)[:3]) + (", ..." if len(masks) > 3 else "")
+        lines.append(f"masks / annotation files by name: {len(masks)} "
+                     + ("kept as images (--include-masks)" if include_masks else "left out") + f" (e.g. {ex})")
+    if skipped:
+        lines.append(f"not ultrasound files (unsupported type or missing): {len(skipped)}")
+    return lines
+
+
 def prepare_corpus(
     sources: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -429,8 +453,15 @@ def prepare_corpus(
     shard_frames: int = 4096,
     exclude: Iterable[str | os.PathLike] = (),
     exclude_reason: str = "held out",
+    include_masks: bool = False,
+    mask_patterns: Sequence[str] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Build (or resume) a frame corpus from files / folders; returns the report (also ``out/report.json``).
+
+    Segmentation masks and annotation files among the sources (:mod:`usfmae_core.data.masks`: by name - ``_mask``,
+    ``masks/`` ... - before anything is read, by content - few grey levels beside a scan - once read) are not put
+    into the corpus unless ``include_masks``; the report lists them under ``masks`` (path, scan, reason).
 
     Args:
         sources: files or folders (walked recursively).
@@ -449,6 +480,9 @@ def prepare_corpus(
             :func:`datalist_sources`): a source is left out when its resolved path is one of them, or when its bytes
             equal one of them (a copy under another name). Left-out sources are counted and listed in the report
             (``excluded``), with ``exclude_reason``.
+        include_masks: keep mask / annotation files as sources (still listed, ``kept``).
+        mask_patterns: extra globs naming mask files (``--mask-pattern``).
+        log: where to print the start summary (files found per format, masks set aside); None: silent.
     """
     from tqdm.auto import tqdm
 
@@ -470,13 +504,28 @@ def prepare_corpus(
                               "prepare the corpus into a new --out folder")
     excluded: list[dict] = []
     queued: set[str] = set()
-    todo: list[tuple[Path, dict]] = []
+    from usfmae_core.data.masks import MaskRules, ScanIndex, companion_scan, split_masks
+
+    rules = MaskRules.with_patterns(mask_patterns)
+    found: list[Path] = []
     skipped_now: list[dict] = []
+    masks: list[dict] = []
+    for src in sources:  # masks by name, judged below each source folder (a 'labels/' above it says nothing)
+        files = []
+        for p, reason in iter_source_files([src]):
+            if reason is not None:
+                skipped_now.append({"path": str(p), "reason": reason})
+            else:
+                files.append(p)
+        root = Path(src) if Path(src).is_dir() else None
+        _, named = split_masks(files, rules, root)
+        masks += [{**m.to_dict(), **({"kept": True} if include_masks else {})} for m in named]
+        skip = set() if include_masks else {m.path for m in named}
+        found += [p for p in files if str(p) not in skip]
+    index = ScanIndex(found)  # companion scans of masks found by content
+    todo: list[tuple[Path, dict]] = []
     n_resumed = 0
-    for p, reason in iter_source_files(sources):
-        if reason is not None:
-            skipped_now.append({"path": str(p), "reason": reason})
-            continue
+    for p in found:
         key = _source_key(p)
         if key["source"] in queued:  # the same file listed twice (e.g. a folder and a datalist naming it)
             continue
@@ -490,6 +539,9 @@ def prepare_corpus(
             n_resumed += 1
         else:
             todo.append((p, key))
+    if log is not None:
+        for line in corpus_start_summary(found, masks, skipped_now, n_resumed, include_masks):
+            log(line)
     n_sources_read = 0
     frames_before = writer.summary["n_frames"]
     work_seconds = 0.0
@@ -504,6 +556,15 @@ def prepare_corpus(
         else:
             results = (_process_source(str(p), opts) for p, _ in todo)
         for (p, key), res in zip(todo, results):
+            scan = companion_scan(p, index, prefix=True) if res.get("label_like") else None
+            if scan is not None and rules.content:
+                reason = f"content: {res['label_like']}, beside a scan"
+                if include_masks:
+                    masks.append({"path": str(p), "scan": scan, "reason": reason, "kept": True})
+                else:
+                    writer.add_mask(key, res, scan, reason)
+                    bar.update(1)
+                    continue
             writer.add(key, res)
             if "error" not in res:
                 n_sources_read += 1
@@ -517,6 +578,8 @@ def prepare_corpus(
             pool.shutdown(cancel_futures=True)
     skipped = skipped_now + [{"path": d["source"], "reason": d["reason"]} for d in writer.done.values()
                              if d.get("status") == "skipped"]
+    masks += [{"path": d["source"], "scan": d.get("scan"), "reason": d["reason"]} for d in writer.done.values()
+              if d.get("status") == "mask"]
     elapsed = time.perf_counter() - t0
     report = {
         "corpus": str(out),
@@ -527,6 +590,7 @@ def prepare_corpus(
         "sources_read": n_sources_read,
         "sources_resumed": n_resumed,
         "sources_skipped": len(skipped),
+        "masks_excluded": sum(1 for m in masks if not m.get("kept")),
         "frames_added": writer.summary["n_frames"] - frames_before,
         "sources_excluded": len(excluded),
         **writer.counts,
@@ -534,6 +598,7 @@ def prepare_corpus(
         "elapsed_s": round(elapsed, 3),
         "worker_seconds": round(work_seconds, 3),
         "skipped": skipped,
+        "masks": sorted(masks, key=lambda m: m["path"]),
         "excluded": excluded,
     }
     _atomic_write_text(out / "report.json", json.dumps(report, indent=1))

@@ -19,7 +19,11 @@ Writes into ``EVAL`` (each file atomically, and only after every prediction is m
 - ``predictions.csv``: one row per image (path, true class, predicted class, probability per class);
 - ``metrics.csv``: the metrics table (metric, class, value, 95% interval);
 - ``confusion_matrix.png`` and ``roc.png`` (one-vs-rest ROC curves with their AUC);
+- ``datalist.json``: the data evaluated (for folders / CSVs also what was left out: masks, duplicates, unreadable);
 - ``config.json``: the arguments.
+
+A summary of the data (files found, per-class counts per split, masks excluded, duplicates, near-duplicate groups,
+unreadable files) is printed first (:func:`usfmae_core.data.labelled.datalist_summary`).
 """
 
 from __future__ import annotations
@@ -175,7 +179,8 @@ def load_predictions(out: str | Path) -> tuple[list[str], np.ndarray, np.ndarray
 def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: str = "test", bootstrap: int = 1000,
              seed: int = 0, device: str = "auto", batch_size: int | None = None, workers: int = 0,
              precision: str = "auto", val_fraction: float = 0.15, test_fraction: float = 0.15,
-             run_config: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
+             run_config: dict[str, Any] | None = None, quiet: bool = False, include_masks: bool = False,
+             mask_patterns: Sequence[str] | None = None) -> dict[str, Any]:
     """Evaluate the classifier in ``model_path`` on ``split`` of ``data`` and write the results into ``out``.
 
     Args:
@@ -183,6 +188,8 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: s
         data: class folders, CSV manifest or datalist JSON (``RUN/datalist.json`` gives the run's own splits).
         split: ``test`` | ``validation`` | ``training`` | ``all``.
         val_fraction / test_fraction: how folders / CSVs are split (as given to ``usfmae finetune``).
+        include_masks / mask_patterns: mask files in folders / CSVs (as given to ``usfmae finetune``).
+        quiet: no progress bar and no data summary on the console.
         bootstrap: resamples for the 95% intervals (0: none); ``seed`` seeds them and the data split.
         batch_size: images per batch (default 64), or volumes for a volume model (default 2).
 
@@ -198,7 +205,11 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: s
     cfg = ckpt["config"]
     classes = [str(c) for c in cfg.get("classes") or [str(i) for i in range(int(cfg["num_classes"]))]]
     prep = Preprocessing.from_dict(cfg.get("preprocessing"))
-    datalist = load_labelled(data, seed, val_fraction, test_fraction)
+    datalist = load_labelled(data, seed, val_fraction, test_fraction, include_masks, mask_patterns)
+    if not quiet:
+        from usfmae_core.data.labelled import datalist_summary
+
+        print("\n".join(datalist_summary(datalist, str(data))), flush=True)
     mapping = map_labels(datalist["classes"], classes, data, model_path)
     items = [{**it, "label": int(mapping[int(it["label"])])} for it in select_items(datalist, split, data)]
 
@@ -216,4 +227,5 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: s
                              dict(model=str(model_path), data=str(data), split=split, bootstrap=bootstrap, seed=seed,
                                   device=device, batch_size=batch_size, precision=precision))
     write_evaluation(out, [it["image"] for it in items], labels, probs, classes, result)
+    write_json(out / "datalist.json", datalist)  # what was evaluated, and what was left out and why
     return result

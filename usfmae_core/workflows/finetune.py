@@ -110,10 +110,12 @@ def jsonable(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------------- data
-def load_labelled(source: str | Path, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15
-                  ) -> dict[str, Any]:
+def load_labelled(source: str | Path, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
+                  include_masks: bool = False, mask_patterns: Sequence[str] | None = None) -> dict[str, Any]:
     """The datalist of ``source`` (class folders, CSV or datalist JSON), checked for what training needs. Folders and
-    CSVs are deduplicated and split with ``seed`` and the fractions; a datalist JSON keeps its own splits.
+    CSVs are cleaned (masks set aside, duplicates removed, near-duplicates and augmented copies grouped; see
+    :func:`usfmae_core.data.labelled.labelled_source_to_datalist`) and split with ``seed`` and the fractions; a datalist
+    JSON keeps its own splits. :func:`usfmae_core.data.labelled.datalist_summary` describes the result.
 
     Raises:
         UsfmaeError: the source is missing, has fewer than 2 classes, or a split of it is empty.
@@ -124,7 +126,8 @@ def load_labelled(source: str | Path, seed: int = 0, val_fraction: float = 0.15,
     if not path.exists():
         raise UsfmaeError(f"labelled data {path} does not exist",
                           "pass a class-per-folder tree, a CSV manifest or a datalist JSON with --data")
-    datalist = labelled_source_to_datalist(path, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    datalist = labelled_source_to_datalist(path, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+                                           include_masks=include_masks, mask_patterns=mask_patterns)
     classes = list(datalist.get("classes") or [])
     if len(classes) < 2:
         raise UsfmaeError(f"labelled data {path} has {len(classes)} class(es) ({', '.join(map(str, classes)) or '-'})",
@@ -514,6 +517,8 @@ class FinetuneOptions:
     balance: str = "none"
     patience: int = 10
     label_fraction: float = 1.0
+    include_masks: bool = False
+    mask_patterns: list[str] = field(default_factory=list)
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     folds: int = 0
@@ -850,9 +855,14 @@ def finetune(data: str | Path | dict[str, Any], out: str | Path, opts: FinetuneO
     if isinstance(data, dict):
         datalist, source = data, "the datalist"
     else:
-        datalist = load_labelled(data, opts.seed, opts.val_fraction, opts.test_fraction)
+        datalist = load_labelled(data, opts.seed, opts.val_fraction, opts.test_fraction, opts.include_masks,
+                                 opts.mask_patterns)
         source = str(data)
         opts.extra.setdefault("data", str(data))
+    if not opts.quiet:
+        from usfmae_core.data.labelled import datalist_summary
+
+        print("\n".join(datalist_summary(datalist, source)), flush=True)
     if len(datalist.get("classes") or []) < 2:
         raise UsfmaeError(f"{source} has fewer than 2 classes", "a classifier needs at least 2 classes")
     if opts.folds:

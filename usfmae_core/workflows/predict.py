@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from usfmae_core.constants import KIND_CHOICES
 from usfmae_core.errors import UsfmaeError
 
 __all__ = ["CLASSIFIER_ARCHS", "AGGREGATES", "classify_frames", "classify_bag", "classify_array", "classify_file",
@@ -47,7 +48,7 @@ __all__ = ["CLASSIFIER_ARCHS", "AGGREGATES", "classify_frames", "classify_bag", 
            "inference_context", "to_inference_model"]
 
 CLASSIFIER_ARCHS = ("classifier", "mil", "resnet", "densenet")
-KINDS = ("auto", "image", "cine", "volume")
+KINDS = KIND_CHOICES
 AGGREGATES = ("mean", "max", "topk")
 # class names that mean "nothing found", recognised for --aggregate max / topk (else --normal-class is needed)
 NORMAL_CLASS_NAMES = ("normal", "none", "negative", "healthy", "no_lesion", "no-lesion", "nolesion", "no lesion",
@@ -475,18 +476,24 @@ def _datalist_images(path: Path) -> list[Path]:
     return out
 
 
-def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[dict[str, str]]]:
+def collect_inputs(inputs: Iterable[str | os.PathLike], include_masks: bool = False,
+                   mask_patterns: Sequence[str] | None = None) -> tuple[list[Path], list[dict[str, Any]]]:
     """Expand files, folders (recursively, supported files only) and datalist JSONs into a list of files; a folder of
     positioned DICOM slices (:mod:`usfmae_core.data.dicom_series`) is one volume.
 
+    Segmentation masks / annotation files found by name in a folder (:mod:`usfmae_core.data.masks`: ``_mask``,
+    ``masks/`` ...) are left out unless ``include_masks`` (files named explicitly and datalist entries never are).
+
     Returns:
-        (files to read, skipped ``[{"source", "reason"}]`` for explicit files of an unsupported type).
+        (files to read, skipped ``[{"source", "reason"}]``: datalist entries that do not exist, and the masks left
+        out, which also carry ``"mask": True``).
 
     Raises:
         UsfmaeError: an input does not exist, or nothing to read was found.
     """
     from usfmae_core.data.corpus import iter_source_files
     from usfmae_core.data.dicom_series import group_dicom_series, is_dicom_series
+    from usfmae_core.data.masks import MaskRules, split_masks
 
     files: list[Path] = []
     skipped: list[dict[str, str]] = []
@@ -513,9 +520,13 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
         elif is_dicom_series(src):
             add(src)  # a folder of positioned DICOM slices is one volume
         else:
-            found = [{"image": p} for p, reason in iter_source_files([src]) if reason is None]
-            for it in group_dicom_series(found):
+            found = [p for p, reason in iter_source_files([src]) if reason is None]
+            _, masks = split_masks(found, MaskRules.with_patterns(mask_patterns), src)
+            left_out = set() if include_masks else {m.path for m in masks}
+            for it in group_dicom_series([{"image": p} for p in found if str(p) not in left_out]):
                 add(Path(it["image"]))
+            skipped += [{"source": m.path, "reason": f"segmentation mask / annotation file ({m.reason})",
+                         "mask": True} for m in masks if m.path in left_out]
     if not files:
         if skipped:
             raise UsfmaeError(f"none of the inputs can be read ({skipped[0]['source']}: {skipped[0]['reason']})",
@@ -530,10 +541,33 @@ def _fmt(p: float) -> str:
     return f"{float(p):.6f}"
 
 
+def as_kind(img, kind: str):
+    """``img`` (an :class:`~usfmae_core.data.readers.UltrasoundImage`) read as ``kind``: ``auto`` keeps the reader's
+    choice; ``cine`` / ``volume`` take the slices of a 3D array as frames / slices (a 2D image becomes one of them);
+    ``image`` needs a single 2D frame. The spacing keeps one entry per axis."""
+    from usfmae_core.data.readers import UltrasoundImage
+
+    if kind == "auto" or kind == img.kind:
+        return img
+    if kind not in KINDS:
+        raise UsfmaeError(f"unknown kind '{kind}'", f"choose one of {', '.join(KINDS)}")
+    arr, spacing = img.array, tuple(img.spacing)
+    if kind == "image":
+        if arr.ndim == 3 and arr.shape[0] == 1:
+            arr, spacing = arr[0], spacing[1:]
+        elif arr.ndim != 2:
+            raise UsfmaeError(f"{img.path} has {arr.shape[0]} {img.kind} slices, not one image",
+                              "use --kind auto, cine or volume")
+    elif arr.ndim == 2:
+        arr, spacing = arr[None], (1.0, *spacing)
+    return UltrasoundImage(arr, spacing, kind, img.path, dict(img.meta))
+
+
 def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
             device: str = "auto", axis: int = 0, batch_size: int = 32, precision: str = "auto", top_k: int = 3,
             run_config: dict[str, Any] | None = None, quiet: bool = False, aggregate: str = "mean",
-            normal_class: str | None = None) -> Path:
+            normal_class: str | None = None, include_masks: bool = False,
+            mask_patterns: Sequence[str] | None = None, kind: str = "auto") -> Path:
     """Classify every input file and write the results to ``out_dir``.
 
     Writes ``predictions.csv`` (one row per classified frame / slice: ``source, index, kind, p_<class>..., pred``;
@@ -544,7 +578,9 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
     ``attention.csv`` for an attention-MIL model (``source, index, attention``: every informative slice's weight in
     the volume's result, summing to 1 per input) and ``config.json``.
     Unreadable inputs are skipped and reported; the run fails only when none could be classified. ``aggregate`` /
-    ``normal_class``: see :func:`classify_array` (2D models only).
+    ``normal_class``: see :func:`classify_array` (2D models only). ``kind`` (default ``auto``: as the reader
+    decides) forces how every input's slices are read (see :func:`as_kind`), e.g. ``cine`` for a 2D+t clip stored as
+    a 3D NRRD.
 
     Returns:
         ``out_dir``.
@@ -555,7 +591,7 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
     from usfmae_core.device import describe_device
     from usfmae_core.workflows.common import Progress, prepare_output_dir, write_csv, write_json
 
-    files, skipped = collect_inputs(inputs)  # fail on a bad path before loading a big model
+    files, skipped = collect_inputs(inputs, include_masks, mask_patterns)  # a bad path fails before the model loads
     dev = _device(device)
     model, ckpt = load_model(model_path, expect=CLASSIFIER_ARCHS, device=dev)
     model = to_inference_model(model, dev, precision, copy=False)
@@ -577,7 +613,7 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
     with Progress(len(files), "predict", disable=quiet) as bar:
         for path in files:
             try:
-                img = read_ultrasound(path)
+                img = as_kind(read_ultrasound(path), kind)
                 inner = Progress(img.n_frames, "classify", disable=True) if img.n_frames > batch_size else None
                 try:
                     res = classify_array(model, config, img.array, img.kind, img.spacing, axis, dev, batch_size,
