@@ -88,8 +88,9 @@ def _torch_load(path: Path, allow_namespace: bool = False) -> Any:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load one of our checkpoints (weights only), or the classifier of a MONAI bundle folder (or of its
-    ``models/model.pt``) as one (:func:`usfmae_core.bundle_export.load_bundle`). Foreign weights must go through
+    """Load one of our checkpoints (weights only), the classifier of a MONAI bundle folder as one
+    (:func:`usfmae_core.bundle_export.load_bundle`), or a published model by name (:mod:`usfmae_core.hub`). Foreign
+    weights, including a bundle's ``models/model.pt`` on its own (a plain state dict), go through
     ``usfmae import-weights``."""
     from usfmae_core.bundle_export import is_bundle, load_bundle
 
@@ -101,11 +102,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             path = resolve_init(str(path))
     if path.is_dir() and is_bundle(path):
         return load_bundle(path)
-    if path.parent.name == "models" and is_bundle(path.parent.parent) and not path.is_dir():
-        ckpt = _torch_load(path)
-        if not (isinstance(ckpt, dict) and "arch" in ckpt and "config" in ckpt):  # a bundle's plain state dict
-            return load_bundle(path.parent.parent, weights=path)
-        return _checked(path, ckpt)
     if path.is_dir():
         raise UsfmaeError(f"{path} is a folder, not a checkpoint or a MONAI bundle (no configs/metadata.json)",
                           "pass a checkpoint file (model.pt) or a bundle folder")
