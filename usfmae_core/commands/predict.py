@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from usfmae_core.workflows.predict import predict
 
     out = predict(args.model, args.inputs, args.out, args.device, args.axis, args.batch_size, args.precision,
-                  args.top_k, run_config=vars(args))
+                  args.top_k, run_config=vars(args), overwrite=args.overwrite)
     report = json.loads((out / "predictions.json").read_text())
     for r in report["results"]:
         probs = ", ".join(f"{c} {r[f'p_{c}']:.3f}" for c in report["classes"])

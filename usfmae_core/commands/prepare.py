@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from usfmae_core.commands._args import positive_int
+from usfmae_core.commands._args import add_overwrite, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,10 +14,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "prepare",
         help="turn folders of ultrasound files into a pretraining frame cache",
         description="Walk SRC files/folders (PNG/JPG/BMP/TIFF, DICOM, NIfTI, NRRD, MetaImage, mp4/avi/mov/mpeg/gif) "
-                    "and write a sharded uint8 frame cache + manifest to --out. Re-running resumes.",
+                    "and write a sharded uint8 frame cache + manifest to --out. Files that cannot be used (unreadable, "
+                    "corrupt, special files, broken links) are skipped and listed. Progress is saved at least every "
+                    "30 s; re-running resumes.",
     )
     p.add_argument("sources", nargs="+", metavar="SRC", help="files or folders")
-    p.add_argument("--out", required=True, help="corpus folder")
+    p.add_argument("--out", required=True, help="corpus folder (locked while prepare writes it; re-running resumes it)")
+    add_overwrite(p, "corpus")
     p.add_argument("--image-size", "--img-size", dest="image_size", type=positive_int, default=224,
                    help="side of the stored square frames (default 224)")
     p.add_argument("--axes", type=int, nargs="+", default=[0, 1, 2], choices=(0, 1, 2),
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     rep = prepare_corpus(args.sources, args.out, args.image_size, tuple(args.axes), args.frame_stride,
                          args.crop_sector, args.remove_text, args.native_3d, args.workers,
-                         not args.no_progress, args.volume_size)
+                         not args.no_progress, args.volume_size, overwrite=args.overwrite)
     print(f"prepared {rep['n_frames']} frames in {rep['corpus']} ({rep['frames_added']} new from "
           f"{rep['sources_read']} files; {rep['sources_resumed']} already done; {rep['duplicates_removed']} "
           f"duplicates, {rep['near_duplicates_removed']} near-duplicate cine frames, "

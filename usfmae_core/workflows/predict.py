@@ -21,7 +21,6 @@ it is emulated and slower, so ``precision="auto"`` keeps fp32 there (benchmarks/
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
@@ -291,34 +290,6 @@ def classify_file(model: nn.Module, config: dict[str, Any], path: str | os.PathL
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def _datalist_images(path: Path) -> list[Path]:
-    """Image paths of a datalist JSON (MONAI style: sections of ``{"image": ...}`` items, or a plain list);
-    relative paths are taken relative to the JSON's folder, as MONAI's ``load_decathlon_datalist`` does."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UsfmaeError(f"cannot read datalist {path} ({str(err).splitlines()[0][:100]})",
-                          "pass a valid JSON datalist, image files or folders") from None
-    if isinstance(data, dict):
-        sections = [v for k, v in data.items() if isinstance(v, list) and k not in ("classes", "folds")]
-    elif isinstance(data, list):
-        sections = [data]
-    else:
-        sections = []
-    out: list[Path] = []
-    for items in sections:
-        for item in items:
-            image = item.get("image") if isinstance(item, dict) else item
-            for p in image if isinstance(image, list) else [image]:
-                if isinstance(p, str):
-                    q = Path(p).expanduser()
-                    out.append(q if q.is_absolute() else path.parent / q)
-    if not out:
-        raise UsfmaeError(f"datalist {path} lists no images",
-                          "expected {\"test\": [{\"image\": \"path\"}, ...]} or a list of paths")
-    return out
-
-
 def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[dict[str, str]]]:
     """Expand files, folders (recursively, supported files only) and datalist JSONs into a list of files.
 
@@ -345,7 +316,9 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
         if not src.exists():
             raise UsfmaeError(f"input {src} does not exist", "check the path (files, folders or a datalist .json)")
         if src.is_file() and src.name.lower().endswith(".json"):
-            for p in _datalist_images(src):
+            from usfmae_core.data.labelled import datalist_images
+
+            for p in datalist_images(src):
                 if not p.exists():
                     skipped.append({"source": str(p), "reason": f"listed in {src.name} but does not exist"})
                 else:
@@ -372,30 +345,46 @@ def _fmt(p: float) -> str:
 
 def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
             device: str = "auto", axis: int = 0, batch_size: int = 32, precision: str = "auto", top_k: int = 3,
-            run_config: dict[str, Any] | None = None, quiet: bool = False) -> Path:
+            run_config: dict[str, Any] | None = None, quiet: bool = False, overwrite: bool = False) -> Path:
     """Classify every input file and write the results to ``out_dir``.
 
     Writes ``predictions.csv`` (one row per frame / slice: ``source, index, kind, p_<class>..., pred``),
     ``summary.csv`` and ``predictions.json`` (one aggregate per input: ``source, kind, n_frames, label,
     p_<class>..., top_slices``; the JSON also lists ``skipped`` inputs with the reason) and ``config.json``.
-    Unreadable inputs are skipped and reported; the run fails only when none could be classified.
+    Unreadable inputs are skipped and reported; the run fails only when none could be classified. ``out_dir`` is
+    locked while the run writes it; a folder holding earlier results is refused unless ``overwrite``
+    (:mod:`usfmae_core.runs`).
 
     Returns:
         ``out_dir``.
     """
     from usfmae_core.checkpoints import load_model
-    from usfmae_core.data.readers import read_ultrasound
-    from usfmae_core.device import describe_device
-    from usfmae_core.workflows.common import Progress, prepare_output_dir, write_csv, write_json
+    from usfmae_core.runs import RunFolder, check_run
 
+    check_run(out_dir, "predict", overwrite=overwrite)
     files, skipped = collect_inputs(inputs)  # fail on a bad path before loading a big model
     dev = _device(device)
     model, ckpt = load_model(model_path, expect=CLASSIFIER_ARCHS, device=dev)
     model = to_inference_model(model, dev, precision, copy=False)
     config = ckpt["config"]
-    out = prepare_output_dir(out_dir, run_config if run_config is not None else
-                             {"model": str(model_path), "inputs": [str(i) for i in inputs], "device": device,
-                              "axis": axis, "batch_size": batch_size, "precision": precision})
+    config_used = run_config if run_config is not None else {
+        "model": str(model_path), "inputs": [str(i) for i in inputs], "device": device, "axis": axis,
+        "batch_size": batch_size, "precision": precision}
+    with RunFolder(out_dir, "predict", overwrite=overwrite, config=config_used) as run:
+        out = run.path
+        _predict_files(model, ckpt, config, files, skipped, out, dev, axis, batch_size, precision, top_k, quiet,
+                       model_path)
+        run.finish()
+    return out
+
+
+def _predict_files(model: nn.Module, ckpt: dict[str, Any], config: dict[str, Any], files: list[Path],
+                   skipped: list[dict[str, str]], out: Path, dev: torch.device, axis: int, batch_size: int,
+                   precision: str, top_k: int, quiet: bool, model_path: str | os.PathLike) -> None:
+    from usfmae_core.data.readers import read_ultrasound
+    from usfmae_core.device import describe_device
+    from usfmae_core.workflows.common import Progress, write_csv, write_json
+
     names = class_names(config, None)
     frame_rows: list[list[Any]] = []
     results: list[dict[str, Any]] = []
@@ -439,4 +428,3 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
         "autocast": str(inference_dtype(dev, precision) or "none").replace("torch.", "")
         if _weights_dtype(model) == torch.float32 else "none",
         "results": results, "skipped": skipped})
-    return out
