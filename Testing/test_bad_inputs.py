@@ -120,7 +120,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     text = root / "notes.pt"
     text.write_text("these are my notes, not a model\n")
     return SimpleNamespace(root=root, labelled=labelled, image=image, volume=volume, corpus=root / "corpus",
-                           mae=root / "mae.pt", clf=root / "clf.pt", fb=root / "facebook_mae.pt", truncated=truncated, random=random_bytes,
+                           mae=root / "mae.pt", clf=root / "clf.pt", fb=root / "facebook_mae.pt", truncated=truncated,
+                           random=random_bytes,
                            text=text)
 
 

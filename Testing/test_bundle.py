@@ -3,7 +3,7 @@ export, and ``python -m monai.bundle run`` of every config on tiny phantom data 
 
 The runs chain through module-scoped fixtures: pretrain (an MAE) -> train (fine-tune from that MAE) -> evaluate and
 inference on the trained bundle. Each works in a copy of the bundle under ``tmp_path`` so nothing is written into
-the repository. Models are the ``vit_test`` preset at 32 px, 1-2 epochs.
+the repository. Models have the ``vit_test`` shape at 32 px (``network_def`` overrides), 1-2 epochs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "usf_mae"
 SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
-TINY = ["--preset", "vit_test", "--image_size", "32", "--num_workers", "0", "--precision", "fp32"]
+# the vit_test shape (usfmae_core.networks.presets) at 32 px, for pretrain.json and train.json alike
+NET = {"network_def#hidden_size": 48, "network_def#num_layers": 2, "network_def#num_heads": 3,
+       "network_def#decoder_hidden_size": 48, "network_def#decoder_num_layers": 1, "network_def#decoder_num_heads": 3}
+CLS_NET = {k: v for k, v in NET.items() if "decoder" not in k}
+TINY = ["--image_size", "32", "--num_workers", "0", "--precision", "fp32", *(a for k, v in NET.items()
+                                                                               for a in (f"--{k}", str(v)))]
+TINY_CLS = [a for k, v in CLS_NET.items() for a in (f"--{k}", str(v))]
 CONFIGS = ("pretrain", "train", "evaluate", "inference", "multi_gpu_pretrain", "multi_gpu_train")
 
 pytest.importorskip("ignite", reason="MONAI's engines (SupervisedTrainer / SupervisedEvaluator) need pytorch-ignite")
@@ -58,10 +64,19 @@ def _monai_bundle(*args: str, cwd: Path, timeout: int = 300) -> subprocess.Compl
 
 def _copy_bundle(dst: Path) -> Path:
     """A clean copy of the bundle (no outputs of earlier runs)."""
-    shutil.copytree(BUNDLE, dst, ignore=shutil.ignore_patterns("eval", "*.pt", "*.ts", "model_config.json",
-                                                                "__pycache__"))
+    shutil.copytree(BUNDLE, dst, ignore=shutil.ignore_patterns("eval", "*.pt", "*.ts", "__pycache__"))
     (dst / "models").mkdir(exist_ok=True)
     return dst
+
+
+def _set_network(bundle: Path, net: dict[str, Any]) -> Path:
+    """Write ``network_def`` arguments into the bundle's inference.json, as a user (or ``usfmae export-bundle``) does
+    after training another network shape, so that MONAI, ``ckpt_export`` and the engine build that shape."""
+    cfg_path = bundle / "configs" / "inference.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["network_def"].update({k.split("#", 1)[1]: v for k, v in net.items()})
+    cfg_path.write_text(json.dumps(cfg, indent=4) + "\n")
+    return bundle
 
 
 def _scalars(log_dir: Path, tag: str) -> list[float]:
@@ -87,6 +102,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     phantom.write_unlabelled_corpus_sources(root / "src", n_images=4, n_volumes=1, n_cines=0, size=48, seed=3)
     prepare_corpus([root / "src"], root / "corpus", image_size=32, progress=False)
     phantom.write_labelled_folder(root / "labelled", n_per_class=6, size=40, seed=4)
+    # a segmentation mask beside one scan, as datasets ship them: left out of training, named in the summary
+    phantom.write_image(root / "labelled" / "mass" / "mass_0002_mask.png",
+                        phantom.make_image_with_mask(2, 40, rng=7)[1])
     infer = root / "infer"
     infer.mkdir()
     shutil.copy(root / "labelled" / "cyst" / "cyst_0000.png", infer / "a.png")
@@ -110,8 +128,8 @@ def trained(data: dict[str, Path], pretrained: Path, tmp_path_factory: pytest.Te
     """``train.json`` fine-tuning from the pretrained MAE (2 epochs); returns the bundle copy."""
     bundle = _copy_bundle(tmp_path_factory.mktemp("train") / "usf_mae")
     _monai_bundle("run", *_bundle_args(bundle, "train"), "--dataset_dir", str(data["labelled"]),
-                  "--pretrained_mae", str(pretrained / "models" / "mae.pt"), "--num_workers", "0",
-                  "--precision", "fp32", "--batch_size", "8", "--train#trainer#max_epochs", "2", cwd=bundle)
+                  "--pretrained_mae", str(pretrained / "models" / "mae.pt"), "--num_workers", "0", "--image_size", "32",
+                  *TINY_CLS, "--precision", "fp32", "--batch_size", "8", "--train#trainer#max_epochs", "2", cwd=bundle)
     return bundle
 
 
@@ -128,7 +146,11 @@ def test_layout_metadata_and_model_zoo_keys() -> None:
     assert "Apache License" in (BUNDLE / "LICENSE").read_text()[:200]
     meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
     assert meta["version"] in meta["changelog"]
-    assert meta["required_packages_version"]["usfmae"] == usfmae_core.__version__ == "0.1.0"
+    assert meta["required_packages_version"]["usfmae"] == usfmae_core.__version__ == "0.2.0"
+    # get_bundle_requirements.py pins every version: numpy must have a Python 3.10 wheel (the Zoo's CPU CI)
+    assert tuple(int(x) for x in meta["numpy_version"].split(".")[:2]) <= (2, 2)
+    assert all("phantom" not in k for k in meta.get("eval_metrics", {}))
+    assert "BUSI" in meta["data_source"] and "Al-Dhabyani" in meta["data_source"]
     import monai
 
     assert meta["monai_version"] == monai.__version__
@@ -151,6 +173,10 @@ def test_layout_metadata_and_model_zoo_keys() -> None:
         return True
 
     train = cfg("train")
+    for name in ("train", "inference"):  # network_def: a component whose sizes come from network_data_format
+        net = cfg(name)["network_def"]
+        assert net["_target_"] == "usfmae_core.networks.USFMAEClassifier" and net["img_size"] == "@image_size"
+        assert "network_data_format" in cfg(name)["image_size"] and "network_data_format" in cfg(name)["classes"]
     for key in ("bundle_root", "device", "dataset_dir", "output_dir", "network_def", "network", "val_interval",
                 "train#trainer", "train#trainer#max_epochs", "train#dataset", "train#dataset#data",
                 "train#handlers", "train#inferer", "train#preprocessing", "validate#evaluator", "validate#handlers",
@@ -170,7 +196,11 @@ def test_layout_metadata_and_model_zoo_keys() -> None:
         assert has(pre, key), f"pretrain.json lacks {key}"
     for name in ("multi_gpu_pretrain", "multi_gpu_train"):
         text = (BUNDLE / "configs" / f"{name}.json").read_text()
-        assert "LOCAL_RANK" in text and "DistributedSampler" in text and "wrap_ddp" in text
+        # pretraining's distributed sampler comes from corpus_sampler (MONAI's DistributedSampler, or the engine's
+        # MixtureSampler, a DistributedSampler too, for corpora mixed by weight)
+        sampler = "corpus_sampler(@train#dataset, @seed, True)" if name == "multi_gpu_pretrain" else \
+            "DistributedSampler"
+        assert "LOCAL_RANK" in text and sampler in text and "wrap_ddp" in text
     assert "validate#dataset" in cfg("evaluate") and "validate#handlers" in cfg("evaluate")
 
     large = yaml.safe_load((BUNDLE / "large_files.yml").read_text())["large_files"]
@@ -180,7 +210,8 @@ def test_layout_metadata_and_model_zoo_keys() -> None:
         assert f.get("hash_type", "sha256") in ("md5", "sha1", "sha256", "sha512")
     readme = (BUNDLE / "docs" / "README.md").read_text()
     for heading in ("## **Model Description**", "## **Data**", "## **Performance**", "## **System Configuration**",
-                    "## **Limitations**", "## **References**"):
+                    "## **Limitations**", "## **References**", "## **License**", "pip install usfmae", "TensorRT",
+                    "Al-Dhabyani"):
         assert heading in readme, heading
     for name in CONFIGS:
         assert f"configs/{name}.json" in readme, f"README gives no command for {name}.json"
@@ -246,12 +277,12 @@ def test_check_properties_train_evaluate_pretrain_infer(data: dict[str, Path], t
     bundle = tmp_path / "usf_mae"
     shutil.copytree(trained, bundle, ignore=shutil.ignore_patterns("eval"))
     c = bundle / "configs"
-    tiny = {"preset": "vit_test", "image_size": 32}
+    tiny = {"image_size": 32, **CLS_NET}
     cases = [
         ("train", str(c / "train.json"), data["labelled"], tiny),
-        ("train", [str(c / "train.json"), str(c / "evaluate.json")], data["labelled"], {}),
-        ("train", str(c / "pretrain.json"), data["corpus"], tiny),
-        ("infer", str(c / "inference.json"), data["infer"], {}),
+        ("train", [str(c / "train.json"), str(c / "evaluate.json")], data["labelled"], CLS_NET),
+        ("train", str(c / "pretrain.json"), data["corpus"], {"image_size": 32, **NET}),
+        ("infer", str(c / "inference.json"), data["infer"], CLS_NET),
     ]
     for workflow_type, config_file, dataset_dir, overrides in cases:
         wf = ConfigWorkflow(workflow_type=workflow_type, config_file=config_file, meta_file=str(c / "metadata.json"),
@@ -291,7 +322,7 @@ def test_pretrain_writes_mae_checkpoint_and_tensorboard(pretrained: Path, data: 
     from usfmae_core.data.corpus import FrameCorpus
 
     ckpt = load_checkpoint(pretrained / "models" / "mae.pt")
-    assert ckpt["arch"] == "mae" and ckpt["config"]["preset"] == "vit_test"
+    assert ckpt["arch"] == "mae" and ckpt["config"]["hidden_size"] == 48 and ckpt["config"]["num_layers"] == 2
     assert ckpt["config"]["preprocessing"]["image_size"] == 32
     assert ckpt["meta"]["epoch"] == 1 and ckpt["meta"]["corpus"] == str(data["corpus"])
     losses = _scalars(pretrained / "eval" / "tensorboard" / "pretrain", "train_loss")
@@ -299,23 +330,63 @@ def test_pretrain_writes_mae_checkpoint_and_tensorboard(pretrained: Path, data: 
     assert all(np.isfinite(losses)) and min(losses) > 0
 
 
-def test_train_writes_model_zoo_weights_and_settings(trained: Path, pretrained: Path) -> None:
+def test_pretrain_mixes_corpora_by_weight(data: dict[str, Path], tmp_path: Path) -> None:
+    """``--dataset_dir`` as a list of ``PATH:WEIGHT``: the dataloader draws each corpus in its share (the engine's
+    MixtureSampler, as ``usfmae pretrain --corpus A:w B:w``), and ``monai.bundle run`` trains on the mix."""
+    from monai.bundle import ConfigParser
+
+    from usfmae_core.checkpoints import load_checkpoint
+    from usfmae_core.data.corpus import FrameCorpus, prepare_corpus
+    from usfmae_core.workflows.pretrain import MixtureSampler
+
+    target = tmp_path / "target"
+    prepare_corpus([data["labelled"]], target, image_size=32, progress=False)
+    mix = [f"{data['corpus']}:1", f"{target}:3"]
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "pretrain.json"))
+    parser.update({"dataset_dir": mix, "bundle_root": str(tmp_path), "image_size": 32, "batch_size": 8,
+                   "num_workers": 0})
+    loader = parser.get_parsed_content("train#dataloader")
+    sampler = loader.sampler
+    assert isinstance(sampler, MixtureSampler) and sampler.weights == [0.25, 0.75]
+    n_general = len(FrameCorpus(data["corpus"]))
+    sampler.set_epoch(1)  # MONAI's workflows call this at every epoch (a DistributedSampler)
+    idx = np.array(list(sampler))
+    assert (idx >= n_general).sum() == sampler.counts[1] and sampler.counts[1] == round(0.75 * len(idx))
+
+    bundle = _copy_bundle(tmp_path / "usf_mae")
+    _monai_bundle("run", *_bundle_args(bundle, "pretrain"), "--dataset_dir", "[" + ",".join(f"'{m}'" for m in mix)
+                  + "]", *TINY, "--batch_size", "8", "--train#trainer#max_epochs", "2", cwd=bundle)
+    ckpt = load_checkpoint(bundle / "models" / "mae.pt")
+    assert ckpt["meta"]["corpus"] == mix and ckpt["meta"]["epoch"] == 2
+
+
+def test_train_writes_model_zoo_weights_and_network_format(trained: Path, pretrained: Path) -> None:
+    """train.json writes models/model.pt (a plain state dict) and records the data's classes and the image size in
+    network_data_format (the one place every config reads them from); the encoder started from the MAE."""
     from usfmae_core.checkpoints import load_checkpoint, load_model
     from usfmae_core.data.phantom import CLASSES
 
     state = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values()) and "head.weight" in state  # plain state dict
-    settings = json.loads((trained / "models" / "model_config.json").read_text())
-    assert settings["classes"] == sorted(CLASSES) and settings["image_size"] == 32 and settings["arch"] == "vit"
+    text = (trained / "configs" / "metadata.json").read_text()
+    fmt = json.loads(text)["network_data_format"]
+    assert fmt["inputs"]["image"]["spatial_shape"] == [32, 32] and fmt["inputs"]["image"]["num_channels"] == 3
+    for section in ("outputs", "post_processed_outputs"):
+        pred = fmt[section]["pred"]
+        assert pred["num_channels"] == len(CLASSES) and list(pred["channel_def"].values()) == sorted(CLASSES)
+    assert text == json.dumps(json.loads(text), indent=4) + "\n"  # the Model Zoo's pretty-format-json style
     assert state["head.weight"].shape[0] == len(CLASSES)
     # the encoder started from the MAE: 2 epochs at a warm-up lr leave it close to the MAE's weights
     mae = load_checkpoint(pretrained / "models" / "mae.pt")["model"]
     key = "encoder.patch_embed.patch_embeddings.weight"
     corr = np.corrcoef(state[key].flatten().numpy(), mae[key].flatten().numpy())[0, 1]
     assert corr > 0.9, corr
-    model, ckpt = load_model(trained / "eval" / "usfmae_model.pt", expect=("classifier",))
-    assert ckpt["config"]["classes"] == sorted(CLASSES)
-    assert torch.equal(model.state_dict()["head.weight"], state["head.weight"])  # the best model, from model.pt
+    # the engine (usfmae predict / evaluate, Slicer) takes the bundle folder as a model
+    bundle = _set_network(Path(shutil.copytree(trained, trained.parent / "as_model")), CLS_NET)
+    model, ckpt = load_model(bundle, expect=("classifier",))
+    assert ckpt["config"]["classes"] == sorted(CLASSES) and ckpt["config"]["preprocessing"]["image_size"] == 32
+    assert torch.equal(model.state_dict()["head.weight"], state["head.weight"])
     datalist = json.loads((trained / "eval" / "datalist.json").read_text())
     assert datalist["classes"] == sorted(CLASSES) and datalist["training"] and datalist["test"]
     assert len(_scalars(trained / "eval" / "tensorboard" / "train", "train_loss")) >= 2
@@ -324,8 +395,10 @@ def test_train_writes_model_zoo_weights_and_settings(trained: Path, pretrained: 
 
 def test_evaluate_writes_metrics_and_probabilities(trained: Path, data: dict[str, Path]) -> None:
     """evaluate.json on the run's test split writes what ``usfmae evaluate`` writes, for exactly those images."""
-    _monai_bundle("run", *_bundle_args(trained, ["train", "evaluate"]), "--dataset_dir", str(data["labelled"]),
-                  "--num_workers", "0", "--bootstrap", "50", cwd=trained)
+    proc = _monai_bundle("run", *_bundle_args(trained, ["train", "evaluate"]), "--dataset_dir",
+                         str(data["labelled"]), "--num_workers", "0", "--bootstrap", "50", *TINY_CLS, cwd=trained)
+    log = proc.stdout + proc.stderr  # the data summary comes first, as in usfmae evaluate
+    assert f"data: {data['labelled']}: 19 files found; 18 used" in log and "masks excluded: 1" in log
     test = json.loads((trained / "eval" / "datalist.json").read_text())["test"]
     metrics = json.loads((trained / "eval" / "metrics.json").read_text())
     assert metrics["n"] == len(test) and 0.0 <= metrics["accuracy"] <= 1.0
@@ -357,27 +430,34 @@ def _old_monai_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return old
 
 
-def test_inference_2d_and_3d_with_old_monai_weights_matches_predict(trained: Path, data: dict[str, Path],
-                                                                    tmp_path: Path) -> None:
-    """inference.json on a folder of 2D images, a cine and a volume, with models/model.pt saved the MONAI < 1.6 way:
-    the probabilities equal the engine's ``usfmae predict`` (classify_file) with the original weights."""
-    from usfmae_core.networks.presets import build_model
+def test_inference_2d_and_3d_matches_predict_after_resaving_old_weights(trained: Path, data: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    """inference.json on a folder of 2D images, a cine and a volume. models/model.pt saved the MONAI < 1.6 way is
+    refused in one line naming ``resave_weights``; after that re-save the probabilities equal the engine's
+    ``usfmae predict`` (classify_file) with the original weights."""
+    from usfmae_core.checkpoints import load_model
     from usfmae_core.workflows.predict import classify_file
 
-    bundle = tmp_path / "usf_mae"
-    shutil.copytree(trained, bundle, ignore=shutil.ignore_patterns("eval"))
+    shutil.copytree(trained, tmp_path / "usf_mae", ignore=shutil.ignore_patterns("eval"))
+    bundle = _set_network(tmp_path / "usf_mae", CLS_NET)
     state = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
     old = _old_monai_state(state)
     assert any(".cross_attn." in k for k in old) and not any("norm_cross_attn" in k for k in old)
     torch.save(old, bundle / "models" / "model.pt")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", *_bundle_args(bundle, "inference"), "--dataset_dir",
+           str(data["infer"]), "--num_workers", "0"]
+    proc = subprocess.run(cmd, cwd=bundle, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "MONAI < 1.6" in proc.stderr and "resave_weights" in proc.stderr
+    _monai_bundle("run", "resave_weights", *_bundle_args(bundle, "inference"), "--load_pretrain", "False",
+                  cwd=bundle)
     _monai_bundle("run", *_bundle_args(bundle, "inference"), "--dataset_dir", str(data["infer"]),
                   "--num_workers", "0", cwd=bundle)
     report = json.loads((bundle / "eval" / "predictions.json").read_text())
     rows = list(csv.DictReader(open(bundle / "eval" / "predictions.csv")))
     assert len(rows) == len(report["results"]) == 4
-    settings = json.loads((trained / "models" / "model_config.json").read_text())
-    model = build_model("classifier", settings)
-    model.load_state_dict(state)
+    model, ckpt = load_model(bundle, expect=("classifier",))
+    settings = ckpt["config"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     by_name = {Path(r["source"]).name: r for r in report["results"]}
     assert by_name["vol.nii.gz"]["kind"] == "volume" and by_name["vol.nii.gz"]["n_frames"] == 6
     assert by_name["clip.gif"]["kind"] == "cine" and by_name["clip.gif"]["n_frames"] == 4
@@ -422,27 +502,29 @@ def test_bundle_refuses_missing_data_and_weights(data: dict[str, Path], tmp_path
         wf.initialize()
     assert "usfmae prepare" in str(_usfmae_cause(info.value))
 
-    wf = workflow("pretrain", dataset_dir=str(data["corpus"]), preset="vit_test", image_size=32, batch_size=100000,
+    wf = workflow("pretrain", dataset_dir=str(data["corpus"]), image_size=32, batch_size=100000, **NET,
                   num_workers=0)
     with pytest.raises(Exception) as info:
         wf.initialize()  # MONAI's trainer would silently skip an empty loader
     assert "no complete batch" in str(_usfmae_cause(info.value))
 
-    wf = workflow("inference", dataset_dir=str(missing), preset="vit_test", image_size=32)
+    wf = workflow("inference", dataset_dir=str(missing), image_size=32, **CLS_NET)
     with pytest.raises(Exception) as info:
         wf.initialize()  # loads models/model.pt, which a fresh bundle does not have
     cause = str(_usfmae_cause(info.value))
     assert "model.pt do not exist" in cause and "download_large_files" in cause
 
     wf = workflow("train", dataset_dir=str(missing))
+    wf.initialize()  # data-free, so that monai.bundle.load works without data; the run's first step checks it
     with pytest.raises(Exception) as info:
-        wf.initialize()
+        wf.run()
     assert "does not exist" in str(_usfmae_cause(info.value))
 
 
-def test_verify_net_in_out_default_network(tmp_path: Path) -> None:
-    """``verify_net_in_out`` on inference.json as shipped (ViT-B/16, 224 px, 2 classes), and the same check failing
-    when the metadata's class count disagrees with the network."""
+def test_verify_net_in_out_and_load_from_metadata_alone(tmp_path: Path) -> None:
+    """``verify_net_in_out`` on inference.json and train.json as shipped (ViT-B/16, metadata's classes and size) and
+    after changing only network_data_format; the check fails when network_def disagrees with the metadata;
+    ``monai.bundle.load`` builds train.json's network without any data."""
     from monai.bundle import verify_net_in_out
 
     bundle = _copy_bundle(tmp_path / "usf_mae")
@@ -451,11 +533,27 @@ def test_verify_net_in_out_default_network(tmp_path: Path) -> None:
                          "--config_file", str(c / "inference.json"), "--bundle_root", str(bundle),
                          "--device", "cpu", cwd=bundle)
     assert "verified with no error" in proc.stdout + proc.stderr
+    from usfmae_core.bundle_support import write_network_format
+
+    write_network_format(c / "metadata.json", ["a", "b", "c", "d"], 32, 1)  # what a training run does
+    for config in ("inference", "train"):
+        verify_net_in_out(net_id="network_def", meta_file=str(c / "metadata.json"),
+                          config_file=str(c / f"{config}.json"), bundle_root=str(bundle), device="cpu", **CLS_NET)
     with pytest.raises(ValueError, match="output channel number"):
         verify_net_in_out(net_id="network_def", meta_file=str(c / "metadata.json"),
                           config_file=str(c / "inference.json"), bundle_root=str(bundle), device="cpu",
-                          **{"preset": "vit_test", "image_size": 32, "classes": ["a", "b", "c"],
-                             "_meta_#network_data_format#inputs#image#spatial_shape": [32, 32]})
+                          **{**CLS_NET, "network_def#num_classes": 2})
+    from monai.bundle import load
+
+    from usfmae_core.networks import USFMAEClassifier
+
+    net = USFMAEClassifier(4, in_channels=1, img_size=32, patch_size=16, hidden_size=48, num_layers=2, num_heads=3)
+    torch.save(net.state_dict(), bundle / "models" / "model.pt")
+    loaded = load(name=bundle.name, bundle_dir=str(bundle.parent), device="cpu",
+                  net_override={k.split("#", 1)[1]: v for k, v in CLS_NET.items()})
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), net.eval()(x))
 
 
 def test_ckpt_export_torchscript_after_resaving_old_weights(trained: Path, tmp_path: Path) -> None:
@@ -463,10 +561,11 @@ def test_ckpt_export_torchscript_after_resaving_old_weights(trained: Path, tmp_p
     loader (``run resave_weights``); the exported TorchScript model then gives the eager model's logits."""
     from monai.bundle import ConfigWorkflow, ckpt_export
 
-    from usfmae_core.bundle_support import classifier_from_settings, load_weights
+    from usfmae_core.checkpoints import load_model
 
     bundle = tmp_path / "usf_mae"
     shutil.copytree(trained, bundle, ignore=shutil.ignore_patterns("eval"))
+    _set_network(bundle, CLS_NET)
     c = bundle / "configs"
     state = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
     torch.save(_old_monai_state(state), bundle / "models" / "model.pt")
@@ -476,7 +575,8 @@ def test_ckpt_export_torchscript_after_resaving_old_weights(trained: Path, tmp_p
         ckpt_export(filepath=str(tmp_path / "strict.ts"), **export)
     wf = ConfigWorkflow(workflow_type="infer", config_file=str(c / "inference.json"),
                         meta_file=str(c / "metadata.json"), logging_file=str(c / "logging.conf"),
-                        bundle_root=str(bundle), run_id="resave_weights", dataset_dir=str(tmp_path))
+                        bundle_root=str(bundle), run_id="resave_weights", dataset_dir=str(tmp_path),
+                        load_pretrain=False)
     wf.initialize()
     wf.run()
     resaved = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
@@ -486,9 +586,8 @@ def test_ckpt_export_torchscript_after_resaving_old_weights(trained: Path, tmp_p
     _monai_bundle("ckpt_export", "--filepath", str(ts), *[a for k, v in export.items() for a in (f"--{k}", v)],
                   cwd=bundle)
     scripted = torch.jit.load(str(ts))
-    settings = json.loads((trained / "models" / "model_config.json").read_text())
-    model, _ = classifier_from_settings(settings, settings["classes"], preset=settings["preset"], image_size=32)
-    load_weights(model, trained / "models" / "model.pt").eval()
+    model, _ = load_model(bundle, expect=("classifier",))
+    model.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x), atol=1e-5, rtol=1e-4)
@@ -544,10 +643,12 @@ def test_multi_gpu_train_torchrun_gloo(data: dict[str, Path], pretrained: Path, 
                 "-m", "monai.bundle", "run"]
     _run([*torchrun, *_bundle_args(bundle, ["train", "multi_gpu_train"]), "--dataset_dir", str(data["labelled"]),
           "--pretrained_mae", str(pretrained / "models" / "mae.pt"), "--num_workers", "0", "--precision", "fp32",
+          "--image_size", "32", *TINY_CLS,
           "--batch_size", "4", "--train#trainer#max_epochs", "1"], cwd=bundle, timeout=300)
     state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert "head.weight" in state and not any(k.startswith("module.") for k in state)
-    assert (bundle / "models" / "model_config.json").exists()
+    assert json.loads((bundle / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]["image"][
+        "spatial_shape"] == [32, 32]
     assert len(list((bundle / "eval" / "tensorboard" / "validate").glob("events.out.tfevents.*"))) == 1
     assert len(_scalars(bundle / "eval" / "tensorboard" / "validate", "val_f1_macro")) == 1
 
@@ -570,3 +671,40 @@ def test_cosine_schedule_follows_the_finetune_recipe() -> None:
             assert g["lr"] == pytest.approx(want * scale, rel=1e-9), step
         opt.step()
         sched.step()
+
+
+def test_frames_transform_leaves_out_empty_slices_as_predict_does(tmp_path: Path) -> None:
+    """The bundle's per-frame transform applies predict's rule: padding / constant slices are not model input."""
+    from usfmae_core.bundle_support import UltrasoundToFramesd
+    from usfmae_core.data import phantom
+    from usfmae_core.data.transforms import LoadUltrasoundd
+    from usfmae_core.errors import UsfmaeError
+
+    vol = np.zeros((10, 32, 36), np.uint8)
+    vol[3:8] = phantom.make_volume(1, (5, 32, 36), rng=3)
+    vol[9] = 77
+    path = phantom.write_volume(tmp_path / "padded.nii.gz", vol)
+    item = LoadUltrasoundd("image")({"image": str(path)})
+    out = UltrasoundToFramesd("image", image_size=16, in_channels=3)(item)["image"]
+    assert tuple(out.shape) == (5, 3, 16, 16) and out.meta["n_frames"] == 5 and out.meta["n_excluded"] == 5
+    blank = np.zeros((4, 32, 32), np.uint8)
+    blank[:, 0, :2] = 255
+    item = LoadUltrasoundd("image")({"image": str(phantom.write_volume(tmp_path / "blank.mha", blank))})
+    with pytest.raises(UsfmaeError, match="blank.mha has no informative slice"):
+        UltrasoundToFramesd("image", image_size=16)(item)
+
+
+# ---------------------------------------------------------------------------------------- Model Zoo unit tests
+@pytest.mark.parametrize("name", ["test_usf_mae.py", "test_usf_mae_dist.py"])
+def test_model_zoo_unit_tests(name: str, tmp_path: Path) -> None:
+    """The Model Zoo's unit tests of this bundle (bundles/ci/unit_tests, the Zoo's ci/unit_tests layout) pass on a
+    copy of the bundle, run as the Zoo runs them (their own ``__main__``: train, evaluate, then inference; the
+    distributed one with 2 Gloo processes on a machine without GPUs)."""
+    bundle = _copy_bundle(tmp_path / "usf_mae")
+    before = (bundle / "configs" / "metadata.json").read_text()
+    env = {**_env(), "USF_MAE_BUNDLE_ROOT": str(bundle)}
+    proc = subprocess.run([sys.executable, str(REPO / "bundles" / "ci" / "unit_tests" / name), "-v"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "OK" in out.splitlines()[-1], out[-4000:]
+    assert (bundle / "configs" / "metadata.json").read_text() == before  # the tests leave the bundle as it was

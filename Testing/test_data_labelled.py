@@ -39,8 +39,8 @@ def _images(items):
 def test_scan_and_dedupe(tree):
     items, classes = scan_class_folders(tree)
     assert classes == ["cyst", "mass", "normal"] and len(items) == 39
-    kept, removed = deduplicate(items)
-    reasons = {Path(r["path"]).name: r["reason"] for r in removed}
+    kept, report = deduplicate(items)
+    reasons = {Path(r["path"]).name: r["reason"] for r in report["removed"] + report["grouped"]}
     assert "conflicting labels" in reasons["mass_copy.png"] and "conflicting labels" in reasons["cyst_0003.png"]
     assert reasons["normal_copy.png"].startswith("exact duplicate") and "normal_0001.png" not in reasons
     assert "near-duplicate" in reasons["mass_near.png"]
@@ -91,7 +91,7 @@ def test_patient_groups_from_csv(tmp_path, tree):
 
 def test_datalist_entry_points(tmp_path, tree):
     d = labelled_source_to_datalist(tree, out_json=tmp_path / "d.json", seed=3)
-    assert d["removed_duplicates"] and d["classes"] == ["cyst", "mass", "normal"]
+    assert d["removed"] and d["grouped"] and d["classes"] == ["cyst", "mass", "normal"]
     again = labelled_source_to_datalist(tmp_path / "d.json")
     assert again["test"] == d["test"]
     save_datalist({"training": [{"image": "x.png", "label": 1}]}, tmp_path / "rel" / "r.json")
@@ -125,11 +125,12 @@ def test_subsample_fraction_stratified(tree):
 @pytest.mark.skipif(not (SHARED / "busi_256").is_dir(), reason=f"BUSI not found under {SHARED}")
 def test_busi_known_duplicate_removed(tmp_path):
     d = labelled_source_to_datalist(SHARED / "busi_256", out_json=tmp_path / "busi.json", seed=0)
-    removed = {Path(r["path"]).name for r in d["removed_duplicates"] if "exact" in r["reason"]}
+    removed = {Path(r["path"]).name for r in d["removed"] if "exact" in r["reason"]}
     assert {"malignant (145).png", "benign (433).png"} <= removed
     everything = [i["image"] for k in ("training", "validation", "test") for i in d[k]]
     assert len(everything) == len(set(everything)) == 780 - 2
-    near = [r for r in d["removed_duplicates"] if r["reason"].startswith("near")]
+    near = [r for r in d["grouped"] if r["reason"].startswith("near")]
     assert len(near) >= 10  # the README's ~10 near-duplicate pairs (and more) are grouped
+    assert d["masks"] == [] and d["unreadable"] == [] and len(d["colour"]) > 0
     groups = {k: {i["group"] for i in d[k] if i["group"]} for k in ("training", "validation", "test")}
     assert not groups["training"] & groups["test"] and not groups["validation"] & groups["test"]

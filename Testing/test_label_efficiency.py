@@ -101,3 +101,54 @@ def test_test_part_is_disjoint_and_rerun_resumes(phantom_run):
     again = le.main(argv)
     assert again["commands"] == [c for c in again["commands"] if c["command"].split()[1] == "prepare"]
     assert [r["test"]["f1_macro"] for r in again["runs"]] == [r["test"]["f1_macro"] for r in result["runs"]]
+
+
+def test_continued_pretraining_arms_use_only_each_folds_training_images(tmp_path):
+    """vit_cont_target / vit_cont_general / vit_cont_mix: one target corpus per fold holding exactly that fold's
+    training images (never its validation images or the test part), continued MAEs from the base MAE with the same
+    budget (the general one shared by the folds), paired differences against vit_cont_general, and resume."""
+    from usfmae_core.checkpoints import load_checkpoint
+    from usfmae_core.data import phantom
+    from usfmae_core.data.corpus import FrameCorpus
+
+    labelled = phantom.write_labelled_folder(tmp_path / "labelled", n_per_class=8, size=48, seed=1)
+    unlabelled = phantom.write_unlabelled_corpus_sources(tmp_path / "unlabelled", n_images=4, n_volumes=1,
+                                                         n_cines=0, seed=2, size=48)
+    le = _load_benchmark()
+    work = tmp_path / "work"
+    argv = ["--labelled", str(labelled), "--unlabelled", str(unlabelled), "--work", str(work),
+            "--out", str(tmp_path / "out"), "--folds", "2", "--fractions", "1.0", "--seeds", "0",
+            "--arms", "vit_cont_target", "vit_cont_general", "vit_cont_mix",
+            "--preset", "vit_test", "--img-size", "32", "--patch-size", "8", "--corpus-size", "32",
+            "--no-crop-sector", "--prepare-workers", "1", "--pretrain-steps", "2", "--pretrain-batch", "8",
+            "--continue-steps", "3", "--continue-mix-weight", "0.25", "--steps", "2", "--batch-size", "8",
+            "--bootstrap", "10"]
+    result = le.main(argv)
+    assert result["status"] == "complete" and len(result["runs"]) == 6
+
+    for fold in (0, 1):
+        split = json.loads((work / "folds" / f"fold_{fold}.json").read_text())
+        images = {s: {str(Path(it["image"]).resolve()) for it in split[s]} for s in ("training", "validation", "test")}
+        corpus = work / "target_corpus" / f"fold{fold}"
+        assert {r["source"] for r in FrameCorpus(corpus).manifest()} == images["training"]
+        check = result["continued_pretraining"]["target_corpora"][f"fold{fold}"]
+        assert check["validation_or_test_images_in_corpus"] == 0
+        assert check["images_in_corpus"] == check["training_images"] == len(images["training"])
+        for name in (f"target_fold{fold}", f"mix_fold{fold}"):
+            ckpt = load_checkpoint(work / "continue" / name / "model.pt")
+            assert ckpt["meta"]["init"] == str(work / "pretrain" / "model.pt") and ckpt["meta"]["steps"] == 3
+        mix = load_checkpoint(work / "continue" / f"mix_fold{fold}" / "model.pt")["meta"]["corpora"]
+        assert [c["weight"] for c in mix] == [0.75, 0.25] and mix[1]["path"] == str(corpus)
+    # each fine-tuning run started from its fold's continued MAE
+    for r in result["runs"]:
+        cfg = json.loads((Path(r["run"]) / "config.json").read_text())
+        name = {"vit_cont_target": f"target_fold{r['fold']}", "vit_cont_general": "general",
+                "vit_cont_mix": f"mix_fold{r['fold']}"}[r["arm"]]
+        assert cfg["init"] == str(work / "continue" / name / "model.pt")
+    cmds = [c["command"].split()[1] for c in result["commands"]]
+    assert cmds.count("pretrain") == 1 + 1 + 2 + 2 and cmds.count("prepare") == 1 + 2
+    row = next(r for r in result["summary"]["table"] if r["arm"] == "vit_cont_target")
+    assert row["diff_vs_vit_cont_general"]["f1_macro"]["pairs"] == 2
+    assert "MAE continued on target" in (tmp_path / "out" / "results.md").read_text()
+    again = le.main(argv)
+    assert [c["command"].split()[1] for c in again["commands"]] == ["prepare"]

@@ -164,15 +164,17 @@ def test_predict_volume_rows_equal_slices(ckpts, files, tmp_path):
         p = np.array([float(r[f"p_{c}"]) for c in CLASSES])
         assert abs(p.sum() - 1) < 1e-4 and r["pred"] == CLASSES[int(p.argmax())] and r["kind"] == "volume"
     scols, srows = _read_csv(out / "summary.csv")
-    assert scols == ["source", "kind", "n_frames", "label", "p_normal", "p_cyst", "p_mass", "top_slices"]
-    assert len(srows) == 1 and int(srows[0]["n_frames"]) == VOL_SHAPE[0]
+    assert scols == ["source", "kind", "n_frames", "n_excluded", "label", "p_normal", "p_cyst", "p_mass",
+                     "top_slices"]
+    assert len(srows) == 1 and int(srows[0]["n_frames"]) == VOL_SHAPE[0] and srows[0]["n_excluded"] == "0"
     # the aggregate is the mean of the slice rows
     mean = np.mean([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows], axis=0)
     np.testing.assert_allclose([float(srows[0][f"p_{c}"]) for c in CLASSES], mean, atol=1e-5)
     report = json.loads((out / "predictions.json").read_text())
     assert report["classes"] == CLASSES and report["skipped"] == []
     (res,) = report["results"]
-    assert set(res) == {"source", "kind", "n_frames", "label", "p_normal", "p_cyst", "p_mass", "top_slices"}
+    assert set(res) == {"source", "kind", "n_frames", "n_excluded", "label", "p_normal", "p_cyst", "p_mass",
+                        "top_slices"}
     assert res["label"] == srows[0]["label"] and len(res["top_slices"]) == 3
     assert (out / "config.json").is_file()
 
@@ -227,3 +229,53 @@ def test_predict_user_errors(ckpts, files, tmp_path, capsys):
     assert main(["predict", str(ckpts["mae"]), str(files["png"]), "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("usfmae: error:") and str(ckpts["mae"]) in err[0]
+
+
+# ---------------------------------------------------------------------------------------- empty slices / frames
+def _padded_volume() -> tuple[np.ndarray, np.ndarray]:
+    """A phantom volume inside zero padding, with a constant slice and a near-empty one (a few bright pixels):
+    ``(volume (14, 40, 48) uint8, informative slice mask)``."""
+    core = phantom.make_volume(2, VOL_SHAPE, rng=11)
+    vol = np.zeros((14, 40, 48), np.uint8)
+    vol[4:11] = core
+    vol[2] = 90  # constant slice (a bright blank frame)
+    vol[12, :2, :3] = 255  # speckle of burned-in text on a blank slice: under 5 % of the slice
+    return vol, np.isin(np.arange(14), np.arange(4, 11))
+
+
+def test_empty_and_constant_slices_left_out_of_the_aggregate(ckpts, tmp_path):
+    from usfmae_core.data.transforms import informative_frames
+
+    model, ckpt = _load(ckpts["clf2d"])
+    vol, informative = _padded_volume()
+    np.testing.assert_array_equal(informative_frames(vol), informative)
+    res = classify_array(model, ckpt["config"], vol.astype(np.float32), top_k=2)
+    assert res["n_frames"] == 7 and res["n_excluded"] == 7 and list(res["frame_index"]) == list(range(4, 11))
+    assert set(res["top_slices"]) <= set(range(4, 11))
+    ref = classify_array(model, ckpt["config"], vol[4:11].astype(np.float32))  # the same slices, no padding
+    np.testing.assert_allclose(res["per_frame"], ref["per_frame"], atol=1e-6)
+    np.testing.assert_allclose(res["aggregate"], ref["aggregate"], atol=1e-6)
+    # through the files: rows carry the slice numbers of the input, the summary counts what was left out
+    path = phantom.write_volume(tmp_path / "padded.nii.gz", vol, spacing=(1.0, 0.5, 0.5))
+    out = predict(ckpts["clf2d"], [path], tmp_path / "p", device="cpu", quiet=True)
+    _, rows = _read_csv(out / "predictions.csv")
+    assert [int(r["index"]) for r in rows] == list(range(4, 11))
+    _, srows = _read_csv(out / "summary.csv")
+    assert srows[0]["n_frames"] == "7" and srows[0]["n_excluded"] == "7"
+    # a cine with blank frames: same rule
+    clip = np.concatenate([np.zeros((3, 40, 40), np.uint8), phantom.make_cine(1, frames=4, size=40, rng=12)])
+    res = classify_array(model, ckpt["config"], clip.astype(np.float32), kind="cine")
+    assert res["n_frames"] == 4 and res["n_excluded"] == 3 and list(res["frame_index"]) == [3, 4, 5, 6]
+
+
+def test_no_informative_slice_is_a_one_line_error(ckpts, tmp_path, capsys):
+    vol = np.zeros((6, 40, 40), np.uint8)
+    vol[:, :3, :3] = 200  # a marker in the corner of every slice, nothing else: not constant, not an image
+    path = phantom.write_volume(tmp_path / "blank.nii.gz", vol)
+    model, ckpt = _load(ckpts["clf2d"])
+    with pytest.raises(UsfmaeError, match="blank.nii.gz has no informative slice: all 6"):
+        classify_file(model, ckpt["config"], path)
+    capsys.readouterr()
+    assert main(["predict", str(ckpts["clf2d"]), str(path), "--out", str(tmp_path / "p"), "--device", "cpu"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (after the progress bar and the 'skipped' line)
+    assert last.startswith("usfmae: error:") and "blank.nii.gz has no informative slice" in last

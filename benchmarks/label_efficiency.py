@@ -21,11 +21,18 @@ or scores a model by itself):
    (MONAI ``--cnn`` / ``--cnn-depth`` from random init), ``linear_probe`` (frozen MAE encoder + linear head), at
    each ``--fractions`` of the fold's training part (:func:`~usfmae_core.data.labelled.subsample_fraction`, seeded
    by the run seed), for every fold and every ``--seeds`` entry.
+   **Continued pretraining** arms (the same ViT, fine-tuned the same way, from the MAE of step 3 pretrained
+   ``--continue-steps`` more steps with a restarted schedule, ``usfmae pretrain --init``): ``vit_cont_target`` on the
+   fold's own *training* images without labels (``usfmae prepare --labelled WORK/folds/fold_i.json``: that fold's
+   validation images and the test part never enter it; one corpus and one MAE per fold), ``vit_cont_general`` on the
+   general corpus of step 2 (the same budget spent on more of the same pretraining; one MAE for all folds), and
+   ``vit_cont_mix`` on both mixed (``--corpus general:1-w target:w``, ``w = --continue-mix-weight``).
 5. **Evaluation**: ``usfmae evaluate`` of each run's ``model.pt`` on the held-out test part (its own bootstrap 95 %
    intervals); the table reports test macro-F1, accuracy and macro AUC as the mean over the (seed x fold) runs with a
    percentile bootstrap over the test images that resamples them jointly for every run and arm (metrics by
    :mod:`usfmae_core.workflows.metrics` on ``evaluate``'s predictions), the SD / t-interval across runs, and the
-   paired difference of each arm to ``vit_scratch`` and ``cnn_scratch`` (same folds, seeds and resampled images).
+   paired difference of each arm to the reference arms ``vit_scratch``, ``cnn_scratch``, ``vit_mae`` and
+   ``vit_cont_general`` that ran (same folds, seeds and resampled images).
 
 Optional hyper-parameter selection (``--select-lr``): for each arm, fine-tune fold 0 at fraction 1 with each
 candidate learning rate and keep the one with the best validation macro-F1 (test never looked at).
@@ -51,6 +58,13 @@ GPU, paper scale::
         --seeds 0 1 2 --steps 3000 --max-epochs 100 --batch-size 64 --pretrain-steps 50000 --pretrain-batch 256 \\
         --pretrain-lr 1.5e-4 --select-lr 2.5e-4 1e-3 --probe-select-lr 1e-2 1e-1 [--init usf_mae_imported.pt]
 
+Continued in-domain pretraining (issue 17; the recorded run in benchmarks/README.md)::
+
+    python benchmarks/label_efficiency.py --labelled $D/busi_256 --unlabelled ... --work /tmp/le/cont \
+        --out benchmarks/results/label_efficiency_continued --arms vit_scratch vit_mae cnn_scratch vit_cont_target \
+        vit_cont_general --pretrain-steps 8000 --continue-steps 2000 --steps 1000 --max-epochs 100 \
+        --select-lr 5e-4 2e-3
+
 Several processes may share one ``--work`` when they split the work by ``--arms`` or ``--only-folds`` (each with
 its own ``--out``); ``--report-only --merge-from OUT...`` then writes the joint report.
 """
@@ -66,14 +80,21 @@ import shlex
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 ARMS = ("vit_scratch", "vit_mae", "cnn_scratch", "linear_probe")
+CONTINUED_ARMS = ("vit_cont_target", "vit_cont_general", "vit_cont_mix")
+ALL_ARMS = ARMS + CONTINUED_ARMS
+MAE_ARMS = ("vit_mae", "linear_probe") + CONTINUED_ARMS  # the arms that need the MAE of step 3
+REFERENCE_ARMS = ("vit_scratch", "cnn_scratch", "vit_mae", "vit_cont_general")
 ARM_LABELS = {"vit_scratch": "ViT from scratch", "vit_mae": "ViT from our MAE", "cnn_scratch": "CNN from scratch",
-              "linear_probe": "linear probe on MAE"}
+              "linear_probe": "linear probe on MAE", "vit_cont_target": "ViT, MAE continued on target train images",
+              "vit_cont_general": "ViT, MAE continued on general corpus",
+              "vit_cont_mix": "ViT, MAE continued on general + target mix"}
 METRICS = ("f1_macro", "accuracy", "auc_macro", "balanced_accuracy")
 TEST_FRACTION = 0.15
 
@@ -133,12 +154,15 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------------- data
 def dedup_report(datalist: dict[str, Any]) -> dict[str, Any]:
-    """Counts of what deduplication removed and grouped (from the datalist's ``removed_duplicates``)."""
-    removed = datalist.get("removed_duplicates") or []
+    """Counts of what deduplication removed and grouped (from the datalist's ``removed`` / ``grouped`` /
+    ``unreadable``; older datalists' ``removed_duplicates`` are split into those by ``upgrade_report_keys``)."""
+    from usfmae_core.data.labelled import upgrade_report_keys
+
+    upgrade_report_keys(datalist)
     classes = list(datalist["classes"])
     items = [it for s in ("training", "validation", "test") for it in datalist.get(s) or []]
-    exact = [r for r in removed if r["reason"].startswith("exact")]
-    unreadable = [r for r in removed if r["reason"].startswith("unreadable")]
+    exact = list(datalist.get("removed") or [])
+    unreadable = list(datalist.get("unreadable") or [])
     groups: dict[str, list[dict]] = defaultdict(list)
     for it in items:
         if it.get("group") is not None and str(it["group"]).startswith("near-dup"):
@@ -151,7 +175,7 @@ def dedup_report(datalist: dict[str, Any]) -> dict[str, Any]:
         "exact_duplicates_removed": [{"path": r["path"], "duplicate_of": r["duplicate_of"], "reason": r["reason"]}
                                      for r in exact],
         "unreadable": unreadable,
-        "near_duplicate_pairs": sum(1 for r in removed if r["reason"].startswith("near-duplicate")),
+        "near_duplicate_pairs": len(datalist.get("grouped") or []),
         "near_duplicate_groups": len(groups),
         "images_in_near_duplicate_groups": sum(len(m) for m in groups.values()),
         "largest_group": max((len(m) for m in groups.values()), default=0),
@@ -191,7 +215,8 @@ def fold_datalists(datalist: dict[str, Any], work: Path, folds: int, split_seed:
 
     paths = []
     for i, d in enumerate(kfold_datalists(datalist, folds, split_seed)):
-        d.pop("removed_duplicates", None)
+        for key in ("removed_duplicates", "removed", "grouped", "unreadable", "masks", "ignored", "colour"):
+            d.pop(key, None)
         paths.append(write_json(work / "folds" / f"fold_{i}.json", d))
     return paths
 
@@ -265,11 +290,91 @@ def pretrain(rec: Recorder, args: argparse.Namespace, work: Path) -> tuple[str, 
                         "command": "usfmae " + " ".join(shlex.quote(str(a)) for a in argv)}
 
 
+class Continued:
+    """Continued pretraining of the MAE for the ``vit_cont_*`` arms, done on first use and reused from ``--work``.
+
+    ``target(fold)``: ``usfmae prepare --labelled WORK/folds/fold_<fold>.json`` (that fold's training images only,
+    without labels; its validation images and the test part are held out and also kept out if a copy appears) into
+    ``WORK/target_corpus/fold<fold>``, then ``usfmae pretrain --init MAE`` on it. ``general()``: the same budget on
+    the general corpus (``WORK/corpus``). ``mix(fold)``: on both, mixed by ``--continue-mix-weight``. With
+    ``launch=False`` (``--report-only`` / over the time budget) nothing is run and a missing model gives None.
+    """
+
+    def __init__(self, rec: Recorder, args: argparse.Namespace, work: Path, mae: str | None,
+                 folds: Sequence[Path]) -> None:
+        self.rec, self.args, self.work, self.mae, self.folds = rec, args, work, mae, folds
+        self.launch = not args.report_only
+        self.info: dict[str, Any] = {"runs": {}, "target_corpora": {}}
+
+    def target_corpus(self, fold: int) -> Path | None:
+        out = self.work / "target_corpus" / f"fold{fold}"
+        if not (out / "manifest.jsonl").exists():
+            if not self.launch:
+                return None
+            argv = ["prepare", "--labelled", self.folds[fold], "--out", out, "--image-size", self.args.corpus_size,
+                    "--workers", self.args.prepare_workers, "--no-progress"]
+            self.rec.usfmae(argv, f"prepare target corpus fold {fold} (training images only)")
+        self.info["target_corpora"][f"fold{fold}"] = self.leak_check(fold, out)
+        return out
+
+    def leak_check(self, fold: int, corpus: Path) -> dict[str, Any]:
+        """What entered the fold's target corpus, checked against the fold's splits (recorded in results.json)."""
+        from usfmae_core.data.labelled import load_datalist
+
+        d = load_datalist(self.folds[fold])
+        split = {s: {str(Path(it["image"]).resolve()) for it in d.get(s) or []} for s in ("training", "validation",
+                                                                                        "test")}
+        with open(corpus / "manifest.jsonl") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        sources = {r["source"] for r in records}
+        report = read_json(corpus / "report.json")
+        leaked = sorted(sources & (split["validation"] | split["test"]))
+        if leaked:  # the protocol would be void: stop rather than report numbers
+            raise SystemExit(f"label_efficiency: held-out images in {corpus}: {leaked[:3]}")
+        return {"corpus": str(corpus), "frames": len(records),
+                "training_images": len(split["training"]), "images_in_corpus": len(sources),
+                "training_images_not_in_corpus": len(split["training"] - sources),
+                "validation_or_test_images_in_corpus": len(leaked), "held_out": {s: len(split[s]) for s in
+                                                                                 ("validation", "test")},
+                "dropped": {k: report.get(k) for k in ("duplicates_removed", "empty_frames_skipped")},
+                "skipped": report.get("skipped", [])}
+
+    def _pretrain(self, name: str, corpus: list[str]) -> str | None:
+        a = self.args
+        out = self.work / "continue" / name
+        model = out / "model.pt"
+        if not model.exists():
+            if not self.launch:
+                return None
+            argv = ["pretrain", "--corpus", *corpus, "--init", self.mae, "--out", out, "--max-steps",
+                    a.continue_steps, "--batch-size", a.continue_batch or a.pretrain_batch, "--lr",
+                    a.continue_lr or a.pretrain_lr, "--warmup-steps", max(1, a.continue_steps // 10), "--precision",
+                    a.precision, "--seed", a.seeds[0], "--device", a.device, "--workers", a.workers, "--ckpt-every",
+                    200, "--picture-every", 0, "--log-every", 20, "--resume"]
+            self.rec.usfmae(argv, f"continued MAE pretraining {name}")
+        summary = read_json(out / "summary.json") if (out / "summary.json").exists() else {}
+        self.info["runs"][name] = {"corpus": corpus, "model": str(model), "summary": summary}
+        return str(model)
+
+    def general(self) -> str | None:
+        return self._pretrain("general", [str(self.work / "corpus")])
+
+    def target(self, fold: int) -> str | None:
+        corpus = self.target_corpus(fold)
+        return None if corpus is None else self._pretrain(f"target_fold{fold}", [str(corpus)])
+
+    def mix(self, fold: int) -> str | None:
+        corpus = self.target_corpus(fold)
+        w = self.args.continue_mix_weight
+        return None if corpus is None else self._pretrain(
+            f"mix_fold{fold}", [f"{self.work / 'corpus'}:{1 - w:g}", f"{corpus}:{w:g}"])
+
+
 def arm_argv(arm: str, args: argparse.Namespace, mae: str | None) -> list[str]:
     if arm == "vit_scratch":
         return ["--preset", args.preset, "--image-size", args.img_size, "--patch-size", args.patch_size,
                 "--in-channels", args.in_channels]
-    if arm == "vit_mae":
+    if arm == "vit_mae" or arm in CONTINUED_ARMS:
         return ["--init", mae, "--image-size", args.img_size]
     if arm == "cnn_scratch":
         return ["--arch", args.cnn, "--depth", args.cnn_depth, "--image-size", args.img_size,
@@ -327,18 +432,35 @@ def finetune_and_evaluate(rec: Recorder, args: argparse.Namespace, arm: str, mae
     return out
 
 
-def select_lrs(rec: Recorder, args: argparse.Namespace, arms: Sequence[str], mae: str | None, fold0: Path,
+def arm_candidates(args: argparse.Namespace) -> dict[str, list[float]]:
+    """``--arm-select-lr ARM=LR[,LR...]`` as ``{arm: [lr, ...]}``."""
+    out: dict[str, list[float]] = {}
+    for item in args.arm_select_lr:
+        arm, sep, lrs = item.partition("=")
+        if not sep or arm not in ALL_ARMS:
+            raise SystemExit(f"label_efficiency: --arm-select-lr {item!r}: expected ARM=LR[,LR...] with ARM one of "
+                             f"{', '.join(ALL_ARMS)}")
+        out[arm] = [float(v) for v in lrs.split(",")]
+    return out
+
+
+def select_lrs(rec: Recorder, args: argparse.Namespace, arms: Sequence[str], mae_of: Any, fold0: Path,
                work: Path) -> dict[str, Any]:
-    """Per arm, the ``--select-lr`` candidate with the best validation macro-F1 on fold 0 at fraction 1."""
+    """Per arm, the ``--select-lr`` candidate with the best validation macro-F1 on fold 0 at fraction 1
+    (``mae_of(arm, fold)``: the MAE checkpoint the arm starts from, or None)."""
     chosen: dict[str, Any] = {}
     for arm in arms:
         cands = args.probe_select_lr if arm == "linear_probe" and args.probe_select_lr else args.select_lr
+        cands = arm_candidates(args).get(arm, cands)
         if not cands:
             chosen[arm] = {"lr": args.probe_lr if arm == "linear_probe" else args.lr, "selected": False}
             continue
         scores = {}
         for lr in cands:
             if args.report_only and not (work / "select" / arm / f"lr_{lr:g}" / "metrics.json").exists():
+                continue
+            mae = mae_of(arm, 0)
+            if mae is None and arm in MAE_ARMS:
                 continue
             r = finetune_and_evaluate(rec, args, arm, mae, fold0, 0, 1.0, args.seeds[0], lr,
                                       work / "select" / arm / f"lr_{lr:g}", evaluate=False)
@@ -380,7 +502,7 @@ def summarise(runs: list[dict[str, Any]], arms: Sequence[str], fractions: Sequen
             cache[r["run"]] = (y[idx], p[idx])
         return cache[r["run"]]
 
-    refs = [a for a in ("vit_scratch", "cnn_scratch") if a in arms] or [arms[0]]
+    refs = [a for a in REFERENCE_ARMS if a in arms] or [arms[0]]
     for arm in arms:
         for f in fractions:
             rs = by.get((arm, f), {})
@@ -490,7 +612,7 @@ def read_commands_txt(path: Path) -> list[dict[str, Any]]:
 
     lines = path.read_text().splitlines()
     out = []
-    for head, cmd in zip(lines[::2], lines[1::2]):
+    for head, cmd in zip(lines[::2], lines[1::2], strict=False):
         m = re.match(r"# (.*) \(([\d.]+) s\)$", head)
         if m:
             out.append({"what": m.group(1), "command": cmd, "seconds": float(m.group(2))})
@@ -543,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--only-folds", type=int, nargs="+",
                    help="run only these folds (to share one --work between processes, e.g. by arm or fold)")
     d.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
-    d.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    d.add_argument("--arms", nargs="+", default=list(ARMS), choices=ALL_ARMS)
     d.add_argument("--corpus-size", type=int, default=128, help="frame size of the prepared corpus")
     d.add_argument("--no-crop-sector", dest="crop_sector", action="store_false",
                    help="keep black borders (default: prepare --crop-sector)")
@@ -560,6 +682,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pretrain-steps", type=int, default=400)
     t.add_argument("--pretrain-batch", type=int, default=64)
     t.add_argument("--pretrain-lr", type=float, default=1e-3)
+    t.add_argument("--continue-steps", type=int, default=200,
+                   help="continued pretraining steps from the MAE (vit_cont_* arms; the same for each)")
+    t.add_argument("--continue-lr", type=float, help="lr of continued pretraining (default --pretrain-lr)")
+    t.add_argument("--continue-batch", type=int, help="batch of continued pretraining (default --pretrain-batch)")
+    t.add_argument("--continue-mix-weight", type=float, default=0.5,
+                   help="share of target images in vit_cont_mix's samples (the rest: general corpus)")
     t.add_argument("--steps", type=int, default=150, help="optimiser steps per fine-tuning run (every arm)")
     t.add_argument("--max-epochs", type=int, default=25, help="cap on the epochs of one run")
     t.add_argument("--batch-size", type=int, default=16)
@@ -569,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--select-lr", type=float, nargs="*", default=[],
                    help="candidate lrs, chosen per arm on fold-0 validation macro-F1 at fraction 1")
     t.add_argument("--probe-select-lr", type=float, nargs="*", default=[], help="candidates for the linear probe")
+    t.add_argument("--arm-select-lr", nargs="*", default=[], metavar="ARM=LR[,LR...]",
+                   help="candidates for one arm instead of --select-lr (e.g. an lr already chosen on the same "
+                        "fold-0 validation by an earlier run)")
     t.add_argument("--bootstrap", type=int, default=1000)
     t.add_argument("--time-budget-min", type=float, default=0, help="stop launching runs after this (0: none)")
     r = p.add_argument_group("run")
@@ -590,9 +721,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if not args.unlabelled and not args.unlabelled_from_labelled and not args.init and \
-            {"vit_mae", "linear_probe"} & set(args.arms):
-        raise SystemExit("label_efficiency: the vit_mae / linear_probe arms need --unlabelled, "
+            set(MAE_ARMS) & set(args.arms):
+        raise SystemExit("label_efficiency: the vit_mae / linear_probe / vit_cont_* arms need --unlabelled, "
                          "--unlabelled-from-labelled or --init")
+    if {"vit_cont_general", "vit_cont_mix"} & set(args.arms) and args.init and not args.unlabelled:
+        raise SystemExit("label_efficiency: vit_cont_general / vit_cont_mix continue on the general corpus: pass "
+                         "--unlabelled too")
+    if not 0 < args.continue_mix_weight < 1:
+        raise SystemExit("label_efficiency: --continue-mix-weight must be between 0 and 1")
     rec = Recorder(out)
     timings: dict[str, float] = {}
 
@@ -607,10 +743,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                   sorted(Counter(int(i["label"]) for i in datalist["test"]).items())}}
 
     mae, pre_info, corpus = None, {}, None
-    if {"vit_mae", "linear_probe"} & set(args.arms):
+    if set(MAE_ARMS) & set(args.arms):
+        needs_corpus = not args.init or {"vit_cont_general", "vit_cont_mix"} & set(args.arms)
         if args.report_only and (work / "corpus" / "manifest.jsonl").exists():
             corpus = corpus_breakdown(work / "corpus", [str(s) for s in args.unlabelled], work / "labelled_pool_files")
-        elif not args.init:
+        elif needs_corpus:
             t0 = time.monotonic()
             corpus = prepare(rec, args, datalist, work)
             timings["prepare_s"] = round(time.monotonic() - t0, 2)
@@ -618,7 +755,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         mae, pre_info = pretrain(rec, args, work)
         timings["pretrain_s"] = round(time.monotonic() - t0, 2)
 
-    lrs = select_lrs(rec, args, args.arms, mae, folds[0], work)
+    cont = Continued(rec, args, work, mae, folds)
+
+    def mae_of(arm: str, fold: int) -> str | None:
+        over = args.time_budget_min and (time.monotonic() - t_start) / 60 > args.time_budget_min
+        cont.launch = not (args.report_only or over)
+        if arm in ("vit_mae", "linear_probe"):
+            return mae
+        if arm == "vit_cont_general":
+            return cont.general()
+        if arm == "vit_cont_target":
+            return cont.target(fold)
+        if arm == "vit_cont_mix":
+            return cont.mix(fold)
+        return None
+
+    lrs = select_lrs(rec, args, args.arms, mae_of, folds[0], work)
     fold_ids = args.only_folds if args.only_folds is not None else range(args.run_folds or args.folds)
     plan = [(seed, fold, f, arm) for seed in args.seeds for fold in fold_ids
             for f in args.fractions for arm in args.arms]
@@ -632,7 +784,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if over and not (run_dir / "eval_test" / "metrics.json").exists():
             missing.append({"arm": arm, "fraction": f, "fold": fold, "seed": seed})
             continue
-        runs.append(finetune_and_evaluate(rec, args, arm, mae, folds[fold], fold, f, seed, lrs[arm]["lr"], run_dir))
+        init = mae_of(arm, fold)
+        if (init is None and arm in MAE_ARMS) or lrs[arm]["lr"] is None and lrs[arm].get("note"):
+            missing.append({"arm": arm, "fraction": f, "fold": fold, "seed": seed})
+            continue
+        runs.append(finetune_and_evaluate(rec, args, arm, init, folds[fold], fold, f, seed, lrs[arm]["lr"], run_dir))
         write_json(out / "runs.json", runs)  # partial results survive an interruption
     timings["finetune_evaluate_s"] = round(time.monotonic() - t_runs, 2)
     timings["total_s"] = round(time.monotonic() - t_start, 2)
@@ -651,7 +807,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "usfmae": usfmae_core.__version__, "machine": platform.machine(),
                         "cpu_count": os.cpu_count(), "load_average_end": os.getloadavg()},
-        "data": data, "corpus": corpus, "pretraining": pre_info, "learning_rates": lrs, "timings": timings,
+        "data": data, "corpus": corpus, "pretraining": pre_info, "continued_pretraining": cont.info,
+        "learning_rates": lrs, "timings": timings,
         "summary": summarise(runs, args.arms, args.fractions, args.bootstrap), "runs": runs, "missing_runs": missing,
         "commands": rec.commands,
     }

@@ -6,7 +6,7 @@ The engine is pure Python (PyTorch + MONAI) and is shared by the CLI (`usfmae`),
 
 import os
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # PyTorch's CPU allocator backs large tensors with transparent huge pages when this is set (read once, at the first
 # large allocation). Fresh batch-sized buffers then cost far fewer page faults: the CPU augmentation measured

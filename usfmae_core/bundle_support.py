@@ -3,16 +3,19 @@
 The bundle's configs only wire engine code together; whatever they need beyond the workflows' public API lives here,
 so no logic hides in JSON:
 
-- data: :class:`CorpusDataset` (a MONAI ``Dataset`` over a prepared pretraining corpus, ``data`` = the corpus folder),
+- data: :class:`CorpusDataset` (a MONAI ``Dataset`` over a prepared pretraining corpus, ``data`` = the corpus folder,
+  or several mixed by weight) with :func:`corpus_sampler`,
   :func:`split_items` / :func:`evaluation_items` (labelled datalists -> MONAI items), :func:`inference_items`
   (files / folders / datalist JSON -> items), :class:`UltrasoundToFramesd` (every frame / slice of an image, cine or
   volume as model input ``(N, C, S, S)``), :func:`cache_rate`;
 - inference: :class:`FrameAveragingInferer` (softmax per frame, mean over frames: what ``usfmae predict`` does),
   :func:`prepare_batch` (MetaTensor-free batches for the engines);
-- models: :func:`training_settings` / :func:`read_model_config` (``models/model_config.json``, written by
-  ``train.json`` and read by ``evaluate.json`` / ``inference.json``), :func:`classifier_from_settings`,
-  :func:`load_weights` / :class:`WeightsLoader` (plain state dicts or our checkpoints, adapted across MONAI versions
-  with :func:`~usfmae_core.checkpoints.adapt_state_dict`);
+- metadata and models: ``network_data_format`` of ``configs/metadata.json`` is the one place of the classifier's
+  classes, image size and channels (:func:`metadata_classes`, :func:`training_classes`, :func:`write_network_format`);
+  :func:`check_weights` (one-line refusals before MONAI's strict ``CheckpointLoader``), :func:`load_weights` /
+  :func:`save_state_dict` (``resave_weights``: weights of older MONAI versions), :func:`start_from_mae` /
+  :func:`init_mae` (start from an MAE), :func:`classifier_config` / :func:`mae_checkpoint_config` (our checkpoint
+  format, read from the modules);
 - training: :func:`macro_f1` (ignite metric), :func:`cosine_schedule` (per-step warm-up + cosine, keeping layer-wise
   lr scales), :func:`use_amp` / :func:`amp_kwargs`, :func:`is_not_rank0`;
 - handlers: :class:`SaveUsfmaeCheckpoint` (our checkpoint format, for ``usfmae`` / Slicer), :class:`ProbabilityWriter`
@@ -22,6 +25,9 @@ so no logic hides in JSON:
 
 from __future__ import annotations
 
+import argparse
+import copy
+import functools
 import json
 import logging
 import math
@@ -40,10 +46,11 @@ from monai.transforms import MapTransform, apply_transform
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["one_line_errors", "SkipUnreadabled", "read_weights", "CorpusDataset", "split_items", "evaluation_items",
-           "inference_items", "cache_rate", "check_batches",
-           "UltrasoundToFramesd", "FrameAveragingInferer", "prepare_batch", "training_settings", "read_model_config",
-           "classifier_from_settings", "load_weights", "save_state_dict", "WeightsLoader", "macro_f1",
+__all__ = ["one_line_errors", "SkipUnreadabled", "CorpusDataset", "corpus_sampler", "split_items", "evaluation_items",
+           "inference_items", "log_data_summary", "cache_rate", "check_batches", "UltrasoundToFramesd",
+           "FrameAveragingInferer", "prepare_batch", "metadata_classes", "labelled_data", "training_classes",
+           "write_network_format", "write_json_file", "check_weights", "read_weights", "load_weights",
+           "save_state_dict", "start_from_mae", "init_mae", "classifier_config", "mae_checkpoint_config", "macro_f1",
            "cosine_schedule", "use_amp", "amp_kwargs", "is_not_rank0", "prepare_process", "with_iteration_events",
            "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler"]
 
@@ -123,7 +130,10 @@ class CorpusDataset(Dataset):
     :func:`~usfmae_core.data.datasets.collate_uint8` and augment on the device (``MAEBatchAugment``).
 
     Args:
-        data: the corpus folder (the bundle's ``dataset_dir``), or an opened ``FrameCorpus`` / ``VolumeCorpus``.
+        data: the corpus folder (the bundle's ``dataset_dir``); or several, a list of folders, ``"PATH:WEIGHT"``
+            strings or ``[path, weight]`` pairs, read as one :class:`~usfmae_core.data.corpus.MixedCorpus` (draw
+            them in their weights' shares with :func:`corpus_sampler`, as ``usfmae pretrain --corpus A:w B:w``
+            does); or an opened ``FrameCorpus`` / ``VolumeCorpus`` / ``MixedCorpus``.
         transform: optional transform per item (None keeps the fast batched read).
         spatial_dims: 2 for frames, 3 for the ``--native-3d`` volumes ``(V, V, V)``.
     """
@@ -143,6 +153,21 @@ class CorpusDataset(Dataset):
                 raise UsfmaeError(f"corpus {path} is not a folder", "pass the folder written by usfmae prepare "
                                   "as --dataset_dir")
             data = VolumeCorpus(path) if spatial_dims == 3 else FrameCorpus(path)
+        elif isinstance(data, (list, tuple)):
+            from usfmae_core.commands._args import corpus_spec
+            from usfmae_core.data.corpus import open_corpora
+
+            specs = []
+            for item in data:
+                if isinstance(item, (str, os.PathLike)):
+                    try:
+                        specs.append(corpus_spec(str(item)))
+                    except argparse.ArgumentTypeError as err:
+                        raise UsfmaeError(f"dataset_dir: {err}", "give each corpus as PATH or PATH:WEIGHT") from None
+                else:
+                    path, weight = item
+                    specs.append((str(path), None if weight is None else float(weight)))
+            data = open_corpora(specs, spatial_dims)
         super().__init__(data=data, transform=transform)
 
     def _transform(self, index: int) -> Any:
@@ -153,6 +178,27 @@ class CorpusDataset(Dataset):
         if self.transform is None and hasattr(self.data, "get_batch"):
             return torch.from_numpy(self.data.get_batch(indices))
         return [self._transform(int(i)) for i in indices]
+
+
+def corpus_sampler(dataset: Any, seed: int = 0, distributed: bool = False) -> Any:
+    """The sampler for a :class:`CorpusDataset`: corpora mixed by weight are drawn in their shares by
+    :class:`~usfmae_core.workflows.pretrain.MixtureSampler` (a ``DistributedSampler``, so MONAI's engines advance its
+    epoch; split over the ranks when ``distributed``); otherwise MONAI's ``DistributedSampler`` when ``distributed``,
+    else None (let the DataLoader shuffle)."""
+    from usfmae_core.workflows import distributed as D
+
+    data = getattr(dataset, "data", dataset)
+    world, rank = (D.get_world_size(), D.get_rank()) if distributed else (1, 0)
+    if getattr(data, "weighted", False):
+        from usfmae_core.workflows.pretrain import MixtureSampler
+
+        return MixtureSampler(data.sizes, data.weights, num_replicas=world, rank=rank, seed=seed,
+                              drop_last=len(data) >= world)
+    if distributed:
+        from monai.data import DistributedSampler
+
+        return DistributedSampler(dataset, even_divisible=True, shuffle=True, seed=seed)
+    return None
 
 
 def _plain_item(it: Mapping[str, Any]) -> dict[str, Any]:
@@ -185,15 +231,35 @@ def evaluation_items(datalist: Mapping[str, Any], classes: Sequence[str], split:
 def inference_items(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[dict[str, str]]:
     """Items ``{"image": path}`` for files, folders (recursively, supported files only) or a datalist JSON.
 
-    Uses :func:`usfmae_core.workflows.predict.collect_inputs`; explicit files it cannot use are logged and skipped.
+    Uses :func:`usfmae_core.workflows.predict.collect_inputs`; explicit files it cannot use are logged and skipped,
+    segmentation masks / annotation files in folders are left out (counted in the log).
     """
     from usfmae_core.workflows.predict import collect_inputs
 
     sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     files, skipped = collect_inputs(sources)
     for s in skipped:
-        logger.warning("skipped %s: %s", s["source"], s["reason"])
+        if not s.get("mask"):
+            logger.warning("skipped %s: %s", s["source"], s["reason"])
+    masks = [s["source"] for s in skipped if s.get("mask")]
+    if masks:
+        logger.warning("left out %d segmentation masks / annotation files (e.g. %s)", len(masks),
+                       ", ".join(Path(m).name for m in masks[:3]))
     return [{"image": str(p)} for p in files]
+
+
+def log_data_summary(datalist: Mapping[str, Any], source: str | os.PathLike | None = None) -> list[str]:
+    """Log the console summary of a labelled datalist (files found, per-class counts per split, masks excluded,
+    duplicates removed, near-duplicate groups, unreadable files: :func:`usfmae_core.data.labelled.datalist_summary`,
+    what ``usfmae finetune`` / ``evaluate`` print) at the start of a bundle run; first process only. Returns the
+    lines."""
+    from usfmae_core.data.labelled import datalist_summary
+
+    lines = datalist_summary(dict(datalist), None if source is None else str(source))
+    if not is_not_rank0():
+        for line in lines:
+            logger.info(line)
+    return lines
 
 
 def cache_rate(n_items: int, prep: Any) -> float:
@@ -258,8 +324,10 @@ class UltrasoundToFramesd(MapTransform):
     Input: channel-first grey ``(1, H, W)`` or ``(1, T|D, H, W)`` from
     :class:`~usfmae_core.data.transforms.LoadUltrasoundd`. Frames come from
     :func:`~usfmae_core.data.transforms.image_to_frames` (volumes sliced along ``axis``, array order D, H, W) and are
-    preprocessed by :func:`~usfmae_core.data.transforms.frames_to_tensor`, as ``usfmae predict`` does. The meta dict
-    is kept and gains ``n_frames``.
+    preprocessed by :func:`~usfmae_core.data.transforms.frames_to_tensor`, as ``usfmae predict`` does: empty and
+    constant frames / slices of a cine or volume are left out
+    (:func:`~usfmae_core.data.transforms.informative_frames`) and an input without any informative one is refused.
+    The meta dict is kept and gains ``n_frames`` (frames given to the model) and ``n_excluded``.
     """
 
     def __init__(self, keys: KeysCollection, image_size: int = 224, in_channels: int = 3,
@@ -273,7 +341,7 @@ class UltrasoundToFramesd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from usfmae_core.data.readers import UltrasoundImage
-        from usfmae_core.data.transforms import frames_to_tensor, image_to_frames
+        from usfmae_core.data.transforms import frames_to_tensor, image_to_frames, informative_frames
 
         d = dict(data)
         for key in self.key_iterator(d):
@@ -286,10 +354,15 @@ class UltrasoundToFramesd(MapTransform):
             if arr.ndim == 2:
                 kind = "image"
             spacing = tuple(meta.get("spacing") or (1.0,) * arr.ndim)
-            frames = image_to_frames(UltrasoundImage(arr, spacing, kind, str(meta.get("filename_or_obj", ""))),
-                                     axis=self.axis)
-            out = frames_to_tensor(frames, self.prep)
-            meta.update(n_frames=int(out.shape[0]), kind=kind)
+            source = str(meta.get("filename_or_obj", ""))
+            frames = image_to_frames(UltrasoundImage(arr, spacing, kind, source), axis=self.axis)
+            keep = np.ones(len(frames), bool) if kind == "image" else informative_frames(frames)
+            if not keep.any():
+                raise UsfmaeError(f"{source or f'the {kind}'} has no informative "
+                                  f"{'frame' if kind == 'cine' else 'slice'}: all {len(frames)} are empty or "
+                                  "constant", "check the file (a blank or padding-only export?) or leave it out")
+            out = frames_to_tensor(frames[keep] if not keep.all() else frames, self.prep)
+            meta.update(n_frames=int(out.shape[0]), n_excluded=int((~keep).sum()), kind=kind)
             d[key] = MetaTensor(out, meta=meta)
         return d
 
@@ -347,63 +420,93 @@ def prepare_batch(batchdata: Mapping[str, Any], device: torch.device | str | Non
     return image, label
 
 
-# ---------------------------------------------------------------------------------------------------- models
-def training_settings(config: Mapping[str, Any], classes: Sequence[str], arch: str = "vit") -> dict[str, Any]:
-    """What ``models/model_config.json`` holds: the classifier's checkpoint config (model kwargs, ``preset``,
-    ``preprocessing``) plus ``classes``, ``arch`` (``vit|resnet|densenet``) and the flat ``image_size`` /
-    ``in_channels`` / ``patch_size`` / ``pool`` that evaluation and inference build the same network from."""
-    prep = config["preprocessing"]
-    out = dict(config)
-    out.update(arch=str(arch), classes=[str(c) for c in classes], image_size=int(prep["image_size"]),
-               in_channels=int(prep["in_channels"]))
-    patch = config.get("patch_size")
-    if patch is not None:
-        out["patch_size"] = int(patch[-1] if isinstance(patch, (list, tuple)) else patch)
-    out.setdefault("pool", "avg")
-    return out
+# ---------------------------------------------------------------------------------------- metadata and models
+# The classifier's classes, input size and channels live in ONE place: ``network_data_format`` of
+# configs/metadata.json. Every config reads them from there (``@_meta_#network_data_format#...``), so ``network_def``
+# is a plain component whose arguments always agree with what ``verify_net_in_out`` checks; train.json writes them
+# back after reading the labelled data (:func:`write_network_format`).
+def metadata_classes(network_data_format: Mapping[str, Any]) -> list[str]:
+    """Class names in output order, from ``outputs.pred`` (``channel_def`` ``{"0": name, ...}``, ``num_channels``)
+    of a bundle's ``network_data_format``.
 
-
-def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The settings in ``path`` (``models/model_config.json``), or ``{}`` when there is none."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as err:
-        raise UsfmaeError(f"cannot read {path} ({str(err).splitlines()[0][:100]})",
-                          "delete it (the bundle then uses the configs' values) or re-run train.json") from None
-
-
-_MATCH_KEYS = ("arch", "preset", "image_size", "in_channels", "classes")
-_VIT_KEYS = ("patch_size", "pool")
-
-
-def classifier_from_settings(trained: Mapping[str, Any], classes: Sequence[str], arch: str = "vit",
-                             preset: str = "vit_base", image_size: int = 224, in_channels: int = 3,
-                             patch_size: int = 16, pool: str = "avg") -> tuple[nn.Module, dict[str, Any]]:
-    """The classifier for evaluation / inference and its settings (see :func:`training_settings`).
-
-    When the requested settings are those of ``trained`` (``models/model_config.json``) the network is rebuilt from its
-    exact stored config (this also covers MAE-initialised or imported shapes that no preset names); otherwise it is
-    built fresh with :func:`usfmae_core.workflows.finetune.build_classifier` (weights are then adapted on loading,
-    e.g. position embeddings for another image size).
+    Raises:
+        UsfmaeError: ``channel_def`` does not name each of the ``num_channels`` outputs exactly once.
     """
-    from usfmae_core.networks.presets import build_model
-    from usfmae_core.workflows.finetune import build_classifier
+    pred = dict(network_data_format.get("outputs", {}).get("pred", {}))
+    k = int(pred.get("num_channels", 0))
+    names = {str(i): str(v) for i, v in dict(pred.get("channel_def") or {}).items()}
+    if k < 1 or sorted(names) != sorted(str(i) for i in range(k)):
+        raise UsfmaeError(f"configs/metadata.json names classes {names or '-'} for {k} network outputs",
+                          "give network_data_format#outputs#pred#channel_def one name per output, keys '0'..'K-1'")
+    return [names[str(i)] for i in range(k)]
 
-    requested = {"arch": str(arch), "preset": str(preset), "image_size": int(image_size),
-                 "in_channels": int(in_channels), "classes": [str(c) for c in classes]}
-    if str(arch) == "vit":
-        requested.update(patch_size=int(patch_size), pool=str(pool))
-    if trained and all(trained.get(k) == v for k, v in requested.items()):
-        config = dict(trained)
-        model = build_model("classifier" if config["arch"] == "vit" else config["arch"], config)
-        return model, config
-    model, config = build_classifier(len(requested["classes"]), arch=str(arch), preset=str(preset),
-                                     image_size=int(image_size), in_channels=int(in_channels),
-                                     patch_size=int(patch_size), pool=str(pool))
-    return model, training_settings(config, requested["classes"], str(arch))
+
+@functools.lru_cache(maxsize=4)
+def _labelled(source: str, mtime: float, seed: int, val_fraction: float, test_fraction: float) -> dict[str, Any]:
+    from usfmae_core.workflows.finetune import load_labelled
+
+    return load_labelled(source, seed, val_fraction, test_fraction)
+
+
+def labelled_data(source: str | os.PathLike, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15
+                  ) -> dict[str, Any]:
+    """The labelled datalist of ``source`` (:func:`usfmae_core.workflows.finetune.load_labelled`: class folders, CSV or
+    datalist JSON; deduplicated and split), read once per process for the same arguments (train.json asks for it
+    twice: for the classes and for the splits)."""
+    path = Path(source)
+    mtime = path.stat().st_mtime if path.exists() else -1.0
+    return copy.deepcopy(_labelled(str(path), mtime, int(seed), float(val_fraction), float(test_fraction)))
+
+
+def training_classes(source: str | os.PathLike, network_data_format: Mapping[str, Any], seed: int = 0,
+                     val_fraction: float = 0.15, test_fraction: float = 0.15) -> list[str]:
+    """The classes train.json builds ``network_def`` for: those of the labelled data at ``source`` when it exists,
+    else the bundle's own (:func:`metadata_classes`), so that ``monai.bundle.load`` and ``verify_net_in_out`` work
+    without any data. (A missing ``source`` stops the training run itself at its first step, ``check_splits``.)"""
+    if Path(source).exists():
+        return [str(c) for c in labelled_data(source, seed, val_fraction, test_fraction)["classes"]]
+    return metadata_classes(network_data_format)
+
+
+def _image_format(channels: int, size: int) -> dict[str, Any]:
+    names = ["B-mode intensity"] if channels == 1 else [
+        f"B-mode intensity (normalised with the {c} mean/std)" for c in "RGB"][:channels]
+    return {"num_channels": int(channels), "spatial_shape": [int(size), int(size)],
+            "channel_def": {str(i): n for i, n in enumerate(names)}}
+
+
+def write_network_format(metadata_file: str | os.PathLike, classes: Sequence[str], image_size: int,
+                         in_channels: int) -> bool:
+    """Record a training run's classes, image size and channels in ``network_data_format`` of ``metadata_file``
+    (inputs ``image``; outputs and post-processed outputs ``pred``), so that evaluation, inference,
+    ``verify_net_in_out``, ``ckpt_export`` and ``monai.bundle.load`` build the network that was trained.
+
+    The file is rewritten (atomically, 4-space JSON as the Model Zoo's pre-commit formats it) only when something
+    changes, and what changed is logged. Returns whether it was rewritten.
+    """
+    path = Path(metadata_file)
+    meta = json.loads(path.read_text())
+    fmt = meta.setdefault("network_data_format", {})
+    before = json.dumps(fmt, sort_keys=True)
+    image = fmt.setdefault("inputs", {}).setdefault("image", {})
+    image.update(_image_format(int(in_channels), int(image_size)))
+    k = len(classes)
+    for section in ("outputs", "post_processed_outputs"):
+        pred = fmt.setdefault(section, {}).setdefault("pred", {})
+        pred.update(num_channels=k, spatial_shape=[k], channel_def={str(i): str(c) for i, c in enumerate(classes)})
+    if json.dumps(fmt, sort_keys=True) == before:
+        return False
+    write_json_file(path, meta)
+    logger.info("recorded the trained network's inputs (%d channel(s), %d x %d) and classes (%s) in %s",
+                int(in_channels), int(image_size), int(image_size), ", ".join(map(str, classes)), path)
+    return True
+
+
+def write_json_file(path: str | os.PathLike, obj: Any) -> Path:
+    """``obj`` as 4-space-indented JSON with a final newline (the Model Zoo's pretty-format-json style), atomically."""
+    from usfmae_core.fileio import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(obj, indent=4) + "\n")
 
 
 def _unwrap_state(obj: Any) -> dict[str, torch.Tensor]:
@@ -422,38 +525,75 @@ def _unwrap_state(obj: Any) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+_NO_WEIGHTS_FIX = ("train first (configs/train.json writes models/model.pt), fetch released weights with "
+                   "`python -m monai.bundle download_large_files --bundle_path .`, or pass --ckpt_path")
+
+
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict in ``path`` (a plain state dict, one of our checkpoints, MONAI / ignite wrappers), read with
-    ``weights_only=True`` and checked: missing files, files that are not checkpoints, pickled code and NaN / infinite
-    weights are refused with one line."""
+    ``weights_only=True`` (memory-mapped) and checked like every checkpoint of the engine
+    (:func:`usfmae_core.checkpoints.load_checkpoint`): a missing file, a file that is not a checkpoint, pickled code
+    and NaN / infinite weights are refused with one line."""
     from usfmae_core.checkpoints import _torch_load, check_finite
 
     path = Path(path)
     if not path.exists():
-        raise UsfmaeError(f"weights {path} do not exist",
-                          "train first (configs/train.json writes models/model.pt), fetch released weights with "
-                          "`python -m monai.bundle download_large_files --bundle_path .`, or pass --ckpt_path")
-    state = _unwrap_state(_torch_load(path))
+        raise UsfmaeError(f"weights {path} do not exist", _NO_WEIGHTS_FIX)
+    state = _unwrap_state(_torch_load(path, mmap=True))
     if not state:
         raise UsfmaeError(f"{path} holds no state dict of tensors", "pass a PyTorch weights file (model.pt)")
     check_finite(state, path)
     return state
 
 
-def load_weights(network: nn.Module, path: str | os.PathLike, state: dict[str, torch.Tensor] | None = None
-                 ) -> nn.Module:
-    """Load the weights in ``path`` (:func:`read_weights`, or ``state`` already read from it) into ``network``
-    (unwrapping DDP), whatever MONAI version saved them.
+_read_state = read_weights
+
+
+def check_weights(path: str | os.PathLike, network: nn.Module) -> Path:
+    """Refuse, in one line, weights that MONAI's strict ``CheckpointLoader`` (and ``ckpt_export``) would reject with a
+    long traceback: a missing or unreadable file, MONAI < 1.6 ``cross_attn`` keys (re-save them), or keys and shapes
+    that do not fit ``network`` (another class count, image size or ``network_def``)."""
+    from usfmae_core.workflows.distributed import unwrap_model
+
+    path = Path(path)
+    state = _read_state(path)
+    target = unwrap_model(network).state_dict()
+    if any(".cross_attn." in k for k in state):
+        raise UsfmaeError(f"{path} was saved by MONAI < 1.6 (it holds TransformerBlock cross_attn weights that MONAI "
+                          "1.6 no longer has)",
+                          "re-save it once: python -m monai.bundle run resave_weights --config_file "
+                          "configs/inference.json --load_pretrain False")
+    unexpected = [k for k in state if k not in target]
+    missing = [k for k in target if k not in state]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
+                  if k in state and state[k].shape != v.shape]
+    if unexpected or missing or mismatched:
+        parts = [f"{what} {_few(keys)}" for what, keys in (("unexpected keys", unexpected), ("missing keys", missing),
+                                                            ("mismatched shapes", mismatched)) if keys]
+        raise UsfmaeError(f"weights {path} do not fit network_def: {'; '.join(parts)}",
+                          "the classes / image size in configs/metadata.json or the network_def arguments differ "
+                          "from the run that wrote them; use that run's bundle or override them to match")
+    return path
+
+
+def _few(items: Sequence[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def load_weights(network: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load the weights in ``path`` into ``network`` (unwrapping DDP), whatever MONAI version saved them.
 
     ``path`` may hold a plain state dict (Model Zoo's ``models/model.pt``, MONAI's ``CheckpointSaver``) or one of our
     checkpoints. The state is fitted with :func:`~usfmae_core.checkpoints.adapt_state_dict`: MONAI < 1.6
     ``cross_attn`` keys are dropped and ``norm_cross_attn`` filled, position embeddings of another image size are
-    interpolated; anything else that does not fit is refused with the keys named.
+    interpolated; anything else that does not fit is refused with the keys named. (The configs load ``model.pt``
+    with MONAI's strict ``CheckpointLoader``; this is the lenient path behind ``resave_weights``.)
     """
     from usfmae_core.checkpoints import adapt_state_dict
     from usfmae_core.workflows.distributed import unwrap_model
 
-    state = read_weights(path) if state is None else state
+    path = Path(path)
+    state = {k: v.clone() for k, v in _read_state(path).items()}
     target = unwrap_model(network)
     target.load_state_dict(adapt_state_dict(state, target.state_dict(), source=str(path)))
     logger.info("loaded weights from %s", path)
@@ -473,23 +613,135 @@ def save_state_dict(network: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-class WeightsLoader:
-    """Handler / callable loading ``load_path`` into ``network`` with :func:`load_weights`.
+def start_from_mae(network: nn.Module, mae: str | os.PathLike, in_channels: int | None = None) -> nn.Module:
+    """Start ``network`` (a :class:`~usfmae_core.networks.classifier.USFMAEClassifier`) from the encoder of the MAE
+    checkpoint ``mae`` (``usfmae pretrain`` / ``configs/pretrain.json`` / ``usfmae import-weights``, or the name of a
+    published model fetched with ``usfmae pull``).
 
-    Use it like MONAI's ``CheckpointLoader``: in an engine's handlers (loads when the engine starts) or called
-    directly (``"$@checkpointloader(@evaluator)"`` in a config's ``initialize``).
+    Position embeddings of another image size are interpolated (logged); another encoder shape is refused with the
+    ``network_def`` arguments that would fit.
     """
+    from usfmae_core.checkpoints import adapt_state_dict, load_checkpoint
+    from usfmae_core.workflows.distributed import unwrap_model
 
-    def __init__(self, load_path: str | os.PathLike, network: nn.Module) -> None:
-        self.load_path, self.network = load_path, network
+    path = _resolve_model(mae)
+    ckpt = load_checkpoint(path)
+    if ckpt["arch"] != "mae":
+        raise UsfmaeError(f"--pretrained_mae {mae} holds a '{ckpt['arch']}' model, not a pretrained MAE",
+                          "pass an MAE checkpoint (configs/pretrain.json's models/mae.pt, usfmae pretrain, "
+                          "usfmae import-weights or usfmae pull)")
+    cfg = ckpt["config"]
+    target = unwrap_model(network)
+    enc = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    want = target.encoder.state_dict()
+    if in_channels is not None and int(cfg.get("in_channels", 3)) != int(in_channels):
+        raise UsfmaeError(f"the MAE {path} takes {cfg.get('in_channels')} channel(s) but the bundle {in_channels}",
+                          "set network_data_format#inputs#image#num_channels in configs/metadata.json to the MAE's")
+    shape_keys = ("hidden_size", "num_layers", "num_heads", "patch_size")
+    mismatch = (enc.get("cls_token") is None or enc["cls_token"].shape != want["cls_token"].shape
+                or sum(k.endswith("attn.qkv.weight") for k in enc) != sum(k.endswith("attn.qkv.weight") for k in want)
+                or enc["patch_embed.patch_embeddings.weight"].shape[2:]
+                != want["patch_embed.patch_embeddings.weight"].shape[2:])
+    if mismatch:
+        fits = " ".join(f"--network_def#{k} {_scalar(cfg.get(k))}" for k in shape_keys if cfg.get(k) is not None)
+        raise UsfmaeError(f"the MAE {path} has another encoder shape than network_def "
+                          f"(MAE: {', '.join(f'{k} {_scalar(cfg.get(k))}' for k in shape_keys)})",
+                          f"pass {fits} (and the same to evaluate / inference)")
+    size = _scalar(cfg.get("img_size", 224))
+    if size != target.encoder.img_size[-1]:
+        logger.info("MAE %s was pretrained at %d px; its position embeddings are interpolated to %d px", path, size,
+                    target.encoder.img_size[-1])
+    target.encoder.load_state_dict(adapt_state_dict(enc, want, source=str(path)))
+    logger.info("started the classifier's encoder from the MAE %s", path)
+    return network
 
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
 
-        engine.add_event_handler(Events.STARTED, self)
+def _scalar(v: Any) -> Any:
+    return v[-1] if isinstance(v, (list, tuple)) else v
 
-    def __call__(self, engine: Any = None) -> None:
-        load_weights(self.network, self.load_path)
+
+def _resolve_model(name_or_path: str | os.PathLike) -> Path:
+    """A model file, or the cached file of a published model named like ``usf-mae-100ep`` (:mod:`usfmae_core.hub`)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    try:
+        from usfmae_core.hub import resolve_init
+    except ImportError:  # the hub module is optional for the bundle
+        return path
+    return Path(resolve_init(str(name_or_path)))
+
+
+def _encoder_config(encoder: nn.Module) -> dict[str, Any]:
+    block = encoder.blocks[0]
+    return {"in_channels": int(encoder.in_channels), "img_size": [int(s) for s in encoder.img_size],
+            "patch_size": [int(p) for p in encoder.patch_size], "spatial_dims": int(encoder.spatial_dims),
+            "hidden_size": int(encoder.hidden_size), "num_layers": len(encoder.blocks),
+            "num_heads": int(block.attn.num_heads),
+            "mlp_ratio": float(block.mlp.linear1.out_features / encoder.hidden_size),
+            "qkv_bias": block.attn.qkv.bias is not None, "drop_path_rate": 0.0}
+
+
+def mae_checkpoint_config(network: nn.Module, preprocessing: Any, preset: str = "bundle") -> dict[str, Any]:
+    """Our checkpoint config of a :class:`~usfmae_core.networks.mae.USFMAE` (model kwargs + ``preprocessing``), read
+    from the module: what ``usfmae finetune --init`` / ``--pretrained_mae`` / ``reconstruct`` rebuild it from."""
+    from usfmae_core.workflows.distributed import unwrap_model
+
+    model = unwrap_model(network)
+    dec = model.decoder
+    cfg = _encoder_config(model.encoder)
+    dec_hidden = int(dec.decoder_embed.out_features)
+    cfg.update(decoder_hidden_size=dec_hidden, decoder_num_layers=len(dec.decoder_blocks),
+               decoder_num_heads=int(dec.decoder_blocks[0].attn.num_heads), mask_ratio=float(model.mask_ratio),
+               norm_pix_loss=bool(model.norm_pix_loss), preset=str(preset),
+               preprocessing=preprocessing.to_dict() if hasattr(preprocessing, "to_dict") else dict(preprocessing))
+    dec_ratio = dec.decoder_blocks[0].mlp.linear1.out_features / dec_hidden
+    if dec_ratio != cfg["mlp_ratio"]:
+        cfg["decoder_mlp_ratio"] = float(dec_ratio)
+    return cfg
+
+
+def init_mae(network: nn.Module, init: str | os.PathLike) -> nn.Module:
+    """Continue pretraining ``network`` (an MAE) from the MAE checkpoint ``init`` (ours, ``usfmae import-weights`` of
+    facebook / USF-MAE weights, or a published model's name fetched with ``usfmae pull``).
+
+    The weights are fitted with :func:`~usfmae_core.checkpoints.adapt_state_dict` (position embeddings interpolated,
+    channels summed, 2D patches inflated to 3D); the pixel-prediction head restarts from its initialisation when the
+    patch shape changes (logged). Another encoder width / depth is refused with the keys named.
+    """
+    from usfmae_core.checkpoints import adapt_state_dict, load_checkpoint
+    from usfmae_core.workflows.distributed import unwrap_model
+
+    path = _resolve_model(init)
+    ckpt = load_checkpoint(path)
+    if ckpt["arch"] != "mae":
+        raise UsfmaeError(f"--init_mae {init} holds a '{ckpt['arch']}' model, not an MAE (encoder + decoder)",
+                          "pass an MAE checkpoint (usfmae pretrain, configs/pretrain.json, usfmae import-weights or "
+                          "usfmae pull), or leave out --init_mae to start from scratch")
+    model = unwrap_model(network)
+    src, target = dict(ckpt["model"]), model.state_dict()
+    fresh = [k for k in src
+             if k.startswith("decoder.decoder_pred.") and k in target and src[k].shape != target[k].shape]
+    src.update({k: target[k] for k in fresh})
+    model.load_state_dict(adapt_state_dict(src, target, source=str(path)))
+    if fresh:
+        logger.info("the MAE's pixel-prediction head was re-initialised (patch shape changed)")
+    logger.info("continuing pretraining from %s", path)
+    return network
+
+
+def classifier_config(network: nn.Module, classes: Sequence[str], preprocessing: Any,
+                      preset: str = "bundle") -> dict[str, Any]:
+    """Our checkpoint config (model kwargs, ``classes``, ``preprocessing``) of a
+    :class:`~usfmae_core.networks.classifier.USFMAEClassifier`, read from the module itself: what
+    :func:`usfmae_core.networks.presets.build_model` rebuilds it from (``usfmae predict`` / ``evaluate`` / Slicer)."""
+    from usfmae_core.workflows.distributed import unwrap_model
+
+    model = unwrap_model(network)
+    prep = preprocessing.to_dict() if hasattr(preprocessing, "to_dict") else dict(preprocessing)
+    return {**_encoder_config(model.encoder), "num_classes": int(model.head.out_features), "pool": str(model.pool),
+            "dropout": float(model.dropout.p), "preset": str(preset), "classes": [str(c) for c in classes],
+            "preprocessing": prep}
 
 
 # -------------------------------------------------------------------------------------------------- training
@@ -653,9 +905,9 @@ class ProbabilityWriter:
 
     Without labels (inference), into ``output_dir``:
 
-    - ``<filename>.csv``: ``source, kind, n_frames, label, p_<class>...``, one row per file (the columns of
-      ``usfmae predict``'s ``summary.csv``);
-    - ``<filename>.json``: ``{"classes", "results": [{source, kind, n_frames, label, p_<class>...}]}``.
+    - ``<filename>.csv``: ``source, kind, n_frames, n_excluded, label, p_<class>...``, one row per file (the columns
+      of ``usfmae predict``'s ``summary.csv``: frames classified, empty / constant frames left out);
+    - ``<filename>.json``: ``{"classes", "results": [{source, kind, n_frames, n_excluded, label, p_<class>...}]}``.
 
     With a label for every image (evaluation): what ``usfmae evaluate`` writes
     (:func:`usfmae_core.workflows.evaluate.write_evaluation`): ``predictions.csv`` (image, true, predicted, correct,
@@ -702,6 +954,8 @@ class ProbabilityWriter:
             n = len(image) if image is not None else 0
             names = list(getattr(image, "meta", {}).get("filename_or_obj", []) or [])
             kinds = list(getattr(image, "meta", {}).get("kind", []) or [])
+            excluded = getattr(image, "meta", {}).get("n_excluded")
+            excluded = [] if excluded is None else [int(e) for e in torch.as_tensor(excluded).reshape(-1)]
             label = batch.get("label")
             unreadable = list(batch.get("unreadable") or [])
             items = []
@@ -709,6 +963,7 @@ class ProbabilityWriter:
                 items.append({"source": names[i] if i < len(names) else None,
                               "kind": kinds[i] if i < len(kinds) else None,
                               "n_frames": int(image[i].shape[0]) if image[i].dim() == 4 else 1,
+                              "n_excluded": excluded[i] if i < len(excluded) else 0,
                               "label": None if label is None else int(torch.as_tensor(label[i]).reshape(-1)[0]),
                               "unreadable": str(unreadable[i]) if i < len(unreadable) and unreadable[i] else ""})
             return items
@@ -719,6 +974,7 @@ class ProbabilityWriter:
             label = item.get("label")
             items.append({"source": meta.get("filename_or_obj"), "kind": meta.get("kind"),
                           "n_frames": int(image.shape[0]) if image is not None and image.dim() == 4 else 1,
+                          "n_excluded": int(meta.get("n_excluded") or 0),
                           "label": None if label is None else int(torch.as_tensor(label).reshape(-1)[0]),
                           "unreadable": str(item.get("unreadable") or "")})
         return items
@@ -795,10 +1051,10 @@ class ProbabilityWriter:
         results = []
         for source, r in zip(sources, rows):
             res = {"source": source, "kind": r["kind"] or "image", "n_frames": r["n_frames"],
-                   "label": self.classes[int(np.argmax(r["probs"]))]}
+                   "n_excluded": int(r.get("n_excluded") or 0), "label": self.classes[int(np.argmax(r["probs"]))]}
             res.update({c: round(p, 6) for c, p in zip(cols, r["probs"])})
             results.append(res)
-        header = ["source", "kind", "n_frames", "label", *cols]
+        header = ["source", "kind", "n_frames", "n_excluded", "label", *cols]
         csv_path = write_csv(self.output_dir / f"{self.filename}.csv", header,
                              [[f"{res[h]:.6f}" if h.startswith("p_") else res[h] for h in header] for res in results])
         write_json(self.output_dir / f"{self.filename}.json",

@@ -4,7 +4,7 @@ Our format is a dict readable with ``torch.load(weights_only=True)``::
 
     {"model": state_dict, "arch": "mae" | "classifier" | "resnet" | "densenet",
      "config": {...plain types: model kwargs, preset, classes, preprocessing...},
-     "usfmae_version": "0.1.0", "meta": {...plain types: where it came from...}}
+     "usfmae_version": "0.2.0", "meta": {...plain types: where it came from...}}
 
 Training checkpoints add ``optimizer``, ``scheduler``, ``scaler``, ``step``, ``epoch`` and ``rng`` entries (tensors and
 plain types only). Files are written atomically: a temporary file in the same folder, then ``os.replace``.
@@ -70,9 +70,10 @@ def make_checkpoint(model: torch.nn.Module, arch: str, config: dict[str, Any], *
     return {"model": state, "arch": arch, "config": dict(config), "usfmae_version": __version__, **extra}
 
 
-def _torch_load(path: Path, allow_namespace: bool = False) -> Any:
+def _torch_load(path: Path, allow_namespace: bool = False, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)`` with one-line errors; ``argparse.Namespace`` (plain data that facebook's
-    training scripts store as ``args``) may be allowed for imports."""
+    training scripts store as ``args``) may be allowed for imports; ``mmap`` maps the tensors instead of reading them
+    (zip checkpoints only)."""
     if not path.exists():
         raise UsfmaeError(f"checkpoint {path} does not exist", "check the path")
     if path.stat().st_size == 0:
@@ -84,6 +85,8 @@ def _torch_load(path: Path, allow_namespace: bool = False) -> Any:
     safe = [argparse.Namespace] if allow_namespace else []
     try:
         with torch.serialization.safe_globals(safe):
+            if mmap and _looks_like_zip(path):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         names = re.findall(r"GLOBAL ([\w.]+)", str(err))
@@ -110,6 +113,14 @@ def _torch_load(path: Path, allow_namespace: bool = False) -> Any:
         raise not_ckpt from None
 
 
+def _looks_like_zip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
 def _looks_like_torch_file(path: Path) -> bool:
     """Whether ``path`` starts like a file written by ``torch.save``: a zip archive (the format since PyTorch 1.6)
     or a pickle stream (the legacy format). Anything else is not a checkpoint at all."""
@@ -122,9 +133,31 @@ def _looks_like_torch_file(path: Path) -> bool:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load one of our checkpoints (weights only). Foreign weights must go through ``usfmae import-weights``."""
+    """Load one of our checkpoints (weights only), or the classifier of a MONAI bundle folder (or of its
+    ``models/model.pt``) as one (:func:`usfmae_core.bundle_export.load_bundle`). Foreign weights must go through
+    ``usfmae import-weights``."""
+    from usfmae_core.bundle_export import is_bundle, load_bundle
+
     path = Path(path)
-    ckpt = _torch_load(path)
+    if not path.exists():
+        from usfmae_core.hub import MODELS, resolve_init
+
+        if str(path) in MODELS:  # a published model by name: from the cache, downloaded on first use
+            path = resolve_init(str(path))
+    if path.is_dir() and is_bundle(path):
+        return load_bundle(path)
+    if path.parent.name == "models" and is_bundle(path.parent.parent) and not path.is_dir():
+        ckpt = _torch_load(path)
+        if not (isinstance(ckpt, dict) and "arch" in ckpt and "config" in ckpt):  # a bundle's plain state dict
+            return load_bundle(path.parent.parent, weights=path)
+        return _checked(path, ckpt)
+    if path.is_dir():
+        raise UsfmaeError(f"{path} is a folder, not a checkpoint or a MONAI bundle (no configs/metadata.json)",
+                          "pass a checkpoint file (model.pt) or a bundle folder")
+    return _checked(path, _torch_load(path))
+
+
+def _checked(path: Path, ckpt: Any) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt or "config" not in ckpt:
         fmt = detect_format(_unwrap(ckpt)) if isinstance(ckpt, dict) else "unknown"
         raise UsfmaeError(f"{path} is not a usfmae checkpoint (looks like: {fmt})",
@@ -463,6 +496,13 @@ def import_weights(src: str | Path, out: str | Path, img_size: int | None = None
     from usfmae_core.networks.presets import build_model
 
     src = Path(src)
+    from usfmae_core.bundle_export import is_bundle, load_bundle
+
+    if (src.is_dir() and is_bundle(src)) or (src.parent.name == "models" and is_bundle(src.parent.parent)):
+        # a MONAI bundle's classifier (its models/model.pt alone is a plain state dict: the bundle says what it is)
+        ckpt = load_bundle(src) if src.is_dir() else load_bundle(src.parent.parent, weights=src)
+        ckpt["meta"] = {**ckpt["meta"], "imported_from": src.name, "source_format": "monai_bundle"}
+        return save_checkpoint(out, ckpt)
     raw = _torch_load(src, allow_namespace=True)
     state = _unwrap(raw)
     if not state:

@@ -26,12 +26,14 @@ COMMAND_MODULES: tuple[str, ...] = (
     "usfmae_core.commands.info",
     "usfmae_core.commands.prepare",
     "usfmae_core.commands.weights",  # import-weights, export-weights
+    "usfmae_core.commands.pull",
     "usfmae_core.commands.pretrain",
     "usfmae_core.commands.finetune",
     "usfmae_core.commands.evaluate",
     "usfmae_core.commands.predict",
     "usfmae_core.commands.reconstruct",
     "usfmae_core.commands.embed",
+    "usfmae_core.commands.export_bundle",
     "usfmae_core.commands.demo",
 )
 

@@ -49,8 +49,9 @@ RUN_OUTPUTS: dict[str, tuple[str, ...]] = {
                  "tb", "config.json"),
     "finetune": ("checkpoint_last.pt", "model.pt", "metrics.json", "history.csv", "curves.png", "datalist.json",
                  "config.json", "tensorboard", "fold_*", "cv_summary.json", "cv_summary.csv"),
-    "evaluate": ("metrics.json", "metrics.csv", "predictions.csv", "confusion_matrix.png", "roc.png", "config.json"),
-    "predict": ("predictions.csv", "summary.csv", "predictions.json", "config.json"),
+    "evaluate": ("metrics.json", "metrics.csv", "predictions.csv", "confusion_matrix.png", "roc.png", "datalist.json",
+                 "config.json"),
+    "predict": ("predictions.csv", "summary.csv", "predictions.json", "attention.csv", "config.json"),
     "embed": ("embeddings.npy", "embeddings_index.csv", "embed.json", "config.json"),
     "reconstruct": ("reconstruct.json", "config.json"),  # + the pictures and volumes reconstruct.json lists
     "demo": ("report.md", "config.json", "learning_curves.png", "data", "corpus", "pretrain", "finetune_*", "eval_*",

@@ -78,6 +78,12 @@ class ReconstructOutput:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _frame_index(result: dict[str, Any], n: int) -> np.ndarray:
+    """The input slice / frame number of each row of ``result["per_frame"]`` (empty slices are not classified)."""
+    index = result.get("frame_index")
+    return np.arange(n) if index is None or len(index) != n else np.asarray(index, dtype=np.int64)
+
+
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "volume"
 
@@ -328,6 +334,7 @@ class USFMAEEngineLogic:
         slice / frame number, and ``aggregate`` for the last row), ``p_<class>`` per class (float), ``label``."""
         classes = [str(c) for c in result["classes"]]
         per_frame = np.asarray(result["per_frame"], dtype=np.float64).reshape(-1, len(classes))
+        frame_index = _frame_index(result, per_frame.shape[0])
         aggregate = np.asarray(result["aggregate"], dtype=np.float64).reshape(len(classes))
         rows = np.concatenate([per_frame, aggregate[None]], 0)
         wasModifying = table_node.StartModify()
@@ -338,13 +345,14 @@ class USFMAEEngineLogic:
             labels = vtk.vtkStringArray()
             labels.SetName("label")
             for i in range(per_frame.shape[0]):
-                index.InsertNextValue(str(i))
+                index.InsertNextValue(str(int(frame_index[i])))
                 labels.InsertNextValue(classes[int(per_frame[i].argmax())])
             index.InsertNextValue("aggregate")
             labels.InsertNextValue(str(result.get("label", classes[int(aggregate.argmax())])))
             table_node.AddColumn(index)
-            table_node.SetColumnDescription(index_name, f"{index_name} index (0-based, slowest array axis); the last "
-                                            "row is the aggregate over all of them")
+            table_node.SetColumnDescription(index_name, f"{index_name} index (0-based, slowest array axis); empty "
+                                            "or constant ones are not classified; the last row is the aggregate over "
+                                            "the classified ones")
             for c, name in enumerate(classes):
                 col = vtk.vtkDoubleArray()
                 col.SetName(f"p_{name}")
@@ -375,7 +383,8 @@ class USFMAEEngineLogic:
                                                  scene.GenerateUniqueName(f"{table_node.GetName()} plot data"))
             plot_table.SetAttribute(OUTPUT_ATTRIBUTE, "plot data")
             table_node.SetNodeReferenceID("USFMAE.plotTable", plot_table.GetID())
-        columns = [np.arange(per_frame.shape[0], dtype=np.float64)] + [per_frame[:, c] for c in range(len(classes))]
+        columns = [_frame_index(result, per_frame.shape[0]).astype(np.float64)] + [per_frame[:, c]
+                                                                                   for c in range(len(classes))]
         slicer.util.updateTableFromArray(plot_table, columns, [index_name] + [f"p_{c}" for c in classes])
         chart = table_node.GetNodeReference("USFMAE.chart")
         if chart is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -17,8 +18,8 @@ from typing import NoReturn
 from usfmae_core.constants import DEVICE_CHOICES, PRECISION_CHOICES
 
 __all__ = ["OneLineParser", "finite_float", "positive_int", "nonneg_int", "positive_float", "nonneg_float", "fraction",
-           "open_fraction", "unit_fraction", "add_device", "add_precision", "add_inference_arguments", "add_overwrite",
-           "remember_defaults"]
+           "open_fraction", "unit_fraction", "corpus_spec", "add_device", "add_precision", "add_inference_arguments",
+           "add_mask_arguments", "add_overwrite", "remember_defaults"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -72,6 +73,24 @@ def remember_defaults(p: argparse.ArgumentParser) -> None:
                               if a.dest not in ("help", "func") and a.default is not argparse.SUPPRESS})
 
 
+def corpus_spec(text: str) -> tuple[str, float | None]:
+    """``PATH`` or ``PATH:WEIGHT`` (a mixing weight > 0) -> ``(path, weight or None)``.
+
+    The weight is what follows the last ``:`` when that parses as a number, so ``C:\\corpus`` stays a path; a folder
+    whose name really ends in ``:<number>`` is taken whole when it exists.
+    """
+    head, sep, tail = text.rpartition(":")
+    if not sep or not head or os.path.isdir(text):
+        return text, None
+    try:
+        weight = float(tail)
+    except ValueError:
+        return text, None
+    if not math.isfinite(weight) or weight <= 0:
+        raise argparse.ArgumentTypeError(f"the mixing weight of '{text}' must be a finite number > 0, got '{tail}'")
+    return head, weight
+
+
 def add_device(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--device", default="auto",
                    help=f"compute device: {'|'.join(DEVICE_CHOICES)} or cuda:N (default auto)")
@@ -100,3 +119,14 @@ def add_inference_arguments(p: argparse.ArgumentParser, batch_size: int = 32) ->
     add_device(p)
     p.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help=f"frames per batch (default {batch_size})")
+
+
+def add_mask_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str = "images") -> None:
+    """``--include-masks`` and ``--mask-pattern`` (segmentation masks / annotation files among the data)."""
+    p.add_argument("--include-masks", action="store_true",
+                   help=f"keep segmentation masks / annotation files as {what} (default: they are found by name - "
+                   "_mask, _mask_1, _seg, _gt, masks/, labels/, gt/ ... - or by content - few grey levels beside a "
+                   "scan - and left out, with a count on the console and the list in the run folder)")
+    p.add_argument("--mask-pattern", dest="mask_patterns", action="append", default=[], metavar="GLOB",
+                   help="also treat files matching this glob as masks (path below the data folder or file name, "
+                   "case-insensitive, e.g. '*_roi.png'; repeatable)")

@@ -10,9 +10,9 @@ from usfmae_core.commands._args import add_inference_arguments
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="encoder features of images, clip frames and volume slices",
-                       description="Write one embedding per frame / slice (a 3D model: per volume) to "
-                       "embeddings.npy, with embeddings_index.csv naming the file and frame of each row.")
-    p.add_argument("model", help="MAE or ViT classifier checkpoint")
+                       description="Write one embedding per frame / slice (a volume model: per volume or clip) "
+                       "to embeddings.npy, with embeddings_index.csv naming the file and frame of each row.")
+    p.add_argument("model", help="MAE, ViT classifier or attention-MIL volume classifier checkpoint")
     p.add_argument("inputs", nargs="+", help="files, folders or a datalist .json")
     add_inference_arguments(p)
     p.add_argument("--pool", default="avg", choices=("avg", "cls"),
@@ -27,7 +27,11 @@ def run(args: argparse.Namespace) -> int:
                 run_config=vars(args), overwrite=args.overwrite)
     report = json.loads((out / "embed.json").read_text())
     for s in report["skipped"]:
-        print(f"skipped {s['source']}: {s['reason']}")
+        if not s.get("mask"):
+            print(f"skipped {s['source']}: {s['reason']}")
+    masks = sum(1 for s in report["skipped"] if s.get("mask"))
+    if masks:
+        print(f"left out {masks} segmentation masks / annotation files (listed in embed.json)")
     n, d = report["shape"]
     print(f"wrote {n} embeddings of width {d} to {out / 'embeddings.npy'} (rows: {out / 'embeddings_index.csv'})")
     return 0

@@ -6,8 +6,8 @@ import argparse
 import math
 from pathlib import Path
 
-from usfmae_core.commands._args import (add_device, add_overwrite, add_precision, nonneg_int, positive_int,
-                                        unit_fraction)
+from usfmae_core.commands._args import (add_device, add_mask_arguments, add_overwrite, add_precision, nonneg_int,
+                                        positive_int, unit_fraction)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of splitting --data (default 0)")
     p.add_argument("--val-fraction", type=unit_fraction, default=0.15, help="as given to finetune (folders / CSV)")
     p.add_argument("--test-fraction", type=unit_fraction, default=0.15, help="as given to finetune (folders / CSV)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="default 64")
+    add_mask_arguments(p)
+    p.add_argument("--batch-size", type=positive_int, help="images per batch (default 64), or volumes for a volume "
+                   "model (default 2)")
     p.add_argument("--workers", type=nonneg_int, default=0, help="data loader processes (default 0)")
     add_precision(p)
     add_device(p)
@@ -39,10 +41,12 @@ def run(args: argparse.Namespace) -> int:
 
     r = evaluate(args.model, args.data, args.out, args.split, args.bootstrap, args.seed, args.device,
                  args.batch_size, args.workers, args.precision, args.val_fraction, args.test_fraction,
-                 run_config=vars(args), overwrite=args.overwrite)
+                 run_config=vars(args), include_masks=args.include_masks, mask_patterns=args.mask_patterns,
+                 overwrite=args.overwrite)
     ci = r["intervals"].get("f1_macro")
     finite = ci and all(isinstance(c, float) and math.isfinite(c) for c in ci)
     tail = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if finite else ""
-    print(f"{r['n']} images: accuracy {r['accuracy']:.3f}, balanced accuracy {r['balanced_accuracy']:.3f}, "
+    what = "volumes / clips" if r.get("volume_model") else "images"
+    print(f"{r['n']} {what}: accuracy {r['accuracy']:.3f}, balanced accuracy {r['balanced_accuracy']:.3f}, "
           f"macro-F1 {r['f1_macro']:.3f}{tail}, macro AUC {r['auc_macro']:.3f} -> {Path(args.out) / 'metrics.json'}")
     return 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from usfmae_core.commands._args import (add_device, add_overwrite, add_precision, fraction, nonneg_float,
-                                        nonneg_int, positive_float, positive_int, unit_fraction)
+from usfmae_core.commands._args import (add_device, add_mask_arguments, add_overwrite, add_precision, fraction,
+                                        nonneg_float, nonneg_int, positive_float, positive_int, unit_fraction)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--depth", type=int, choices=(10, 18, 34, 50, 121, 169),
                    help="resnet 10/18/34/50 (default 50), densenet 121/169 (default 121)")
     m.add_argument("--image-size", "--img-size", dest="image_size", type=positive_int,
-                   help="input size (default: the MAE's, else 224)")
+                   help="input size, the cube side for --volume-model 3d (default: the MAE's, else 224; 96 for 3d)")
     m.add_argument("--in-channels", type=int, choices=(1, 3), help="input channels from scratch (default 3)")
     m.add_argument("--patch-size", type=positive_int, default=16, help="ViT patch size from scratch (default 16)")
     m.add_argument("--pool", default="avg", choices=("avg", "cls"), help="ViT feature pooling (default avg)")
@@ -36,10 +36,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--linear-probe", action="store_true", help="freeze the encoder, train the linear head only")
     m.add_argument("--no-augment", dest="augment", action="store_false",
                    help="no training-time augmentation (random resized crop, flip, rotation)")
+    v = p.add_argument_group("volumes and clips (one label per scan)")
+    v.add_argument("--volume-model", choices=("3d", "mil"),
+                   help="classify whole volumes / cine clips: 3d = native 3D ViT (from a --native-3d MAE or an "
+                   "inflated 2D MAE) or 3D CNN with --arch; mil = 2D slice encoder + attention pooling over slices "
+                   "(from a 2D MAE). Default: a 2D classifier (volumes give their middle slice)")
+    v.add_argument("--axis", type=int, default=0, choices=(0, 1, 2),
+                   help="mil: slicing axis of volumes (array order D, H, W; default 0); clips use their frames")
+    v.add_argument("--max-slices", type=positive_int, default=32,
+                   help="mil: slices per volume per training step, evenly spaced (default 32); evaluation uses all")
+    v.add_argument("--volume-spacing", type=positive_float, metavar="MM",
+                   help="3d: resample every volume to this isotropic voxel size in mm, then pad / crop to the cube "
+                   "(default: fit each volume's longest extent into the cube, as --native-3d pretraining)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=positive_int, default=50, help="maximum epochs (default 50)")
     t.add_argument("--warmup-epochs", type=nonneg_int, default=5, help="linear lr warm-up (default 5)")
-    t.add_argument("--batch-size", type=positive_int, default=32, help="default 32")
+    t.add_argument("--batch-size", type=positive_int, help="images per batch (default 32), or volumes with "
+                   "--volume-model (default 4)")
     t.add_argument("--lr", type=positive_float, help="learning rate (default: blr * batch / 256)")
     t.add_argument("--blr", type=positive_float, help="base lr (default 1e-3; 1e-2 for --linear-probe)")
     t.add_argument("--min-lr", type=nonneg_float, default=1e-6, help="cosine schedule floor (default 1e-6)")
@@ -58,6 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="validation fraction when --data is split here (folders / CSV; default 0.15)")
     t.add_argument("--test-fraction", type=unit_fraction, default=0.15,
                    help="test fraction when --data is split here (folders / CSV; default 0.15)")
+    add_mask_arguments(t)
     t.add_argument("--folds", type=nonneg_int, default=0,
                    help="k-fold cross-validation with K >= 2 folds (default: off)")
     add_precision(t)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from usfmae_core.commands._args import (add_device, add_overwrite, add_precision, finite_float, nonneg_float,
-                                        nonneg_int, open_fraction, positive_float, positive_int, remember_defaults,
-                                        unit_fraction)
-from usfmae_core.constants import IMAGENET_MEAN, IMAGENET_STD
+from usfmae_core.commands._args import (add_device, add_overwrite, add_precision, corpus_spec, finite_float,
+                                        nonneg_float, nonneg_int, open_fraction, positive_float, positive_int,
+                                        remember_defaults, unit_fraction)
 
 
 class _EpochsAction(argparse.Action):
@@ -24,14 +23,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "pretrain", help="masked-autoencoder pretraining on a prepared corpus (2D frames or 3D volumes)",
-        description="MAE pretraining (facebook MAE / USF-MAE recipe) on a corpus from `usfmae prepare`. "
-                    "Multi-GPU / multi-node: launch with torchrun (e.g. torchrun --nproc_per_node=4 "
-                    "-m usfmae_core.cli pretrain ...). A killed run continues with --resume.")
-    p.add_argument("--corpus", required=True, help="corpus folder written by usfmae prepare")
+        description="MAE pretraining (facebook MAE / USF-MAE recipe) on a corpus from `usfmae prepare`, or on "
+                    "several mixed by weight. Continued pretraining (e.g. on your own unlabelled scans): --init "
+                    "MAE.pt --corpus NEW (or a mix such as --corpus general:0.5 mine:0.5); the optimiser and lr "
+                    "schedule start afresh. Multi-GPU / multi-node: launch with torchrun (e.g. torchrun "
+                    "--nproc_per_node=4 -m usfmae_core.cli pretrain ...). A killed run continues with --resume.")
+    p.add_argument("--corpus", required=True, nargs="+", action="extend", type=corpus_spec, metavar="PATH[:WEIGHT]",
+                   help="corpus folder(s) written by usfmae prepare; several are mixed: with a weight each "
+                        "(e.g. general:0.7 target:0.3) that share of every epoch's samples comes from each (a small "
+                        "corpus is cycled), without weights they are concatenated; may be repeated")
     p.add_argument("--out", required=True, help="run folder (checkpoints, model.pt, logs, pictures)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="vit_base", choices=sorted(PRESETS), help="model size (default vit_base)")
-    g.add_argument("--init", help="start from this MAE checkpoint (ours, e.g. from usfmae import-weights)")
+    g.add_argument("--init", help="continue from this MAE checkpoint (ours, e.g. model.pt of an earlier pretrain or "
+                                  "from usfmae import-weights): its weights and normalisation, fresh optimiser and "
+                                  "schedule")
     g.add_argument("--image-size", "--img-size", dest="img_size", type=positive_int,
                    help="input size (default: the corpus's frame / volume size, or --init's)")
     g.add_argument("--patch-size", type=positive_int, help="patch size (default 16)")
@@ -41,10 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--mask-ratio", type=open_fraction, help="fraction of patches masked (default 0.75)")
     g.add_argument("--norm-pix-loss", action="store_true", help="regress per-patch normalised pixels")
     g.add_argument("--drop-path", type=unit_fraction, help="stochastic depth rate of the encoder (default 0)")
-    g.add_argument("--mean", type=finite_float, nargs="+", default=list(IMAGENET_MEAN),
-                   help="normalisation mean, 1 or 3 values (default ImageNet)")
-    g.add_argument("--std", type=positive_float, nargs="+", default=list(IMAGENET_STD),
-                   help="normalisation std, 1 or 3 values (default ImageNet)")
+    g.add_argument("--mean", type=finite_float, nargs="+",
+                   help="normalisation mean, 1 or 3 values (default: --init's, else ImageNet)")
+    g.add_argument("--std", type=positive_float, nargs="+",
+                   help="normalisation std, 1 or 3 values (default: --init's, else ImageNet)")
     t = p.add_argument_group("optimisation")
     t.add_argument("--epochs", type=positive_int, default=100, action=_EpochsAction,
                    help="epochs over the corpus (default 100; --max-steps takes precedence)")

@@ -13,7 +13,8 @@ Per source: read (:func:`read_ultrasound`); volumes -> slices along each request
 and letterboxed so anatomy keeps its physical aspect; cine -> every ``frame_stride``-th frame, dropping frames
 that differ from the last kept one by less than 1 grey level on average; optional sector crop and annotation
 inpainting (:mod:`usfmae_core.data.sector`); per-frame intensity scaling (:func:`scale_intensity`, the same rule
-as fine-tuning), resize to ``S x S``, uint8; near-empty frames (under 5 % non-black pixels) are skipped and exact
+as fine-tuning), resize to ``S x S``, uint8; empty and constant frames
+(:func:`~usfmae_core.data.transforms.informative_frames`, the rule ``predict`` uses too) are skipped and exact
 duplicates (SHA-1 of the uint8 frame) removed across the whole corpus.
 
 Robustness: a source that cannot be read is listed in the report with the reason and the run goes on. Shards
@@ -31,22 +32,23 @@ import json
 import os
 import stat
 import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["prepare_corpus", "FrameCorpus", "VolumeCorpus", "iter_source_files",
-           "CORPUS_VERSION"]
+__all__ = ["prepare_corpus", "FrameCorpus", "VolumeCorpus", "MixedCorpus", "open_corpora", "datalist_sources",
+           "split_labelled_for_corpus", "iter_source_files", "corpus_start_summary", "CORPUS_VERSION"]
 
 CORPUS_VERSION = 1
 _COMPANIONS = (".raw", ".zraw", ".img")  # data files of .mhd / .hdr headers: read through their header
-_EMPTY_FRACTION = 0.05  # a frame with fewer non-black pixels than this is background, not anatomy
 _NEAR_DUP_MAD = 1.0  # mean absolute difference (grey levels) under which consecutive cine frames are the same
 
 
@@ -197,12 +199,6 @@ def _finish_frames(frames: np.ndarray, size: int) -> np.ndarray:
     return _to_uint8(resize_frames(scaled, size).numpy())
 
 
-def _not_empty(frames01: np.ndarray) -> np.ndarray:
-    """Boolean per frame: enough non-black pixels and some contrast to be worth training on."""
-    flat = frames01.reshape(len(frames01), -1)
-    return ((flat > 0.05).mean(1) >= _EMPTY_FRACTION) & (flat.std(1) > 0.01)
-
-
 def _file_sha1(path: str | Path) -> str | None:
     """SHA-1 of a file's bytes (None when it cannot be read): recognises a finished source whose timestamp changed."""
     h = hashlib.sha1()
@@ -224,8 +220,10 @@ def _process_source(path: str, opts: _Options) -> dict[str, Any]:
 
 
 def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
+    from usfmae_core.data.masks import label_like
     from usfmae_core.data.readers import read_ultrasound
     from usfmae_core.data.sector import detect_imaged_region, remove_annotations
+    from usfmae_core.data.transforms import informative_frames
 
     t0 = time.perf_counter()
     try:
@@ -246,7 +244,7 @@ def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
                 if axis >= a.ndim:
                     continue
                 stack = np.moveaxis(a, axis, 0)
-                keep = _not_empty((stack - lo) / (hi - lo))  # judged on the volume's range, not per slice
+                keep = informative_frames(stack, lo, hi)  # judged on the volume's range, not per slice
                 stats["empty"] += int((~keep).sum())
                 idx = np.nonzero(keep)[0]
                 if idx.size == 0:
@@ -281,8 +279,7 @@ def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
                     if crop is not None:
                         cm = cm[..., crop[0]:crop[1], crop[2]:crop[3]]
                 frames, _ = remove_annotations(frames, cm)
-            lo, hi = float(frames.min()), float(frames.max())
-            keep = _not_empty((frames - lo) / (hi - lo)) if hi > lo else np.zeros(len(frames), bool)
+            keep = informative_frames(frames)
             stats["empty"] += int((~keep).sum())
             frames, idx = frames[keep], idx[keep]
             out = _finish_frames(frames, S) if len(frames) else np.zeros((0, S, S), np.uint8)
@@ -312,7 +309,9 @@ def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - e.g. an absurd geometry; reported, never fatal
         return {"source": path, "error": f"{type(err).__name__}: {err}"[:300]}
     return {"source": path, "kind": img.kind, "frames": frames_u8, "records": records, "volume": volume,
-            "stats": stats, "seconds": time.perf_counter() - t0, "source_spacing": list(img.spacing)}
+            "stats": stats, "seconds": time.perf_counter() - t0, "source_spacing": list(img.spacing),
+            "label_like": label_like(img.array) if img.kind != "cine" else None,
+            "colour": float(img.meta.get("colour_fraction") or 0.0) > 0}
 
 
 def _worker_init() -> None:
@@ -387,7 +386,7 @@ class _Writer:
         self.buffer: list[dict] = []
         self.buffered = 0
         self.counts = {"frames_written": 0, "duplicates_removed": 0, "empty_frames_skipped": 0,
-                       "near_duplicates_removed": 0, "volumes_written": 0}  # this run
+                       "near_duplicates_removed": 0, "volumes_written": 0, "colour_sources": 0}  # this run
         self.earlier_counts = dict(self.summary.get("counts", {}))  # earlier (interrupted or resumed) runs
 
     def total_counts(self) -> dict[str, int]:
@@ -414,6 +413,12 @@ class _Writer:
         # same timestamp, or (copied / re-synced folder) same content
         return d.get("mtime") == key["mtime"] or (d.get("sha1") is not None and d["sha1"] == _file_sha1(key["source"]))
 
+    def add_mask(self, key: dict, result: dict, scan: str, reason: str) -> None:
+        """A source found to be a mask by its content: nothing written, remembered as done (resume skips it)."""
+        self.buffer.append({"done": {**key, "sha1": result.get("file_sha1"), "status": "mask", "scan": scan,
+                                     "reason": reason}})
+        self.flush_if_due()
+
     def add(self, key: dict, result: dict) -> None:
         if "error" in result:
             self.buffer.append({"done": {**key, "sha1": result.get("file_sha1"), "status": "skipped",
@@ -431,6 +436,7 @@ class _Writer:
             keep.append(i)
             hashes.append(h)
         st = result["stats"]
+        self.counts["colour_sources"] += int(bool(result.get("colour")))
         self.counts["empty_frames_skipped"] += st["empty"]
         self.counts["near_duplicates_removed"] += st["near_duplicate"]
         entry = {"frames": frames[keep], "records": [{**recs[i], "sha1": h} for i, h in zip(keep, hashes)],
@@ -502,6 +508,26 @@ class _Writer:
         self.buffer, self.buffered = [], 0
 
 
+def corpus_start_summary(files: Sequence[Path], masks: Sequence[dict], skipped: Sequence[dict], resumed: int = 0,
+                         include_masks: bool = False) -> list[str]:
+    """The lines ``usfmae prepare`` prints before it reads anything: files found per format family, masks found by
+    name (count and examples), unsupported files, sources already done."""
+    from usfmae_core.data.readers import file_format
+
+    fams = Counter(file_format(p) or "dicom" for p in files)
+    order = ("image", "video", "dicom", "itk")
+    names = {"image": "images", "video": "videos", "dicom": "DICOM", "itk": "NIfTI/NRRD/MetaImage"}
+    lines = [f"found {len(files)} ultrasound files (" + ", ".join(f"{fams[f]} {names[f]}" for f in order if fams[f])
+             + ")" + (f", {resumed} already in the corpus" if resumed else "")]
+    if masks:
+        ex = ", ".join(Path(m["path"]).name for m in list(masks)[:3]) + (", ..." if len(masks) > 3 else "")
+        lines.append(f"masks / annotation files by name: {len(masks)} "
+                     + ("kept as images (--include-masks)" if include_masks else "left out") + f" (e.g. {ex})")
+    if skipped:
+        lines.append(f"not ultrasound files (unsupported type or missing): {len(skipped)}")
+    return lines
+
+
 def prepare_corpus(
     sources: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -515,10 +541,19 @@ def prepare_corpus(
     progress: bool = True,
     volume_size: int = 96,
     shard_frames: int = 4096,
+    exclude: Iterable[str | os.PathLike] = (),
+    exclude_reason: str = "held out",
+    include_masks: bool = False,
+    mask_patterns: Sequence[str] | None = None,
+    log: Callable[[str], None] | None = None,
     overwrite: bool = False,
     flush_seconds: float = 30.0,
 ) -> dict[str, Any]:
     """Build (or resume) a frame corpus from files / folders; returns the report (also ``out/report.json``).
+
+    Segmentation masks and annotation files among the sources (:mod:`usfmae_core.data.masks`: by name - ``_mask``,
+    ``masks/`` ... - before anything is read, by content - few grey levels beside a scan - once read) are not put
+    into the corpus unless ``include_masks``; the report lists them under ``masks`` (path, scan, reason).
 
     Args:
         sources: files or folders (walked recursively, see :func:`iter_source_files` for what is skipped).
@@ -533,6 +568,13 @@ def prepare_corpus(
         progress: show a tqdm progress bar.
         volume_size: side ``V`` of native 3D volumes.
         shard_frames: frames per shard (a shard holds whole sources, so it can be a little larger).
+        exclude: files that must never enter the corpus (e.g. the validation / test images of a labelled set, see
+            :func:`datalist_sources`): a source is left out when its resolved path is one of them, or when its bytes
+            equal one of them (a copy under another name). Left-out sources are counted and listed in the report
+            (``excluded``), with ``exclude_reason``.
+        include_masks: keep mask / annotation files as sources (still listed, ``kept``).
+        mask_patterns: extra globs naming mask files (``--mask-pattern``).
+        log: where to print the start summary (files found per format, masks set aside); None: silent.
         overwrite: delete the corpus in ``out`` first (default: resume it, adding new sources).
         flush_seconds: also write a shard after this many seconds of work, so a kill loses at most about that much.
 
@@ -542,6 +584,7 @@ def prepare_corpus(
     """
     from tqdm.auto import tqdm
 
+    from usfmae_core.data.masks import MaskRules, split_masks
     from usfmae_core.runs import RunFolder, check_run
 
     t0 = time.perf_counter()
@@ -561,14 +604,34 @@ def prepare_corpus(
     if opts.frame_stride < 1 or opts.volume_size < 8:
         raise UsfmaeError("--frame-stride must be >= 1 and --volume-size >= 8", "pass valid values")
     check_run(out, "prepare", overwrite=overwrite)
-    found = list(iter_source_files(sources))  # walked before anything is written
-    if not any(reason is None for _, reason in found) and not (out / "corpus.json").exists():
+    # walked before anything is written: masks by name, judged below each source folder (a 'labels/' above it says
+    # nothing)
+    rules = MaskRules.with_patterns(mask_patterns)
+    found: list[Path] = []
+    skipped_now: list[dict] = []
+    masks: list[dict] = []
+    for src in sources:
+        files = []
+        for p, reason in iter_source_files([src]):
+            if reason is not None:
+                skipped_now.append({"path": str(p), "reason": reason})
+            else:
+                files.append(p)
+        root = src if src.is_dir() else None
+        _, named = split_masks(files, rules, root)
+        masks += [{**m.to_dict(), **({"kept": True} if include_masks else {})} for m in named]
+        skip = set() if include_masks else {m.path for m in named}
+        found += [p for p in files if str(p) not in skip]
+    if not found and not (out / "corpus.json").exists():
         what = ", ".join(str(s) for s in sources[:3]) + (" ..." if len(sources) > 3 else "")
-        detail = f" ({len(found)} skipped, first: {found[0][0]}: {found[0][1]})" if found else " (no files at all)"
+        first = skipped_now[0] if skipped_now else None
+        detail = (f" ({len(skipped_now)} skipped, first: {first['path']}: {first['reason']})" if first else
+                  f" ({len(masks)} mask / annotation file(s) set aside)" if masks else " (no files at all)")
         raise UsfmaeError(f"no ultrasound files to prepare in {what}{detail}",
                           "pass folders holding PNG/JPG/TIFF, DICOM, NIfTI, NRRD, MetaImage or video files")
     with RunFolder(out, "prepare", resume=True, overwrite=overwrite) as run:
-        report = _prepare(found, out, opts, workers, progress, shard_frames, flush_seconds, t0, tqdm)
+        report = _prepare(found, skipped_now, masks, rules, out, opts, workers, progress, shard_frames,
+                          flush_seconds, exclude, exclude_reason, include_masks, log, t0, tqdm)
         if report["n_frames"] == 0 and report["n_volumes"] == 0:
             first = report["skipped"][0] if report["skipped"] else {"path": "-", "reason": "no usable frame"}
             raise UsfmaeError(f"no frame could be prepared from {len(found)} file(s): every one was skipped or "
@@ -578,25 +641,48 @@ def prepare_corpus(
     return report
 
 
-def _prepare(found: list[tuple[Path, str | None]], out: Path, opts: _Options, workers: int, progress: bool,
-             shard_frames: int, flush_seconds: float, t0: float, tqdm: Any) -> dict[str, Any]:
+def _prepare(found: list[Path], skipped_now: list[dict], masks: list[dict], rules: Any, out: Path, opts: _Options,
+             workers: int, progress: bool, shard_frames: int, flush_seconds: float,
+             exclude: Iterable[str | os.PathLike], exclude_reason: str, include_masks: bool,
+             log: Callable[[str], None] | None, t0: float, tqdm: Any) -> dict[str, Any]:
+    """The work of :func:`prepare_corpus` once its folder is locked."""
+    from usfmae_core.data.masks import ScanIndex, companion_scan
+
     writer = _Writer(out, opts, int(shard_frames), float(flush_seconds))
+    held_out = {str(Path(e).resolve()) for e in exclude}
+    held_out_sha1 = {h for h in (_file_sha1(e) for e in held_out) if h is not None}
+    held_out_sizes = {Path(e).stat().st_size for e in held_out if Path(e).is_file()}
+    for d in writer.done.values():  # an earlier run (without the exclusion) may have let them in already
+        if held_out and d.get("status") == "ok" and d.get("n_frames") and (
+                d["source"] in held_out or d.get("sha1") in held_out_sha1):
+            raise UsfmaeError(f"corpus {out} already holds frames of {d['source']}, which is {exclude_reason}",
+                              "prepare the corpus into a new --out folder")
+    excluded: list[dict] = []
+    queued: set[str] = set()
+    index = ScanIndex(found)  # companion scans of masks found by content
     todo: list[tuple[Path, dict]] = []
-    skipped_now: list[dict] = []
     n_resumed = 0
-    for p, reason in found:
-        if reason is None:
-            try:
-                key = _source_key(p)
-            except OSError as err:  # removed or changed since the walk
-                reason = _access_problem(p, err)
-        if reason is not None:
-            skipped_now.append({"path": str(p), "reason": reason})
+    for p in found:
+        try:
+            key = _source_key(p)
+        except OSError as err:  # removed or changed since the walk
+            skipped_now.append({"path": str(p), "reason": _access_problem(p, err)})
+            continue
+        if key["source"] in queued:  # the same file listed twice (e.g. a folder and a datalist naming it)
+            continue
+        queued.add(key["source"])
+        if held_out and (key["source"] in held_out or (key["size"] in held_out_sizes
+                                                        and _file_sha1(p) in held_out_sha1)):
+            why = exclude_reason if key["source"] in held_out else f"a copy of a file that is {exclude_reason}"
+            excluded.append({"path": str(p), "reason": why})
             continue
         if writer.is_done(key):
             n_resumed += 1
         else:
             todo.append((p, key))
+    if log is not None:
+        for line in corpus_start_summary(found, masks, skipped_now, n_resumed, include_masks):
+            log(line)
     n_sources_read = 0
     frames_before = writer.summary["n_frames"]
     work_seconds = 0.0
@@ -612,6 +698,15 @@ def _prepare(found: list[tuple[Path, str | None]], out: Path, opts: _Options, wo
         else:
             results = (_process_source(str(p), opts) for p, _ in todo)
         for (p, key), res in zip(todo, results):
+            scan = companion_scan(p, index, prefix=True) if res.get("label_like") else None
+            if scan is not None and rules.content:
+                reason = f"content: {res['label_like']}, beside a scan"
+                if include_masks:
+                    masks.append({"path": str(p), "scan": scan, "reason": reason, "kept": True})
+                else:
+                    writer.add_mask(key, res, scan, reason)
+                    bar.update(1)
+                    continue
             writer.add(key, res)
             if "error" not in res:
                 n_sources_read += 1
@@ -633,6 +728,8 @@ def _prepare(found: list[tuple[Path, str | None]], out: Path, opts: _Options, wo
                 pool.shutdown(cancel_futures=True)
     skipped = skipped_now + [{"path": d["source"], "reason": d["reason"]} for d in writer.done.values()
                              if d.get("status") == "skipped"]
+    masks += [{"path": d["source"], "scan": d.get("scan"), "reason": d["reason"]} for d in writer.done.values()
+              if d.get("status") == "mask"]
     elapsed = time.perf_counter() - t0
     report = {
         "corpus": str(out),
@@ -643,15 +740,71 @@ def _prepare(found: list[tuple[Path, str | None]], out: Path, opts: _Options, wo
         "sources_read": n_sources_read,
         "sources_resumed": n_resumed,
         "sources_skipped": len(skipped),
+        "masks_excluded": sum(1 for m in masks if not m.get("kept")),
         "frames_added": writer.summary["n_frames"] - frames_before,
+        "sources_excluded": len(excluded),
         **writer.counts,
         "totals": writer.total_counts(),
         "elapsed_s": round(elapsed, 3),
         "worker_seconds": round(work_seconds, 3),
         "skipped": skipped,
+        "masks": sorted(masks, key=lambda m: m["path"]),
+        "excluded": excluded,
     }
     _atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     return report
+
+
+def split_labelled_for_corpus(labelled: str | os.PathLike, out: str | os.PathLike, seed: int = 0) -> Path:
+    """The datalist JSON to draw a corpus from: ``labelled`` itself when it is one, else the split of a class-folder
+    tree / CSV that ``usfmae finetune --seed SEED`` would make (deduplicated, group-aware, 15 % validation, 15 % test),
+    written once to ``OUT/datalist.json`` (reused while its source and seed match). Fine-tune on that file, so the
+    images held out here stay held out there."""
+    from usfmae_core.data.labelled import labelled_source_to_datalist
+
+    labelled = Path(labelled)
+    if not labelled.exists():
+        raise UsfmaeError(f"labelled data {labelled} does not exist",
+                          "pass a datalist JSON, a class-per-folder tree or a CSV manifest")
+    if labelled.suffix.lower() == ".json":
+        return labelled
+    path = Path(out) / "datalist.json"
+    if path.exists():
+        d = json.loads(path.read_text())
+        if d.get("source") == str(labelled) and d.get("split_seed") == int(seed):
+            return path
+    d = labelled_source_to_datalist(labelled, seed=int(seed), val_fraction=0.15, test_fraction=0.15)
+    d["split_seed"] = int(seed)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(path, json.dumps(d, indent=1))
+    return path
+
+
+def datalist_sources(datalist: str | os.PathLike, splits: Sequence[str] = ("training",)
+                     ) -> tuple[list[str], list[str], dict[str, int]]:
+    """The images of ``splits`` of a labelled datalist JSON (labels ignored), and the images of its other splits.
+
+    For building a pretraining corpus from the unlabelled part of a labelled set without leaking held-out images:
+    pass the first list as sources and the second as ``exclude`` of :func:`prepare_corpus`.
+
+    Returns:
+        (images to use, held-out images (every other split), images per split) with absolute paths; an image
+        listed in both a used and a held-out split is held out.
+    """
+    from usfmae_core.data.labelled import load_datalist
+
+    d = load_datalist(datalist)
+    names = ("training", "validation", "test")
+    unknown = [s for s in splits if s not in names]
+    if unknown:
+        raise UsfmaeError(f"unknown datalist split(s) {unknown}", f"choose from {', '.join(names)}")
+    per = {s: [str(Path(it["image"]).resolve()) for it in d.get(s) or []] for s in names}
+    held = {p for s in names if s not in splits for p in per[s]}
+    use = list(dict.fromkeys(p for s in splits for p in per[s] if p not in held))
+    if not use:
+        raise UsfmaeError(f"datalist {datalist} has no images in {'/'.join(splits)} (outside its other splits)",
+                          "check the datalist, or choose other --datalist-splits")
+    return use, sorted(held), {s: len(v) for s, v in per.items()}
 
 
 # ---------------------------------------------------------------------------------------------- readers
@@ -786,3 +939,106 @@ class VolumeCorpus:
     def __getitem__(self, i: int) -> np.ndarray:
         return _open_array(self.path, str(self.entries[int(i)]["file"]), (self.volume_size,) * 3,
                            self.path / "volumes.jsonl")
+
+
+class MixedCorpus:
+    """Several prepared corpora read as one: index ``i`` of the concatenation, with a mixing weight per corpus.
+
+    The corpora must hold items of one shape (same ``--image-size`` for frames, same ``--volume-size`` for native
+    volumes). The weights (summing to 1) are the shares of the training samples drawn from each corpus by
+    :class:`usfmae_core.workflows.pretrain.MixtureSampler`; without weights each corpus counts by its size (plain
+    concatenation).
+    """
+
+    def __init__(self, parts: Sequence[FrameCorpus | VolumeCorpus], weights: Sequence[float] | None = None) -> None:
+        if not parts:
+            raise ValueError("no corpora")
+        self.parts = list(parts)
+        self.sizes = [len(p) for p in self.parts]
+        self.offsets = np.cumsum([0] + self.sizes)
+        self.frames = isinstance(self.parts[0], FrameCorpus)
+        attr = "image_size" if self.frames else "volume_size"
+        sizes = {int(getattr(p, attr)) for p in self.parts}
+        if len(sizes) > 1 or any(isinstance(p, FrameCorpus) != self.frames for p in self.parts):
+            desc = ", ".join(f"{p.path} ({getattr(p, attr, '?')} px)" for p in self.parts)
+            raise UsfmaeError(f"the corpora to mix hold items of different sizes: {desc}",
+                              f"prepare them with the same --{attr.replace('_', '-')} (usfmae prepare ... "
+                              f"--{attr.replace('_', '-')} N)")
+        setattr(self, attr, sizes.pop())
+        total = float(sum(self.sizes))
+        raw = [float(w) for w in weights] if weights is not None else [n / total for n in self.sizes]
+        if len(raw) != len(self.parts) or not all(np.isfinite(w) and w > 0 for w in raw):
+            raise UsfmaeError(f"mixing weights {raw} do not match the {len(self.parts)} corpora",
+                              "give one weight > 0 per corpus (PATH:WEIGHT) or none")
+        self.weights = [w / sum(raw) for w in raw]
+        self.weighted = weights is not None
+        self.path = self.parts[0].path
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(corpus number, index inside it) of item ``i`` of the concatenation."""
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return k, int(i - self.offsets[k])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        k, j = self.locate(int(i))
+        return self.parts[k][j]
+
+    def get_batch(self, indices: Sequence[int]) -> np.ndarray:
+        """``(B, S, S)`` uint8 frames for many indices (frame corpora only), order preserved."""
+        idx = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(idx), self.image_size, self.image_size), np.uint8)
+        ks = np.searchsorted(self.offsets, idx, side="right") - 1
+        for k in np.unique(ks):
+            sel = np.nonzero(ks == k)[0]
+            out[sel] = self.parts[int(k)].get_batch(idx[sel] - self.offsets[k])
+        return out
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One ``{path, items, weight}`` per corpus (weight: share of the drawn samples)."""
+        return [{"path": str(p.path), "items": n, "weight": round(w, 6)}
+                for p, n, w in zip(self.parts, self.sizes, self.weights, strict=True)]
+
+
+def open_corpora(specs: Sequence[tuple[str | os.PathLike, float | None]], spatial_dims: int = 2
+                 ) -> FrameCorpus | VolumeCorpus | MixedCorpus:
+    """Open the corpora of ``specs`` (``(path, weight or None)``): one corpus without a weight is returned as it is,
+    several as a :class:`MixedCorpus` (weighted when every corpus has a weight).
+
+    Raises:
+        UsfmaeError: a corpus is missing, not a folder or empty; weights given for some corpora but not all; a
+            corpus listed twice; the corpora hold items of different sizes.
+    """
+    if not specs:
+        raise UsfmaeError("no corpus given", "pass --corpus PATH[:WEIGHT] (one or more)")
+    opened = []
+    seen: set[str] = set()
+    for path, _ in specs:
+        path = Path(path)
+        if not path.exists():
+            raise UsfmaeError(f"corpus {path} does not exist", f"prepare one first: usfmae prepare SRC... --out {path}")
+        if not path.is_dir():
+            raise UsfmaeError(f"corpus {path} is not a folder", "pass the folder written by usfmae prepare")
+        if str(path.resolve()) in seen:
+            raise UsfmaeError(f"corpus {path} is given twice", "list each corpus once, with its weight")
+        seen.add(str(path.resolve()))
+        corpus = VolumeCorpus(path) if spatial_dims == 3 else FrameCorpus(path)
+        if len(corpus) == 0:
+            raise UsfmaeError(f"no {'volumes' if spatial_dims == 3 else 'frames'} in corpus {path}",
+                              f"run usfmae prepare SRC...{' --native-3d' if spatial_dims == 3 else ''} --out {path}")
+        opened.append(corpus)
+    weights = [w for _, w in specs]
+    given = [w is not None for w in weights]
+    if len(specs) == 1:
+        return opened[0]
+    if any(given) and not all(given):
+        missing = [str(p) for (p, w) in specs if w is None]
+        raise UsfmaeError(f"mixing weights are given for some corpora but not for {', '.join(missing)}",
+                          "give every corpus a weight (--corpus A:0.5 B:0.5) or none (plain concatenation)")
+    return MixedCorpus(opened, weights if all(given) else None)

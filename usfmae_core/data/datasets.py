@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from usfmae_core.data.corpus import FrameCorpus, VolumeCorpus
+from usfmae_core.data.corpus import FrameCorpus, MixedCorpus, VolumeCorpus
 from usfmae_core.data.transforms import channel_stats, random_affine_grid
 
 __all__ = ["MAEBatchAugment", "CorpusFrameDataset", "make_pretrain_loader", "MAEBatchAugment3D",
@@ -78,10 +78,11 @@ def collate_uint8(batch) -> torch.Tensor:
 
 
 class CorpusFrameDataset(Dataset):
-    """Frames of a prepared corpus as uint8 tensors ``(S, S)``; ``__getitems__`` reads a whole batch at once."""
+    """Frames of a prepared corpus (or of several, :class:`~usfmae_core.data.corpus.MixedCorpus`) as uint8 tensors
+    ``(S, S)``; ``__getitems__`` reads a whole batch at once."""
 
-    def __init__(self, corpus: str | os.PathLike | FrameCorpus) -> None:
-        self.corpus = corpus if isinstance(corpus, FrameCorpus) else FrameCorpus(corpus)
+    def __init__(self, corpus: str | os.PathLike | FrameCorpus | MixedCorpus) -> None:
+        self.corpus = corpus if isinstance(corpus, (FrameCorpus, MixedCorpus)) else FrameCorpus(corpus)
 
     def __len__(self) -> int:
         return len(self.corpus)
@@ -93,13 +94,14 @@ class CorpusFrameDataset(Dataset):
         return torch.from_numpy(self.corpus.get_batch(indices))
 
 
-def make_pretrain_loader(corpus_path: str | os.PathLike, batch_size: int, image_size: int = 224, workers: int = 0,
-                         sampler: Sampler | None = None, shuffle: bool = True, seed: int = 0,
-                         drop_last: bool = True, pin_memory: bool = False) -> DataLoader:
+def make_pretrain_loader(corpus_path: str | os.PathLike | FrameCorpus | MixedCorpus, batch_size: int,
+                         image_size: int = 224, workers: int = 0, sampler: Sampler | None = None, shuffle: bool = True,
+                         seed: int = 0, drop_last: bool = True, pin_memory: bool = False) -> DataLoader:
     """DataLoader of uint8 ``(B, S, S)`` corpus batches; apply :class:`MAEBatchAugment` on the device.
 
-    ``image_size`` is checked against the corpus (frames are stored at the corpus size; the augmentation
-    resamples to ``image_size``). Pass a ``DistributedSampler`` through ``sampler`` for multi-GPU runs.
+    ``corpus_path`` is a corpus folder or an opened corpus (several mixed: a ``MixedCorpus`` with
+    :class:`~usfmae_core.workflows.pretrain.MixtureSampler`). Frames are stored at the corpus size; the augmentation
+    resamples to ``image_size``. Pass a ``DistributedSampler`` through ``sampler`` for multi-GPU runs.
     """
     ds = CorpusFrameDataset(corpus_path)
     g = torch.Generator().manual_seed(int(seed))
@@ -154,8 +156,8 @@ class MAEBatchAugment3D(torch.nn.Module):
 class CorpusVolumeDataset(Dataset):
     """``--native-3d`` volumes as uint8 tensors ``(V, V, V)``."""
 
-    def __init__(self, corpus: str | os.PathLike | VolumeCorpus) -> None:
-        self.corpus = corpus if isinstance(corpus, VolumeCorpus) else VolumeCorpus(corpus)
+    def __init__(self, corpus: str | os.PathLike | VolumeCorpus | MixedCorpus) -> None:
+        self.corpus = corpus if isinstance(corpus, (VolumeCorpus, MixedCorpus)) else VolumeCorpus(corpus)
 
     def __len__(self) -> int:
         return len(self.corpus)
@@ -164,8 +166,9 @@ class CorpusVolumeDataset(Dataset):
         return torch.from_numpy(np.array(self.corpus[i]))
 
 
-def make_pretrain_loader_3d(corpus_path: str | os.PathLike, batch_size: int, workers: int = 0,
-                            sampler: Sampler | None = None, shuffle: bool = True, seed: int = 0) -> DataLoader:
+def make_pretrain_loader_3d(corpus_path: str | os.PathLike | VolumeCorpus | MixedCorpus, batch_size: int,
+                            workers: int = 0, sampler: Sampler | None = None, shuffle: bool = True, seed: int = 0
+                            ) -> DataLoader:
     """DataLoader of uint8 ``(B, V, V, V)`` volumes; apply :class:`MAEBatchAugment3D` on the device."""
     ds = CorpusVolumeDataset(corpus_path)
     return DataLoader(ds, batch_size=int(batch_size), shuffle=shuffle if sampler is None else False,

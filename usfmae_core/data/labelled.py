@@ -1,16 +1,30 @@
 """Labelled data: class folders and CSV manifests -> deduplicated, group-aware, stratified datalists.
 
-Deduplication (:func:`deduplicate`) works on decoded pixels, not file bytes:
+What :func:`labelled_source_to_datalist` does to a class-folder tree or CSV, in order, and where the datalist says so:
 
-* exact duplicates (SHA-1 of the decoded array) keep the first copy; when the copies carry *different* labels
-  (BUSI: ``malignant (145).png == benign (433).png``) every copy is removed, since the label is unknowable;
-* near-duplicates (a 32x32 thumbnail of the intensity-scaled image, mean absolute difference below
-  ``near_threshold``) are kept but share one ``group``, so a split never separates them.
+1. **masks** (:mod:`usfmae_core.data.masks`): segmentation masks / annotation files beside the scans, by name
+   (``_mask``, ``_mask_1``, ``masks/``, ``labels/``, ``gt/`` ...) and by content (few grey levels with a companion
+   scan), are not trained on as scans (``include_masks`` keeps them). A mask whose scan is a labelled item becomes that
+   item's segmentation target, ``"mask": path`` (a list when a scan has several); every mask is listed under
+   ``masks`` (path, scan, reason). A class left without images (a ``masks/`` class folder) is dropped and listed in
+   ``dropped_classes``.
+2. **unreadable** files are listed with the reason under ``unreadable``; files that are not in any class folder under
+   ``ignored``.
+3. **exact duplicates** (SHA-1 of the decoded array) keep the first copy; when the copies carry *different* labels
+   (BUSI: ``malignant (145).png == benign (433).png``) every copy is removed, since the label is unknowable. Listed
+   under ``removed``.
+4. **near-duplicates and augmented copies** are kept but share one ``group``, so a split never separates them:
+   a 32x32 thumbnail of the intensity-scaled image within ``near_threshold`` mean absolute difference of another's,
+   under any of the 8 flips / quarter turns (a ``_vflip`` or ``_rot90`` copy is the same scan), or a file named as an
+   augmented copy of another in its folder (``x_vflip.png``, ``x_hflip``, ``x_rot15``, ``x_aug2`` -> ``x.png``,
+   whatever the rotation angle). Listed under ``grouped``.
 
 Splits (:func:`make_splits`) assign whole groups (patient / near-duplicate cluster; an item without a group is its
 own group) to test / validation / training class by class (stratified by each group's majority label), with a
 seeded RNG; ``n_folds`` adds k group-aware folds over training + validation. Everything is written to a MONAI
-decathlon-style datalist JSON so a run is reproducible from the file alone.
+decathlon-style datalist JSON so a run is reproducible from the file alone; :func:`datalist_summary` turns it into
+the console summary that ``finetune``, ``evaluate`` and the bundle print. Datalists written before these keys existed
+(one ``removed_duplicates`` list) are read as well (:func:`load_datalist` splits it into the new keys).
 """
 
 from __future__ import annotations
@@ -19,9 +33,12 @@ import csv
 import hashlib
 import json
 import os
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,36 +46,71 @@ from usfmae_core.errors import UsfmaeError
 
 __all__ = ["scan_class_folders", "read_csv_manifest", "deduplicate", "make_splits", "save_datalist",
            "load_datalist", "validate_datalist", "check_items", "datalist_images", "subsample_fraction",
-           "labelled_source_to_datalist", "image_fingerprint"]
+           "labelled_source_to_datalist", "image_fingerprint", "Fingerprint", "read_fingerprint", "augmented_base",
+           "datalist_summary", "upgrade_report_keys", "REPORT_KEYS"]
 
 _PATH_COLUMNS = ("path", "image", "file", "filename", "filepath")
 _LABEL_COLUMNS = ("label", "class", "target", "diagnosis")
 _GROUP_COLUMNS = ("group", "patient", "patient_id", "patientid", "subject", "case")
+REPORT_KEYS = ("removed", "grouped", "unreadable", "masks", "ignored")  # what a datalist reports besides its splits
+# augmented copies named after their scan: x_vflip, x_hflip, x_flip, x_flipped, x_mirror, x_rot90, x_rotated_15,
+# x_rotate-10, x_aug3, x_augmented (the angle or number is free)
+_AUG_RE = re.compile(r"^(?P<base>.+?)[ _.\-](?:[hv]flip(?:ped)?|flip(?:ped)?(?:[ _\-]?[hv])?|mirror(?:ed)?"
+                     r"|rot(?:ated?|ate)?(?:[ _\-]?-?\d+)?|aug(?:mented)?(?:[ _\-]?\d+)?)$", re.IGNORECASE)
+
+
+def _class_folder_files(root: Path, rules: Any = None) -> tuple[list[dict], list[str], list[str]]:
+    """``root/<class>/**/<file>`` -> (items, class names, supported files outside any class folder). A sub-folder
+    holding a positioned DICOM series is one item (:func:`~usfmae_core.data.dicom_series.group_dicom_series`).
+
+    A top level made of one image folder beside mask folders (``root/images/<class>/`` + ``root/masks/<class>/``,
+    a common distribution layout) is read with ``root/images`` as the class root; the mask folders' files are then
+    among the outside files (they are masks, found by :func:`labelled_source_to_datalist`).
+    """
+    from usfmae_core.data.masks import MaskRules
+    from usfmae_core.data.readers import is_supported
+
+    rules = rules or MaskRules()
+    mask_folders = {f.lower() for f in rules.folders}
+
+    def files_under(d: Path) -> list[Path]:
+        return [p for p in sorted(d.rglob("*")) if p.is_file() and not p.name.startswith(".") and is_supported(p)
+                and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+
+    tops = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    outside = [p for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".") and is_supported(p)]
+    others = [d for d in tops if d.name.lower() not in mask_folders]
+    class_root = root
+    if len(others) == 1 and len(tops) > 1 and any(d.is_dir() for d in others[0].iterdir()):
+        class_root = others[0]
+        outside += [p for d in tops if d is not others[0] for p in files_under(d)]
+        outside += [p for p in sorted(class_root.iterdir()) if p.is_file() and is_supported(p)]
+    classes = sorted(d.name for d in class_root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    items = [{"image": str(p), "label": k, "group": None}
+             for k, name in enumerate(classes) for p in files_under(class_root / name)]
+    from usfmae_core.data.dicom_series import group_dicom_series
+
+    items = group_dicom_series(items)  # a folder of positioned DICOM slices is one volume
+    present = sorted({Path(it["image"]).relative_to(class_root).parts[0] for it in items})
+    index = {n: i for i, n in enumerate(present)}  # classes without any file are not classes
+    for it in items:
+        it["label"] = index[Path(it["image"]).relative_to(class_root).parts[0]]
+    return items, present, [str(p) for p in outside]
 
 
 def scan_class_folders(root: str | os.PathLike) -> tuple[list[dict], list[str]]:
     """``root/<class>/**/<file>`` -> (items ``{image, label, group}``, sorted class names). Image paths are absolute,
-    so a datalist written from them works from any folder (relative paths in a datalist are read relative to it)."""
-    from usfmae_core.data.readers import is_supported
+    so a datalist written from them works from any folder (relative paths in a datalist are read relative to it).
+    A sub-folder holding a positioned DICOM series is one item (:func:`~usfmae_core.data.dicom_series.group_dicom_series`).
 
+    Every supported file is listed (masks included: :func:`labelled_source_to_datalist` sorts them out)."""
     root = Path(root).absolute()
     if not root.is_dir():
         raise UsfmaeError(f"{root} is not a folder", "give a folder with one sub-folder per class")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    items = []
-    for label, name in enumerate(classes):
-        for p in sorted((root / name).rglob("*")):
-            if p.is_file() and not p.name.startswith(".") and is_supported(p):
-                items.append({"image": str(p), "label": label, "group": None})
-    classes = [c for i, c in enumerate(classes) if any(it["label"] == i for it in items)] if items else classes
+    items, names, _ = _class_folder_files(root)
     if not items:
         raise UsfmaeError(f"no images found in class folders under {root}",
                           "expected ROOT/<class name>/<image files>")
-    # re-index labels if empty class folders were dropped
-    names = sorted({Path(it["image"]).relative_to(root).parts[0] for it in items})
-    index = {n: i for i, n in enumerate(names)}
-    for it in items:
-        it["label"] = index[Path(it["image"]).relative_to(root).parts[0]]
     return items, names
 
 
@@ -98,7 +150,7 @@ def read_csv_manifest(csv_path: str | os.PathLike, root: str | os.PathLike | Non
         classes = sorted(set(raw))
         labels = [classes.index(v) for v in raw]
     items = []
-    for r, lab in zip(rows, labels):
+    for r, lab in zip(rows, labels, strict=True):
         p = Path((r.get(pc) or "").strip())
         p = p if p.is_absolute() else base / p
         g = r[gc].strip() if gc and r.get(gc) else None
@@ -107,39 +159,125 @@ def read_csv_manifest(csv_path: str | os.PathLike, root: str | os.PathLike | Non
     return items, classes
 
 
-def image_fingerprint(path: str, thumb: int = 32) -> tuple[str, np.ndarray]:
-    """(SHA-1 of the decoded pixels, ``thumb x thumb`` float32 thumbnail in [0, 1]) of one file."""
+# ------------------------------------------------------------------------------------------------- reading once
+@dataclass
+class Fingerprint:
+    """What one read of a labelled file tells: ``sha1`` of the decoded pixels, a ``thumb x thumb`` float32 thumbnail in
+    [0, 1] (middle frame / slice), ``label_like`` (why it looks like a mask, or None), ``colour`` (the file carries
+    colour pixels), ``kind`` and ``shape`` of the decoded array."""
+
+    sha1: str
+    thumb: np.ndarray
+    label_like: str | None
+    colour: bool
+    kind: str
+    shape: tuple[int, ...]
+
+
+def read_fingerprint(path: str, thumb: int = 32) -> Fingerprint:
+    """Read ``path`` once and fingerprint it (:class:`Fingerprint`); raises ``UsfmaeError`` when unreadable."""
+    from usfmae_core.data.masks import label_like
     from usfmae_core.data.readers import read_ultrasound
     from usfmae_core.data.transforms import resize_frames, scale_intensity
 
     img = read_ultrasound(path)
     a = img.array if img.kind == "image" else img.array[img.array.shape[0] // 2]
     sha = hashlib.sha1(np.ascontiguousarray(img.array).tobytes() + str(img.array.shape).encode()).hexdigest()
-    return sha, resize_frames(scale_intensity(a)[None], thumb)[0].numpy()
+    small = resize_frames(scale_intensity(a)[None], thumb)[0].numpy()
+    return Fingerprint(sha, small, label_like(img.array) if img.kind != "cine" else None,
+                       float(img.meta.get("colour_fraction") or 0.0) > 0, img.kind, tuple(img.array.shape))
 
 
-def deduplicate(items: Sequence[dict], near_threshold: float = 0.02, thumb: int = 32
-                ) -> tuple[list[dict], list[dict]]:
-    """Remove exact duplicates and group near-duplicates; returns (kept items, removed ``{path, duplicate_of, reason}``).
+def image_fingerprint(path: str, thumb: int = 32) -> tuple[str, np.ndarray]:
+    """(SHA-1 of the decoded pixels, ``thumb x thumb`` float32 thumbnail in [0, 1]) of one file."""
+    fp = read_fingerprint(path, thumb)
+    return fp.sha1, fp.thumb
 
-    Removed entries also include unreadable files (reason starts with ``unreadable``). Kept near-duplicates get a
-    shared ``group`` (their existing group if any, else ``near-dup-<n>``) and ``near_duplicate_of`` is noted in the
-    report entries with ``reason == "near-duplicate (grouped, kept)"``.
-    """
-    removed: list[dict] = []
-    fps: list[tuple[str, np.ndarray] | None] = []
-    for i, it in enumerate(items):
+
+def _read_all(items: Sequence[dict], thumb: int) -> tuple[list[Fingerprint | None], list[dict]]:
+    fps: list[Fingerprint | None] = []
+    unreadable: list[dict] = []
+    for it in items:
         try:
-            fps.append(image_fingerprint(it["image"], thumb))
+            fps.append(read_fingerprint(it["image"], thumb))
         except UsfmaeError as err:
             fps.append(None)
-            removed.append({"path": it["image"], "duplicate_of": None, "reason": f"unreadable: {err.cause}"})
+            unreadable.append({"path": it["image"], "reason": err.cause})
+    return fps, unreadable
+
+
+# ------------------------------------------------------------------------------------------ duplicates and copies
+def augmented_base(path: str | os.PathLike) -> tuple[str, str] | None:
+    """``(base stem, augmentation word)`` when ``path`` is named as an augmented copy (``x_vflip.png`` -> ``x``)."""
+    from usfmae_core.data.masks import stem_of
+
+    stem = stem_of(path)
+    m = _AUG_RE.match(stem)
+    return (m.group("base"), stem[len(m.group("base")) + 1:]) if m else None
+
+
+def _dihedral(thumbs: np.ndarray) -> list[np.ndarray]:
+    """The 8 flips / quarter turns of square thumbnails ``(N, t, t)``, each flattened to ``(N, t*t)``."""
+    out = []
+    for k in range(4):
+        r = np.rot90(thumbs, k, axes=(1, 2))
+        out += [r, r[:, :, ::-1]]
+    return [np.ascontiguousarray(v).reshape(len(thumbs), -1) for v in out]
+
+
+def _near_pairs(thumbs: np.ndarray, threshold: float) -> list[tuple[int, int, int]]:
+    """Pairs ``(i, j, variant)`` with ``i < j`` whose thumbnails differ by a mean absolute difference below
+    ``threshold`` under one of the 8 flips / quarter turns of ``j`` (variant 0 = as is).
+
+    A matrix product gives every pair's mean *squared* difference first (fast); since the thumbnails lie in [0, 1],
+    MSE <= MAD, so only pairs with MSE below the threshold can qualify and only those are checked exactly.
+    """
+    import torch
+
+    n, d = len(thumbs), thumbs[0].size
+    a = torch.from_numpy(thumbs.reshape(n, -1).astype(np.float32))
+    sq = (a * a).sum(1)
+    variants = [torch.from_numpy(v) for v in _dihedral(thumbs.astype(np.float32))]
+    best: dict[tuple[int, int], int] = {}
+    for g, b in enumerate(variants):
+        for s in range(0, n, 1024):
+            mse = (sq[s:s + 1024, None] + sq[None, :] - 2 * a[s:s + 1024] @ b.T) / d  # rows i, columns variant of j
+            ii, jj = torch.nonzero(mse < threshold + 1e-6, as_tuple=True)
+            for i, j in zip((ii + s).tolist(), jj.tolist(), strict=True):
+                if i == j or (min(i, j), max(i, j)) in best:
+                    continue
+                if float(np.abs(thumbs[i].reshape(-1) - variants[g][j].numpy()).mean()) < threshold:
+                    best[(min(i, j), max(i, j))] = g
+    return sorted((i, j, g) for (i, j), g in best.items())
+
+
+_VARIANT = ("near-duplicate", "near-duplicate, mirrored left-right", "near-duplicate, turned 90 degrees",
+            "near-duplicate, transposed", "near-duplicate, turned 180 degrees", "near-duplicate, mirrored top-bottom",
+            "near-duplicate, turned 270 degrees", "near-duplicate, anti-transposed")  # order of _dihedral
+
+
+def deduplicate(items: Sequence[dict], near_threshold: float = 0.02, thumb: int = 32,
+                fingerprints: Sequence[Fingerprint | None] | None = None) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Remove exact duplicates, group near-duplicates and augmented copies; returns (kept items, report).
+
+    The report holds ``removed`` (exact duplicates: ``{path, duplicate_of, reason}``), ``grouped`` (near-duplicates
+    and augmented copies kept in one group: ``{path, duplicate_of, group, reason}``) and ``unreadable``
+    (``{path, reason}``). Kept items of one cluster share a ``group`` (their existing group if any, else
+    ``near-dup-<n>``). ``fingerprints`` (one per item, None for an unreadable one) saves reading the files again.
+    """
+    if fingerprints is None:
+        fps, unreadable = _read_all(items, thumb)
+    else:
+        fps = list(fingerprints)
+        unreadable = [{"path": it["image"], "reason": "unreadable"} for it, fp in zip(items, fps, strict=True)
+                      if fp is None]
+    removed: list[dict] = []
     by_sha: dict[str, list[int]] = defaultdict(list)
     for i, fp in enumerate(fps):
         if fp is not None:
-            by_sha[fp[0]].append(i)
+            by_sha[fp.sha1].append(i)
     keep: list[int] = []
-    for sha, idx in by_sha.items():
+    for idx in by_sha.values():
         labels = {items[i]["label"] for i in idx}
         if len(idx) > 1 and len(labels) > 1:
             for i in idx:
@@ -152,38 +290,42 @@ def deduplicate(items: Sequence[dict], near_threshold: float = 0.02, thumb: int 
                             "reason": "exact duplicate (same decoded pixels)"})
     keep.sort()
     kept = [dict(items[i]) for i in keep]
-    # near-duplicates: union-find over pairs with a small thumbnail distance (chunked O(n^2), vectorised)
+    grouped: list[dict] = []
     if len(kept) > 1:
-        th = np.stack([fps[i][1].reshape(-1) for i in keep]).astype(np.float32)
+        links: list[tuple[int, int, str]] = []  # (a, b, why): b is grouped with a
+        thumbs = np.stack([fps[i].thumb for i in keep]).astype(np.float32)
+        links += [(a, b, _VARIANT[g]) for a, b, g in _near_pairs(thumbs, near_threshold)]
+        by_stem: dict[tuple[str, str], int] = {}
+        from usfmae_core.data.masks import stem_of
+
+        for k, it in enumerate(kept):
+            by_stem.setdefault((str(Path(it["image"]).parent), stem_of(it["image"]).lower()), k)
+        for k, it in enumerate(kept):
+            aug = augmented_base(it["image"])
+            if aug is not None:
+                a = by_stem.get((str(Path(it["image"]).parent), aug[0].lower()))
+                if a is not None and a != k:
+                    links.append((min(a, k), max(a, k), f"augmented copy by name ('{aug[1]}')"))
         parent = list(range(len(kept)))
 
-        def find(a: int) -> int:
-            while parent[a] != a:
-                parent[a] = parent[parent[a]]
-                a = parent[a]
-            return a
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
 
-        pairs = []
-        for s in range(0, len(th), 256):
-            d = np.abs(th[s:s + 256, None, :] - th[None, :, :]).mean(-1)
-            ii, jj = np.nonzero(d < near_threshold)
-            pairs += [(int(a + s), int(b)) for a, b in zip(ii, jj) if a + s < b]
-        # existing groups (patients) are clusters too
-        by_group: dict[str, int] = {}
+        pairs = [(a, b) for a, b, _ in links]
+        by_group: dict[str, int] = {}  # existing groups (patients) are clusters too
         for k, it in enumerate(kept):
             if it.get("group") is not None:
                 if it["group"] in by_group:
                     pairs.append((by_group[it["group"]], k))
                 else:
                     by_group[it["group"]] = k
-        near_pairs = set()
         for a, b in pairs:
             ra, rb = find(a), find(b)
             if ra != rb:
                 parent[max(ra, rb)] = min(ra, rb)
-        for a, b in pairs:
-            if kept[a].get("group") is None or kept[a].get("group") != kept[b].get("group"):
-                near_pairs.add((a, b))
         clusters: dict[int, list[int]] = defaultdict(list)
         for k in range(len(kept)):
             clusters[find(k)].append(k)
@@ -196,10 +338,14 @@ def deduplicate(items: Sequence[dict], near_threshold: float = 0.02, thumb: int 
             n += 0 if existing else 1
             for m in members:
                 kept[m]["group"] = gid
-        for a, b in sorted(near_pairs):
-            removed.append({"path": kept[b]["image"], "duplicate_of": kept[a]["image"],
-                            "reason": "near-duplicate (grouped, kept)"})
-    return kept, removed
+        seen: set[tuple[int, int]] = set()
+        for a, b, why in sorted(links):
+            if (a, b) in seen:
+                continue
+            seen.add((a, b))
+            grouped.append({"path": kept[b]["image"], "duplicate_of": kept[a]["image"], "group": kept[b]["group"],
+                            "reason": f"{why} (grouped, kept)"})
+    return kept, {"removed": removed, "grouped": grouped, "unreadable": unreadable}
 
 
 def _group_of(it: dict) -> str:
@@ -318,6 +464,15 @@ def _resolve_image(value: Any, base: Path) -> str | None:
     return str(p if p.is_absolute() else base / p)
 
 
+def _resolve_masks(value: Any, base: Path) -> Any:
+    """A segmentation target (``"mask"``: a path or a list of paths) resolved like the image; other values kept."""
+    if isinstance(value, str):
+        return _resolve_image(value, base) or value
+    if isinstance(value, list):
+        return [_resolve_image(m, base) or m if isinstance(m, str) else m for m in value]
+    return value
+
+
 def validate_datalist(data: Any, source: str | os.PathLike, base: str | os.PathLike | None = None,
                       check_files: bool = True) -> dict:
     """Check a labelled datalist (MONAI decathlon style) and return it normalised; the one entry for datalist JSONs.
@@ -391,7 +546,9 @@ def validate_datalist(data: Any, source: str | os.PathLike, base: str | os.PathL
     out["classes"] = [str(c) for c in classes]
     all_items: list[dict] = []
     for key, items in lists:
-        fixed = [{**it, "image": _resolve_image(it["image"], base), "label": to_index(it["label"])} for it in items]
+        fixed = [{**it, "image": _resolve_image(it["image"], base), "label": to_index(it["label"]),
+                  **({"mask": _resolve_masks(it["mask"], base)} if it.get("mask") is not None else {})}
+                 for it in items]
         all_items += fixed
         if key.startswith("folds["):
             out.setdefault("_folds", []).append(fixed)
@@ -403,11 +560,31 @@ def validate_datalist(data: Any, source: str | os.PathLike, base: str | os.PathL
     return out
 
 
+def upgrade_report_keys(d: dict) -> dict:
+    """Replace an old datalist's ``removed_duplicates`` (exact duplicates, grouped near-duplicates and unreadable files
+    in one list) by ``removed``, ``grouped`` and ``unreadable``, in place; returns ``d``."""
+    old = d.pop("removed_duplicates", None)
+    if old is None:
+        return d
+    for key in ("removed", "grouped", "unreadable"):
+        d.setdefault(key, [])
+    for r in old:
+        reason = str(r.get("reason", ""))
+        if reason.startswith("unreadable"):
+            d["unreadable"].append({"path": r["path"], "reason": reason.split(":", 1)[-1].strip()})
+        elif reason.startswith("near-duplicate"):
+            d["grouped"].append(dict(r))
+        else:
+            d["removed"].append(dict(r))
+    return d
+
+
 def load_datalist(path: str | os.PathLike, check_files: bool = True) -> dict:
-    """Load and check a labelled datalist JSON (:func:`validate_datalist`); relative image paths resolve against the
-    JSON's folder."""
+    """Load and check a labelled datalist JSON (:func:`validate_datalist`); relative image (and mask) paths resolve
+    against the JSON's folder. A datalist written before the report keys existed has its ``removed_duplicates``
+    split into ``removed`` / ``grouped`` / ``unreadable`` (:func:`upgrade_report_keys`)."""
     path = Path(path)
-    return validate_datalist(_read_json(path), path, path.parent.absolute(), check_files)
+    return upgrade_report_keys(validate_datalist(_read_json(path), path, path.parent.absolute(), check_files))
 
 
 def datalist_images(path: str | os.PathLike) -> list[Path]:
@@ -456,33 +633,154 @@ def subsample_fraction(items: Sequence[dict], fraction: float, seed: int = 0) ->
     return out
 
 
+def _attach_masks(items: Sequence[dict], masks: Sequence[Any]) -> None:
+    """Give each item the masks whose companion scan it is (``"mask"``: a path, or a list of several)."""
+    by_image: dict[str, list[str]] = defaultdict(list)
+    for m in masks:
+        if m.scan is not None and not m.kept:
+            by_image[m.scan].append(m.path)
+    for it in items:
+        found = sorted(by_image.get(it["image"], []))
+        if found:
+            it["mask"] = found[0] if len(found) == 1 else found
+
+
 def labelled_source_to_datalist(path: str | os.PathLike, out_json: str | os.PathLike | None = None, seed: int = 0,
                                 val_fraction: float = 0.15, test_fraction: float = 0.15, n_folds: int = 0,
-                                deduplicate_items: bool = True) -> dict:
+                                deduplicate_items: bool = True, include_masks: bool = False,
+                                mask_patterns: Iterable[str] | None = None) -> dict:
     """The one entry for finetune / evaluate / bundle: a class-folder tree, a CSV manifest or a datalist JSON.
 
-    Folders and CSVs are deduplicated and split (seeded); the result (with ``removed_duplicates``) is saved to
-    ``out_json`` when given. A JSON datalist is loaded as is.
+    Folders and CSVs go through the steps of the module docstring (masks, unreadable files, exact duplicates,
+    near-duplicates and augmented copies) and are split (seeded); the datalist records what each step did under
+    ``masks``, ``unreadable``, ``ignored``, ``removed`` and ``grouped``, plus ``colour`` (files with colour pixels),
+    ``dropped_classes`` and ``source``, and is saved to ``out_json`` when given. A JSON datalist is loaded as is.
+
+    Args:
+        include_masks: keep mask / annotation files as images (they are still listed under ``masks``, ``kept``).
+        mask_patterns: extra globs naming mask files (``--mask-pattern``), besides the built-in names.
     """
+    from usfmae_core.data.masks import MaskMatch, MaskRules, ScanIndex, companion_scan, split_masks
+
     p = Path(path)
     if p.suffix.lower() == ".json":
         d = load_datalist(p)
         if out_json is not None:
             save_datalist(d, out_json)
         return d
+    outside: list[str] = []
+    rules = MaskRules.with_patterns(mask_patterns)
     if p.is_dir():
-        items, classes = scan_class_folders(p)
+        root = p.absolute()
+        items, classes, outside = _class_folder_files(root, rules)
+        if not items:
+            raise UsfmaeError(f"no images found in class folders under {root}",
+                              "expected ROOT/<class name>/<image files>")
     elif p.suffix.lower() in (".csv", ".tsv"):
+        root = None
         items, classes = read_csv_manifest(p)
     else:
         raise UsfmaeError(f"{p} is not a folder, .csv or .json datalist",
                           "give ROOT/<class>/<images>, a CSV with path,label[,group] or a datalist JSON")
-    removed: list[dict] = []
+    # 1. masks by name / folder / pattern (among the items and the files outside the class folders)
+    index = ScanIndex([it["image"] for it in items] + outside)
+    _, masks = split_masks([it["image"] for it in items] + outside, rules, root, index)
+    named = {m.path for m in masks}
+    ignored = [{"path": f, "reason": "not inside a class folder"} for f in outside if f not in named]
+    if include_masks:
+        for m in masks:
+            m.kept = True
+    else:
+        items = [it for it in items if it["image"] not in named]
+    # 2. read every item once: unreadable files, content masks (few grey levels beside a scan), colour
+    fps, unreadable = _read_all(items, 32)
+    content_index = ScanIndex([it["image"] for it, fp in zip(items, fps, strict=True)
+                               if fp is not None and fp.label_like is None])
+    keep_rows = []
+    for it, fp in zip(items, fps, strict=True):
+        if fp is not None and fp.label_like is not None and rules.content and it["image"] not in named:
+            scan = companion_scan(it["image"], content_index, prefix=True)
+            if scan is not None:
+                masks.append(MaskMatch(it["image"], scan, f"content: {fp.label_like}, beside a scan",
+                                       kept=include_masks))
+                if not include_masks:
+                    continue
+        keep_rows.append((it, fp))
+    items, fps = [r[0] for r in keep_rows], [r[1] for r in keep_rows]
+    colour = sorted(it["image"] for it, fp in zip(items, fps, strict=True) if fp is not None and fp.colour)
+    # 3-4. exact duplicates, near-duplicates and augmented copies
+    report: dict[str, list[dict]] = {"removed": [], "grouped": []}
     if deduplicate_items:
-        items, removed = deduplicate(items)
+        items, report = deduplicate(items, fingerprints=fps)
+    else:
+        items = [it for it, fp in zip(items, fps, strict=True) if fp is not None]
+    report["unreadable"] = unreadable
+    _attach_masks(items, masks)
+    # a class left without images (a 'masks/' class folder, or all its files unreadable) is not a class
+    present = sorted({int(it["label"]) for it in items})
+    dropped = [classes[k] for k in range(len(classes)) if k not in present]
+    if dropped:
+        remap = {k: i for i, k in enumerate(present)}
+        classes = [classes[k] for k in present]
+        for it in items:
+            it["label"] = remap[int(it["label"])]
     d = make_splits(items, classes, val_fraction, test_fraction, n_folds, seed)
-    d["removed_duplicates"] = removed
-    d["source"] = str(p)
+    d.update(removed=report["removed"], grouped=report["grouped"], unreadable=report["unreadable"],
+             masks=[m.to_dict() for m in sorted(masks, key=lambda m: m.path)], ignored=ignored, colour=colour,
+             dropped_classes=dropped, source=str(p))
     if out_json is not None:
         save_datalist(d, out_json)
     return d
+
+
+def _examples(paths: Sequence[str], k: int = 3) -> str:
+    names = [Path(x).name for x in paths[:k]]
+    return ", ".join(names) + (f", ... ({len(paths) - k} more)" if len(paths) > k else "")
+
+
+def datalist_summary(d: dict, name: str | None = None) -> list[str]:
+    """The console summary of a labelled datalist: files found, per-class counts per split, what was removed, grouped,
+    excluded as masks, unreadable, ignored, and the colour count. One string per line (no trailing newline)."""
+    upgrade_report_keys(d)
+    classes = [str(c) for c in d.get("classes") or []]
+    splits = {s: list(d.get(s) or []) for s in ("training", "validation", "test")}
+    kept = sum(len(v) for v in splits.values())
+    removed, grouped = d.get("removed") or [], d.get("grouped") or []
+    unreadable, masks, ignored = d.get("unreadable") or [], d.get("masks") or [], d.get("ignored") or []
+    excluded_masks = [m for m in masks if not m.get("kept")]
+    found = kept + len(removed) + len(unreadable) + len(excluded_masks)
+    src = name or d.get("source") or "the datalist"
+    lines = [f"data: {src}: {found} files found" + (f", {len(ignored)} outside the class folders ignored"
+                                                    if ignored else "") + f"; {kept} used"]
+    width = max([len(c) for c in classes] + [5])
+    lines.append(f"  {'class':<{width}}  {'train':>6} {'val':>6} {'test':>6} {'total':>6}")
+    for k, c in enumerate(classes):
+        n = [sum(1 for it in splits[s] if int(it["label"]) == k) for s in splits]
+        lines.append(f"  {c:<{width}}  {n[0]:>6} {n[1]:>6} {n[2]:>6} {sum(n):>6}")
+    lines.append(f"  {'all':<{width}}  {len(splits['training']):>6} {len(splits['validation']):>6} "
+                 f"{len(splits['test']):>6} {kept:>6}")
+    if d.get("dropped_classes"):
+        lines.append(f"  classes without images, dropped: {', '.join(d['dropped_classes'])}")
+    if excluded_masks:
+        with_scan = sum(1 for m in excluded_masks if m.get("scan"))
+        lines.append(f"  masks excluded: {len(excluded_masks)} ({with_scan} kept as the segmentation target "
+                     f"'mask' of their scan; e.g. {_examples([m['path'] for m in excluded_masks])})")
+    kept_masks = [m for m in masks if m.get("kept")]
+    if kept_masks:
+        lines.append(f"  masks kept as images (--include-masks): {len(kept_masks)} "
+                     f"(e.g. {_examples([m['path'] for m in kept_masks])})")
+    conflicting = [r for r in removed if "conflicting" in str(r.get("reason"))]
+    lines.append(f"  exact duplicates removed: {len(removed)}"
+                 + (f" ({len(conflicting)} copies with conflicting labels: all removed)" if conflicting else "")
+                 + (f" (e.g. {_examples([r['path'] for r in removed])})" if removed else ""))
+    items = [it for v in splits.values() for it in v]
+    near_groups = Counter(str(it["group"]) for it in items if str(it.get("group") or "").startswith("near-dup"))
+    aug = sum(1 for r in grouped if not str(r.get("reason")).startswith("near-duplicate (grouped"))
+    lines.append(f"  near-duplicates grouped: {len(grouped)} pair(s) in {len(near_groups)} group(s) of "
+                 f"{sum(near_groups.values())} images" + (f"; {aug} flipped / rotated / augmented copies" if aug
+                                                          else "") + " (a group never spans two splits)")
+    lines.append(f"  unreadable: {len(unreadable)}" + (f" ({_examples([r['path'] for r in unreadable])})"
+                                                       if unreadable else ""))
+    if d.get("colour"):
+        lines.append(f"  colour: {len(d['colour'])} file(s) carry colour pixels (Doppler, overlays)")
+    return lines

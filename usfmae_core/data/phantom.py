@@ -17,7 +17,7 @@ from __future__ import annotations
 import gzip
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -31,8 +31,12 @@ __all__ = [
     "write_image",
     "write_volume",
     "write_cine",
+    "write_dicom_series",
     "write_labelled_folder",
     "write_unlabelled_corpus_sources",
+    "make_image_with_mask",
+    "screen_capture",
+    "write_distributed_dataset",
 ]
 
 CLASSES: tuple[str, ...] = ("normal", "cyst", "mass")
@@ -108,6 +112,16 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(e, 0.1, 1.2)
 
 
+def _lesion_radius(p: dict, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """Normalised distance from the lesion centre (< 1 inside the lesion outline)."""
+    dy, dx = (yy - p["cy"]) / (p["r"] * p["aspect"]), (xx - p["cx"]) / p["r"]
+    rad = np.sqrt(dy * dy + dx * dx)
+    if p["label"] == 2:  # lobulated, spiculated outline
+        ang = np.arctan2(dy, dx)
+        rad = rad / (1 + sum(h * np.sin((k + 2) * ang + ph) for k, (h, ph) in enumerate(zip(p["harm"], p["phase"], strict=True))))
+    return rad
+
+
 def _apply_lesion(e: np.ndarray, p: dict, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
     """Insert the lesion into echogenicity ``e`` (beam space, last axis lateral, depth axis ``-2``)."""
     if p.get("vessel") is not None:
@@ -115,11 +129,7 @@ def _apply_lesion(e: np.ndarray, p: dict, yy: np.ndarray, xx: np.ndarray) -> np.
         e = e * np.where(np.abs(yy - (vy + slope * (xx - 0.5))) < vr, 0.15, 1.0).astype(np.float32)
     if p["label"] == 0:
         return e
-    dy, dx = (yy - p["cy"]) / (p["r"] * p["aspect"]), (xx - p["cx"]) / p["r"]
-    rad = np.sqrt(dy * dy + dx * dx)
-    if p["label"] == 2:  # lobulated, spiculated outline
-        ang = np.arctan2(dy, dx)
-        rad = rad / (1 + sum(h * np.sin((k + 2) * ang + ph) for k, (h, ph) in enumerate(zip(p["harm"], p["phase"]))))
+    rad = _lesion_radius(p, yy, xx)
     inside = rad < 1.0
     # along each scan line, everything deeper than the lesion is shadowed (mass) or enhanced (cyst)
     below = np.cumsum(inside, axis=-2) > 0
@@ -237,6 +247,15 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def _save_dicom(ds: Any, path: Path) -> None:
+    """Write a DICOM file with its file meta (pydicom 3: ``enforce_file_format``; pydicom 2.x, which 3D Slicer 5.10
+    bundles: the same under its old name ``write_like_original=False``)."""
+    try:
+        ds.save_as(path, enforce_file_format=True)
+    except TypeError:
+        ds.save_as(path, write_like_original=False)
+
+
 def _write_dicom(path: Path, array: np.ndarray, spacing: Sequence[float], rgb: bool = False,
                  frame_time_ms: float | None = None) -> None:
     import pydicom
@@ -268,7 +287,7 @@ def _write_dicom(path: Path, array: np.ndarray, spacing: Sequence[float], rgb: b
         ds.FrameTime = f"{frame_time_ms or 40.0:.6g}"
         ds.FrameIncrementPointer = pydicom.tag.Tag(0x0018, 0x1063)
     ds.PixelData = np.ascontiguousarray(array).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    _save_dicom(ds, path)
 
 
 def _write_seq_nrrd(path: Path, frames: np.ndarray, spacing: Sequence[float]) -> None:
@@ -332,6 +351,44 @@ def write_volume(path: str | Path, array: np.ndarray, spacing: Sequence[float] =
         img.SetDirection(tuple(float(d) for d in direction))
     sitk.WriteImage(img, str(path), True)
     return path
+
+
+def write_dicom_series(folder: str | Path, array: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                       origin: Sequence[float] = (0.0, 0.0, 0.0)) -> Path:
+    """Write a ``(D, H, W)`` uint8 / uint16 volume as a DICOM series: one file per slice in ``folder`` (shuffled
+    file names, as exports often are), sharing a SeriesInstanceUID, with ImagePositionPatient along the slice
+    normal every ``spacing[0]`` mm; returns ``folder``."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    series, study, frame = generate_uid(), generate_uid(), generate_uid()
+    bits = 16 if array.dtype == np.uint16 else 8
+    order = np.random.default_rng(len(array)).permutation(len(array))
+    for k, z in enumerate(order):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture: any modality may use it
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PatientName, ds.PatientID = "US", "Phantom^USFMAE", "PHANTOM"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.InstanceNumber = int(z) + 1
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+        ds.ImagePositionPatient = [f"{float(origin[0]):g}", f"{float(origin[1]):g}",
+                                   f"{float(origin[2]) + float(z) * float(spacing[0]):g}"]
+        ds.SliceThickness = f"{float(spacing[0]):g}"
+        ds.PixelSpacing = [f"{float(spacing[1]):g}", f"{float(spacing[2]):g}"]
+        ds.Rows, ds.Columns = int(array.shape[1]), int(array.shape[2])
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+        ds.PixelData = np.ascontiguousarray(array[z]).tobytes()
+        _save_dicom(ds, folder / f"IM{k:04d}.dcm")
+    return folder
 
 
 def write_cine(path: str | Path, frames: np.ndarray, spacing: Sequence[float] = (0.04, 1.0, 1.0)) -> Path:
@@ -402,3 +459,99 @@ def write_unlabelled_corpus_sources(out: Path, n_images: int = 8, n_volumes: int
         clip = make_cine(int(rng.integers(3)), frames=8, size=size, rng=rng)
         write_cine(out / "cines" / f"cine_{i:04d}.{cine_fmts[i % len(cine_fmts)]}", clip, spacing=(0.04, 0.3, 0.3))
     return out
+
+
+# ------------------------------------------------------------------------------ datasets as they are distributed
+def make_image_with_mask(label: int, size: int = 128, geometry: str = "sector",
+                         rng: np.random.Generator | int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One B-mode image ``(size, size)`` uint8 and its lesion mask ``(size, size)`` uint8 (0 / 255; all 0 for
+    ``normal``), as segmentation datasets ship them."""
+    rng = _rng(rng)
+    p = _lesion_params(int(label), rng)
+    img = (_frame(int(label), size, geometry, rng, p) * 255 + 0.5).astype(np.uint8)
+    if int(label) == 0:
+        return img, np.zeros_like(img)
+    yy = np.linspace(0, 1, size, dtype=np.float32)[:, None] + np.zeros((1, size), np.float32)
+    xx = np.linspace(0, 1, size, dtype=np.float32)[None, :] + np.zeros((size, 1), np.float32)
+    inside = (_lesion_radius(p, yy, xx) < 1.0).astype(np.float32)
+    if geometry == "sector":
+        inside = _scan_convert(inside, size, half_angle=math.radians(35), r0=0.25)
+    return img, np.where(inside > 0.5, 255, 0).astype(np.uint8)
+
+
+def screen_capture(image: np.ndarray, aspect: float = 1.8, colour: bool = True,
+                   rng: np.random.Generator | int | None = None) -> np.ndarray:
+    """An exported scanner screen ``(H, round(H * aspect), 3)`` uint8 RGB around a grey B-mode ``image`` ``(H, H)``:
+    black margins, a grey side panel with white text-like marks and, with ``colour``, a colour-Doppler box (red / blue
+    flow) over part of the image and a yellow caliper, as public datasets of screen exports look."""
+    rng = _rng(rng)
+    h = image.shape[0]
+    w = int(round(h * aspect))
+    out = np.zeros((h, w, 3), np.uint8)
+    x0 = (w - image.shape[1]) // 2
+    out[:, x0:x0 + image.shape[1]] = image[..., None]
+    panel = max(4, w // 10)
+    out[:, :panel] = 40
+    for k in range(3, h - 6, max(6, h // 8)):  # white 'text' lines in the panel
+        out[k:k + 2, 2:panel - 2 - int(rng.integers(0, panel // 3))] = 235
+    if colour:
+        by, bx = h // 3, x0 + image.shape[1] // 3
+        bh, bw = max(4, h // 5), max(4, image.shape[1] // 4)
+        flow = rng.random((bh, bw)) < 0.5
+        box = out[by:by + bh, bx:bx + bw]
+        box[flow] = (200, 30, 30)
+        box[~flow & (rng.random((bh, bw)) < 0.5)] = (30, 60, 210)
+        out[h - 4:h - 2, x0 + 4:x0 + 4 + image.shape[1] // 3] = (240, 220, 30)
+    return out
+
+
+def write_distributed_dataset(out: Path, n_per_class: int = 6, size: int = 64, seed: int = 0,
+                              masks: str = "suffix", flips: int = 2, rotations: int = 1, second_masks: int = 1,
+                              screens: int = 0) -> dict[str, list[str]]:
+    """A labelled tree laid out as public segmentation / classification datasets ship it; returns what is what.
+
+    ``out/<class>/<class> (<i>).png`` scans (classes :data:`CLASSES`; ``normal`` has no lesion and, as in the
+    datasets this imitates, no masks) and, for the lesion classes:
+
+    * ``masks="suffix"``: ``<class> (<i>)_mask.png`` beside the scan (and ``_mask_1`` for the first
+      ``second_masks`` scans); ``masks="folders"``: ``out/<class>/images/<name>.png`` +
+      ``out/<class>/masks/<name>.png``; ``masks="none"``: no masks;
+    * ``flips`` scans per class with a vertically flipped copy ``<name>_vflip.png``, ``rotations`` with a copy turned
+      by 15 degrees ``<name>_rot15.png``;
+    * ``screens`` scans per class written instead as non-square (1.8:1) colour screen exports
+      (:func:`screen_capture`) in JPEG, ``<class> (<i>).jpg``.
+
+    Returns ``{"scans", "masks", "copies", "screens"}``: lists of absolute paths (``copies``: the flipped / rotated
+    files; ``scans`` excludes them).
+    """
+    from PIL import Image
+
+    out = Path(out).absolute()
+    rng = np.random.default_rng(seed)
+    made: dict[str, list[str]] = {"scans": [], "masks": [], "copies": [], "screens": []}
+    for label, name in enumerate(CLASSES):
+        for i in range(1, n_per_class + 1):
+            geo = ("sector", "linear")[i % 2]
+            img, mask = make_image_with_mask(label, size, geo, rng)
+            stem = f"{name} ({i})"
+            folder = out / name / "images" if masks == "folders" and label else out / name
+            if i <= screens:
+                path = folder / f"{stem}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(screen_capture(img, rng=rng)).save(path, quality=92)
+                made["screens"].append(str(path))
+            else:
+                path = write_image(folder / f"{stem}.png", img)
+            made["scans"].append(str(path))
+            if label and masks == "suffix":
+                made["masks"].append(str(write_image(folder / f"{stem}_mask.png", mask)))
+                if i <= second_masks:
+                    made["masks"].append(str(write_image(folder / f"{stem}_mask_1.png", np.flipud(mask))))
+            elif label and masks == "folders":
+                made["masks"].append(str(write_image(out / name / "masks" / f"{stem}.png", mask)))
+            if i <= flips and i > screens:
+                made["copies"].append(str(write_image(folder / f"{stem}_vflip.png", np.ascontiguousarray(img[::-1]))))
+            if flips < i <= flips + rotations and i > screens:
+                turned = Image.fromarray(img).rotate(15, resample=Image.BILINEAR)
+                made["copies"].append(str(write_image(folder / f"{stem}_rot15.png", np.array(turned))))
+    return made

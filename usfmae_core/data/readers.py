@@ -233,13 +233,21 @@ def _dicom_spacing(ds) -> tuple[float, float]:
 
 def _read_dicom(path: Path) -> tuple[np.ndarray, tuple[float, ...], str, dict]:
     import pydicom
-    from pydicom.pixels import apply_color_lut
+
+    try:
+        from pydicom.pixels import apply_color_lut, convert_color_space
+    except ImportError:  # pydicom 2.x (3D Slicer 5.10 bundles 2.4.4)
+        from pydicom.pixel_data_handlers.util import apply_color_lut, convert_color_space
 
     ds = pydicom.dcmread(path)
     if "PixelData" not in ds:
         raise ValueError("DICOM file has no pixel data")
-    arr = ds.pixel_array  # pydicom 3 converts YBR_* to RGB by default
+    arr = ds.pixel_array
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric in ("YBR_FULL", "YBR_FULL_422") and int(pydicom.__version__.split(".")[0]) < 3:
+        # pydicom 3 converts YBR_FULL(_422) to RGB in pixel_array, 2.x returns the stored values (JPEG 2000
+        # YBR_RCT / YBR_ICT come out of the decoder as RGB in both)
+        arr = convert_color_space(arr, photometric, "RGB")
     spp = int(ds.get("SamplesPerPixel", 1))
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     meta: dict[str, Any] = {
@@ -377,7 +385,7 @@ def read_ultrasound(path: str | os.PathLike) -> UltrasoundImage:
     """Read an ultrasound file (2D image, DICOM, NIfTI, NRRD, MetaImage, video) as grey intensity.
 
     Args:
-        path: the file.
+        path: the file, or a folder holding a DICOM series (:mod:`usfmae_core.data.dicom_series`: one volume).
 
     Returns:
         :class:`UltrasoundImage` with ``array`` float32 ``(H, W)`` / ``(T, H, W)`` / ``(D, H, W)``.
@@ -387,6 +395,17 @@ def read_ultrasound(path: str | os.PathLike) -> UltrasoundImage:
             of an absurd shape (the message names the file and what to do).
     """
     p = Path(path)
+    if p.is_dir():  # a folder of positioned DICOM slices is one volume
+        from usfmae_core.data.dicom_series import read_dicom_series
+
+        try:
+            arr, spacing, kind, meta = read_dicom_series(p)
+        except Exception as err:  # noqa: BLE001 - any failure is one line naming the folder
+            msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise UsfmaeError(f"cannot read {p} as a DICOM series ({msg})",
+                              "give a folder of DICOM slices of one series, or a file") from None
+        arr = _validate(np.asarray(arr, dtype=np.float32), kind, str(p))
+        return UltrasoundImage(array=np.ascontiguousarray(arr), spacing=spacing, kind=kind, path=str(p), meta=meta)
     if not p.is_file():
         raise UsfmaeError(f"{p} does not exist or is not a file", "check the path")
     if p.stat().st_size == 0:

@@ -36,6 +36,7 @@ __all__ = [
     "resize_frames",
     "frames_to_tensor",
     "image_to_frames",
+    "informative_frames",
     "channel_stats",
     "random_affine_grid",
     "LoadUltrasoundd",
@@ -114,6 +115,31 @@ def image_to_frames(img: UltrasoundImage, axis: int = 0) -> np.ndarray:
     if img.kind == "cine":
         return a
     return np.moveaxis(a, axis, 0)
+
+
+EMPTY_FRACTION = 0.05  # a frame with fewer pixels above 5 % of the range than this is background, not anatomy
+
+
+def informative_frames(frames: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """Which frames of a stack carry an image: boolean ``(N,)`` for frames ``(N, H, W)`` (unscaled).
+
+    A frame is *not* informative when it is constant, or when it is empty: fewer than 5 % of its pixels lie above
+    5 % of the range, or its standard deviation is under 1 % of the range. The range is ``lo .. hi`` (default: the
+    whole stack's min and max), so a dark but real slice of a bright volume still counts, while the zero padding of
+    a resampled volume, blank cine frames and blank exports do not. The one rule for ``prepare`` (which frames enter
+    the corpus) and ``predict`` / the bundle (which frames enter a cine / volume aggregate).
+    """
+    f = np.asarray(frames, dtype=np.float32)
+    if f.ndim == 2:
+        f = f[None]
+    lo = float(f.min()) if lo is None else float(lo)
+    hi = float(f.max()) if hi is None else float(hi)
+    flat = f.reshape(len(f), -1)
+    constant = flat.max(1) <= flat.min(1)
+    if hi <= lo:
+        return np.zeros(len(f), dtype=bool)
+    scaled = (flat - lo) * (1.0 / (hi - lo))
+    return ((scaled > 0.05).mean(1) >= EMPTY_FRACTION) & (scaled.std(1) > 0.01) & ~constant
 
 
 def frames_to_tensor(frames: np.ndarray, prep: Preprocessing) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Networks: the USF-MAE masked autoencoder, its classifier and model presets.
+"""Networks: the USF-MAE masked autoencoder, its 2D / native-3D classifier, the attention-MIL volume classifier
+and model presets.
 
 Attributes are imported on first use (PEP 562), so that ``usfmae_core.networks.presets`` (read by the command-line
 parser) does not import torch.
@@ -12,6 +13,7 @@ from typing import Any
 _WHERE = {
     "USFMAE": "mae", "MAEDecoder": "mae", "ViTEncoder": "mae", "patchify": "mae", "unpatchify": "mae",
     "USFMAEClassifier": "classifier", "cnn_baseline": "classifier",
+    "AttentionMILClassifier": "volume", "GatedAttentionPooling": "volume",
     "PRESETS": "presets", "build_model": "presets", "mae_config": "presets",
 }
 __all__ = sorted(_WHERE)

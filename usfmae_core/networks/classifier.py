@@ -1,4 +1,5 @@
-"""Classifier on the USF-MAE encoder (fine-tuning and linear probing), plus MONAI CNN baselines."""
+"""Classifier on the USF-MAE encoder (fine-tuning and linear probing; 2D images or native 3D volumes), plus MONAI
+CNN baselines. Slice-based volume classification (attention MIL) is in :mod:`usfmae_core.networks.volume`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,35 @@ import torch.nn as nn
 
 from usfmae_core.networks.mae import USFMAE, ViTEncoder
 
-__all__ = ["USFMAEClassifier", "cnn_baseline"]
+__all__ = ["USFMAEClassifier", "cnn_baseline", "encoder_kwargs_of", "load_mae_encoder"]
+
+
+def load_mae_encoder(mae: USFMAE | dict | str) -> ViTEncoder:
+    """The encoder of an MAE given as a model, a loaded checkpoint dict or a checkpoint path."""
+    if isinstance(mae, nn.Module):
+        return mae.encoder
+    from usfmae_core.checkpoints import load_checkpoint
+    from usfmae_core.networks.presets import build_model
+
+    ckpt = mae if isinstance(mae, dict) else load_checkpoint(mae)
+    model = build_model("mae", ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    return model.encoder
+
+
+def encoder_kwargs_of(enc: ViTEncoder, img_size: Sequence[int] | int | None = None,
+                      spatial_dims: int | None = None, patch_size: Sequence[int] | int | None = None,
+                      drop_path_rate: float = 0.0) -> dict:
+    """:class:`~usfmae_core.networks.mae.ViTEncoder` arguments of ``enc``'s shape, with optional new input size,
+    dimensionality (2D -> 3D inflation) and patch size."""
+    dims = int(spatial_dims or enc.spatial_dims)
+    same = dims == enc.spatial_dims
+    return dict(in_channels=enc.in_channels,
+                img_size=img_size or (enc.img_size if same else enc.img_size[-1]),
+                patch_size=patch_size or (enc.patch_size if same else enc.patch_size[-1]), spatial_dims=dims,
+                hidden_size=enc.hidden_size, num_layers=len(enc.blocks), num_heads=enc.blocks[0].attn.num_heads,
+                mlp_ratio=enc.blocks[0].mlp.linear1.out_features / enc.hidden_size,
+                qkv_bias=enc.blocks[0].attn.qkv.bias is not None, drop_path_rate=drop_path_rate)
 
 
 class USFMAEClassifier(nn.Module):
@@ -42,11 +71,8 @@ class USFMAEClassifier(nn.Module):
                 sincos_pos_embed(self.encoder.grid, self.encoder.hidden_size))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled, normalised encoder features ``(B, D)``: norm(cls token) or norm(mean of patch tokens), as in
-        facebook's MAE fine-tuning (``global_pool``), so their fine-tuned weights give identical outputs."""
-        tokens, _, _ = self.encoder(x, apply_norm=False)
-        pooled = tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1)
-        return self.encoder.norm(pooled)
+        """Pooled, normalised encoder features ``(B, D)`` (:meth:`ViTEncoder.pooled_features`)."""
+        return self.encoder.pooled_features(x, self.pool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.forward_features(x)))
@@ -57,28 +83,26 @@ class USFMAEClassifier(nn.Module):
             p.requires_grad_(False)
 
     @classmethod
-    def from_mae(cls, mae: USFMAE | dict, num_classes: int, pool: str = "avg", dropout: float = 0.0,
-                 drop_path_rate: float = 0.0, img_size: Sequence[int] | int | None = None) -> USFMAEClassifier:
+    def from_mae(cls, mae: USFMAE | dict | str, num_classes: int, pool: str = "avg", dropout: float = 0.0,
+                 drop_path_rate: float = 0.0, img_size: Sequence[int] | int | None = None,
+                 spatial_dims: int | None = None, patch_size: Sequence[int] | int | None = None
+                 ) -> USFMAEClassifier:
         """A classifier whose encoder starts from a trained MAE (a model, or a checkpoint path/dict).
 
-        ``img_size`` may differ from the MAE's: position embeddings are re-gridded.
+        ``img_size`` may differ from the MAE's: position embeddings are re-gridded. ``spatial_dims=3`` on a 2D MAE
+        builds a native 3D classifier whose patch projection is the 2D one inflated over depth (the transformer
+        blocks move unchanged; position embeddings are the fixed 3D sin-cos ones); ``patch_size`` then sets the 3D
+        patch (default: the 2D patch side, cubed).
         """
-        from usfmae_core.checkpoints import adapt_state_dict, load_checkpoint
+        from usfmae_core.checkpoints import adapt_state_dict
 
-        if not isinstance(mae, nn.Module):
-            ckpt = load_checkpoint(mae) if not isinstance(mae, dict) else mae
-            from usfmae_core.networks.presets import build_model
-
-            mae = build_model("mae", ckpt["config"])
-            mae.load_state_dict(ckpt["model"])
-        enc = mae.encoder
-        model = cls(num_classes, pool=pool, dropout=dropout, in_channels=enc.in_channels,
-                    img_size=img_size or enc.img_size, patch_size=enc.patch_size, spatial_dims=enc.spatial_dims,
-                    hidden_size=enc.hidden_size, num_layers=len(enc.blocks), num_heads=enc.blocks[0].attn.num_heads,
-                    mlp_ratio=enc.blocks[0].mlp.linear1.out_features / enc.hidden_size,
-                    qkv_bias=enc.blocks[0].attn.qkv.bias is not None, drop_path_rate=drop_path_rate)
-        state = adapt_state_dict(enc.state_dict(), model.encoder.state_dict())
-        model.encoder.load_state_dict(state)
+        enc = load_mae_encoder(mae)
+        model = cls(num_classes, pool=pool, dropout=dropout,
+                    **encoder_kwargs_of(enc, img_size, spatial_dims, patch_size, drop_path_rate))
+        src, target = enc.state_dict(), model.encoder.state_dict()
+        if model.encoder.spatial_dims != enc.spatial_dims:  # 2D positions mean nothing in 3D: keep the 3D sin-cos
+            src["patch_embed.position_embeddings"] = target["patch_embed.position_embeddings"]
+        model.encoder.load_state_dict(adapt_state_dict(src, target))
         return model
 
 

@@ -203,6 +203,14 @@ class ViTEncoder(nn.Module):
             x = blk(x)
         return (self.norm(x) if apply_norm else x), mask, ids_restore
 
+    def pooled_features(self, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:
+        """Pooled, normalised features ``(B, D)`` of unmasked images ``(B, C, *S)``: the final norm of the cls token
+        (``pool="cls"``) or of the mean patch token (``"avg"``), as facebook's MAE fine-tuning (``global_pool``)
+        does, so their fine-tuned weights give identical outputs."""
+        tokens, _, _ = self.forward(x, apply_norm=False)
+        pooled = tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
+        return self.norm(pooled)
+
 
 class MAEDecoder(nn.Module):
     """MAE decoder: embeds visible tokens, fills in mask tokens, predicts every patch's pixels.

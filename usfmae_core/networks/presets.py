@@ -64,7 +64,7 @@ def check_model_config(config: dict[str, Any], arch: str = "mae") -> None:
     Raises:
         UsfmaeError: the first problem found.
     """
-    if arch in ("mae", "classifier"):
+    if arch in ("mae", "classifier", "mil"):
         dims = int(config.get("spatial_dims", 2))
         if dims not in (2, 3):
             raise UsfmaeError(f"spatial dims must be 2 or 3, got {dims}", "use --spatial-dims 2 or 3")
@@ -125,8 +125,11 @@ def check_normalisation(mean: Any, std: Any, in_channels: int) -> None:
 
 
 def build_model(arch: str, config: dict[str, Any]) -> nn.Module:
-    """Build ``arch`` (``mae`` | ``classifier`` | ``resnet`` | ``densenet``) from a stored config (checked first by
-    :func:`check_model_config`)."""
+    """Build ``arch`` (``mae`` | ``classifier`` | ``mil`` | ``resnet`` | ``densenet``) from a stored config.
+
+    ``classifier`` is 2D or native 3D by ``spatial_dims``; ``mil`` is the slice-attention volume classifier
+    (:class:`~usfmae_core.networks.volume.AttentionMILClassifier`); CNNs are 2D or 3D by ``spatial_dims``.
+    The config is checked first by :func:`check_model_config`."""
     from usfmae_core.networks.classifier import USFMAEClassifier, cnn_baseline
     from usfmae_core.networks.mae import USFMAE
 
@@ -136,7 +139,14 @@ def build_model(arch: str, config: dict[str, Any]) -> nn.Module:
     if arch == "classifier":
         return USFMAEClassifier(num_classes=config["num_classes"], pool=config.get("pool", "avg"),
                                 dropout=config.get("dropout", 0.0), **encoder_config(config))
+    if arch == "mil":
+        from usfmae_core.networks.volume import AttentionMILClassifier
+
+        return AttentionMILClassifier(num_classes=config["num_classes"], pool=config.get("pool", "avg"),
+                                      dropout=config.get("dropout", 0.0),
+                                      attention_hidden=config.get("attention_hidden", 128),
+                                      attention_dropout=config.get("attention_dropout", 0.0), **encoder_config(config))
     if arch in ("resnet", "densenet"):
         return cnn_baseline(arch, config["num_classes"], config.get("in_channels", 3), config.get("spatial_dims", 2),
                             config.get("depth"))
-    raise UsfmaeError(f"unknown model architecture '{arch}'", "expected mae, classifier, resnet or densenet")
+    raise UsfmaeError(f"unknown model architecture '{arch}'", "expected mae, classifier, mil, resnet or densenet")

@@ -18,14 +18,13 @@ import torch
 import torch.nn as nn
 
 from usfmae_core.errors import UsfmaeError
-from usfmae_core.workflows.predict import (_device, _model_input_size, _weights_dtype,
-                                           collect_inputs, inference_context, inference_dtype,
-                                           model_spatial_dims, preprocessing_from_config, to_inference_model,
-                                           volume_to_tensor)
+from usfmae_core.workflows.predict import (_device, _model_input_size, _weights_dtype, collect_inputs,
+                                           inference_context, inference_dtype, model_spatial_dims,
+                                           preprocessing_from_config, to_inference_model, volume_model_input)
 
-__all__ = ["EMBED_ARCHS", "embed_frames", "embed_volume", "embed"]
+__all__ = ["EMBED_ARCHS", "embed_frames", "embed_volume", "embed_bag", "embed"]
 
-EMBED_ARCHS = ("mae", "classifier")
+EMBED_ARCHS = ("mae", "classifier", "mil")
 POOLS = ("avg", "cls")
 
 
@@ -38,9 +37,7 @@ def _encoder(model: nn.Module) -> nn.Module:
 
 
 def _features(enc: nn.Module, x: torch.Tensor, pool: str) -> torch.Tensor:
-    tokens, _, _ = enc(x, apply_norm=False)
-    pooled = tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
-    return enc.norm(pooled).float()
+    return enc.pooled_features(x, pool).float()
 
 
 def embed_frames(model: nn.Module, frames: np.ndarray, prep, pool: str = "avg", device: torch.device | str = "cpu",
@@ -83,23 +80,45 @@ def embed_frames(model: nn.Module, frames: np.ndarray, prep, pool: str = "avg", 
 
 
 def embed_volume(model: nn.Module, volume: np.ndarray, prep, pool: str = "avg", device: torch.device | str = "cpu",
-                 precision: str = "auto") -> np.ndarray:
-    """Embed a volume ``(D, H, W)`` with a 3D model (resized to its cube) -> ``(1, D_emb)`` float32."""
+                 precision: str = "auto", spacing: Sequence[float] | None = None, grid_spacing: float | None = None,
+                 kind: str = "volume") -> np.ndarray:
+    """Embed a volume ``(D, H, W)`` (or clip) with a 3D model -> ``(1, D_emb)`` float32. The volume is put on the
+    model's isotropic grid exactly as in fine-tuning and prediction
+    (:func:`~usfmae_core.workflows.predict.volume_model_input`)."""
     if pool not in POOLS:
         raise UsfmaeError(f"unknown pooling '{pool}'", "use --pool avg or --pool cls")
     enc = _encoder(model)
     dev = _device(device)
     enc = enc.to(dev).eval()
     wdtype = _weights_dtype(enc)
-    x = volume_to_tensor(volume, prep, _model_input_size(model, prep, 3)).to(dev, wdtype)
+    x = volume_model_input(volume, prep, _model_input_size(model, prep, 3), spacing, grid_spacing, kind)
+    x = x.to(dev, wdtype)
     with inference_context(dev, inference_dtype(dev, precision) if wdtype == torch.float32 else None):
         return _features(enc, x, pool).cpu().numpy().astype(np.float32)
+
+
+def embed_bag(model: nn.Module, frames: np.ndarray, prep, device: torch.device | str = "cpu", batch_size: int = 32,
+              precision: str = "auto") -> np.ndarray:
+    """The volume feature of an attention-MIL classifier: its slices ``(N, H, W)`` encoded and pooled by its gated
+    attention, i.e. what its head sees -> ``(1, D)`` float32."""
+    from usfmae_core.data.transforms import frames_to_tensor
+
+    dev = _device(device)
+    model = model.to(dev).eval()
+    wdtype = _weights_dtype(model)
+    feats = []
+    with inference_context(dev, inference_dtype(dev, precision) if wdtype == torch.float32 else None):
+        for i in range(0, len(frames), max(1, int(batch_size))):
+            feats.append(model.encode(frames_to_tensor(frames[i:i + batch_size], prep).to(dev, wdtype)))
+        pooled, _ = model.attention(torch.cat(feats)[None])
+    return pooled.float().cpu().numpy().astype(np.float32)
 
 
 def embed(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
           pool: str = "avg", axis: int = 0, device: str = "auto", batch_size: int = 32, precision: str = "auto",
           run_config: dict[str, Any] | None = None, quiet: bool = False, overwrite: bool = False) -> Path:
-    """Embed every frame / slice of the inputs (a 3D model: every volume) and write to ``out_dir``:
+    """Embed every frame / slice of the inputs (a volume model: every volume / clip, a 3D model on its grid, an
+    attention-MIL model as its attention-pooled slices) and write to ``out_dir``:
 
     ``embeddings.npy`` ``(N, D)`` float32, ``embeddings_index.csv`` (``row, source, index, kind``: which file and
     frame each row is), ``embed.json`` (model, pool, shape, skipped inputs with reasons) and ``config.json``.
@@ -110,7 +129,8 @@ def embed(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], ou
     """
     from usfmae_core.checkpoints import load_model
     from usfmae_core.data.readers import read_ultrasound
-    from usfmae_core.data.transforms import image_to_frames
+    from usfmae_core.data.transforms import image_to_frames, informative_frames
+    from usfmae_core.data.volumes import volume_from_config
     from usfmae_core.fileio import atomic_write
     from usfmae_core.runs import RunFolder, check_run
     from usfmae_core.workflows.common import Progress, write_csv, write_json
@@ -124,6 +144,7 @@ def embed(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], ou
     model = to_inference_model(model, dev, precision, copy=False)
     prep = preprocessing_from_config(ckpt["config"])
     dims = model_spatial_dims(model, ckpt["config"])
+    volume = volume_from_config(ckpt["config"])
     config_used = run_config if run_config is not None else {
         "model": str(model_path), "inputs": [str(i) for i in inputs], "pool": pool, "axis": axis, "device": device,
         "batch_size": batch_size}
@@ -136,10 +157,18 @@ def embed(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], ou
                 try:
                     img = read_ultrasound(path)
                     if dims == 3:
-                        if img.kind != "volume":
-                            raise UsfmaeError(f"{path} is a 2D {img.kind} but the model is 3D",
-                                              "embed volumes with it")
-                        emb = embed_volume(model, img.array, prep, pool, dev, precision)
+                        if img.kind == "image":
+                            raise UsfmaeError(f"{path} is a 2D image but the model is 3D",
+                                              "embed volumes or clips with it")
+                        emb = embed_volume(model, img.array, prep, pool, dev, precision, img.spacing,
+                                           None if volume is None else volume.spacing, img.kind)
+                    elif ckpt["arch"] == "mil":
+                        frames = image_to_frames(img, axis=volume.axis)
+                        keep = np.ones(1, bool) if img.kind == "image" else informative_frames(frames)
+                        if not keep.any():
+                            raise UsfmaeError(f"{path} has no informative slice: all {len(frames)} are empty or "
+                                              "constant", "check the file or leave it out")
+                        emb = embed_bag(model, frames[keep], prep, dev, batch_size, precision)
                     else:
                         emb = embed_frames(model, image_to_frames(img, axis=axis), prep, pool, dev, batch_size,
                                            precision)
@@ -160,6 +189,7 @@ def embed(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], ou
         write_csv(out / "embeddings_index.csv", ["row", "source", "index", "kind"], rows)
         write_json(out / "embed.json", {"model": str(model_path), "arch": ckpt["arch"], "pool": pool,
                                         "shape": list(emb_all.shape), "spatial_dims": dims, "axis": axis,
+                                        "scope": "volume" if dims == 3 or ckpt["arch"] == "mil" else "frame",
                                         "skipped": skipped})
         run.finish()
     return out

@@ -7,8 +7,9 @@ Usage::
 
 ``--data`` is read like ``usfmae finetune --data`` (class folders, CSV manifest or datalist JSON, split with the same
 seeded rule); ``--split`` picks ``test`` (default), ``validation``, ``training`` or ``all``. The data's class names
-must be the model's (any order: labels are mapped by name). Cines and volumes contribute their middle frame / slice,
-as in fine-tuning.
+must be the model's (any order: labels are mapped by name). For a 2D model, cines and volumes contribute their middle
+frame / slice, as in fine-tuning; a volume model (``finetune --volume-model``) classifies each volume / clip whole,
+one row per scan.
 
 Writes into ``EVAL`` (each file atomically, and only after every prediction is made):
 
@@ -18,7 +19,11 @@ Writes into ``EVAL`` (each file atomically, and only after every prediction is m
 - ``predictions.csv``: one row per image (path, true class, predicted class, probability per class);
 - ``metrics.csv``: the metrics table (metric, class, value, 95% interval);
 - ``confusion_matrix.png`` and ``roc.png`` (one-vs-rest ROC curves with their AUC);
+- ``datalist.json``: the data evaluated (for folders / CSVs also what was left out: masks, duplicates, unreadable);
 - ``config.json``: the arguments.
+
+A summary of the data (files found, per-class counts per split, masks excluded, duplicates, near-duplicate groups,
+unreadable files) is printed first (:func:`usfmae_core.data.labelled.datalist_summary`).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from usfmae_core.workflows.pictures import save_figure
 __all__ = ["evaluate", "evaluate_predictions", "write_evaluation", "select_items", "map_labels",
            "save_confusion_matrix", "save_roc"]
 
-MODEL_ARCHS = ("classifier", "resnet", "densenet")
+MODEL_ARCHS = ("classifier", "mil", "resnet", "densenet")
 
 
 def select_items(datalist: dict[str, Any], split: str, source: str | Path) -> list[dict[str, Any]]:
@@ -172,24 +177,29 @@ def load_predictions(out: str | Path) -> tuple[list[str], np.ndarray, np.ndarray
 
 
 def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: str = "test", bootstrap: int = 1000,
-             seed: int = 0, device: str = "auto", batch_size: int = 64, workers: int = 0, precision: str = "auto",
-             val_fraction: float = 0.15, test_fraction: float = 0.15, run_config: dict[str, Any] | None = None,
-             quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
+             seed: int = 0, device: str = "auto", batch_size: int | None = None, workers: int = 0,
+             precision: str = "auto", val_fraction: float = 0.15, test_fraction: float = 0.15,
+             run_config: dict[str, Any] | None = None, quiet: bool = False, include_masks: bool = False,
+             mask_patterns: Sequence[str] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Evaluate the classifier in ``model_path`` on ``split`` of ``data`` and write the results into ``out`` (locked
     while it is written; earlier results there are refused unless ``overwrite``, see :mod:`usfmae_core.runs`).
 
     Args:
-        model_path: a checkpoint from ``usfmae finetune`` (arch classifier / resnet / densenet).
+        model_path: a checkpoint from ``usfmae finetune`` (arch classifier / mil / resnet / densenet).
         data: class folders, CSV manifest or datalist JSON (``RUN/datalist.json`` gives the run's own splits).
         split: ``test`` | ``validation`` | ``training`` | ``all``.
         val_fraction / test_fraction: how folders / CSVs are split (as given to ``usfmae finetune``).
+        include_masks / mask_patterns: mask files in folders / CSVs (as given to ``usfmae finetune``).
+        quiet: no progress bar and no data summary on the console.
         bootstrap: resamples for the 95% intervals (0: none); ``seed`` seeds them and the data split.
+        batch_size: images per batch (default 64), or volumes for a volume model (default 2).
 
     Returns:
         The contents of ``metrics.json``.
     """
     from usfmae_core.checkpoints import load_model
     from usfmae_core.data.transforms import Preprocessing
+    from usfmae_core.data.volumes import volume_from_config
     from usfmae_core.runs import RunFolder, check_run
 
     check_run(out, "evaluate", overwrite=overwrite)
@@ -198,20 +208,28 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: s
     cfg = ckpt["config"]
     classes = [str(c) for c in cfg.get("classes") or [str(i) for i in range(int(cfg["num_classes"]))]]
     prep = Preprocessing.from_dict(cfg.get("preprocessing"))
-    datalist = load_labelled(data, seed, val_fraction, test_fraction)
+    datalist = load_labelled(data, seed, val_fraction, test_fraction, include_masks, mask_patterns)
+    if not quiet:
+        from usfmae_core.data.labelled import datalist_summary
+
+        print("\n".join(datalist_summary(datalist, str(data))), flush=True)
     mapping = map_labels(datalist["classes"], classes, data, model_path)
     items = [{**it, "label": int(mapping[int(it["label"])])} for it in select_items(datalist, split, data)]
 
+    volume = volume_from_config(cfg)
     config_used = run_config if run_config is not None else dict(
         model=str(model_path), data=str(data), split=split, bootstrap=bootstrap, seed=seed, device=device,
         batch_size=batch_size, precision=precision)
     with RunFolder(out, "evaluate", overwrite=overwrite, config=config_used) as run:
-        dataset = make_datasets({"test": items}, prep, ("test",), cache=False, augment=False)["test"]
-        loader = make_loader(dataset, batch_size, train=False, workers=workers)
+        dataset = make_datasets({"test": items}, prep, ("test",), cache=False, augment=False, volume=volume)["test"]
+        loader = make_loader(dataset, batch_size or (2 if volume is not None else 64), train=False, workers=workers,
+                             volume=volume)
         with Progress(len(loader), "evaluate", disable=quiet) as progress:
             probs, labels, _ = predict_probs(model, loader, dev, autocast_dtype(dev, precision), progress)
         result = evaluate_predictions(labels, probs, classes, bootstrap, seed)
-        result.update(model=str(model_path), data=str(data), split=split, arch=ckpt["arch"])
+        result.update(model=str(model_path), data=str(data), split=split, arch=ckpt["arch"],
+                      volume_model=None if volume is None else volume.model)
         write_evaluation(run.path, [it["image"] for it in items], labels, probs, classes, result)
+        write_json(run.path / "datalist.json", datalist)  # what was evaluated, and what was left out and why
         run.finish()
     return result

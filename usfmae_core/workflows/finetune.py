@@ -13,9 +13,20 @@ Usage::
 subsample of ``--label-fraction``) is saved as ``RUN/datalist.json``; passing it back as ``--data`` reproduces the
 run, and ``usfmae evaluate --data RUN/datalist.json`` evaluates on its test split.
 
-Inputs are 2D frames. A labelled cine or volume contributes its middle frame / slice
-(:class:`~usfmae_core.data.transforms.UltrasoundToModelInputd`); ``usfmae predict`` classifies whole volumes slice by
-slice.
+Inputs are 2D frames by default: a labelled cine or volume then contributes its middle frame / slice
+(:class:`~usfmae_core.data.transforms.UltrasoundToModelInputd`), and ``usfmae predict`` classifies whole volumes slice
+by slice. With ``--volume-model`` each labelled volume or clip is one example with one label
+(:mod:`usfmae_core.data.volumes`), in the same loop, splits and reports::
+
+    usfmae finetune --data VOLUMES --out RUN --volume-model 3d --init MAE3D.pt   # native 3D ViT (--native-3d MAE)
+    usfmae finetune --data VOLUMES --out RUN --volume-model 3d --init MAE2D.pt   # 3D ViT, 2D MAE inflated
+    usfmae finetune --data VOLUMES --out RUN --volume-model mil --init MAE2D.pt  # slice encoder + attention MIL
+    usfmae finetune --data VOLUMES --out RUN --volume-model 3d --arch resnet --depth 18   # MONAI 3D ResNet-18
+
+``3d`` resamples each volume onto an isotropic grid in a cube (``--volume-spacing`` fixes the mm per voxel) and
+classifies it whole; ``mil`` encodes the informative slices along ``--axis`` (every frame of a clip) with the 2D
+encoder and pools them with learned gated attention, which also says which slices drove the decision. ``--batch-size``
+then counts volumes (default 4), and MIL training draws ``--max-slices`` evenly spaced slices per volume and step.
 
 Recipe (MAE fine-tuning, He et al. 2022, without mixup/cutmix): AdamW, ``lr = blr * batch / 256`` unless ``--lr``,
 linear warm-up then cosine decay per step, no weight decay on norms / biases / tokens / position embeddings,
@@ -99,10 +110,12 @@ def jsonable(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------------- data
-def load_labelled(source: str | Path, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15
-                  ) -> dict[str, Any]:
+def load_labelled(source: str | Path, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
+                  include_masks: bool = False, mask_patterns: Sequence[str] | None = None) -> dict[str, Any]:
     """The datalist of ``source`` (class folders, CSV or datalist JSON), checked for what training needs. Folders and
-    CSVs are deduplicated and split with ``seed`` and the fractions; a datalist JSON keeps its own splits.
+    CSVs are cleaned (masks set aside, duplicates removed, near-duplicates and augmented copies grouped; see
+    :func:`usfmae_core.data.labelled.labelled_source_to_datalist`) and split with ``seed`` and the fractions; a datalist
+    JSON keeps its own splits. :func:`usfmae_core.data.labelled.datalist_summary` describes the result.
 
     Raises:
         UsfmaeError: the source is missing, has fewer than 2 classes, or a split of it is empty.
@@ -113,7 +126,8 @@ def load_labelled(source: str | Path, seed: int = 0, val_fraction: float = 0.15,
     if not path.exists():
         raise UsfmaeError(f"labelled data {path} does not exist",
                           "pass a class-per-folder tree, a CSV manifest or a datalist JSON with --data")
-    datalist = labelled_source_to_datalist(path, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    datalist = labelled_source_to_datalist(path, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+                                           include_masks=include_masks, mask_patterns=mask_patterns)
     classes = list(datalist.get("classes") or [])
     if len(classes) < 2:
         raise UsfmaeError(f"labelled data {path} has {len(classes)} class(es) ({', '.join(map(str, classes)) or '-'})",
@@ -159,24 +173,38 @@ def kfold_datalists(datalist: dict[str, Any], folds: int, seed: int = 0) -> list
 
 
 def make_transforms(prep: Any, train: bool = False, augment_scale: tuple[float, float] = (0.5, 1.0),
-                    rotation_deg: float = 10.0) -> Any:
+                    rotation_deg: float = 10.0, volume: Any = None, augment: bool = True) -> Any:
     """MONAI dict transforms: ``LoadUltrasoundd -> UltrasoundToModelInputd`` (+ ``RandUltrasoundAugmentd`` when
     ``train``). Items ``{"image": path, "label": int}`` become ``{"image": (C, S, S) float32, "label": int}``.
 
+    With a :class:`~usfmae_core.data.volumes.VolumeInput` ``volume``: ``VolumeToModelInputd`` gives a cube
+    ``(C, S, S, S)`` (``3d``; + ``RandVolumeAugmentd`` when training) or a bag of slices ``(N, C, S, S)`` (``mil``;
+    training adds ``RandBagAugmentd``, which keeps ``max_slices`` of them, evenly spaced).
+
     Args:
         prep: :class:`~usfmae_core.data.transforms.Preprocessing` (image size, channels, mean / std).
-        train: add random resized crop (area ``augment_scale``), horizontal flip and rotation.
+        train: training-time processing (random resized crop (area ``augment_scale``), flip and rotation).
+        volume: None for 2D models.
+        augment: with ``train``, apply the random augmentation (a MIL bag is still subsampled without it).
     """
     from monai.transforms import Compose
 
     from usfmae_core.data.transforms import LoadUltrasoundd, RandUltrasoundAugmentd, UltrasoundToModelInputd
 
-    chain: list[Any] = [
-        LoadUltrasoundd(keys="image"),
-        UltrasoundToModelInputd(keys="image", image_size=prep.image_size, in_channels=prep.in_channels,
-                                mean=prep.mean, std=prep.std),
-    ]
-    if train:
+    chain: list[Any] = [LoadUltrasoundd(keys="image")]
+    if volume is not None:
+        from usfmae_core.data.volumes import RandBagAugmentd, RandVolumeAugmentd, VolumeToModelInputd
+
+        chain.append(VolumeToModelInputd(keys="image", prep=prep, volume=volume))
+        if train and volume.model == "mil":
+            chain.append(RandBagAugmentd(keys="image", max_slices=volume.max_slices, augment=augment,
+                                         scale=augment_scale, rotation_deg=rotation_deg, mean=prep.mean, std=prep.std))
+        elif train and augment:
+            chain.append(RandVolumeAugmentd(keys="image", rotation_deg=rotation_deg))
+        return Compose(chain)
+    chain.append(UltrasoundToModelInputd(keys="image", image_size=prep.image_size, in_channels=prep.in_channels,
+                                         mean=prep.mean, std=prep.std))
+    if train and augment:
         chain.append(RandUltrasoundAugmentd(keys="image", scale=augment_scale, rotation_deg=rotation_deg,
                                             mean=prep.mean, std=prep.std))
     return Compose(chain)
@@ -187,23 +215,50 @@ def _plain_items(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"image": str(it["image"]), "label": int(it["label"])} for it in items]
 
 
+def item_bytes(prep: Any, volume: Any = None) -> int:
+    """Memory of one preprocessed item (float32): an image, a cube, or a bag (counted as 128 slices)."""
+    per_image = int(prep.in_channels) * int(prep.image_size) ** 2 * 4
+    if volume is None:
+        return per_image
+    return per_image * int(prep.image_size) if volume.model == "3d" else per_image * 128
+
+
+def _user_error_in(err: BaseException) -> UsfmaeError | None:
+    """The :class:`UsfmaeError` that MONAI wrapped while applying a transform (``RuntimeError`` chains), if any."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, UsfmaeError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def make_datasets(datalist: dict[str, Any], prep: Any, splits: Sequence[str] = SPLITS, cache: bool = True,
-                  augment: bool = True) -> dict[str, Any]:
-    """One MONAI dataset per split of ``datalist`` (``training`` augmented when ``augment``).
+                  augment: bool = True, volume: Any = None) -> dict[str, Any]:
+    """One MONAI dataset per split of ``datalist`` (``training`` with training-time processing; augmented when
+    ``augment``); ``volume`` (a :class:`~usfmae_core.data.volumes.VolumeInput`) makes each item a volume / clip.
 
     With ``cache`` the deterministic part (read + preprocess) is computed once and kept in memory
-    (``monai.data.CacheDataset``, up to :data:`CACHE_BYTES`); the random augmentation still runs every epoch.
+    (``monai.data.CacheDataset``, up to :data:`CACHE_BYTES`); the random part still runs every epoch. A file that
+    turns out unusable while caching (e.g. a 2D image for a 3D model) stops the run with its one-line error.
     """
     from monai.data import CacheDataset, Dataset
 
-    per_item = prep.in_channels * prep.image_size**2 * 4
+    per_item = item_bytes(prep, volume)
     out: dict[str, Any] = {}
     for split in splits:
         items = _plain_items(datalist.get(split) or [])
-        tf = make_transforms(prep, train=augment and split == "training")
+        tf = make_transforms(prep, train=split == "training" and (augment or volume is not None), volume=volume,
+                             augment=augment)
         if cache and items:
             rate = min(1.0, CACHE_BYTES / max(1, per_item * len(items)))
-            out[split] = CacheDataset(items, tf, cache_rate=rate, num_workers=None, progress=False)
+            try:
+                out[split] = CacheDataset(items, tf, cache_rate=rate, num_workers=None, progress=False)
+            except Exception as err:  # noqa: BLE001 - MONAI wraps the transform's error; surface ours in one line
+                user = _user_error_in(err)
+                if user is None:
+                    raise
+                raise user from None
         else:
             out[split] = Dataset(items, tf)
     return out
@@ -220,17 +275,23 @@ def make_sampler(labels: Sequence[int], num_classes: int, seed: int = 0) -> torc
 
 
 def make_loader(dataset: Any, batch_size: int, train: bool, workers: int = 0, sampler: Any = None,
-                seed: int = 0) -> Any:
+                seed: int = 0, volume: Any = None) -> Any:
     """A MONAI ``DataLoader`` (it seeds the random transforms reproducibly); training shuffles (or uses
-    ``sampler``) and drops a last batch of one sample (BatchNorm cannot train on it)."""
+    ``sampler``) and drops a last batch of one sample (BatchNorm cannot train on it). MIL bags (``volume.model ==
+    "mil"``) are padded to one length with a ``mask`` (:func:`~usfmae_core.data.volumes.collate_bags`)."""
     from monai.data import DataLoader
 
     n = len(dataset)
     bs = max(1, min(batch_size, n))
     g = torch.Generator().manual_seed(seed)
+    extra: dict[str, Any] = {}
+    if volume is not None and volume.model == "mil":
+        from usfmae_core.data.volumes import collate_bags
+
+        extra["collate_fn"] = collate_bags
     return DataLoader(dataset, batch_size=bs, shuffle=train and sampler is None, sampler=sampler,
                       num_workers=workers, drop_last=train and n % bs == 1 and n > 1, generator=g,
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0, **extra)
 
 
 def make_loss(num_classes: int, class_counts: Sequence[int] | None = None, balance: str = "none",
@@ -259,7 +320,7 @@ def mae_preprocessing(ckpt: dict[str, Any]) -> Any:
     return Preprocessing(image_size=size, in_channels=int(cfg.get("in_channels", 3)))
 
 
-def _load_mae(init: str | Path) -> dict[str, Any]:
+def _load_mae(init: str | Path, volume_model: str | None = None) -> dict[str, Any]:
     from usfmae_core.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(init)
@@ -267,21 +328,23 @@ def _load_mae(init: str | Path) -> dict[str, Any]:
         raise UsfmaeError(f"--init {init} holds a '{ckpt['arch']}' model, not a pretrained MAE",
                           "pass a checkpoint from usfmae pretrain or usfmae import-weights (arch 'mae'); "
                           "to evaluate a trained classifier use usfmae evaluate")
-    if int(ckpt["config"].get("spatial_dims", 2)) != 2:
-        raise UsfmaeError(f"--init {init} is a 3D MAE, but fine-tuning trains a 2D classifier on frames",
-                          "pretrain (or import) a 2D MAE for fine-tuning")
+    if int(ckpt["config"].get("spatial_dims", 2)) != 2 and volume_model != "3d":
+        what = "the MIL slice encoder is 2D" if volume_model == "mil" else "fine-tuning trains a 2D classifier"
+        raise UsfmaeError(f"--init {init} is a 3D MAE, but {what}",
+                          "add --volume-model 3d to fine-tune a native 3D ViT on volumes, or start from a 2D MAE")
     return ckpt
 
 
 def build_classifier(num_classes: int, arch: str = "vit", init: str | Path | dict | None = None,
                      preset: str = "vit_base", image_size: int | None = None, in_channels: int | None = None,
                      patch_size: int = 16, depth: int | None = None, pool: str = "avg", dropout: float = 0.0,
-                     drop_path: float = 0.0) -> tuple[nn.Module, dict[str, Any]]:
-    """A 2D classifier and its checkpoint config (model kwargs, ``preset``, ``preprocessing``; the caller adds
-    ``classes``).
+                     drop_path: float = 0.0, volume: Any = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A classifier and its checkpoint config (model kwargs, ``preset``, ``preprocessing``, and ``volume`` for volume
+    models; the caller adds ``classes``).
 
     Args:
-        num_classes: outputs K; the model returns logits ``(B, K)`` for input ``(B, C, S, S)``.
+        num_classes: outputs K; the model returns logits ``(B, K)`` for input ``(B, C, S, S)`` (2D), ``(B, C, S, S, S)``
+            (``volume.model == "3d"``) or bags ``(B, N, C, S, S)`` with a mask ``(B, N)`` (``"mil"``).
         arch: ``vit`` (:class:`~usfmae_core.networks.classifier.USFMAEClassifier`), ``resnet`` or ``densenet``
             (MONAI, from scratch).
         init: an MAE checkpoint (path or loaded dict) whose encoder starts the ViT; its preprocessing is kept
@@ -291,52 +354,84 @@ def build_classifier(num_classes: int, arch: str = "vit", init: str | Path | dic
         patch_size: ViT patch size from scratch.
         depth: ResNet 10/18/34/50 (default 50) or DenseNet 121/169 (default 121).
         pool / dropout / drop_path: ViT head pooling (``avg`` | ``cls``), dropout before the head, drop-path rate.
+        volume: a :class:`~usfmae_core.data.volumes.VolumeInput` for a volume model: ``3d`` builds a native 3D ViT
+            (from a 3D MAE, a 2D MAE inflated over depth, or a preset) or a MONAI 3D CNN; ``mil`` an
+            :class:`~usfmae_core.networks.volume.AttentionMILClassifier` (from a 2D MAE or a preset).
     """
     from usfmae_core.data.transforms import Preprocessing
     from usfmae_core.networks.classifier import USFMAEClassifier, cnn_baseline
     from usfmae_core.networks.presets import PRESETS, encoder_config, mae_config
+    from usfmae_core.networks.volume import AttentionMILClassifier
 
     if arch not in ("vit", "resnet", "densenet"):
         raise UsfmaeError(f"unknown --arch '{arch}'", "choose vit, resnet or densenet")
     if init is not None and arch != "vit":
         raise UsfmaeError(f"--init (an MAE) cannot start a {arch} model", "leave out --arch, or leave out --init")
+    mode = None if volume is None else volume.model
+    if mode == "mil" and arch != "vit":
+        raise UsfmaeError(f"--volume-model mil encodes slices with the USF-MAE ViT, not a {arch}",
+                          "leave out --arch (or use --volume-model 3d for a 3D CNN)")
+    dims = 3 if mode == "3d" else 2
+    mil_kw = dict(attention_hidden=128, attention_dropout=0.0)
     if init is not None:
-        ckpt = init if isinstance(init, dict) else _load_mae(init)
+        ckpt = init if isinstance(init, dict) else _load_mae(init, mode)
         prep = mae_preprocessing(ckpt)
         if in_channels is not None and in_channels != prep.in_channels:
             raise UsfmaeError(f"--in-channels {in_channels} differs from the MAE's {prep.in_channels}",
                               "leave out --in-channels when starting from an MAE")
         if image_size:
             prep.image_size = int(image_size)
-        model = USFMAEClassifier.from_mae(ckpt, num_classes, pool=pool, dropout=dropout, drop_path_rate=drop_path,
-                                          img_size=prep.image_size)
+        if mode == "mil":
+            model = AttentionMILClassifier.from_mae(ckpt, num_classes, pool=pool, dropout=dropout,
+                                                    drop_path_rate=drop_path, img_size=prep.image_size, **mil_kw)
+        else:
+            model = USFMAEClassifier.from_mae(ckpt, num_classes, pool=pool, dropout=dropout, drop_path_rate=drop_path,
+                                              img_size=prep.image_size, spatial_dims=dims)
         config = encoder_config(ckpt["config"])
         config.update(img_size=prep.image_size, drop_path_rate=drop_path, num_classes=num_classes, pool=pool,
-                      dropout=dropout, preset=ckpt["config"].get("preset", "custom"))
-        config["preprocessing"] = prep.to_dict()
-        return model, config
-    prep = Preprocessing(image_size=int(image_size or 224), in_channels=int(in_channels or 3))
-    if arch == "vit":
-        if preset not in PRESETS:
-            raise UsfmaeError(f"unknown --preset '{preset}'", f"choose one of {', '.join(PRESETS)}")
-        if prep.image_size % patch_size:
-            raise UsfmaeError(f"--image-size {prep.image_size} is not a multiple of --patch-size {patch_size}",
-                              "choose an image size divisible by the patch size")
-        config = encoder_config(mae_config(preset, img_size=prep.image_size, in_channels=prep.in_channels,
-                                           patch_size=patch_size, drop_path_rate=drop_path))
-        config.update(num_classes=num_classes, pool=pool, dropout=dropout)
-        model = USFMAEClassifier(num_classes=num_classes, pool=pool, dropout=dropout, **encoder_config(config))
-        config["preset"] = preset
+                      dropout=dropout, preset=ckpt["config"].get("preset", "custom"), spatial_dims=dims,
+                      patch_size=list(model.encoder.patch_size))
     else:
-        depth = depth or (50 if arch == "resnet" else 121)
-        valid = (10, 18, 34, 50) if arch == "resnet" else (121, 169)
-        if depth not in valid:
-            raise UsfmaeError(f"--depth {depth} is not available for {arch}", f"choose one of {valid}")
-        model = cnn_baseline(arch, num_classes, prep.in_channels, 2, depth)
-        config = dict(num_classes=num_classes, in_channels=prep.in_channels, spatial_dims=2, depth=depth,
-                      preset=f"{arch}{depth}")
+        prep = Preprocessing(image_size=int(image_size or (96 if mode == "3d" else 224)),
+                             in_channels=int(in_channels or 3))
+        if arch == "vit":
+            if preset not in PRESETS:
+                raise UsfmaeError(f"unknown --preset '{preset}'", f"choose one of {', '.join(PRESETS)}")
+            if prep.image_size % patch_size:
+                raise UsfmaeError(f"--image-size {prep.image_size} is not a multiple of --patch-size {patch_size}",
+                                  "choose an image size divisible by the patch size")
+            config = encoder_config(mae_config(preset, img_size=prep.image_size, in_channels=prep.in_channels,
+                                               patch_size=patch_size, drop_path_rate=drop_path, spatial_dims=dims))
+            config.update(num_classes=num_classes, pool=pool, dropout=dropout)
+            if mode == "mil":
+                model = AttentionMILClassifier(num_classes=num_classes, pool=pool, dropout=dropout, **mil_kw,
+                                               **encoder_config(config))
+            else:
+                model = USFMAEClassifier(num_classes=num_classes, pool=pool, dropout=dropout,
+                                         **encoder_config(config))
+            config["preset"] = preset
+        else:
+            depth = depth or (50 if arch == "resnet" else 121)
+            valid = (10, 18, 34, 50) if arch == "resnet" else (121, 169)
+            if depth not in valid:
+                raise UsfmaeError(f"--depth {depth} is not available for {arch}", f"choose one of {valid}")
+            model = cnn_baseline(arch, num_classes, prep.in_channels, dims, depth)
+            config = dict(num_classes=num_classes, in_channels=prep.in_channels, spatial_dims=dims, depth=depth,
+                          preset=f"{arch}{depth}")
+    if mode == "mil":
+        config.update(mil_kw)
+    if volume is not None:
+        config["volume"] = volume.to_dict()
     config["preprocessing"] = prep.to_dict()
     return model, config
+
+
+def checkpoint_arch(arch: str, volume: Any = None) -> str:
+    """The checkpoint's ``arch`` of a fine-tuned model: ``classifier`` (a 2D or native 3D ViT), ``mil``, or the CNN's
+    name."""
+    if volume is not None and volume.model == "mil":
+        return "mil"
+    return "classifier" if arch == "vit" else arch
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05, layer_decay: float | None = None
@@ -356,6 +451,16 @@ def _as_plain(x: torch.Tensor) -> torch.Tensor:
     return x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
 
 
+def forward_batch(model: nn.Module, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """The model's logits for a batch: ``model(image)``, or ``model(image, mask)`` for MIL bags (batches with a
+    ``mask``, :func:`~usfmae_core.data.volumes.collate_bags`)."""
+    x = _as_plain(batch["image"]).to(device, non_blocking=True)
+    mask = batch.get("mask")
+    if mask is None:
+        return model(x)
+    return model(x, torch.as_tensor(mask).to(device, non_blocking=True))
+
+
 @torch.no_grad()
 def predict_probs(model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device,
                   dtype: torch.dtype | None = None, progress: Progress | None = None
@@ -364,10 +469,9 @@ def predict_probs(model: nn.Module, loader: Iterable[dict[str, Any]], device: to
     model.eval()
     probs, labels, loss_sum = [], [], 0.0
     for batch in loader:
-        x = _as_plain(batch["image"]).to(device, non_blocking=True)
         y = torch.as_tensor(batch["label"]).long().to(device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(x)
+            logits = forward_batch(model, batch, device)
         logits = logits.float()
         loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         probs.append(torch.softmax(logits, 1).cpu().numpy())
@@ -396,9 +500,13 @@ class FinetuneOptions:
     drop_path: float = 0.1
     linear_probe: bool = False
     augment: bool = True
+    volume_model: str | None = None
+    max_slices: int = 32
+    volume_spacing: float | None = None
+    axis: int = 0
     epochs: int = 50
     warmup_epochs: int = 5
-    batch_size: int = 32
+    batch_size: int | None = None
     lr: float | None = None
     blr: float | None = None
     min_lr: float = 1e-6
@@ -409,6 +517,8 @@ class FinetuneOptions:
     balance: str = "none"
     patience: int = 10
     label_fraction: float = 1.0
+    include_masks: bool = False
+    mask_patterns: list[str] = field(default_factory=list)
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     folds: int = 0
@@ -422,6 +532,19 @@ class FinetuneOptions:
     overwrite: bool = False
     quiet: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def volume(self) -> Any:
+        """The :class:`~usfmae_core.data.volumes.VolumeInput` of ``--volume-model`` (None for a 2D model)."""
+        if not self.volume_model:
+            return None
+        from usfmae_core.data.volumes import VolumeInput
+
+        return VolumeInput(model=self.volume_model, axis=self.axis, max_slices=self.max_slices,
+                           spacing=self.volume_spacing)
+
+    def batch(self) -> int:
+        """Items per training batch: ``batch_size``, by default 32 images or 4 volumes."""
+        return int(self.batch_size or (4 if self.volume_model else 32))
 
     def resolved(self, batch_size: int) -> dict[str, float]:
         """lr, weight decay and layer decay after defaults (which depend on the arm)."""
@@ -460,7 +583,11 @@ def _validate_options(opts: FinetuneOptions) -> None:
         raise UsfmaeError(f"unknown --balance '{opts.balance}'", "choose none, loss or sampler")
     if not 0.0 < opts.label_fraction <= 1.0:
         raise UsfmaeError(f"--label-fraction {opts.label_fraction} is outside (0, 1]", "use e.g. 0.1, 0.25 or 1")
-    if opts.epochs < 1 or opts.batch_size < 1:
+    opts.volume()  # checks the volume options
+    if opts.volume_model == "mil" and opts.arch != "vit":
+        raise UsfmaeError(f"--volume-model mil encodes slices with the USF-MAE ViT, not a {opts.arch}",
+                          "leave out --arch (or use --volume-model 3d for a 3D CNN)")
+    if opts.epochs < 1 or opts.batch() < 1:
         raise UsfmaeError("--epochs and --batch-size must be at least 1", "pass positive values")
     if opts.mlflow:
         try:
@@ -614,11 +741,12 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
     dtype = autocast_dtype(device, opts.precision)
     seed_everything(opts.seed)
 
+    volume = opts.volume()
     model, config = build_classifier(k, opts.arch, opts.init, opts.preset, opts.image_size, opts.in_channels,
                                      opts.patch_size, opts.depth, opts.pool, opts.dropout,
-                                     0.0 if opts.linear_probe else opts.drop_path)
+                                     0.0 if opts.linear_probe else opts.drop_path, volume=volume)
     config["classes"] = classes
-    arch = "classifier" if opts.arch == "vit" else opts.arch
+    arch = checkpoint_arch(opts.arch, volume)
     if opts.linear_probe:
         model.freeze_encoder()
     model.to(device)
@@ -626,13 +754,15 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
 
     workers = opts.workers if opts.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda"
                                                              else 0)
-    data = make_datasets(datalist, prep, SPLITS, augment=opts.augment)
+    data = make_datasets(datalist, prep, SPLITS, augment=opts.augment, volume=volume)
+    volume_data = _volume_summary(data, volume, None if opts.quiet else print)
     train_labels = [int(it["label"]) for it in datalist["training"]]
     counts = np.bincount(train_labels, minlength=k)
     sampler = make_sampler(train_labels, k, opts.seed) if opts.balance == "sampler" else None
-    train_loader = make_loader(data["training"], opts.batch_size, True, workers, sampler, opts.seed)
-    val_loader = make_loader(data["validation"], opts.batch_size * 2, False, workers)
-    test_loader = make_loader(data["test"], opts.batch_size * 2, False, workers) if len(data["test"]) else None
+    bs = opts.batch()
+    train_loader = make_loader(data["training"], bs, True, workers, sampler, opts.seed, volume)
+    val_loader = make_loader(data["validation"], bs * 2, False, workers, volume=volume)
+    test_loader = make_loader(data["test"], bs * 2, False, workers, volume=volume) if len(data["test"]) else None
 
     hp = opts.resolved(train_loader.batch_size)
     criterion = make_loss(k, counts, opts.balance, opts.label_smoothing).to(device)
@@ -693,12 +823,11 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
                 model.encoder.eval()  # frozen features: no dropout / drop-path noise
             loss_sum, seen = 0.0, 0
             for batch in train_loader:
-                x = _as_plain(batch["image"]).to(device, non_blocking=True)
                 y = torch.as_tensor(batch["label"]).long().to(device)
                 lr = cosine_lr(step, total, warmup, hp["lr"], min(opts.min_lr, hp["lr"]))
                 set_lr(optimizer, lr)
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    logits = model(x)
+                    logits = forward_batch(model, batch, device)
                 loss = criterion(logits.float(), y)
                 if not torch.isfinite(loss.detach()):
                     raise UsfmaeError(f"the training loss became {loss.detach().item()} at epoch {epoch}",
@@ -751,6 +880,8 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
     result: dict[str, Any] = {"classes": classes, "arch": arch, "best_epoch": best["epoch"], "epochs_run": len(history),
                               "hyperparameters": jsonable(hp),
                               "num_images": {s: len(data[s]) for s in SPLITS}}
+    if volume_data is not None:
+        result["volume_data"] = volume_data
     probs, labels, _ = predict_probs(model, val_loader, device, dtype)
     result["validation"] = M.classification_metrics(labels, probs, classes)
     if test_loader is not None:
@@ -763,6 +894,27 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
     write_json(out / "metrics.json", jsonable(result))
     ckpt_path.unlink(missing_ok=True)  # finished: the training state is no longer needed (it can be large)
     return result
+
+
+def _volume_summary(data: dict[str, Any], volume: Any, say: Any = None) -> dict[str, Any] | None:
+    """What volume preprocessing did per split (from the cached datasets' ``VolumeToModelInputd`` records), said on
+    the console: nothing about the scans is changed silently."""
+    if volume is None:
+        return None
+    from usfmae_core.data.volumes import VolumeToModelInputd, summarise_records
+
+    out: dict[str, Any] = {"volume": volume.to_dict()}
+    for split in SPLITS:
+        tf = getattr(data[split], "transform", None)
+        step = next((t for t in getattr(tf, "transforms", []) if isinstance(t, VolumeToModelInputd)), None)
+        if step is None or not step.records:
+            continue
+        out[split] = summarise_records(step.records, volume)
+        if say is not None:
+            more = f"; training draws {volume.max_slices} per scan and step" if split == "training" and \
+                volume.model == "mil" else ""
+            say(f"{split}: {out[split]['text']}{more}")
+    return out
 
 
 def _subsample(datalist: dict[str, Any], fraction: float, seed: int) -> dict[str, Any]:
@@ -794,8 +946,9 @@ def _summarise(fold_results: list[dict[str, Any]]) -> dict[str, Any]:
 
 # What a resumed run cannot change (the model, the data and its split), and what does not affect the result.
 _RESUME_FIXED = ("data", "init", "arch", "preset", "depth", "image_size", "in_channels", "patch_size", "pool",
-                 "dropout", "drop_path", "linear_probe", "augment", "balance", "label_fraction", "val_fraction",
-                 "test_fraction", "folds", "seed")
+                 "dropout", "drop_path", "linear_probe", "augment", "volume_model", "max_slices", "volume_spacing",
+                 "axis", "balance", "label_fraction", "include_masks", "mask_patterns", "val_fraction", "test_fraction",
+                 "folds", "seed")
 _RESUME_FREE = ("device", "workers", "mlflow", "tensorboard", "quiet", "resume", "overwrite", "out", "extra")
 
 
@@ -860,14 +1013,19 @@ def finetune(data: str | Path | dict[str, Any], out: str | Path, opts: FinetuneO
             print(f"{out} holds a finished fine-tuning run: nothing to resume", flush=True)
         return _finished_result(out, opts.folds)
     if opts.init:
-        _load_mae(opts.init)  # refuse a wrong checkpoint before anything is written
+        _load_mae(opts.init, opts.volume_model)  # refuse a wrong checkpoint before anything is written
     resolve_device(opts.device)
     if isinstance(data, dict):
         datalist, source = data, "the datalist"
     else:
-        datalist = load_labelled(data, opts.seed, opts.val_fraction, opts.test_fraction)
+        datalist = load_labelled(data, opts.seed, opts.val_fraction, opts.test_fraction, opts.include_masks,
+                                 opts.mask_patterns)
         source = str(data)
         opts.extra.setdefault("data", str(data))
+    if not opts.quiet:
+        from usfmae_core.data.labelled import datalist_summary
+
+        print("\n".join(datalist_summary(datalist, source)), flush=True)
     if len(datalist.get("classes") or []) < 2:
         raise UsfmaeError(f"{source} has fewer than 2 classes", "a classifier needs at least 2 classes")
     if opts.folds:

@@ -8,8 +8,15 @@ In-memory API (used by the CLI, the MONAI bundle and the 3D Slicer module):
 * :func:`classify_file` - the same for a file (any format :func:`~usfmae_core.data.readers.read_ultrasound` reads);
 * :func:`predict` - files / folders / a datalist JSON -> ``predictions.csv``, ``summary.csv``, ``predictions.json``.
 
-A 2D model (``config["spatial_dims"] == 2``) classifies every frame of a cine and every slice of a volume along
-``axis``, and the aggregate is the mean probability; a 3D model sees the whole volume resized to its cube (one row).
+A 2D model (``config["spatial_dims"] == 2``) classifies every informative frame of a cine and every informative
+slice of a volume along ``axis``, and the aggregate is their mean probability (``--aggregate mean``), or, for "is
+there a lesion anywhere?" questions, the most abnormal slice (``max``) or the mean of the ``k`` most abnormal ones
+(``topk``), where abnormal means a low probability of the normal class (:func:`aggregate_frames`). Empty and
+constant frames / slices (:func:`~usfmae_core.data.transforms.informative_frames`, e.g. the zero padding of a
+resampled volume) are left out and counted (``n_excluded``), and an input without any informative frame is an error.
+Volume models (``finetune --volume-model``) give one volume-level result: a native 3D model sees the whole volume on
+its isotropic grid (:func:`volume_model_input`), an attention-MIL model pools its informative slices and reports
+each slice's attention (:func:`classify_bag`).
 Preprocessing is :func:`~usfmae_core.data.transforms.frames_to_tensor` with the checkpoint's
 :class:`~usfmae_core.data.transforms.Preprocessing`, exactly as in fine-tuning.
 
@@ -33,12 +40,17 @@ import torch.nn as nn
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["CLASSIFIER_ARCHS", "classify_frames", "classify_array", "classify_file", "predict", "collect_inputs",
-           "preprocessing_from_config", "class_names", "model_spatial_dims", "volume_to_tensor",
-           "inference_dtype", "inference_context", "to_inference_model"]
+__all__ = ["CLASSIFIER_ARCHS", "AGGREGATES", "classify_frames", "classify_bag", "classify_array", "classify_file",
+           "predict", "collect_inputs", "preprocessing_from_config", "class_names", "model_spatial_dims",
+           "volume_to_tensor", "volume_model_input", "normal_class_index", "aggregate_frames", "inference_dtype",
+           "inference_context", "to_inference_model"]
 
-CLASSIFIER_ARCHS = ("classifier", "resnet", "densenet")
+CLASSIFIER_ARCHS = ("classifier", "mil", "resnet", "densenet")
 KINDS = ("auto", "image", "cine", "volume")
+AGGREGATES = ("mean", "max", "topk")
+# class names that mean "nothing found", recognised for --aggregate max / topk (else --normal-class is needed)
+NORMAL_CLASS_NAMES = ("normal", "none", "negative", "healthy", "no_lesion", "no-lesion", "nolesion", "no lesion",
+                      "background", "regular", "control", "absent")
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -101,6 +113,61 @@ def volume_to_tensor(volume: np.ndarray, prep, size: Sequence[int] | None = None
     mean, std = channel_stats(prep.mean, prep.std, prep.in_channels)
     c = prep.in_channels
     return ((t[None].expand(-1, c, -1, -1, -1) - mean.view(1, c, 1, 1, 1)) / std.view(1, c, 1, 1, 1)).contiguous()
+
+
+def volume_model_input(volume: np.ndarray, prep, size: int | Sequence[int], spacing: Sequence[float] | None = None,
+                       grid_spacing: float | None = None, kind: str = "volume") -> torch.Tensor:
+    """A volume ``(D, H, W)`` or clip ``(T, H, W)`` -> a native 3D classifier's input ``(1, C, S, S, S)``: exactly
+    what fine-tuning gives it (:func:`~usfmae_core.data.volumes.volume_to_cube`: isotropic grid from ``spacing``,
+    centred in the cube, then the checkpoint's channels and mean / std)."""
+    from usfmae_core.data.volumes import _normalise, volume_to_cube
+
+    cube, _ = volume_to_cube(volume, spacing, size, grid_spacing, kind)
+    return _normalise(cube, prep)[None]
+
+
+def normal_class_index(classes: Sequence[str], normal_class: str | None = None) -> int:
+    """Index of the class that means "nothing found" (for ``--aggregate max|topk``): ``normal_class`` if given, else
+    the one class whose name is ``normal``, ``none``, ``negative``, ``healthy``, ``no_lesion``, ``background``,
+    ``regular`` or ``control`` (any case).
+
+    Raises:
+        UsfmaeError: ``normal_class`` is not a class, or no single class has such a name.
+    """
+    names = [str(c) for c in classes]
+    if normal_class is not None:
+        if normal_class not in names:
+            raise UsfmaeError(f"--normal-class '{normal_class}' is not a class of the model ({', '.join(names)})",
+                              "pass one of the model's class names")
+        return names.index(normal_class)
+    found = [i for i, c in enumerate(names) if c.strip().lower() in NORMAL_CLASS_NAMES]
+    if len(found) != 1:
+        raise UsfmaeError(f"--aggregate max / topk reads a volume from its most abnormal slices, but which of the "
+                          f"classes {', '.join(names)} means 'nothing found' is not clear",
+                          "pass --normal-class NAME (e.g. the class of slices without a lesion)")
+    return found[0]
+
+
+def aggregate_frames(per_frame: np.ndarray, method: str = "mean", k: int = 3, normal: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Volume-level probabilities from per-slice probabilities ``(N, K)``; returns ``(aggregate (K,), rows used)``.
+
+    - ``mean``: the mean over all slices ("what does this volume look like overall"); a focal finding on a few slices
+      is outvoted by the normal ones.
+    - ``max``: the probabilities of the single most abnormal slice, the one with the lowest probability of the
+      ``normal`` class ("is there a lesion anywhere?": a volume is abnormal when any slice is).
+    - ``topk``: the mean over the ``k`` most abnormal slices: the same question, less sensitive to one noisy slice.
+    """
+    if method not in AGGREGATES:
+        raise UsfmaeError(f"unknown --aggregate '{method}'", f"choose one of {', '.join(AGGREGATES)}")
+    p = np.asarray(per_frame, dtype=np.float64)
+    if method == "mean":
+        return p.mean(0).astype(np.float32), np.arange(len(p))
+    if normal is None:
+        raise ValueError("aggregate max / topk need the index of the normal class")
+    n = 1 if method == "max" else max(1, min(int(k), len(p)))
+    rows = np.argsort(p[:, normal], kind="stable")[:n]  # lowest p(normal) first = most abnormal
+    return p[rows].mean(0).astype(np.float32), rows
 
 
 def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
@@ -205,40 +272,95 @@ def classify_frames(model: nn.Module, frames: np.ndarray, prep, device: torch.de
     return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, k), np.float32)
 
 
-def _classify_volume_3d(model: nn.Module, volume: np.ndarray, prep, device: torch.device, precision: str
-                        ) -> np.ndarray:
+def _classify_volume_3d(model: nn.Module, volume: np.ndarray, prep, device: torch.device, precision: str,
+                        spacing: Sequence[float] | None = None, grid_spacing: float | None = None,
+                        kind: str = "volume") -> np.ndarray:
     dev = _device(device)
     model = _prepare_model(model, dev)
     wdtype = _weights_dtype(model)
-    x = volume_to_tensor(volume, prep, _model_input_size(model, prep, 3)).to(dev, wdtype)
+    x = volume_model_input(volume, prep, _model_input_size(model, prep, 3), spacing, grid_spacing, kind)
+    x = x.to(dev, wdtype)
     with inference_context(dev, inference_dtype(dev, precision) if wdtype == torch.float32 else None):
         return torch.softmax(model(x).float(), dim=-1).cpu().numpy().astype(np.float32)
+
+
+def classify_bag(model: nn.Module, frames: np.ndarray, prep, device: torch.device | str = "cpu",
+                 batch_size: int = 32, precision: str = "auto", progress: Callable[[int], None] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Classify a bag of slices / frames ``(N, H, W)`` (unscaled) with an attention-MIL volume classifier.
+
+    The slices are encoded ``batch_size`` at a time (memory stays that of one batch whatever ``N``), then pooled
+    by the model's gated attention.
+
+    Returns:
+        volume-level softmax probabilities ``(K,)`` and the attention of every slice ``(N,)`` (sums to 1).
+    """
+    from usfmae_core.data.transforms import frames_to_tensor
+
+    dev = _device(device)
+    model = _prepare_model(model, dev)
+    wdtype = _weights_dtype(model)
+    dtype = inference_dtype(dev, precision) if wdtype == torch.float32 else None
+    feats: list[torch.Tensor] = []
+    with inference_context(dev, dtype):
+        for i in range(0, len(frames), max(1, int(batch_size))):
+            x = frames_to_tensor(frames[i:i + batch_size], prep).to(dev, wdtype)
+            feats.append(model.encode(x))
+            if progress is not None:
+                progress(len(x))
+        logits, attention = model.aggregate(torch.cat(feats)[None])
+    probs = torch.softmax(logits.float(), dim=-1)[0].cpu().numpy().astype(np.float32)
+    return probs, attention[0].float().cpu().numpy().astype(np.float32)
 
 
 def classify_array(model: nn.Module, config: dict[str, Any], array: np.ndarray, kind: str = "auto",
                    spacing: Sequence[float] | None = None, axis: int = 0, device: torch.device | str = "cpu",
                    batch_size: int = 32, top_k: int = 3, precision: str = "auto",
-                   progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[int], None] | None = None, source: str | None = None,
+                   aggregate: str = "mean", normal_class: str | None = None) -> dict[str, Any]:
     """Classify an image ``(H, W)``, cine ``(T, H, W)`` or volume ``(D, H, W)`` (unscaled grey).
 
+    Three kinds of model (see :func:`~usfmae_core.data.volumes.volume_from_config`):
+
+    - a **2D classifier** classifies every informative frame / slice (along ``axis``) and aggregates them
+      (``aggregate``: ``mean`` | ``max`` | ``topk``, :func:`aggregate_frames`; ``max`` / ``topk`` answer "any lesion?"
+      questions and need the normal class, :func:`normal_class_index`);
+    - a **native 3D classifier** (3D ViT or CNN) sees the whole volume on its isotropic grid: one row;
+    - an **attention-MIL classifier** encodes every informative slice along its own training axis (every frame of a
+      clip) and pools them: one row, plus the attention of every slice (``attention``, ``slice_index``).
+
+    Empty and constant frames / slices (:func:`~usfmae_core.data.transforms.informative_frames`: the zero padding of
+    a resampled volume, blank frames) are not classified and do not enter the result; they are counted in
+    ``n_excluded``.
+
     Args:
-        model: classifier (2D or 3D) from :func:`~usfmae_core.checkpoints.load_model`.
-        config: its checkpoint config (``classes``, ``preprocessing``, ``spatial_dims``).
+        model: classifier from :func:`~usfmae_core.checkpoints.load_model`.
+        config: its checkpoint config (``classes``, ``preprocessing``, ``spatial_dims``, ``volume``).
         array: the image.
         kind: ``image|cine|volume|auto`` (auto: 2D -> image, 3D -> volume).
-        spacing: per-axis spacing, recorded in the result (preprocessing is a plain resize, as in training).
+        spacing: per-axis spacing in mm (a 3D model resamples to its grid with it; recorded in the result).
         axis: slicing axis of a volume for a 2D model.
         device, batch_size, precision, progress: see :func:`classify_frames`.
-        top_k: how many frames to list in ``top_slices``.
+        top_k: how many frames to list in ``top_slices`` (and ``k`` of ``aggregate="topk"``).
+        source: the file the array came from, named in errors.
+        aggregate, normal_class: how a 2D model's slices make the volume result (ignored by volume models).
 
     Returns:
-        ``classes`` (names), ``per_frame`` ``(N, K)`` float32 (one row per frame / slice; a 3D model gives one row
-        for the volume), ``aggregate`` ``(K,)`` mean probability, ``label`` (argmax of the aggregate),
-        ``top_slices`` (indices of the ``top_k`` frames with the highest probability of ``label``; empty for a 3D
-        model), ``kind``, ``n_frames`` (rows), ``scope`` (``frame`` or ``volume``), ``axis`` and ``spacing``.
+        ``classes`` (names), ``per_frame`` ``(N, K)`` float32 (one row per classified frame / slice; a volume model
+        gives one row for the volume), ``frame_index`` ``(N,)`` (the input frame / slice index of each row),
+        ``aggregate`` ``(K,)`` volume-level probabilities, ``aggregate_method``, ``label`` (argmax of the aggregate),
+        ``top_slices`` (2D model: the rows behind the result, as frame indices: the ``top_k`` with the highest
+        probability of ``label`` for ``mean``, the slices used for ``max`` / ``topk``; MIL: the ``top_k`` slices with
+        the most attention; 3D: empty), ``attention`` ``(M,)`` and ``slice_index`` ``(M,)`` (MIL only, else None),
+        ``kind``, ``n_frames`` (rows), ``n_excluded`` (empty / constant frames left out), ``scope`` (``frame`` or
+        ``volume``), ``model`` (``2d``, ``3d`` or ``mil``), ``axis`` and ``spacing``.
+
+    Raises:
+        UsfmaeError: bad kind / shape / axis, a model that does not fit the input, or no informative frame.
     """
     from usfmae_core.data.readers import UltrasoundImage
-    from usfmae_core.data.transforms import image_to_frames
+    from usfmae_core.data.transforms import image_to_frames, informative_frames
+    from usfmae_core.data.volumes import volume_from_config
 
     arr = np.asarray(array, dtype=np.float32)
     if kind not in KINDS:
@@ -250,56 +372,98 @@ def classify_array(model: nn.Module, config: dict[str, Any], array: np.ndarray, 
                           f"got shape {tuple(arr.shape)}", "pass kind='auto' or an array of the right shape")
     if not -arr.ndim <= axis < arr.ndim:
         raise UsfmaeError(f"axis {axis} is out of range for a {arr.ndim}D array", "use --axis 0, 1 or 2")
+    if aggregate not in AGGREGATES:
+        raise UsfmaeError(f"unknown --aggregate '{aggregate}'", f"choose one of {', '.join(AGGREGATES)}")
     prep = preprocessing_from_config(config)
-    dims = model_spatial_dims(model, config)
-    if dims == 3:
+    volume = volume_from_config(config)
+    mode = volume.model if volume is not None else ("3d" if model_spatial_dims(model, config) == 3 else "2d")
+    if mode == "mil":
+        axis = volume.axis  # the slices it was trained on
+    sp = tuple(spacing) if spacing is not None else (1.0,) * arr.ndim
+    frames = image_to_frames(UltrasoundImage(arr, sp, kind, source or ""), axis=axis)
+    # a 2D image is its own single frame (the reader already refuses a constant file)
+    keep = np.ones(len(frames), bool) if kind == "image" else informative_frames(frames)
+    if not keep.any():
+        unit = "frame" if kind == "cine" else "slice"
+        raise UsfmaeError(f"{source or f'the {kind}'} has no informative {unit}: all {len(frames)} are empty or "
+                          "constant", "check the file (a blank or padding-only export?) or leave it out")
+    index = np.nonzero(keep)[0]
+    n_excluded = int(len(frames) - len(index))
+    attention: np.ndarray | None = None
+    if mode == "3d":
         if kind == "image":
             raise UsfmaeError("a 2D image was given to a 3D (volume) classifier",
                               "classify volumes with this model, or use a 2D classifier for images")
-        per_frame = _classify_volume_3d(model, arr, prep, _device(device), precision)
-        scope = "volume"
+        grid = volume.spacing if volume is not None else None
+        per_frame = _classify_volume_3d(model, arr, prep, _device(device), precision, spacing, grid, kind)
+        scope, rows, n_excluded = "volume", np.zeros(1, np.int64), 0  # the model sees the whole volume
+    elif mode == "mil":
+        probs, attention = classify_bag(model, frames[index] if n_excluded else frames, prep, device, batch_size,
+                                        precision, progress)
+        per_frame, scope, rows = probs[None], "volume", np.zeros(1, np.int64)
     else:
-        sp = tuple(spacing) if spacing is not None else (1.0,) * arr.ndim
-        frames = image_to_frames(UltrasoundImage(arr, sp, kind, ""), axis=axis)
-        per_frame = classify_frames(model, frames, prep, device, batch_size, precision, progress)
-        scope = "frame"
+        per_frame = classify_frames(model, frames[index] if n_excluded else frames, prep, device, batch_size,
+                                    precision, progress)
+        scope, rows = "frame", index
     names = class_names(config, per_frame.shape[1])
     if len(names) != per_frame.shape[1]:
         raise UsfmaeError(f"the checkpoint names {len(names)} classes but the model outputs {per_frame.shape[1]}",
                           "re-export the classifier with matching 'classes' in its config")
-    aggregate = per_frame.mean(axis=0).astype(np.float32)
-    label_idx = int(aggregate.argmax())
-    top = [] if scope == "volume" else [int(i) for i in np.argsort(-per_frame[:, label_idx], kind="stable")[:top_k]]
-    return {"classes": names, "per_frame": per_frame, "aggregate": aggregate, "label": names[label_idx],
-            "top_slices": top, "kind": kind, "n_frames": int(per_frame.shape[0]), "scope": scope,
-            "axis": int(axis) if kind == "volume" else None,
+    method = aggregate if mode == "2d" else "volume model"
+    if mode == "2d" and aggregate != "mean":
+        agg, used = aggregate_frames(per_frame, aggregate, top_k, normal_class_index(names, normal_class))
+    else:
+        agg, used = per_frame.mean(axis=0).astype(np.float32), np.arange(len(per_frame))
+    label_idx = int(agg.argmax())
+    if mode == "mil":
+        top = [int(index[i]) for i in np.argsort(-attention, kind="stable")[:top_k]]
+    elif mode == "3d":
+        top = []
+    elif aggregate != "mean":
+        top = [int(rows[i]) for i in used]
+    else:
+        top = [int(rows[i]) for i in np.argsort(-per_frame[:, label_idx], kind="stable")[:top_k]]
+    return {"classes": names, "per_frame": per_frame, "frame_index": rows, "aggregate": agg,
+            "aggregate_method": method, "label": names[label_idx], "top_slices": top,
+            "attention": attention, "slice_index": index if mode == "mil" else None,
+            "kind": kind, "n_frames": int(per_frame.shape[0]), "n_excluded": n_excluded, "scope": scope,
+            "model": mode, "axis": int(axis) if kind == "volume" else None,
             "spacing": None if spacing is None else [float(s) for s in spacing]}
 
 
 def classify_file(model: nn.Module, config: dict[str, Any], path: str | os.PathLike, axis: int = 0,
                   device: torch.device | str = "cpu", batch_size: int = 32, top_k: int = 3,
-                  precision: str = "auto", progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                  precision: str = "auto", progress: Callable[[int], None] | None = None,
+                  aggregate: str = "mean", normal_class: str | None = None) -> dict[str, Any]:
     """:func:`classify_array` on a file read by :func:`~usfmae_core.data.readers.read_ultrasound`; adds ``source``."""
     from usfmae_core.data.readers import read_ultrasound
 
     img = read_ultrasound(path)
     result = classify_array(model, config, img.array, img.kind, img.spacing, axis, device, batch_size, top_k,
-                            precision, progress)
+                            precision, progress, source=str(path), aggregate=aggregate, normal_class=normal_class)
     result["source"] = str(path)
     return result
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[dict[str, str]]]:
-    """Expand files, folders (recursively, supported files only) and datalist JSONs into a list of files.
+def collect_inputs(inputs: Iterable[str | os.PathLike], include_masks: bool = False,
+                   mask_patterns: Sequence[str] | None = None) -> tuple[list[Path], list[dict[str, Any]]]:
+    """Expand files, folders (recursively, supported files only) and datalist JSONs into a list of files; a folder of
+    positioned DICOM slices (:mod:`usfmae_core.data.dicom_series`) is one volume.
+
+    Segmentation masks / annotation files found by name in a folder (:mod:`usfmae_core.data.masks`: ``_mask``,
+    ``masks/`` ...) are left out unless ``include_masks`` (files named explicitly and datalist entries never are).
 
     Returns:
-        (files to read, skipped ``[{"source", "reason"}]`` for explicit files of an unsupported type).
+        (files to read, skipped ``[{"source", "reason"}]``: datalist entries that do not exist, and the masks left
+        out, which also carry ``"mask": True``).
 
     Raises:
         UsfmaeError: an input does not exist, or nothing to read was found.
     """
     from usfmae_core.data.corpus import iter_source_files
+    from usfmae_core.data.dicom_series import group_dicom_series, is_dicom_series
+    from usfmae_core.data.masks import MaskRules, split_masks
 
     files: list[Path] = []
     skipped: list[dict[str, str]] = []
@@ -325,10 +489,16 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], lis
                     add(p)
         elif src.is_file():
             add(src)  # explicit files are tried even with an odd extension: the reader names the problem
+        elif is_dicom_series(src):
+            add(src)  # a folder of positioned DICOM slices is one volume
         else:
-            for p, reason in iter_source_files([src]):
-                if reason is None:
-                    add(p)
+            found = [p for p, reason in iter_source_files([src]) if reason is None]
+            _, masks = split_masks(found, MaskRules.with_patterns(mask_patterns), src)
+            left_out = set() if include_masks else {m.path for m in masks}
+            for it in group_dicom_series([{"image": p} for p in found if str(p) not in left_out]):
+                add(Path(it["image"]))
+            skipped += [{"source": m.path, "reason": f"segmentation mask / annotation file ({m.reason})",
+                         "mask": True} for m in masks if m.path in left_out]
     if not files:
         if skipped:
             raise UsfmaeError(f"none of the inputs can be read ({skipped[0]['source']}: {skipped[0]['reason']})",
@@ -345,86 +515,103 @@ def _fmt(p: float) -> str:
 
 def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
             device: str = "auto", axis: int = 0, batch_size: int = 32, precision: str = "auto", top_k: int = 3,
-            run_config: dict[str, Any] | None = None, quiet: bool = False, overwrite: bool = False) -> Path:
+            run_config: dict[str, Any] | None = None, quiet: bool = False, aggregate: str = "mean",
+            normal_class: str | None = None, include_masks: bool = False,
+            mask_patterns: Sequence[str] | None = None, overwrite: bool = False) -> Path:
     """Classify every input file and write the results to ``out_dir``.
 
-    Writes ``predictions.csv`` (one row per frame / slice: ``source, index, kind, p_<class>..., pred``),
-    ``summary.csv`` and ``predictions.json`` (one aggregate per input: ``source, kind, n_frames, label,
-    p_<class>..., top_slices``; the JSON also lists ``skipped`` inputs with the reason) and ``config.json``.
-    Unreadable inputs are skipped and reported; the run fails only when none could be classified. ``out_dir`` is
-    locked while the run writes it; a folder holding earlier results is refused unless ``overwrite``
-    (:mod:`usfmae_core.runs`).
+    Writes ``predictions.csv`` (one row per classified frame / slice: ``source, index, kind, p_<class>..., pred``;
+    ``index`` is the frame / slice number in the input; a volume model gives one row per input),
+    ``summary.csv`` and ``predictions.json`` (one result per input: ``source, kind, n_frames, n_excluded, label,
+    p_<class>..., top_slices``, where ``n_frames`` frames were classified and ``n_excluded`` empty / constant ones
+    left out; the JSON also says how slices were aggregated and lists ``skipped`` inputs with the reason),
+    ``attention.csv`` for an attention-MIL model (``source, index, attention``: every informative slice's weight in
+    the volume's result, summing to 1 per input) and ``config.json``.
+    Unreadable inputs are skipped and reported; the run fails only when none could be classified. ``aggregate`` /
+    ``normal_class``: see :func:`classify_array` (2D models only). ``out_dir`` is locked while the run writes it; a
+    folder holding earlier results is refused unless ``overwrite`` (:mod:`usfmae_core.runs`).
 
     Returns:
         ``out_dir``.
     """
     from usfmae_core.checkpoints import load_model
+    from usfmae_core.data.readers import read_ultrasound
+    from usfmae_core.data.volumes import volume_from_config
+    from usfmae_core.device import describe_device
     from usfmae_core.runs import RunFolder, check_run
+    from usfmae_core.workflows.common import Progress, write_csv, write_json
 
     check_run(out_dir, "predict", overwrite=overwrite)
-    files, skipped = collect_inputs(inputs)  # fail on a bad path before loading a big model
+    files, skipped = collect_inputs(inputs, include_masks, mask_patterns)  # a bad path fails before the model loads
     dev = _device(device)
     model, ckpt = load_model(model_path, expect=CLASSIFIER_ARCHS, device=dev)
     model = to_inference_model(model, dev, precision, copy=False)
     config = ckpt["config"]
+    names = class_names(config, None)
+    volume = volume_from_config(config)
+    if volume is None and model_spatial_dims(model, config) == 2 and aggregate != "mean":
+        normal_class = names[normal_class_index(names, normal_class)]  # refuse an unclear question up front
+    elif aggregate != "mean" and not quiet:
+        print(f"note: --aggregate {aggregate} applies to 2D slice classifiers; this {ckpt['arch']} model classifies "
+              "each volume / clip whole")
     config_used = run_config if run_config is not None else {
         "model": str(model_path), "inputs": [str(i) for i in inputs], "device": device, "axis": axis,
-        "batch_size": batch_size, "precision": precision}
+        "batch_size": batch_size, "precision": precision, "aggregate": aggregate, "normal_class": normal_class}
     with RunFolder(out_dir, "predict", overwrite=overwrite, config=config_used) as run:
         out = run.path
-        _predict_files(model, ckpt, config, files, skipped, out, dev, axis, batch_size, precision, top_k, quiet,
-                       model_path)
+        frame_rows: list[list[Any]] = []
+        attention_rows: list[list[Any]] = []
+        results: list[dict[str, Any]] = []
+        with Progress(len(files), "predict", disable=quiet) as bar:
+            for path in files:
+                try:
+                    img = read_ultrasound(path)
+                    inner = Progress(img.n_frames, "classify", disable=True) if img.n_frames > batch_size else None
+                    try:
+                        res = classify_array(model, config, img.array, img.kind, img.spacing, axis, dev, batch_size,
+                                             top_k, precision, None if inner is None else inner.update,
+                                             source=str(path), aggregate=aggregate, normal_class=normal_class)
+                    finally:
+                        if inner is not None:
+                            inner.close()
+                except UsfmaeError as err:
+                    skipped.append({"source": str(path), "reason": str(err)})
+                    bar.write(f"skipped {path}: {err}")
+                    bar.update(1)
+                    continue
+                names = res["classes"]
+                for i, row in zip(res["frame_index"], res["per_frame"], strict=True):
+                    frame_rows.append([str(path), int(i), res["kind"], *map(_fmt, row), names[int(row.argmax())]])
+                result = {"source": str(path), "kind": res["kind"], "n_frames": res["n_frames"],
+                          "n_excluded": res["n_excluded"], "label": res["label"],
+                          **{f"p_{c}": round(float(p), 6) for c, p in zip(names, res["aggregate"], strict=True)},
+                          "top_slices": res["top_slices"]}
+                if res["attention"] is not None:
+                    result["n_slices"] = len(res["attention"])
+                    for i, a in zip(res["slice_index"], res["attention"], strict=True):
+                        attention_rows.append([str(path), int(i), f"{float(a):.6f}"])
+                results.append(result)
+                bar.update(1, label=res["label"])
+        if not results:
+            first = skipped[0] if skipped else {"source": "?", "reason": "nothing to classify"}
+            raise UsfmaeError(f"no input could be classified ({first['reason']})",
+                              "check the files named above (format, corruption) and the model (2D/3D)")
+        prob_cols = [f"p_{c}" for c in names]
+        write_csv(out / "predictions.csv", ["source", "index", "kind", *prob_cols, "pred"], frame_rows)
+        if attention_rows:
+            write_csv(out / "attention.csv", ["source", "index", "attention"], attention_rows)
+        write_csv(out / "summary.csv", ["source", "kind", "n_frames", "n_excluded", "label", *prob_cols, "top_slices"],
+                  [[r["source"], r["kind"], r["n_frames"], r["n_excluded"], r["label"],
+                    *(_fmt(r[c]) for c in prob_cols), " ".join(str(i) for i in r["top_slices"])] for r in results])
+        write_json(out / "predictions.json", {
+            "model": str(model_path), "arch": ckpt["arch"], "classes": names,
+            "spatial_dims": model_spatial_dims(model, config), "axis": axis if volume is None else volume.axis,
+            "volume_model": None if volume is None else volume.model,
+            "aggregate": aggregate if volume is None else "volume model",
+            "normal_class": normal_class if volume is None and aggregate != "mean" else None,
+            "device": describe_device(dev), "weights_dtype": str(_weights_dtype(model)).replace("torch.", ""),
+            "autocast": str(inference_dtype(dev, precision) or "none").replace("torch.", "")
+            if _weights_dtype(model) == torch.float32 else "none",
+            "results": results, "skipped": skipped})
         run.finish()
     return out
-
-
-def _predict_files(model: nn.Module, ckpt: dict[str, Any], config: dict[str, Any], files: list[Path],
-                   skipped: list[dict[str, str]], out: Path, dev: torch.device, axis: int, batch_size: int,
-                   precision: str, top_k: int, quiet: bool, model_path: str | os.PathLike) -> None:
-    from usfmae_core.data.readers import read_ultrasound
-    from usfmae_core.device import describe_device
-    from usfmae_core.workflows.common import Progress, write_csv, write_json
-
-    names = class_names(config, None)
-    frame_rows: list[list[Any]] = []
-    results: list[dict[str, Any]] = []
-    with Progress(len(files), "predict", disable=quiet) as bar:
-        for path in files:
-            try:
-                img = read_ultrasound(path)
-                inner = Progress(img.n_frames, "classify", disable=True) if img.n_frames > batch_size else None
-                try:
-                    res = classify_array(model, config, img.array, img.kind, img.spacing, axis, dev, batch_size,
-                                         top_k, precision, None if inner is None else inner.update)
-                finally:
-                    if inner is not None:
-                        inner.close()
-            except UsfmaeError as err:
-                skipped.append({"source": str(path), "reason": str(err)})
-                bar.write(f"skipped {path}: {err}")
-                bar.update(1)
-                continue
-            names = res["classes"]
-            for i, row in enumerate(res["per_frame"]):
-                frame_rows.append([str(path), i, res["kind"], *map(_fmt, row), names[int(row.argmax())]])
-            results.append({"source": str(path), "kind": res["kind"], "n_frames": res["n_frames"],
-                            "label": res["label"],
-                            **{f"p_{c}": round(float(p), 6) for c, p in zip(names, res["aggregate"])},
-                            "top_slices": res["top_slices"]})
-            bar.update(1, label=res["label"])
-    if not results:
-        first = skipped[0] if skipped else {"source": "?", "reason": "nothing to classify"}
-        raise UsfmaeError(f"no input could be classified ({first['reason']})",
-                          "check the files named above (format, corruption) and the model (2D/3D)")
-    prob_cols = [f"p_{c}" for c in names]
-    write_csv(out / "predictions.csv", ["source", "index", "kind", *prob_cols, "pred"], frame_rows)
-    write_csv(out / "summary.csv", ["source", "kind", "n_frames", "label", *prob_cols, "top_slices"],
-               [[r["source"], r["kind"], r["n_frames"], r["label"], *(_fmt(r[c]) for c in prob_cols),
-                 " ".join(str(i) for i in r["top_slices"])] for r in results])
-    write_json(out / "predictions.json", {
-        "model": str(model_path), "arch": ckpt["arch"], "classes": names,
-        "spatial_dims": model_spatial_dims(model, config), "axis": axis,
-        "device": describe_device(dev), "weights_dtype": str(_weights_dtype(model)).replace("torch.", ""),
-        "autocast": str(inference_dtype(dev, precision) or "none").replace("torch.", "")
-        if _weights_dtype(model) == torch.float32 else "none",
-        "results": results, "skipped": skipped})

@@ -18,6 +18,13 @@ Run folder (everything only rank 0 writes)::
     RUN/pictures/*.png       input | masked input | reconstruction, every --picture-every steps and at the end
     RUN/tb/                  TensorBoard events (when tensorboard is installed)
 
+Corpora: ``--corpus`` takes one corpus folder or several, each optionally with a mixing weight (``PATH:WEIGHT``).
+Several without weights are read as one concatenated corpus; with weights, :class:`MixtureSampler` draws each
+corpus's share of every epoch (an epoch = as many samples as the corpora hold together), cycling through a small
+corpus as often as its weight asks. Continued pretraining (e.g. on a target's own unlabelled images) is ``--init
+MAE.pt`` on the new corpus or mix: weights only are taken from ``--init`` (with its normalisation unless --mean /
+--std are given); optimiser, warm-up and cosine schedule start afresh over ``--max-steps`` / ``--epochs``.
+
 Resuming (``--resume``) restores everything in ``checkpoint_last.pt``. Shuffling is a function of (seed, epoch)
 only (:class:`ResumableSampler`, a ``DistributedSampler`` that can start mid-epoch), so after a crash training
 continues on exactly the batches it would have seen; with ``--precision fp32`` and ``--workers 0`` a resumed run
@@ -63,7 +70,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from usfmae_core.constants import IMAGENET_MEAN, IMAGENET_STD
@@ -71,7 +78,8 @@ from usfmae_core.errors import UsfmaeError
 from usfmae_core.workflows import distributed as D
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "build_pretrain_model", "make_augment", "make_optimizer", "make_scaler",
-           "ResumableSampler", "mae_train_step", "MAEIterationUpdate", "capture_rng_state", "restore_rng_state",
+           "ResumableSampler", "MixtureSampler", "corpus_specs",
+           "mae_train_step", "MAEIterationUpdate", "capture_rng_state", "restore_rng_state",
            "weights_sha1", "pretrain"]
 
 CKPT_NAME = "checkpoint_last.pt"
@@ -83,7 +91,7 @@ def build_pretrain_model(preset: str = "vit_base", img_size: int | None = None, 
                          in_channels: int | None = None, spatial_dims: int | None = None,
                          mask_ratio: float | None = None, norm_pix_loss: bool | None = None,
                          drop_path_rate: float | None = None, init: str | os.PathLike | None = None,
-                         mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                         mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                          ) -> tuple[nn.Module, dict[str, Any]]:
     """The MAE to pretrain and its checkpoint config (model kwargs + ``preset`` + ``preprocessing``).
 
@@ -91,6 +99,7 @@ def build_pretrain_model(preset: str = "vit_base", img_size: int | None = None, 
     From ``init`` (an MAE checkpoint of ours, e.g. from ``usfmae import-weights``): its config, with the given
     overrides re-fitted by :func:`~usfmae_core.checkpoints.adapt_state_dict` (position embeddings interpolated,
     channels summed / split, 2D patches inflated to 3D). A classifier or CNN checkpoint is refused.
+    ``mean`` / ``std`` (normalisation, 1 or C values): None keeps ``init``'s, else ImageNet's.
 
     Returns:
         the model (on CPU, float32) and its config dict (plain types).
@@ -116,6 +125,9 @@ def build_pretrain_model(preset: str = "vit_base", img_size: int | None = None, 
                               "pass an MAE checkpoint (usfmae pretrain's model.pt, or usfmae import-weights of "
                               "facebook / USF-MAE MAE weights), or leave out --init to start from scratch")
         config = {k: v for k, v in ckpt["config"].items() if k != "preprocessing"}
+        init_prep = ckpt["config"].get("preprocessing") or {}
+        mean = init_prep.get("mean", IMAGENET_MEAN) if mean is None else mean
+        std = init_prep.get("std", IMAGENET_STD) if std is None else std
         dims = int(overrides.get("spatial_dims", config.get("spatial_dims", 2)))
         for key in ("img_size", "patch_size"):  # a changed dimensionality needs one entry per axis
             value = overrides.get(key, config.get(key))
@@ -139,6 +151,8 @@ def build_pretrain_model(preset: str = "vit_base", img_size: int | None = None, 
     check_normalisation(mean, std, int(config["in_channels"]))
     size = config["img_size"]
     size = int(size[-1] if isinstance(size, (list, tuple)) else size)
+    mean = IMAGENET_MEAN if mean is None else mean
+    std = IMAGENET_STD if std is None else std
     config["preprocessing"] = Preprocessing(size, int(config["in_channels"]), tuple(mean), tuple(std)).to_dict()
     return model, config
 
@@ -310,23 +324,112 @@ class ResumableSampler(DistributedSampler):
         return max(0, self.num_samples - self.start)
 
 
-def _open_corpus(path: str | os.PathLike, spatial_dims: int) -> Any:
-    from usfmae_core.data.corpus import FrameCorpus, VolumeCorpus
+class MixtureSampler(DistributedSampler):
+    """Draws samples from several corpora in given shares; resumable and distributed like :class:`ResumableSampler`.
 
-    path = Path(path)
-    if not path.exists():
-        raise UsfmaeError(f"corpus {path} does not exist", f"prepare one first: usfmae prepare SRC... --out {path}")
-    if not path.is_dir():
-        raise UsfmaeError(f"corpus {path} is not a folder", "pass the folder written by usfmae prepare")
-    corpus = VolumeCorpus(path) if spatial_dims == 3 else FrameCorpus(path)
-    if len(corpus) == 0:
-        raise UsfmaeError(f"no {'volumes' if spatial_dims == 3 else 'frames'} in corpus {path}",
-                          f"run usfmae prepare SRC...{' --native-3d' if spatial_dims == 3 else ''} --out {path}")
-    return corpus
+    Indices are into the concatenation of the corpora (:class:`~usfmae_core.data.corpus.MixedCorpus`). An epoch
+    holds as many samples as the corpora together (``sum(sizes)``, split over the ranks); corpus ``k`` supplies
+    exactly ``counts[k]`` of them (its weight's share, largest-remainder rounding), at positions given by a seeded
+    shuffle, so each batch holds the shares on average and each epoch exactly. Inside corpus ``k`` the samples run
+    through successive seeded permutations of its items, continuing where the last epoch stopped: a corpus whose
+    share exceeds its size is cycled (each item seen about ``counts[k] / sizes[k]`` times per epoch), a larger one is
+    walked through over several epochs. Everything is a function of (seed, epoch), never of a global RNG, so a
+    resumed run draws exactly the samples of the uninterrupted one; ``set_epoch(epoch, start)`` skips this rank's
+    first ``start`` samples without reading them.
+
+    Args:
+        sizes: items per corpus.
+        weights: mixing weights (> 0; normalised here).
+        num_replicas, rank: distributed processes and this one's rank (ranks take interleaved shares).
+        seed: seed of the order.
+        drop_last: drop the remainder of ``sum(sizes) / num_replicas`` (else round up).
+
+    A ``DistributedSampler`` (over ``range(sum(sizes))``) so that engines that call ``set_epoch`` on distributed
+    samplers, such as MONAI's workflows, advance it.
+    """
+
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0, drop_last: bool = True) -> None:
+        if len(sizes) != len(weights) or not sizes or min(sizes) < 1 or min(weights) <= 0:
+            raise ValueError(f"need one weight > 0 per non-empty corpus, got sizes {sizes}, weights {weights}")
+        super().__init__(range(int(sum(sizes))), num_replicas=int(num_replicas), rank=int(rank), shuffle=True,
+                         seed=int(seed), drop_last=drop_last)
+        self.sizes = [int(n) for n in sizes]
+        self.weights = [float(w) / float(sum(weights)) for w in weights]
+        self.offsets = np.cumsum([0] + self.sizes)
+        self.num_replicas, self.rank, self.seed = int(num_replicas), int(rank), int(seed)
+        n = sum(self.sizes)
+        self.num_samples = max(1, n // self.num_replicas if drop_last else math.ceil(n / self.num_replicas))
+        self.total_size = self.num_samples * self.num_replicas
+        exact = [w * self.total_size for w in self.weights]
+        counts = [int(math.floor(x)) for x in exact]
+        for k in sorted(range(len(exact)), key=lambda k: (counts[k] - exact[k], k))[:self.total_size - sum(counts)]:
+            counts[k] += 1  # largest remainders first
+        self.counts = counts
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:  # type: ignore[override]
+        self.epoch, self.start = int(epoch), int(start)
+
+    def _stream(self, k: int, begin: int, length: int) -> np.ndarray:
+        """Items ``begin .. begin + length`` of corpus ``k``'s endless sequence of seeded permutations."""
+        n = self.sizes[k]
+        first, last = begin // n, (begin + length - 1) // n
+        cycles = [np.random.default_rng([self.seed, k, c]).permutation(n) for c in range(first, last + 1)]
+        return np.concatenate(cycles)[begin - first * n:begin - first * n + length]
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """All ranks' indices of ``epoch`` (``total_size``), before the split over ranks."""
+        owner = np.repeat(np.arange(len(self.counts)), self.counts)
+        owner = owner[np.random.default_rng([self.seed, len(self.sizes), 2**31 + int(epoch)]).permutation(owner.size)]
+        out = np.empty(owner.size, dtype=np.int64)
+        for k, c in enumerate(self.counts):
+            if c:
+                out[owner == k] = self.offsets[k] + self._stream(k, int(epoch) * c, c)
+        return out
+
+    def __iter__(self) -> Iterator[int]:
+        mine = self.epoch_indices(self.epoch)[self.rank::self.num_replicas]
+        return iter(mine[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
 
 
-def _make_loader(corpus_path: Path, spatial_dims: int, batch_size: int, image_size: int, workers: int,
-                 sampler: ResumableSampler, device: torch.device, seed: int) -> DataLoader:
+def corpus_specs(value: Any) -> list[tuple[str, float | None]]:
+    """``--corpus`` as a list of ``(path, weight or None)``: accepts one path, a ``(path, weight)`` pair, or a list
+    of either (the CLI's ``PATH[:WEIGHT]`` values arrive parsed as pairs)."""
+    if isinstance(value, (str, os.PathLike)):
+        return [(str(value), None)]
+    if isinstance(value, tuple) and len(value) == 2 and not isinstance(value[1], (str, os.PathLike, tuple, list)):
+        return [(str(value[0]), None if value[1] is None else float(value[1]))]
+    out: list[tuple[str, float | None]] = []
+    for v in value:
+        out += corpus_specs(tuple(v) if isinstance(v, list) else v)
+    return out
+
+
+def _describe_specs(specs: Sequence[tuple[str, float | None]]) -> str:
+    return " ".join(p if w is None else f"{p}:{w:g}" for p, w in specs)
+
+
+def _open_corpus(path: Any, spatial_dims: int) -> Any:
+    from usfmae_core.data.corpus import open_corpora
+
+    return open_corpora(corpus_specs(path), spatial_dims)
+
+
+def _corpora_record(corpus: Any) -> list[dict[str, Any]]:
+    """``[{path, items, weight}]`` of the corpus or mix (weight = share of the drawn samples)."""
+    from usfmae_core.data.corpus import MixedCorpus
+
+    if isinstance(corpus, MixedCorpus):
+        return corpus.describe()
+    return [{"path": str(corpus.path), "items": len(corpus), "weight": 1.0}]
+
+
+def _make_loader(corpus_path: Any, spatial_dims: int, batch_size: int, image_size: int, workers: int,
+                 sampler: Sampler, device: torch.device, seed: int) -> DataLoader:
     """Batches of uint8 frames ``(B, S, S)`` / volumes ``(B, V, V, V)`` in ``sampler``'s order.
 
     The loaders carry their own seeded generator, so creating an iterator never draws from the global RNG (a
@@ -478,19 +581,21 @@ def weights_sha1(model: nn.Module) -> str:
 
 def _training_checkpoint(model: nn.Module, config: dict, optimizer: torch.optim.Optimizer,
                          scaler: torch.amp.GradScaler, state: dict[str, Any], rng: list[dict],
-                         args: argparse.Namespace) -> dict[str, Any]:
+                         args: argparse.Namespace, corpora: list[dict[str, Any]]) -> dict[str, Any]:
     from usfmae_core.checkpoints import make_checkpoint
 
     return make_checkpoint(
         D.unwrap_model(model), "mae", config,
-        meta={"kind": "pretrain_training_state", "corpus": str(args.corpus)},
+        meta={"kind": "pretrain_training_state", "corpus": _describe_specs(corpus_specs(args.corpus)),
+              "corpora": corpora},
         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
         scheduler={"step": state["step"], "total_steps": state["total_steps"],
                    "warmup_steps": state["warmup_steps"], "base_lr": state["lr"]},
         step=state["step"], epoch=state["epoch"], batches_in_epoch=state["batches"],
         world_size=D.get_world_size(), rng={"per_rank": rng},
         train_args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                    if k != "func" and (v is None or isinstance(v, (int, float, str, bool, Path, list)))},
+                    if k not in ("func", "corpus")
+                    and (v is None or isinstance(v, (int, float, str, bool, Path, list)))},
     )
 
 
@@ -512,7 +617,6 @@ def _check_args(args: argparse.Namespace) -> None:
 def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     """Run MAE pretraining as configured by the CLI arguments (see :func:`add_parser`); returns the summary."""
     from usfmae_core.checkpoints import load_checkpoint
-
     from usfmae_core.runs import check_run
 
     _check_args(args)
@@ -578,8 +682,11 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
     dims = args.spatial_dims
     if resume_ckpt is not None:
         dims = int(resume_ckpt["config"].get("spatial_dims", 2))
-    corpus = _open_corpus(args.corpus, dims)
+    specs = corpus_specs(args.corpus)
+    corpus_desc = _describe_specs(specs)
+    corpus = _open_corpus(specs, dims)
     corpus_size = corpus.volume_size if dims == 3 else corpus.image_size
+    corpora = _corpora_record(corpus)
 
     if resume_ckpt is not None:
         from usfmae_core.networks.presets import build_model
@@ -594,7 +701,7 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
         model, config = build_pretrain_model(args.preset, img_size, args.patch_size, args.in_channels,
                                              dims if (args.init is None or args.spatial_dims == 3) else None,
                                              args.mask_ratio, args.norm_pix_loss or None, args.drop_path,
-                                             args.init, args.mean, args.std)
+                                             args.init, getattr(args, "mean", None), getattr(args, "std", None))
         if int(config.get("spatial_dims", 2)) != dims:
             raise UsfmaeError(f"--init {args.init} is a {config.get('spatial_dims')}D model but --spatial-dims is "
                               f"{dims}", "pass --spatial-dims to match, or another checkpoint")
@@ -603,13 +710,18 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
 
     # ---- sizes of the run
     world = ctx.world_size
-    sampler = ResumableSampler(corpus, num_replicas=world, rank=ctx.rank, shuffle=True, seed=args.seed,
-                               drop_last=len(corpus) >= world)
+    if getattr(corpus, "weighted", False):
+        sampler: ResumableSampler | MixtureSampler = MixtureSampler(
+            corpus.sizes, corpus.weights, num_replicas=world, rank=ctx.rank, seed=args.seed,
+            drop_last=len(corpus) >= world)
+    else:
+        sampler = ResumableSampler(corpus, num_replicas=world, rank=ctx.rank, shuffle=True, seed=args.seed,
+                                   drop_last=len(corpus) >= world)
     batches_per_epoch = sampler.num_samples // args.batch_size
     steps_per_epoch = batches_per_epoch // args.accum_steps
     need = args.batch_size * args.accum_steps * world
     if steps_per_epoch == 0:
-        raise UsfmaeError(f"corpus {args.corpus} has {len(corpus)} {'volumes' if dims == 3 else 'frames'}, fewer "
+        raise UsfmaeError(f"corpus {corpus_desc} has {len(corpus)} {'volumes' if dims == 3 else 'frames'}, fewer "
                           f"than one optimiser step needs ({need} = batch size x accumulation x processes)",
                           "use a smaller --batch-size / --accum-steps or prepare more data")
     total_steps = args.max_steps if args.max_steps else args.epochs * steps_per_epoch
@@ -645,7 +757,7 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
             state.update(epoch=state["epoch"] + 1, batches=0)
     augment = make_augment(config)
     augment = augment.to(device) if isinstance(augment, nn.Module) else augment
-    loader = _make_loader(Path(args.corpus), dims, args.batch_size, corpus_size, args.workers, sampler, device,
+    loader = _make_loader(corpus, dims, args.batch_size, corpus_size, args.workers, sampler, device,
                           args.seed)
     pictures = _picture_batch(corpus, config) if ctx.main else None
 
@@ -658,7 +770,8 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
         active=ctx.main, config={**vars(args), "resolved": {
             "device": str(device), "world_size": world, "amp_dtype": str(amp_dtype).replace("torch.", "")
             if amp_dtype else "fp32", "effective_batch": eff_batch, "lr": lr, "total_steps": total_steps,
-            "warmup_steps": warmup, "steps_per_epoch": steps_per_epoch, "corpus_items": len(corpus)}}))
+            "warmup_steps": warmup, "steps_per_epoch": steps_per_epoch, "corpus_items": len(corpus),
+            "corpora": corpora, "init": str(args.init) if args.init and resume_ckpt is None else None}}))
     if ctx.main:
         for stale in out.glob(f".{CKPT_NAME}.*.tmp"):  # a save killed half-way (the real file is intact)
             stale.unlink(missing_ok=True)
@@ -673,11 +786,27 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
                   f"{world} process(es) on {describe_device(device)['name']}, effective batch {eff_batch}, "
                   f"lr {lr:.3g}, {total_steps} steps ({steps_per_epoch}/epoch), "
                   f"precision {str(amp_dtype).replace('torch.', '') if amp_dtype else 'fp32'}")
+        if isinstance(sampler, MixtureSampler):
+            unit = "volumes" if dims == 3 else "frames"
+            log.write("corpus mix per epoch: " + "; ".join(
+                f"{c['path']} ({c['items']} {unit}) {100 * c['weight']:.1f} % = {n} samples "
+                f"({n / c['items']:.2g} per item)" for c, n in zip(corpora, sampler.counts, strict=True)))
+        if args.init and resume_ckpt is None:
+            log.write(f"continuing from --init {args.init}: its weights (and normalisation unless --mean/--std are "
+                      f"given); optimiser and lr schedule start afresh ({warmup} warm-up steps, cosine to "
+                      f"{args.min_lr:g} at step {total_steps})")
+        if resume_ckpt is not None:
+            before = resume_ckpt.get("meta", {}).get("corpora")
+            if before is not None and [(c["path"], c["items"], c["weight"]) for c in before] != \
+                    [(c["path"], c["items"], c["weight"]) for c in corpora]:
+                print(f"usfmae: warning: resuming on other corpora than the checkpoint's ({before} -> {corpora}): "
+                      "training continues, but not on the samples the interrupted run would have seen", flush=True)
 
     def save_state() -> None:
         rng = D.all_gather_objects(capture_rng_state())
         if ctx.main:
-            save_checkpoint(ckpt_path, _training_checkpoint(model, config, optimizer, scaler, state, rng, args))
+            save_checkpoint(ckpt_path, _training_checkpoint(model, config, optimizer, scaler, state, rng, args,
+                                                            corpora))
         D.barrier()
 
     # ---- training
@@ -770,7 +899,7 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
         "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32", "model": str(out / MODEL_NAME),
     }
     if ctx.main:
-        meta = {"kind": "pretrained_mae", "corpus": str(args.corpus), "steps": state["step"],
+        meta = {"kind": "pretrained_mae", "corpus": corpus_desc, "corpora": corpora, "steps": state["step"],
                 "final_loss": last_loss, "init": str(args.init) if args.init else None}
         save_checkpoint(out / MODEL_NAME, make_checkpoint(D.unwrap_model(model), "mae", config, meta=meta))
         _save_pictures(model, pictures, config, out / "pictures" / "recon_final.png", amp_dtype)
