@@ -700,19 +700,28 @@ def test_prepare_kill_loop_matches_uninterrupted_run(tmp_path: Path) -> None:
 BUNDLE = REPO / "bundles" / "usf_mae"
 
 
+# a vit_test-sized network_def at 32 px (the bundle ships ViT-B/16 at 224 px)
+BUNDLE_NET = ["--image_size", "32", "--network_def#hidden_size", "48", "--network_def#num_layers", "2",
+              "--network_def#num_heads", "3"]
+BUNDLE_MAE = [*BUNDLE_NET, "--network_def#decoder_hidden_size", "48", "--network_def#decoder_num_layers", "1",
+              "--network_def#decoder_num_heads", "3"]
+
+
 @pytest.fixture(scope="module")
 def bundle(data: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the bundle with a tiny trained-looking classifier (``models/model.pt`` + ``model_config.json``, what
-    ``configs/train.json`` writes)."""
-    from usfmae_core.bundle_support import save_state_dict, training_settings
-    from usfmae_core.workflows.finetune import build_classifier
+    """A copy of the bundle with a tiny trained-looking classifier in ``models/model.pt`` (the classes and channels of
+    its ``configs/metadata.json``, the network of :data:`BUNDLE_NET`)."""
+    from usfmae_core.bundle_support import metadata_classes, save_state_dict
+    from usfmae_core.networks import USFMAEClassifier
 
     dst = tmp_path_factory.mktemp("bundle") / "usf_mae"
-    shutil.copytree(BUNDLE, dst, ignore=shutil.ignore_patterns("eval", "*.pt", "model_config.json", "__pycache__"))
+    shutil.copytree(BUNDLE, dst, ignore=shutil.ignore_patterns("eval", "*.pt", "*.ts", "__pycache__"))
     (dst / "models").mkdir(exist_ok=True)
-    model, config = build_classifier(3, preset="vit_test", image_size=32, patch_size=8)
+    fmt = json.loads((dst / "configs" / "metadata.json").read_text())["network_data_format"]
+    channels = int(fmt["inputs"]["image"]["num_channels"])
+    model = USFMAEClassifier(len(metadata_classes(fmt)), in_channels=channels, img_size=32, patch_size=16,
+                             hidden_size=48, num_layers=2, num_heads=3)
     save_state_dict(model, dst / "models" / "model.pt")
-    (dst / "models" / "model_config.json").write_text(json.dumps(training_settings(config, CLASSES, "vit")))
     return dst
 
 
@@ -726,22 +735,26 @@ def _bundle_run(bundle: Path, configs: list[str], *override: str) -> subprocess.
 
 
 BUNDLE_CASES = {
-    "train-missing-dataset-dir": (["train"], lambda d, t: ["--dataset_dir", str(t / "nope")], ("does not exist",)),
-    "train-empty-dataset-dir": (["train"], lambda d, t: ["--dataset_dir", str((t / "e").mkdir() or t / "e")],
-                                ("no images found",)),
+    "train-missing-dataset-dir": (["train"], lambda d, t: ["--dataset_dir", str(t / "nope"), *BUNDLE_NET],
+                                  ("does not exist",)),
+    "train-empty-dataset-dir": (["train"], lambda d, t: ["--dataset_dir", str((t / "e").mkdir() or t / "e"),
+                                                         *BUNDLE_NET], ("no images found",)),
     "train-one-class": (["train"], lambda d, t: ["--dataset_dir", str(shutil.copytree(d.labelled / "cyst",
-                                                                                      t / "one" / "cyst").parent)],
-                        ("1 class",)),
+                                                                                      t / "one" / "cyst").parent),
+                                                 *BUNDLE_NET], ("1 class",)),
     "train-bad-pretrained-mae": (["train"], lambda d, t: ["--dataset_dir", str(d.labelled), "--pretrained_mae",
-                                                          str(d.text)], ("not a PyTorch checkpoint",)),
+                                                          str(d.text), *BUNDLE_NET], ("not a PyTorch checkpoint",)),
     "evaluate-missing-model": (["train", "evaluate"], lambda d, t: ["--dataset_dir", str(d.labelled), "--ckpt_path",
-                                                                    str(t / "none.pt")], ("do not exist",)),
+                                                                    str(t / "none.pt"), *BUNDLE_NET],
+                               ("do not exist",)),
     "inference-missing-model": (["inference"], lambda d, t: ["--dataset_dir", str(d.labelled), "--ckpt_path",
-                                                             str(t / "none.pt")], ("do not exist",)),
-    "inference-empty-folder": (["inference"], lambda d, t: ["--dataset_dir", str((t / "e").mkdir() or t / "e")],
-                               ("no supported ultrasound files",)),
-    "pretrain-missing-corpus": (["pretrain"], lambda d, t: ["--dataset_dir", str(t / "nope"), "--preset", "vit_test",
-                                                            "--image_size", "32", "--patch_size", "8"],
+                                                             str(t / "none.pt"), *BUNDLE_NET], ("do not exist",)),
+    "inference-random-bytes-model": (["inference"], lambda d, t: ["--dataset_dir", str(d.labelled), "--ckpt_path",
+                                                                  str(d.random), *BUNDLE_NET],
+                                     ("not a PyTorch checkpoint",)),
+    "inference-empty-folder": (["inference"], lambda d, t: ["--dataset_dir", str((t / "e").mkdir() or t / "e"),
+                                                            *BUNDLE_NET], ("no supported ultrasound files",)),
+    "pretrain-missing-corpus": (["pretrain"], lambda d, t: ["--dataset_dir", str(t / "nope"), *BUNDLE_MAE],
                                 ("does not exist",)),
 }
 
@@ -764,7 +777,8 @@ def test_bundle_inference_skips_unreadable_scans(data: SimpleNamespace, bundle: 
     for p in good:
         shutil.copy(p, scans / p.name)
     shutil.copy(data.truncated, scans / "broken.png")
-    proc = _bundle_run(bundle, ["inference"], "--dataset_dir", str(scans), "--output_dir", str(tmp_path / "out"))
+    proc = _bundle_run(bundle, ["inference"], "--dataset_dir", str(scans), "--output_dir", str(tmp_path / "out"),
+                       *BUNDLE_NET)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     result = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert sorted(Path(r["source"]).name for r in result["results"]) == sorted(p.name for p in good)

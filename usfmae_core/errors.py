@@ -114,4 +114,11 @@ def user_error_message(exc: BaseException) -> str | None:
     for e in chain:
         if isinstance(e, OSError) and not isinstance(e, (ConnectionError, TimeoutError)):
             return os_error_message(e)
+    for e in chain:  # torch.save to a path (e.g. in a MONAI handler) reports a failed write without errno or file
+        if isinstance(e, RuntimeError) and any(w in str(e) for w in _TORCH_WRITE_FAILURE):
+            return (f"a checkpoint could not be written (PyTorch: {str(e).strip().splitlines()[-1][:100]}); free "
+                    "disk space or choose an output folder on another disk, and check its permissions")
     return None
+
+
+_TORCH_WRITE_FAILURE = ("PytorchStreamWriter failed", "file write failed", "unexpected pos", "iostream error")

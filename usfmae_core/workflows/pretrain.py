@@ -148,11 +148,11 @@ def build_pretrain_model(preset: str = "vit_base", img_size: int | None = None, 
             config["init_note"] = "decoder prediction head re-initialised (patch shape changed)"
     from usfmae_core.networks.presets import check_normalisation
 
-    check_normalisation(mean, std, int(config["in_channels"]))
     size = config["img_size"]
     size = int(size[-1] if isinstance(size, (list, tuple)) else size)
     mean = IMAGENET_MEAN if mean is None else mean
     std = IMAGENET_STD if std is None else std
+    check_normalisation(mean, std, int(config["in_channels"]))
     config["preprocessing"] = Preprocessing(size, int(config["in_channels"]), tuple(mean), tuple(std)).to_dict()
     return model, config
 
