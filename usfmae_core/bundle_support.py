@@ -47,7 +47,7 @@ from monai.transforms import MapTransform, apply_transform
 from usfmae_core.errors import UsfmaeError
 
 __all__ = ["one_line_errors", "SkipUnreadabled", "CorpusDataset", "corpus_sampler", "split_items", "evaluation_items",
-           "inference_items", "log_data_summary", "cache_rate", "check_batches", "UltrasoundToFramesd",
+           "inference_items", "log_data_summary", "cache_rate", "collate_for", "check_batches", "UltrasoundToFramesd",
            "FrameAveragingInferer", "prepare_batch", "metadata_classes", "labelled_data", "training_classes",
            "write_network_format", "write_json_file", "check_weights", "read_weights", "load_weights",
            "save_state_dict", "start_from_mae", "init_mae", "classifier_config", "mae_checkpoint_config", "macro_f1",
@@ -262,13 +262,26 @@ def log_data_summary(datalist: Mapping[str, Any], source: str | os.PathLike | No
     return lines
 
 
-def cache_rate(n_items: int, prep: Any) -> float:
-    """Fraction of ``n_items`` preprocessed images to keep in memory (``CacheDataset``), within the fine-tuning
-    workflow's memory budget (:data:`usfmae_core.workflows.finetune.CACHE_BYTES`)."""
-    from usfmae_core.workflows.finetune import CACHE_BYTES
+def cache_rate(n_items: int, prep: Any, volume: Any = None) -> float:
+    """Fraction of ``n_items`` preprocessed images (volumes / bags of slices with a ``volume`` model) to keep in
+    memory (``CacheDataset``), within the fine-tuning workflow's memory budget
+    (:data:`usfmae_core.workflows.finetune.CACHE_BYTES`)."""
+    from usfmae_core.workflows.finetune import CACHE_BYTES, item_bytes
 
-    per_item = int(prep.in_channels) * int(prep.image_size) ** 2 * 4
+    per_item = item_bytes(prep, volume)
     return float(min(1.0, CACHE_BYTES / max(1, per_item * max(1, int(n_items)))))
+
+
+def collate_for(volume: Any = None) -> Callable[[Sequence[Any]], Any]:
+    """The ``collate_fn`` of a model's batches: MONAI's ``list_data_collate``, or for an attention-MIL volume model
+    :func:`~usfmae_core.data.volumes.collate_bags` (bags of different lengths padded, with a ``mask``)."""
+    from monai.data import list_data_collate
+
+    if volume is not None and volume.model == "mil":
+        from usfmae_core.data.volumes import collate_bags
+
+        return collate_bags
+    return list_data_collate
 
 
 def check_batches(loader: Any, source: str | os.PathLike) -> int:
@@ -328,21 +341,37 @@ class UltrasoundToFramesd(MapTransform):
     constant frames / slices of a cine or volume are left out
     (:func:`~usfmae_core.data.transforms.informative_frames`) and an input without any informative one is refused.
     The meta dict is kept and gains ``n_frames`` (frames given to the model) and ``n_excluded``.
+
+    With a volume model's settings (``volume``, a :class:`~usfmae_core.data.volumes.VolumeInput`) the item becomes
+    that model's input instead, exactly as in its fine-tuning
+    (:class:`~usfmae_core.data.volumes.VolumeToModelInputd`): a cube ``(C, S, S, S)`` for a 3D model, the informative
+    slices along the model's axis ``(N, C, S, S)`` for attention MIL.
     """
 
     def __init__(self, keys: KeysCollection, image_size: int = 224, in_channels: int = 3,
                  mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
-                 axis: int = 0, allow_missing_keys: bool = False) -> None:
+                 axis: int = 0, volume: Any = None, allow_missing_keys: bool = False) -> None:
         from usfmae_core.data.transforms import Preprocessing
 
         super().__init__(keys, allow_missing_keys)
         self.prep = Preprocessing(int(image_size), int(in_channels), tuple(mean), tuple(std))
         self.axis = int(axis)
+        self.volume = None
+        if volume is not None:
+            from usfmae_core.data.volumes import VolumeToModelInputd
+
+            self.volume = VolumeToModelInputd(keys, self.prep, volume, allow_missing_keys)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from usfmae_core.data.readers import UltrasoundImage
         from usfmae_core.data.transforms import frames_to_tensor, image_to_frames, informative_frames
 
+        if self.volume is not None:
+            d = self.volume(data)
+            for key in self.key_iterator(d):
+                meta = d[key].meta
+                meta.update(n_frames=len(meta.get("slice_index") or [0]), n_excluded=int(meta.get("n_excluded", 0)))
+            return d
         d = dict(data)
         for key in self.key_iterator(d):
             x = d[key]
@@ -372,22 +401,43 @@ class FrameAveragingInferer(Inferer):
     """Class probabilities per image: softmax of the network's logits for every frame, averaged over the frames.
 
     This is :func:`usfmae_core.workflows.predict.classify_array`'s rule for 2D models (a 2D image is one frame).
+    With a volume model's settings (``volume``) it is that model's one result per volume instead, as ``usfmae
+    predict`` computes it: a 3D model's softmax over its cube, or for attention MIL the informative slices encoded
+    ``frame_batch_size`` at a time and pooled by the model's attention (memory of one batch, whatever the slices).
 
     Args:
         frame_batch_size: frames per forward pass.
+        volume: None for 2D models, else a :class:`~usfmae_core.data.volumes.VolumeInput`.
 
     Shapes: ``(B, N, C, S, S)`` (``N`` frames per image; ``B`` is usually 1 since ``N`` varies) or ``(B, C, S, S)``
-    -> probabilities ``(B, K)`` float32.
+    -> probabilities ``(B, K)`` float32; a 3D model: ``(B, C, S, S, S)`` -> ``(B, K)``.
     """
 
-    def __init__(self, frame_batch_size: int = 32) -> None:
+    def __init__(self, frame_batch_size: int = 32, volume: Any = None) -> None:
         self.frame_batch_size = max(1, int(frame_batch_size))
+        self.volume = volume
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
                  ) -> torch.Tensor:
         x = inputs.as_subclass(torch.Tensor) if isinstance(inputs, MetaTensor) else inputs
         if x.numel() == 0:  # unreadable files (SkipUnreadabled): no probabilities, the writer lists them as skipped
             return torch.zeros((x.shape[0], 0))
+        if self.volume is not None and self.volume.model == "3d":
+            return torch.softmax(network(x, *args, **kwargs).float(), dim=-1)
+        if self.volume is not None:  # attention MIL: chunked slice encoding, one pooling per bag
+            from usfmae_core.workflows.distributed import unwrap_model
+
+            model = unwrap_model(network)
+            mask = kwargs.get("mask")
+            out = []
+            for b, bag in enumerate(x):
+                if mask is not None:
+                    bag = bag[torch.as_tensor(mask[b]).bool()]
+                feats = torch.cat([model.encode(bag[i:i + self.frame_batch_size])
+                                   for i in range(0, bag.shape[0], self.frame_batch_size)])
+                logits, _ = model.aggregate(feats[None])
+                out.append(torch.softmax(logits.float(), dim=-1)[0])
+            return torch.stack(out)
         if x.dim() == 4:
             x = x[:, None]
         if x.dim() != 5:
@@ -401,8 +451,10 @@ class FrameAveragingInferer(Inferer):
 
 
 def prepare_batch(batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False,
-                  **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``prepare_batch`` for MONAI engines: ``(image, label)`` as plain tensors on ``device``.
+                  **kwargs: Any) -> tuple[Any, ...]:
+    """``prepare_batch`` for MONAI engines: ``(image, label)`` as plain tensors on ``device``; for padded MIL bags
+    (a ``mask`` in the batch, :func:`collate_for`) ``(image, label, (), {"mask": mask})``, which MONAI's engines
+    hand to the inferer and so to the network as ``network(image, mask=mask)``.
 
     Plain tensors (not MetaTensors) keep the ViT's many small operations free of metadata handling; labels become
     ``long`` for the cross-entropy. The engine's ``state.batch`` still holds the MetaTensors (file names for the
@@ -417,6 +469,9 @@ def prepare_batch(batchdata: Mapping[str, Any], device: torch.device | str | Non
         label = label.as_subclass(torch.Tensor).long().to(device=device, non_blocking=non_blocking)
     else:
         label = None
+    mask = batchdata.get("mask")
+    if isinstance(mask, torch.Tensor):
+        return image, label, (), {"mask": mask.to(device=device, non_blocking=non_blocking)}
     return image, label
 
 
@@ -468,18 +523,21 @@ def training_classes(source: str | os.PathLike, network_data_format: Mapping[str
     return metadata_classes(network_data_format)
 
 
-def _image_format(channels: int, size: int) -> dict[str, Any]:
+def _image_format(channels: int, size: int, spatial_dims: int = 2) -> dict[str, Any]:
     names = ["B-mode intensity"] if channels == 1 else [
         f"B-mode intensity (normalised with the {c} mean/std)" for c in "RGB"][:channels]
-    return {"num_channels": int(channels), "spatial_shape": [int(size), int(size)],
+    return {"num_channels": int(channels), "spatial_shape": [int(size)] * int(spatial_dims),
             "channel_def": {str(i): n for i, n in enumerate(names)}}
 
 
 def write_network_format(metadata_file: str | os.PathLike, classes: Sequence[str], image_size: int,
-                         in_channels: int) -> bool:
+                         in_channels: int, volume: Any = None) -> bool:
     """Record a training run's classes, image size and channels in ``network_data_format`` of ``metadata_file``
     (inputs ``image``; outputs and post-processed outputs ``pred``), so that evaluation, inference,
-    ``verify_net_in_out``, ``ckpt_export`` and ``monai.bundle.load`` build the network that was trained.
+    ``verify_net_in_out``, ``ckpt_export`` and ``monai.bundle.load`` build the network that was trained. A native 3D
+    volume model (``volume.model == "3d"``) takes a cube ``S x S x S``; an attention-MIL model takes bags of
+    ``S x S`` slices (a ``(B, C, S, S)`` input is B bags of one slice each, which is what ``verify_net_in_out``
+    feeds it).
 
     The file is rewritten (atomically, 4-space JSON as the Model Zoo's pre-commit formats it) only when something
     changes, and what changed is logged. Returns whether it was rewritten.
@@ -489,7 +547,8 @@ def write_network_format(metadata_file: str | os.PathLike, classes: Sequence[str
     fmt = meta.setdefault("network_data_format", {})
     before = json.dumps(fmt, sort_keys=True)
     image = fmt.setdefault("inputs", {}).setdefault("image", {})
-    image.update(_image_format(int(in_channels), int(image_size)))
+    dims = 3 if volume is not None and volume.model == "3d" else 2
+    image.update(_image_format(int(in_channels), int(image_size), dims))
     k = len(classes)
     for section in ("outputs", "post_processed_outputs"):
         pred = fmt.setdefault(section, {}).setdefault("pred", {})
@@ -497,8 +556,8 @@ def write_network_format(metadata_file: str | os.PathLike, classes: Sequence[str
     if json.dumps(fmt, sort_keys=True) == before:
         return False
     write_json_file(path, meta)
-    logger.info("recorded the trained network's inputs (%d channel(s), %d x %d) and classes (%s) in %s",
-                int(in_channels), int(image_size), int(image_size), ", ".join(map(str, classes)), path)
+    logger.info("recorded the trained network's inputs (%d channel(s), %s) and classes (%s) in %s",
+                int(in_channels), " x ".join([str(int(image_size))] * dims), ", ".join(map(str, classes)), path)
     return True
 
 
@@ -614,8 +673,8 @@ def save_state_dict(network: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def start_from_mae(network: nn.Module, mae: str | os.PathLike, in_channels: int | None = None) -> nn.Module:
-    """Start ``network`` (a :class:`~usfmae_core.networks.classifier.USFMAEClassifier`) from the encoder of the MAE
-    checkpoint ``mae`` (``usfmae pretrain`` / ``configs/pretrain.json`` / ``usfmae import-weights``, or the name of a
+    """Start ``network`` (a :class:`~usfmae_core.networks.classifier.USFMAEClassifier`, 2D or native 3D, or an
+    :class:`~usfmae_core.networks.volume.AttentionMILClassifier`) from the encoder of the MAE checkpoint ``mae`` (``usfmae pretrain`` / ``configs/pretrain.json`` / ``usfmae import-weights``, or the name of a
     published model fetched with ``usfmae pull``).
 
     Position embeddings of another image size are interpolated (logged); another encoder shape is refused with the
@@ -638,17 +697,24 @@ def start_from_mae(network: nn.Module, mae: str | os.PathLike, in_channels: int 
         raise UsfmaeError(f"the MAE {path} takes {cfg.get('in_channels')} channel(s) but the bundle {in_channels}",
                           "set network_data_format#inputs#image#num_channels in configs/metadata.json to the MAE's")
     shape_keys = ("hidden_size", "num_layers", "num_heads", "patch_size")
+    patch_src = enc["patch_embed.patch_embeddings.weight"].shape[2:] if enc.get("cls_token") is not None else ()
+    patch_dst = want["patch_embed.patch_embeddings.weight"].shape[2:]
+    inflate = len(patch_src) == 2 and len(patch_dst) == 3  # a 2D MAE starting a native 3D ViT
+    if inflate:  # 2D positions mean nothing in 3D: the 3D ViT keeps its own sin-cos (as USFMAEClassifier.from_mae)
+        enc["patch_embed.position_embeddings"] = want["patch_embed.position_embeddings"]
     mismatch = (enc.get("cls_token") is None or enc["cls_token"].shape != want["cls_token"].shape
                 or sum(k.endswith("attn.qkv.weight") for k in enc) != sum(k.endswith("attn.qkv.weight") for k in want)
-                or enc["patch_embed.patch_embeddings.weight"].shape[2:]
-                != want["patch_embed.patch_embeddings.weight"].shape[2:])
+                or tuple(patch_src[-2:]) != tuple(patch_dst[-2:])
+                or (len(patch_src) == 3 and len(patch_dst) == 2))
     if mismatch:
         fits = " ".join(f"--network_def#{k} {_scalar(cfg.get(k))}" for k in shape_keys if cfg.get(k) is not None)
         raise UsfmaeError(f"the MAE {path} has another encoder shape than network_def "
                           f"(MAE: {', '.join(f'{k} {_scalar(cfg.get(k))}' for k in shape_keys)})",
                           f"pass {fits} (and the same to evaluate / inference)")
     size = _scalar(cfg.get("img_size", 224))
-    if size != target.encoder.img_size[-1]:
+    if inflate:
+        logger.info("the 2D MAE %s starts the 3D ViT: its patch projection is inflated over depth", path)
+    elif size != target.encoder.img_size[-1]:
         logger.info("MAE %s was pretrained at %d px; its position embeddings are interpolated to %d px", path, size,
                     target.encoder.img_size[-1])
     target.encoder.load_state_dict(adapt_state_dict(enc, want, source=str(path)))
@@ -956,13 +1022,16 @@ class ProbabilityWriter:
             kinds = list(getattr(image, "meta", {}).get("kind", []) or [])
             excluded = getattr(image, "meta", {}).get("n_excluded")
             excluded = [] if excluded is None else [int(e) for e in torch.as_tensor(excluded).reshape(-1)]
+            frames = getattr(image, "meta", {}).get("n_frames")  # the real slices of padded bags, 1 for a cube
+            frames = [] if frames is None else [int(f) for f in torch.as_tensor(frames).reshape(-1)]
             label = batch.get("label")
             unreadable = list(batch.get("unreadable") or [])
             items = []
             for i in range(n):
                 items.append({"source": names[i] if i < len(names) else None,
                               "kind": kinds[i] if i < len(kinds) else None,
-                              "n_frames": int(image[i].shape[0]) if image[i].dim() == 4 else 1,
+                              "n_frames": frames[i] if i < len(frames) else
+                              (int(image[i].shape[0]) if image[i].dim() == 4 else 1),
                               "n_excluded": excluded[i] if i < len(excluded) else 0,
                               "label": None if label is None else int(torch.as_tensor(label[i]).reshape(-1)[0]),
                               "unreadable": str(unreadable[i]) if i < len(unreadable) and unreadable[i] else ""})

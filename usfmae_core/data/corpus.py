@@ -174,21 +174,14 @@ def _letterbox_slices(stack: np.ndarray, spacing_hw: tuple[float, float], size: 
 
 
 def _native_volume(vol: np.ndarray, spacing: Sequence[float], size: int) -> tuple[np.ndarray, float]:
-    """Resample a volume to an isotropic cube of side ``size`` (letterboxed); returns (uint8, new spacing mm)."""
-    import torch
-    import torch.nn.functional as F
+    """Resample a volume to an isotropic cube of side ``size`` (letterboxed); returns (uint8, new spacing mm).
 
-    from usfmae_core.data.transforms import scale_intensity
+    The rule volume classifiers see too (:func:`~usfmae_core.data.volumes.volume_to_cube`), so a ``--native-3d``
+    MAE is fine-tuned on what it was pretrained on."""
+    from usfmae_core.data.volumes import volume_to_cube
 
-    ext = [n * s for n, s in zip(vol.shape, spacing)]
-    big = max(ext)
-    dims = [max(1, round(size * e / big)) for e in ext]
-    t = torch.from_numpy(scale_intensity(vol))[None, None]
-    t = F.interpolate(t, size=dims, mode="trilinear", align_corners=False)[0, 0]
-    out = torch.zeros((size,) * 3)
-    o = [(size - d) // 2 for d in dims]
-    out[o[0]:o[0] + dims[0], o[1]:o[1] + dims[1], o[2]:o[2] + dims[2]] = t
-    return _to_uint8(out.numpy()), big / size
+    cube, step = volume_to_cube(vol, spacing, size)
+    return _to_uint8(cube[0].numpy()), step
 
 
 def _finish_frames(frames: np.ndarray, size: int) -> np.ndarray:

@@ -357,8 +357,8 @@ def summarise_records(records: Sequence[Mapping[str, Any]], volume: VolumeInput)
 
 def collate_bags(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Collate MIL items ``{"image": (N_i, C, S, S), "label": int, ...}`` into ``image`` ``(B, N, C, S, S)`` padded
-    with zeros to the largest bag, ``mask`` ``(B, N)`` (True = a real slice) and ``label`` ``(B,)``; other keys are
-    collated by MONAI's ``list_data_collate`` rules (file names stay in ``image_meta`` as a list)."""
+    with zeros to the largest bag (a MetaTensor whose meta lists each item's ``filename_or_obj``, ``kind`` and
+    ``n_frames``), ``mask`` ``(B, N)`` (True = a real slice) and ``label`` ``(B,)``."""
     images = [torch.as_tensor(it["image"]).as_subclass(torch.Tensor) for it in batch]
     n = max(int(x.shape[0]) for x in images)
     out = torch.zeros((len(images), n, *images[0].shape[1:]), dtype=images[0].dtype)
@@ -366,8 +366,10 @@ def collate_bags(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for i, x in enumerate(images):
         out[i, : x.shape[0]] = x
         mask[i, : x.shape[0]] = True
-    result: dict[str, Any] = {"image": out, "mask": mask,
-                              "image_meta": [dict(getattr(it["image"], "meta", {}) or {}) for it in batch]}
+    metas = [dict(getattr(it["image"], "meta", {}) or {}) for it in batch]
+    meta = {"filename_or_obj": [m.get("filename_or_obj") for m in metas], "kind": [m.get("kind") for m in metas],
+            "n_frames": [int(x.shape[0]) for x in images]}
+    result: dict[str, Any] = {"image": MetaTensor(out, meta=meta), "mask": mask}
     if all("label" in it for it in batch):
         result["label"] = torch.as_tensor([int(torch.as_tensor(it["label"])) for it in batch])
     return result
