@@ -172,8 +172,9 @@ class USFMAEEngineLogic:
             for t in temporary:
                 shutil.rmtree(t, ignore_errors=True)
             raise
+        # --overwrite: a job folder chosen by the user is this job's own scratch space, re-classified at will
         argv = ["predict", str(model), str(exported.path), "--out", str(out / "predict"), "--device", device or "auto",
-                "--batch-size", str(int(batch_size)), "--kind", exported.kind, "--precision", precision]
+                "--batch-size", str(int(batch_size)), "--kind", exported.kind, "--precision", precision, "--overwrite"]
         context = {"input": exported.reference.GetID(), "source": _node_name(exported.source),
                    "table": table_node.GetID() if table_node is not None else None,
                    "index_name": exported.index_name, "model": str(model), "notes": exported.notes,
@@ -197,7 +198,7 @@ class USFMAEEngineLogic:
                 shutil.rmtree(t, ignore_errors=True)
             raise
         argv = ["reconstruct", str(model), str(exported.path), "--out", str(out / "reconstruct"), "--mask-ratio",
-                f"{float(mask_ratio):g}", "--seed", str(int(seed)), "--device", device or "auto"]
+                f"{float(mask_ratio):g}", "--seed", str(int(seed)), "--device", device or "auto", "--overwrite"]
         context = {"input": input_node.GetID(), "shape": list(exported.shape), "mask_ratio": float(mask_ratio)}
         return JobSpec("reconstruct", f"reconstruct {_node_name(input_node)}",
                        [{"name": "reconstruct", "argv": argv}], out, context, temporary)
