@@ -216,6 +216,11 @@ class _Lock:
                 return False
         info = _read_json(self.path) or {}
         if taken is False:
+            for _ in range(40):  # the holder writes who it is just after taking the lock: up to 2 s to name it
+                if info.get("command"):
+                    break
+                time.sleep(0.05)
+                info = _read_json(self.path) or {}
             raise UsfmaeError(f"{self.path.parent} is in use by {_holder_text(info)}",
                               "wait for that run to end, or choose another --out")
         if taken is None and info.get("pid") and int(info["pid"]) != os.getpid():
