@@ -12,9 +12,10 @@
   under the CPU model, thread count, torch version, the model's parameter shapes, the input shape and the mode, so a
   machine pays it once per model and shape.
 
-Why measure: on a 2-core AVX512-BF16 EPYC a ViT-B/16 MAE step runs ~2.5x faster in bf16, but the demo's vit_micro at
-64 px runs slower in bf16 (its matrix products are too small to gain, and autocast adds conversions of every
-activation); an Intel AMX CPU showed the same split (benchmarks/README.md, "Precision").
+Why measure: on a 2-core AVX512-BF16 EPYC a ViT-B/16 MAE step runs ~2.5x faster in bf16, but for small models such as
+the demo's vit_micro at 64 px the gain shrinks to nothing or turns into a loss (their matrix products are too small to
+gain, and autocast adds conversions of every activation); an Intel AMX CPU measured a vit_micro fine-tuning step 1.5x
+slower in bf16 (issue 16; benchmarks/README.md, "Precision").
 
 The choice is printed (``precision auto -> bf16 (probe: fp32 0.41 s, bf16 0.16 s per step; cached)``) and written
 into each run's configuration by the workflows.
