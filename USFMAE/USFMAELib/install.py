@@ -221,6 +221,20 @@ def restart_recommended(plan: InstallPlan, before: Mapping[str, str], after: Map
     return reasons
 
 
+def pip_blocked_by_torch(plan: InstallPlan) -> str | None:
+    """Why the pip steps must not run (``plan`` read after the PyTorch extension's step), or None.
+
+    While torch is missing or older than the engine's minimum, pip would satisfy MONAI's ``torch`` requirement itself
+    with a PyPI build (gigabytes of CUDA wheels, not the user's choice); torch is pinned only once it is installed."""
+    if plan.torch is None or not plan.pip:
+        return None
+    what = "is not installed" if plan.torch == "install" else f"{plan.torch_version} is too old"
+    return (f"PyTorch {what} (the engine needs torch{plan.torch_requirement}), so the other packages were not "
+            "installed (pip would fetch its own PyTorch build for them); install PyTorch from the PyTorch extension's "
+            "module (or check the network and the Python console), restart Slicer and press 'Install Python "
+            "packages...' again")
+
+
 def torch_upgrade_blocked(plan: InstallPlan, imported: Iterable[str] | None = None) -> str | None:
     """Why torch cannot be upgraded now (it is loaded in this session: its files are in use), or None."""
     modules = set(sys.modules if imported is None else imported)
