@@ -578,6 +578,7 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if blocked:
                     self.updateDependencyStatus()
                     slicer.util.errorDisplay(blocked, windowTitle=_(TITLE))
+                    self._reportBundledChanges(before)
                     return
             constraints = Path(tempfile.mkdtemp(prefix="usfmae_pip_")) / "constraints.txt"
             constraints.write_text(plan.constraints_text(), encoding="utf-8")
@@ -592,11 +593,20 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("These packages could not be installed: {packages}; see the Python console "
                                        "for pip's message (network, or no build for this platform)").format(
                 packages=", ".join(failures)), windowTitle=_(TITLE))
+        self._reportBundledChanges(before)
         reasons = install.restart_recommended(first, before, install.installed_versions())
         if reasons and slicer.util.confirmYesNoDisplay(
                 _("Restart Slicer now to finish the installation? Packages that were already loaded changed."),
                 windowTitle=_(TITLE), detailedText="\n".join(reasons)):
             slicer.util.restart()
+
+    def _reportBundledChanges(self, before: dict) -> None:
+        """Say which of Slicer's own packages changed during an installation (e.g. by the PyTorch extension)."""
+        changed = install.bundled_changes(before, install.installed_versions())
+        if changed:
+            slicer.util.warningDisplay(
+                _("Packages that Slicer ships changed during the installation (the PyTorch extension installs PyTorch "
+                  "without USF-MAE's pins):\n{packages}").format(packages="\n".join(changed)), windowTitle=_(TITLE))
 
     # -------------------------------------------------------------------------------------- get started
     def onLoadSamples(self) -> None:

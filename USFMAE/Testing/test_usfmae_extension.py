@@ -403,5 +403,10 @@ def test_restart_is_recommended_when_loaded_packages_changed():
     reasons = install.restart_recommended(plan, before, after, imported=["numpy", "nibabel.nifti1"])
     assert reasons[0].startswith("torch (new) -> 2.6.0") and "nibabel 5.2.0 -> 5.3.0" in reasons
     assert not any(r.startswith("monai") for r in reasons)  # installed but never imported: no restart for it
+    # Slicer's own packages changed by someone else's installer (light-the-torch downgrading pip on 5.12): said
+    slicer_512 = _slicer_python("5.12")
+    assert install.bundled_changes(slicer_512, {**slicer_512, "pip": "26.0.1", "torch": "2.13.0"}) == [
+        "pip 26.1.1 -> 26.0.1"]
+    assert install.bundled_changes(slicer_512, slicer_512) == []
     nothing = install.plan_install([], "torch>=2.4", {"torch": "2.6.0"})
     assert install.restart_recommended(nothing, before, before, imported=["numpy"]) == []

@@ -212,6 +212,16 @@ def changed_imported(before: Mapping[str, str], after: Mapping[str, str],
     return changed
 
 
+def bundled_changes(before: Mapping[str, str], after: Mapping[str, str]) -> list[str]:
+    """Slicer-bundled packages whose version changed between two :func:`installed_versions` (one line each).
+
+    The module's own pip steps pin them, but the PyTorch extension installs torch with light-the-torch, which pip
+    runs without those pins (light-the-torch 0.8.1 itself requires ``pip<26.1``, below Slicer 5.12's 26.1.1); what
+    changed is said, never left silent."""
+    return [f"{name} {version} -> {after.get(name) or '(removed)'}" for name, version in sorted(before.items())
+            if name in BUNDLED_NAMES and after.get(name) != version]
+
+
 def restart_recommended(plan: InstallPlan, before: Mapping[str, str], after: Mapping[str, str],
                         imported: Iterable[str] | None = None) -> list[str]:
     """Reasons to restart Slicer after carrying out ``plan`` (empty: no restart needed)."""
