@@ -226,48 +226,52 @@ def check_batches(loader: Any, source: str | os.PathLike) -> int:
 class UltrasoundToFramesd(MapTransform):
     """Every frame of a cine / slice of a volume (one frame for a 2D image) as 2D model input ``(N, C, S, S)``.
 
-    Input: channel-first grey ``(1, H, W)`` or ``(1, T|D, H, W)`` from
-    :class:`~usfmae_core.data.transforms.LoadUltrasoundd`. Frames come from
-    :func:`~usfmae_core.data.transforms.image_to_frames` (volumes sliced along ``axis``, array order D, H, W) and are
-    preprocessed by :func:`~usfmae_core.data.transforms.frames_to_tensor`, as ``usfmae predict`` does: empty and
-    constant frames / slices of a cine or volume are left out
-    (:func:`~usfmae_core.data.transforms.informative_frames`) and an input without any informative one is refused.
-    The meta dict is kept and gains ``n_frames`` (frames given to the model) and ``n_excluded``.
+    Input: channel-first ``(1|3, H, W)`` or ``(1|3, T|D, H, W)`` from
+    :class:`~usfmae_core.data.transforms.LoadUltrasoundd` (3 channels: a colour file loaded with ``colour=True``).
+    The frames are those ``usfmae predict`` classifies (:func:`~usfmae_core.data.transforms.frames_for_model`:
+    volumes sliced along ``axis``, array order D, H, W; empty and constant frames / slices left out, an input
+    without any informative one refused; one sector box per clip) and are preprocessed by
+    :func:`~usfmae_core.data.transforms.frames_to_tensor` with the model's preprocessing: ``resize`` (``letterbox`` |
+    ``squash``), ``crop_sector`` and ``colour`` (``rgb``: colour reaches a 3-channel model as colour; ``luma``) as
+    stored in its checkpoint (``preprocessing`` may give them all at once, as a dict). The meta dict is kept and gains
+    ``n_frames`` (frames given to the model) and ``n_excluded``.
     """
 
     def __init__(self, keys: KeysCollection, image_size: int = 224, in_channels: int = 3,
                  mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
-                 axis: int = 0, allow_missing_keys: bool = False) -> None:
+                 axis: int = 0, resize: str = "letterbox", crop_sector: bool = False, colour: str = "rgb",
+                 preprocessing: Mapping[str, Any] | None = None, allow_missing_keys: bool = False) -> None:
         from usfmae_core.data.transforms import Preprocessing
 
         super().__init__(keys, allow_missing_keys)
-        self.prep = Preprocessing(int(image_size), int(in_channels), tuple(mean), tuple(std))
+        self.prep = (Preprocessing.from_dict(preprocessing) if preprocessing is not None else
+                     Preprocessing(int(image_size), int(in_channels), tuple(mean), tuple(std), str(resize),
+                                   bool(crop_sector), str(colour)))
         self.axis = int(axis)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from usfmae_core.data.readers import UltrasoundImage
-        from usfmae_core.data.transforms import frames_to_tensor, image_to_frames, informative_frames
+        from usfmae_core.data.readers import luma
+        from usfmae_core.data.transforms import frames_for_model, frames_to_tensor
 
         d = dict(data)
         for key in self.key_iterator(d):
             x = d[key]
             meta = dict(getattr(x, "meta", {}) or {})
             arr = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float32)
-            if arr.ndim in (3, 4) and arr.shape[0] == 1:
+            rgb = None
+            if arr.ndim in (3, 4) and arr.shape[0] == 3:  # colour, channel-first
+                rgb = np.moveaxis(arr, 0, -1)
+                arr = luma(rgb)
+            elif arr.ndim in (3, 4) and arr.shape[0] == 1:
                 arr = arr[0]  # channel-first grey -> (H, W) / (N, H, W)
             kind = str(meta.get("kind") or ("image" if arr.ndim == 2 else "volume"))
             if arr.ndim == 2:
                 kind = "image"
             spacing = tuple(meta.get("spacing") or (1.0,) * arr.ndim)
             source = str(meta.get("filename_or_obj", ""))
-            frames = image_to_frames(UltrasoundImage(arr, spacing, kind, source), axis=self.axis)
-            keep = np.ones(len(frames), bool) if kind == "image" else informative_frames(frames)
-            if not keep.any():
-                raise UsfmaeError(f"{source or f'the {kind}'} has no informative "
-                                  f"{'frame' if kind == 'cine' else 'slice'}: all {len(frames)} are empty or "
-                                  "constant", "check the file (a blank or padding-only export?) or leave it out")
-            out = frames_to_tensor(frames[keep] if not keep.all() else frames, self.prep)
-            meta.update(n_frames=int(out.shape[0]), n_excluded=int((~keep).sum()), kind=kind)
+            seen = frames_for_model(arr, kind, spacing, self.prep, self.axis, rgb, source or None)
+            out = frames_to_tensor(seen.frames, self.prep, seen.spacing, seen.crop)
+            meta.update(n_frames=int(out.shape[0]), n_excluded=int(seen.total - len(seen.index)), kind=kind)
             d[key] = MetaTensor(out, meta=meta)
         return d
 
