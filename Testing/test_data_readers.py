@@ -81,6 +81,22 @@ def test_colour_to_luma_and_mask(tmp_path):
     assert u.meta["colour_mask"][10:20, 10:20].all() and u.meta["colour_mask"].sum() == 100
 
 
+@pytest.mark.parametrize("name", ["SC_ybr_full_422_uncompressed.dcm", "SC_rgb_dcmtk_+eb+cy+s4.dcm"],
+                         ids=["ybr_full_422", "ybr_full_jpeg"])
+def test_ybr_dicom_reads_as_its_rgb_original(name):
+    """YBR_FULL(_422) DICOM is converted to RGB before the luma rule, with pydicom 3 (which converts in pixel_array)
+    and pydicom 2.4 (Slicer 5.10's, which does not): pydicom's test files hold one picture in many encodings."""
+    import pydicom.data
+
+    files = Path(pydicom.data.__file__).parent / "test_files"
+    rgb = read_ultrasound(files / "SC_rgb_rle.dcm")  # the same 100x100 picture, lossless RGB
+    ybr = read_ultrasound(files / name)
+    assert ybr.meta["photometric"].startswith("YBR_FULL") and ybr.array.shape == rgb.array.shape
+    # 8-bit YCbCr <-> RGB rounding (and JPEG for the second file) stays within 2 grey levels; unconverted YCbCr
+    # taken as RGB would be off by tens
+    assert np.abs(ybr.array - rgb.array).max() <= 2.0
+
+
 def test_supported_extensions():
     for ext in (".png", ".dcm", ".nii.gz", ".seq.nrrd", ".igs.mha", ".mhd", ".mp4", ".gif", ".mpeg", ".tiff"):
         assert ext in SUPPORTED_EXTENSIONS or any(ext.endswith(e) for e in SUPPORTED_EXTENSIONS)

@@ -279,3 +279,24 @@ def test_no_informative_slice_is_a_one_line_error(ckpts, tmp_path, capsys):
     assert main(["predict", str(ckpts["clf2d"]), str(path), "--out", str(tmp_path / "p"), "--device", "cpu"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # (after the progress bar and the 'skipped' line)
     assert last.startswith("usfmae: error:") and "blank.nii.gz has no informative slice" in last
+
+
+def test_kind_reads_a_clip_stored_as_a_3d_nrrd_as_cine(ckpts, tmp_path, capsys):
+    """``--kind cine``: a 2D+t clip saved as a plain 3D NRRD (as the Slicer module hands a sequence over) gives one
+    row per frame as a cine; ``--kind image`` on it is a one-line reason in the skip list."""
+    clip = phantom.make_cine(1, frames=5, size=40, rng=7)
+    path = phantom.write_volume(tmp_path / "clip.nrrd", clip)
+    assert read_ultrasound(path).kind == "volume"  # what the file alone says
+    assert main(["predict", str(ckpts["clf2d"]), str(path), "--out", str(tmp_path / "p"), "--device", "cpu",
+                 "--kind", "cine", "--precision", "fp32"]) == 0
+    (res,) = json.loads((tmp_path / "p" / "predictions.json").read_text())["results"]
+    assert res["kind"] == "cine" and res["n_frames"] == 5
+    _, rows = _read_csv(tmp_path / "p" / "predictions.csv")
+    assert [r["kind"] for r in rows] == ["cine"] * 5
+    ref = classify_array(_load(ckpts["clf2d"])[0], _load(ckpts["clf2d"])[1]["config"], clip.astype(np.float32),
+                         kind="cine", precision="fp32")
+    np.testing.assert_allclose([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows], ref["per_frame"], atol=1e-5)
+    capsys.readouterr()
+    assert main(["predict", str(ckpts["clf2d"]), str(path), "--out", str(tmp_path / "q"), "--kind", "image"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("usfmae: error:")]
+    assert len(errors) == 1 and "not one image" in errors[0]

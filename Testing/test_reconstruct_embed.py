@@ -161,3 +161,18 @@ def test_embed_classifier_matches_forward_features(ckpts):
 def test_embed_refuses_cnn(ckpts, files, tmp_path):
     with pytest.raises(UsfmaeError, match="resnet"):
         embed(ckpts["resnet"], [files["png"]], tmp_path / "x", device="cpu", quiet=True)
+
+
+def test_reconstruct_volume_format_images_and_clips_get_volumes_back(ckpts, tmp_path):
+    """A one-slice NRRD (an image saved from Slicer) and a Slicer sequence (.seq.nrrd cine) get their masked input
+    and reconstruction as volume files too, shaped as read, with the in-plane geometry."""
+    img = phantom.make_image(0, 40, rng=2)
+    one = phantom.write_volume(tmp_path / "one.nrrd", img[None], spacing=(1.0, 0.3, 0.4))
+    written = reconstruct_file(ckpts["mae"], one, tmp_path / "r1", device="cpu", quiet=True)
+    back = sitk.ReadImage(written["volumes"]["reconstruction"])
+    assert sitk.GetArrayFromImage(back).shape == (40, 40)
+    np.testing.assert_allclose(back.GetSpacing(), (0.4, 0.3), rtol=1e-6)
+    clip = phantom.write_cine(tmp_path / "clip.seq.nrrd", phantom.make_cine(1, frames=4, size=32, rng=3))
+    written = reconstruct_file(ckpts["mae"], clip, tmp_path / "r2", device="cpu", quiet=True)
+    masked = sitk.GetArrayFromImage(sitk.ReadImage(written["volumes"]["masked"]))
+    assert masked.shape == (4, 32, 32) and written["volumes"]["masked"].endswith("_masked.nrrd")

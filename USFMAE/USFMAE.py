@@ -1,28 +1,38 @@
 """USF-MAE for 3D Slicer: classify, reconstruct, fine-tune and pretrain ultrasound foundation models.
 
-Module (metadata), Widget (GUI wiring only), Logic (no Qt; calls the ``usfmae_core`` engine through
-:class:`USFMAELib.logic.USFMAEEngineLogic`) and Test (runs inside Slicer on a phantom, no network).
-Nothing heavy is imported at module load: torch and the engine's models are imported when first used.
+Module (metadata, sample data), Widget (GUI wiring only), Logic (Slicer's parameter node + the Qt-free
+:class:`USFMAELib.logic.USFMAEEngineLogic`) and Test (runs inside Slicer on the phantom sample, no network).
+
+Nothing heavy is imported here: every computation that needs torch runs in a background child process
+(``Scripts/usfmae_job.py``), so entering the module loads no torch, holds no GPU memory and the GUI never waits.
+The module also loads when the engine (``usfmae_core``) is missing, and says so in its panel.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 import os
+import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import ctk
 import qt
-import vtk
-
 import slicer
+import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTableNode
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 try:
@@ -35,18 +45,22 @@ except ImportError:  # Slicer < 5.4
     def translate(context, text):
         return text
 
-from USFMAELib import engine
-from USFMAELib.logic import USFMAEEngineLogic, UsfmaeError
+from USFMAELib import engine, install, paths, samples
+from USFMAELib.engine import UsfmaeError
+from USFMAELib.logic import WEIGHTS, USFMAEEngineLogic, action_states
+
+logger = logging.getLogger(__name__)
 
 SETTINGS_DEVICE = "USFMAE/Device"
-PRESETS = ("vit_test", "vit_micro", "vit_tiny", "vit_small", "vit_base", "vit_large")
+SETTINGS_TORCH_BACKEND = "USFMAE/TorchBackend"
+TITLE = "USF-MAE"
 
 
 #
 # USFMAE
 #
 class USFMAE(ScriptedLoadableModule):
-    """Module metadata (title, category, help)."""
+    """Module metadata (title, category, help) and the sample data registration."""
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
@@ -57,19 +71,64 @@ class USFMAE(ScriptedLoadableModule):
         self.parent.helpText = _("""
 Ultrasound foundation model (USF-MAE: masked autoencoder pretrained on ultrasound).
 <ul>
+<li><b>Get started</b>: load a sample ultrasound volume or cine (made offline) and fetch published USF-MAE
+weights.</li>
 <li><b>Classify</b> a 2D image, a 3D volume or a sequence (cine): class probabilities per slice / frame and their
 aggregate in a table, with a chart.</li>
 <li><b>Reconstruct</b> an image with a pretrained MAE (masked input and reconstruction, with the input's geometry).</li>
 <li><b>Fine-tune</b> a classifier on a labelled folder or CSV, and <b>pretrain</b> an MAE on unlabelled folders or
-the scene's volumes, in a background process with progress, ETA and cancel.</li>
+the scene's volumes and sequences.</li>
 </ul>
-Models are kept in <code>~/.usfmae/models</code> (or <code>$USFMAE_HOME/models</code>). Runs on a CUDA GPU, Apple
-MPS or the CPU. The same engine powers the <code>usfmae</code> command line and the MONAI bundle.
+Everything runs in a background process with progress and Cancel. Models are kept in <code>~/.usfmae/models</code>
+(or <code>$USFMAE_HOME/models</code>). The same engine powers the <code>usfmae</code> command line and the MONAI
+bundle.
 """)
         self.parent.acknowledgementText = _("""
 Built on PyTorch, MONAI and the USF-MAE method (masked autoencoders pretrained on ultrasound, after He et al.,
 "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022).
 """)
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData() -> None:
+    """Add the phantom samples to the Sample Data module (category "Ultrasound (USF-MAE)"). The files are made on
+    first use by a background job (:mod:`USFMAELib.samples`); after that Sample Data loads them like any sample."""
+    try:
+        import SampleData
+    except ImportError:
+        return
+    icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "USFMAE.png")
+    for sample in samples.SAMPLES:
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category=samples.CATEGORY, sampleName=sample.name, thumbnailFileName=icon,
+            uris=samples.sample_path(sample).as_uri(), fileNames=sample.file_name, nodeNames=sample.node_name,
+            loadFileTypes=sample.load_file_type, customDownloader=loadSampleData)
+
+
+def loadSampleData(source) -> list:
+    """Sample Data's button: make the sample files if they are missing (a background job; the GUI stays live
+    and a dialog offers Cancel), then load the sample through Sample Data's own loader."""
+    import SampleData
+
+    if samples.missing_samples():
+        logic = USFMAELogic()
+        job = logic.start_job(logic.samples_job())
+        dialog = slicer.util.createProgressDialog(labelText=_("Making the USF-MAE sample data..."), maximum=0)
+        try:
+            while job.running:
+                job.poll()
+                slicer.app.processEvents()
+                if dialog.wasCanceled:
+                    job.cancel(timeout=3.0)
+                time.sleep(0.05)
+        finally:
+            dialog.close()
+        outcome = logic.finish_job(job)
+        if not outcome.ok:
+            if not outcome.cancelled:
+                slicer.util.errorDisplay(outcome.message, windowTitle=_(TITLE))
+            return []
+    return SampleData.SampleDataLogic().downloadFromSource(source)
 
 
 #
@@ -79,7 +138,7 @@ Built on PyTorch, MONAI and the USF-MAE method (masked autoencoders pretrained o
 class USFMAEParameterNode:
     """The module's state, saved with the scene.
 
-    Paths are plain strings (an empty string: not chosen); the widget wires them to path editors by hand.
+    Paths are plain strings (``""``: not chosen), set from the path editors' text as typed (``USFMAELib.paths``).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -110,19 +169,13 @@ class USFMAEParameterNode:
 # USFMAEWidget
 #
 class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """GUI wiring only: every computation is a :class:`USFMAELogic` call."""
+    """GUI wiring only: what to run and how to show results are decided by the logic."""
 
-    # path editors <-> string parameters: (widget name, parameter, what the editor picks)
-    PATH_FIELDS = (("classifierPathLineEdit", "classifierPath", "model"),
-                   ("maePathLineEdit", "maePath", "model"),
-                   ("finetuneDataPathLineEdit", "finetuneData", "any"),
-                   ("finetuneInitPathLineEdit", "finetuneInit", "model"),
-                   ("finetuneOutputPathLineEdit", "finetuneOutput", "dir"),
-                   ("pretrainSourcePathLineEdit", "pretrainSource", "dir"),
-                   ("pretrainInitPathLineEdit", "pretrainInit", "model"),
-                   ("pretrainOutputPathLineEdit", "pretrainOutput", "dir"))
     COMBO_FIELDS = (("inputKindComboBox", "inputKind"), ("finetunePresetComboBox", "finetunePreset"),
                     ("pretrainPresetComboBox", "pretrainPreset"))
+    ACTION_BUTTONS: ClassVar[dict[str, str]] = {"classify": "classifyButton", "reconstruct": "reconstructButton", "finetune": "finetuneButton",
+                      "pretrain": "pretrainButton", "import": "importModelButton", "pull": "pullWeightsButton",
+                      "samples": "loadSamplesButton"}
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -131,10 +184,10 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._updatingGui = False
-        self._job = None
-        self._jobKind = None
-        self._jobOutput = None
-        self._deviceChecked = False
+        self._job = None  # the long job (progress bar, Cancel)
+        self._probes = {}  # short background probes by kind (device, model details)
+        self._engineMessage = None
+        self._installPlan = None  # cached install plan (what is missing), refreshed by updateDependencyStatus
         self._jobTimer = qt.QTimer()
         self._jobTimer.setInterval(250)
         self._jobTimer.connect("timeout()", self.onJobTimer)
@@ -150,31 +203,35 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        for widgetName, parameter, kind in self.PATH_FIELDS:
-            editor = getattr(self.ui, widgetName)
-            if kind == "model":
-                editor.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Readable
-                editor.nameFilters = ["Models (*.pt *.pth)", "All files (*)"]
-            elif kind == "dir":
-                editor.filters = ctk.ctkPathLineEdit.Dirs
-            else:
-                editor.filters = ctk.ctkPathLineEdit.Dirs | ctk.ctkPathLineEdit.Files
-            editor.settingKey = f"USFMAE/{parameter}"
-            editor.connect("currentPathChanged(QString)",
-                           lambda path, p=parameter: self._setParameter(p, path))
-        self.ui.importPathLineEdit.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Dirs
-        self.ui.importPathLineEdit.nameFilters = ["Weights (*.pt *.pth *.bin)", "All files (*)"]
+        for field in paths.PATH_FIELDS:
+            editor = getattr(self.ui, field.widget)
+            editor.filters = functools.reduce(operator.or_, (getattr(ctk.ctkPathLineEdit, f) for f in field.ctk_filters))
+            editor.nameFilters = list(field.name_filters)
+            editor.settingKey = field.setting_key  # history: ctkPathLineEdit/USFMAE/<name> in the settings
+            if field.parameter:  # follow the text as typed (currentPathChanged skips cleared / unaccepted text)
+                editor.comboBox().connect("editTextChanged(QString)",
+                                          lambda text, f=field: self._setParameter(f.parameter,
+                                                                                   paths.parameter_value(text)))
+            if field.file_button:
+                getattr(self.ui, field.file_button).connect("clicked(bool)", lambda checked, f=field: self._pick(f))
         for widgetName, parameter in self.COMBO_FIELDS:
             getattr(self.ui, widgetName).connect("currentTextChanged(QString)",
                                                  lambda text, p=parameter: self._setParameter(p, text))
 
-        # the device choice is remembered in the application settings (not only in the scene)
+        # device and PyTorch build are remembered in the application settings (not only in the scene)
         saved = str(qt.QSettings().value(SETTINGS_DEVICE, "auto"))
         self.ui.deviceComboBox.setCurrentIndex(max(0, self.ui.deviceComboBox.findText(saved)))
         self.ui.deviceComboBox.connect("currentTextChanged(QString)", self.onDeviceChanged)
+        self.ui.torchBackendComboBox.setCurrentText(str(qt.QSettings().value(SETTINGS_TORCH_BACKEND, "automatic")))
+        self.ui.torchBackendComboBox.connect(
+            "currentTextChanged(QString)", lambda text: qt.QSettings().setValue(SETTINGS_TORCH_BACKEND, text))
+        for name in WEIGHTS:
+            self.ui.pullWeightsComboBox.addItem(name)
 
         self.ui.detectDeviceButton.connect("clicked(bool)", self.onDetectDevice)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.loadSamplesButton.connect("clicked(bool)", self.onLoadSamples)
+        self.ui.pullWeightsButton.connect("clicked(bool)", self.onPullWeights)
         self.ui.useAsClassifierButton.connect("clicked(bool)", lambda: self._useCachedModel("classifierPath"))
         self.ui.useAsMaeButton.connect("clicked(bool)", lambda: self._useCachedModel("maePath"))
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
@@ -184,21 +241,23 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.pretrainButton.connect("clicked(bool)", self.onPretrain)
         self.ui.cancelJobButton.connect("clicked(bool)", self.onCancelJob)
 
+        self._engineMessage = engine.engine_missing_message()
         self.initializeParameterNode()
         self.updateDependencyStatus()
         self.refreshCachedModels()
 
     def cleanup(self) -> None:
-        """Called when the application closes: stop a running job (its whole process tree)."""
+        """Called when the application closes: stop running jobs (their whole process trees)."""
         self._jobTimer.stop()
-        if self._job is not None and self._job.running:
-            self._job.cancel(timeout=3.0)
+        for job in [self._job, *self._probes.values()]:
+            if job is not None and job.running:
+                job.cancel(timeout=3.0)
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
-        if not self._deviceChecked and engine.torch_installed():
-            qt.QTimer.singleShot(200, self.onDetectDevice)  # after the panel is shown: importing torch takes time
+        if self._engineReady(quiet=True) and "device" not in self._probes:
+            self.onDetectDevice()  # a background probe: entering the module imports no torch
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -218,7 +277,7 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first:
+            if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
                 self._parameterNode.inputVolume = first
         self._parameterNode.device = self.ui.deviceComboBox.currentText
 
@@ -237,19 +296,26 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if getattr(self._parameterNode, name) != value:
             setattr(self._parameterNode, name, value)
+            if name in ("classifierPath", "maePath"):
+                self._probeModel(value)
+
+    def _values(self) -> dict:
+        p = self._parameterNode
+        return {name: getattr(p, name) for name in ("inputVolume", "classifierPath", "maePath", "finetuneData",
+                                                      "pretrainSource", "pretrainUseScene")} if p else {}
 
     def updateGuiFromParameterNode(self, caller=None, event=None) -> None:
-        """Path editors and combo boxes (not bound by connectGui) follow the parameter node; buttons are enabled
-        when their inputs are set."""
+        """Path editors and combo boxes (not bound by connectGui) follow the parameter node; the logic says which
+        actions can start."""
         p = self._parameterNode
         if p is None:
             return
         self._updatingGui = True
         try:
-            for widgetName, parameter, _kind in self.PATH_FIELDS:
-                editor = getattr(self.ui, widgetName)
-                if editor.currentPath != getattr(p, parameter):
-                    editor.currentPath = getattr(p, parameter)
+            for field in paths.PATH_FIELDS:
+                editor = getattr(self.ui, field.widget)
+                if field.parameter and editor.currentPath != getattr(p, field.parameter):
+                    editor.currentPath = getattr(p, field.parameter)
             for widgetName, parameter in self.COMBO_FIELDS:
                 combo = getattr(self.ui, widgetName)
                 index = combo.findText(getattr(p, parameter))
@@ -258,28 +324,31 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._updatingGui = False
         busy = self._job is not None and self._job.running
-        self.ui.classifyButton.enabled = bool(p.inputVolume and p.classifierPath)
-        self.ui.reconstructButton.enabled = bool(p.inputVolume and p.maePath)
-        self.ui.finetuneButton.enabled = bool(p.finetuneData) and not busy
-        self.ui.pretrainButton.enabled = bool(p.pretrainSource or p.pretrainUseScene) and not busy
-        self.ui.classifyButton.toolTip = _("Classify every slice / frame of the input") if p.classifierPath else \
-            _("Choose a classifier in the Model section")
+        for action, reason in action_states(self._values(), busy, self._engineReady(quiet=True)).items():
+            button = getattr(self.ui, self.ACTION_BUTTONS[action])
+            button.enabled = reason is None
+            if reason:
+                button.toolTip = reason
 
     # ------------------------------------------------------------------------------------------------ helpers
-    def _guarded(self, what: str, function):
-        """Run ``function`` with a wait cursor; user errors appear as their one-line cause and fix, unexpected
-        ones with the traceback in the details. The scene is left as it was (the logic adds nodes last)."""
-        try:
-            with slicer.util.WaitCursor():
-                return function()
-        except UsfmaeError as err:
-            slicer.util.errorDisplay(_("{what}: {cause}").format(what=what, cause=str(err)),
-                                     windowTitle=_("USF-MAE"))
-        except Exception as err:  # noqa: BLE001 - the GUI must report, not crash
-            logging.error(traceback.format_exc())
-            slicer.util.errorDisplay(_("{what} failed: {error}").format(what=what, error=err),
-                                     detailedText=traceback.format_exc(), windowTitle=_("USF-MAE"))
-        return None
+    def _engineReady(self, quiet: bool = False, refresh: bool = False) -> bool:
+        """True when the engine, torch and the engine's packages are there; otherwise (unless ``quiet``) says how
+        to get them. The package check (installed distributions' metadata) is cached until ``refresh``."""
+        if self._engineMessage:
+            if not quiet:
+                slicer.util.errorDisplay(_("USF-MAE cannot run: {message}").format(message=self._engineMessage),
+                                         windowTitle=_(TITLE))
+            return False
+        if refresh or self._installPlan is None:
+            self._installPlan = self.logic.install_plan()
+        plan = self._installPlan
+        if plan.nothing_to_install:
+            return True
+        if not quiet:
+            slicer.util.errorDisplay(_("USF-MAE needs Python packages that are not installed yet:\n{packages}\n\nPress "
+                                       "'Install Python packages...' in the Setup section.").format(
+                packages=plan.summary()), windowTitle=_(TITLE))
+        return False
 
     def _device(self) -> str:
         return self.ui.deviceComboBox.currentText or "auto"
@@ -287,218 +356,46 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _defaultRunFolder(self, kind: str) -> str:
         return str(self.logic.model_cache_dir().parent / "runs" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
 
-    def _engineReady(self) -> bool:
-        """True when torch and the engine's packages are installed; otherwise says how to get them."""
-        missing = ([] if engine.torch_installed() else ["torch"]) + engine.missing_requirements()
-        if not missing:
-            return True
-        slicer.util.errorDisplay(
-            _("USF-MAE needs Python packages that are not installed yet: {packages}; press 'Install Python "
-              "packages...' in the Setup section").format(packages=", ".join(missing)), windowTitle=_("USF-MAE"))
-        return False
+    def _pick(self, field) -> None:
+        """The extra button of a folder-or-file field: pick a file (the "..." button picks a folder)."""
+        editor = getattr(self.ui, field.widget)
+        start = editor.currentPath or str(Path.home())
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Choose a file"), start, ";;".join(field.name_filters))
+        if path:
+            editor.currentPath = path
 
-    # -------------------------------------------------------------------------------------- setup section
-    def onDeviceChanged(self, text: str) -> None:
-        qt.QSettings().setValue(SETTINGS_DEVICE, text)
-        if self._parameterNode:
-            self._parameterNode.device = text
-        if self._deviceChecked:
-            self.onDetectDevice()
+    def _addToHistory(self, action: str) -> None:
+        values = {f.parameter or f.widget: (getattr(self._parameterNode, f.parameter) if f.parameter else
+                                            getattr(self.ui, f.widget).currentPath) for f in paths.PATH_FIELDS}
+        for field in paths.history_fields(action, values):
+            getattr(self.ui, field.widget).addCurrentPathToHistory()
 
-    def onDetectDevice(self) -> None:
-        if not engine.torch_installed():
-            self.ui.deviceInfoLabel.text = _("PyTorch is not installed (see Packages below)")
-            return
-        info = self._guarded(_("Device"), lambda: self.logic.describe_device(self._device()))
-        self._deviceChecked = True
-        if info:
-            memory = f", {info['memory_gb']} GB" if info.get("memory_gb") else ""
-            self.ui.deviceInfoLabel.text = f"{info['device']}: {info['name']}{memory}"
-
-    def updateDependencyStatus(self) -> None:
-        missing = ([] if engine.torch_installed() else ["torch (PyTorch extension)"]) + engine.missing_requirements()
-        if missing:
-            self.ui.dependenciesLabel.text = _("Missing: {packages}").format(packages=", ".join(missing))
-        else:
-            self.ui.dependenciesLabel.text = _("All required Python packages are installed")
-        self.ui.installDependenciesButton.enabled = bool(missing)
-
-    def onInstallDependencies(self) -> None:
-        """Install torch through the PyTorch extension and the other packages with pip, after asking."""
-        self._guarded(_("Installing Python packages"), self._installDependencies)
-        self.updateDependencyStatus()
-
-    def _installDependencies(self) -> None:
-        if not engine.torch_installed():
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                raise UsfmaeError("this module needs the PyTorch extension to install PyTorch",
-                                  "install 'PyTorch' from the Extensions Manager and restart Slicer") from None
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                torch = torchLogic.installTorch(askConfirmation=True,
-                                                torchVersionRequirement=engine.TORCH_REQUIREMENT[len("torch"):])
-                if torch is None:
-                    return  # the user declined or it failed (PyTorchUtils has reported it)
-        missing = engine.missing_requirements()
-        if not missing:
-            return
-        packaging = getattr(slicer, "packaging", None)
-        if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer >= 5.12: asks and shows progress
-            packaging.pip_ensure(missing, requester="USF-MAE")
-            return
-        if not slicer.util.confirmOkCancelDisplay(
-                _("USF-MAE needs these Python packages:\n\n{packages}\n\nInstall them now? This can take a few "
-                  "minutes.").format(packages="\n".join(missing)), windowTitle=_("USF-MAE")):
-            return
-        slicer.util.pip_install(missing)
-
-    # -------------------------------------------------------------------------------------- model section
-    def refreshCachedModels(self) -> None:
-        self.ui.cachedModelsComboBox.clear()
-        if not engine.ensure_engine_on_path():
-            self.ui.cacheDirLabel.text = _("the usfmae engine was not found next to the module")
-            return
-        try:
-            folder = self.logic.model_cache_dir()
-        except ImportError:
-            return
-        self.ui.cacheDirLabel.text = str(folder)
-        for path in self.logic.cached_models():
-            self.ui.cachedModelsComboBox.addItem(path.name, str(path))
-
-    def _useCachedModel(self, parameter: str) -> None:
-        index = self.ui.cachedModelsComboBox.currentIndex
-        if index < 0 or self._parameterNode is None:
-            return
-        setattr(self._parameterNode, parameter, self.ui.cachedModelsComboBox.itemData(index))
-        self._showModelInfo(self.ui.cachedModelsComboBox.itemData(index))
-
-    def onImportModel(self) -> None:
-        source = self.ui.importPathLineEdit.currentPath
-        if not source:
-            slicer.util.errorDisplay(_("Choose a weights file or a bundle folder to import"), windowTitle=_("USF-MAE"))
-            return
-        if not self._engineReady():
-            return
-        path = self._guarded(_("Import"), lambda: self.logic.import_model(source))
-        if path is None:
-            return
-        self.refreshCachedModels()
-        self.ui.cachedModelsComboBox.setCurrentIndex(self.ui.cachedModelsComboBox.findData(str(path)))
-        info = self._showModelInfo(path)
-        if info and self._parameterNode is not None:  # a classifier goes to Classify, an MAE to Reconstruct
-            setattr(self._parameterNode, "maePath" if info["arch"] == "mae" else "classifierPath", str(path))
-
-    def _showModelInfo(self, path):
-        info = self._guarded(_("Model"), lambda: self.logic.model_info(path))
-        if info:
-            classes = ", ".join(info["classes"]) if info["classes"] else "-"
-            self.ui.modelInfoLabel.text = (f"{info['arch']} ({info.get('preset') or 'custom'}, "
-                                           f"{info.get('spatial_dims', 2)}D, {info.get('image_size')} px); "
-                                           f"classes: {classes}")
-        return info
-
-    # ---------------------------------------------------------------------------------- classify / reconstruct
-    def onClassify(self) -> None:
-        p = self._parameterNode
-        if not self._engineReady():
-            return
-
-        def progress(done: int) -> None:
-            slicer.util.showStatusMessage(_("USF-MAE: classified {n} more frame(s)").format(n=done), 2000)
-            slicer.app.processEvents()
-
-        out = self._guarded(_("Classify"), lambda: self.logic.classify(
-            p.inputVolume, p.classifierPath, table_node=p.outputTable, device=self._device(), kind=p.inputKind,
-            use_sequence=p.useSequence, batch_size=p.batchSize, progress=progress))
-        if out is None:
-            return
-        p.outputTable = out.table
-        result = out.result
-        probability = max(result["aggregate"])
-        self.ui.classifyResultLabel.text = _("{label} (mean probability {p:.2f} over {n} {what}); most typical: "
-                                             "{top}").format(label=result["label"], p=float(probability),
-                                                             n=result["n_frames"],
-                                                             what="frame(s)" if result["kind"] == "cine" else
-                                                             "slice(s)", top=result.get("top_slices"))
-        self._showTableAndChart(out.table, out.chart)
-
-    def _showTableAndChart(self, table, chart) -> None:
-        try:
-            if chart is not None:
-                slicer.modules.plots.logic().ShowChartInLayout(chart)
-            selection = slicer.app.applicationLogic().GetSelectionNode()
-            selection.SetActiveTableID(table.GetID())
-            slicer.app.applicationLogic().PropagateTableSelection()
-        except Exception:  # noqa: BLE001 - showing is a convenience; the nodes are in the scene anyway
-            logging.debug(traceback.format_exc())
-
-    def onReconstruct(self) -> None:
-        p = self._parameterNode
-        if not self._engineReady():
-            return
-        out = self._guarded(_("Reconstruct"), lambda: self.logic.reconstruct(
-            p.inputVolume, p.maePath, mask_ratio=p.maskRatio, seed=p.maskSeed, device=self._device(),
-            kind=p.inputKind))
-        if out is not None:
-            slicer.util.setSliceViewerLayers(background=out.masked, foreground=out.reconstruction,
-                                             foregroundOpacity=0.5, fit=True)
-
-    # ---------------------------------------------------------------------------------------------- jobs
-    def onFinetune(self) -> None:
-        p = self._parameterNode
-        if not self._engineReady():
-            return
-        out = p.finetuneOutput or self._defaultRunFolder("finetune")
-
-        def start():
-            steps = self.logic.finetune_plan(p.finetuneData, out, init=p.finetuneInit or None,
-                                             epochs=p.finetuneEpochs, device=self._device(),
-                                             preset=p.finetunePreset)
-            return self.logic.start_job(steps, out, name="fine-tune")
-
-        self._startJob("finetune", out, start)
-
-    def onPretrain(self) -> None:
-        p = self._parameterNode
-        if not self._engineReady():
-            return
-        out = p.pretrainOutput or self._defaultRunFolder("pretrain")
-
-        def start():
-            temp = None
-            if p.pretrainUseScene:
-                temp = self.logic.export_scene_for_pretraining()
-                sources = [temp]
-            else:
-                sources = [p.pretrainSource]
-            try:
-                steps = self.logic.pretrain_plan(sources, out, epochs=p.pretrainEpochs, device=self._device(),
-                                                 init=p.pretrainInit or None, preset=p.pretrainPreset,
-                                                 image_size=p.pretrainImageSize)
-                return self.logic.start_job(steps, out, name="pretrain", temp_dir=temp)
-            except Exception:
-                if temp is not None:
-                    import shutil
-
-                    shutil.rmtree(temp, ignore_errors=True)
-                raise
-
-        self._startJob("pretrain", out, start)
-
-    def _startJob(self, kind: str, out: str, start) -> None:
+    def _start(self, action: str, makeSpec) -> None:
+        """Check, build the job (``makeSpec`` returns a JobSpec) and start it; user errors are one dialog line."""
         if self._job is not None and self._job.running:
             slicer.util.errorDisplay(_("A job is already running; cancel it or wait for it to finish"),
-                                     windowTitle=_("USF-MAE"))
+                                     windowTitle=_(TITLE))
             return
-        job = self._guarded(_("Starting {kind}").format(kind=kind), start)
-        if job is None:
+        if not self._engineReady():
             return
-        self._job, self._jobKind, self._jobOutput = job, kind, out
+        try:
+            with slicer.util.WaitCursor():
+                spec = makeSpec()
+                job = self.logic.start_job(spec)
+        except UsfmaeError as err:
+            slicer.util.errorDisplay(str(err), windowTitle=_(TITLE))
+            return
+        except Exception as err:  # noqa: BLE001 - the GUI must report, not crash
+            logger.error(traceback.format_exc())
+            slicer.util.errorDisplay(_("{action} failed to start: {error}").format(action=action, error=err),
+                                     detailedText=traceback.format_exc(), windowTitle=_(TITLE))
+            return
+        self._addToHistory(action)
+        self._job = job
         self.ui.jobLogTextEdit.clear()
         self.ui.jobLogTextEdit.appendPlainText(" ".join(job.argv))
+        for line in job.log:
+            self.ui.jobLogTextEdit.appendPlainText(line)
         self.ui.jobProgressBar.setMaximum(0)  # busy until the first progress line
         self.ui.jobStatusLabel.text = job.status_text()
         self.ui.cancelJobButton.enabled = True
@@ -506,23 +403,38 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGuiFromParameterNode()
         self._jobTimer.start()
 
+    def _probe(self, spec) -> None:
+        """Start a short background probe (device, model details); a newer probe of the same kind replaces it."""
+        old = self._probes.pop(spec.kind, None)
+        if old is not None and old.running:
+            old.cancel(timeout=1.0)
+            self.logic.finish_job(old)
+        self._probes[spec.kind] = self.logic.start_job(spec)
+        self._jobTimer.start()
+
+    # ------------------------------------------------------------------------------------------ job watching
     def onJobTimer(self) -> None:
+        for kind, probe in list(self._probes.items()):
+            probe.poll()
+            if not probe.running:
+                del self._probes[kind]
+                self._onProbeFinished(self.logic.finish_job(probe))
         job = self._job
-        if job is None:
+        if job is not None:
+            for line in job.poll():  # never blocks: a reader thread fills the queue
+                self.ui.jobLogTextEdit.appendPlainText(line)
+            fraction = job.fraction
+            if fraction is None:
+                self.ui.jobProgressBar.setMaximum(0)
+            else:
+                self.ui.jobProgressBar.setMaximum(1000)
+                self.ui.jobProgressBar.setValue(int(fraction * 1000))
+            self.ui.jobStatusLabel.text = job.status_text()
+            if not job.running:
+                self._job = None
+                self._onJobFinished(job)
+        if self._job is None and not self._probes:
             self._jobTimer.stop()
-            return
-        for line in job.poll():  # never blocks: a reader thread fills the queue
-            self.ui.jobLogTextEdit.appendPlainText(line)
-        fraction = job.fraction
-        if fraction is None:
-            self.ui.jobProgressBar.setMaximum(0)
-        else:
-            self.ui.jobProgressBar.setMaximum(1000)
-            self.ui.jobProgressBar.setValue(int(fraction * 1000))
-        self.ui.jobStatusLabel.text = job.status_text()
-        if not job.running:
-            self._jobTimer.stop()
-            self._onJobFinished(job)
 
     def onCancelJob(self) -> None:
         if self._job is not None and self._job.running:
@@ -531,31 +443,202 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.cancelJobButton.enabled = False
 
     def _onJobFinished(self, job) -> None:
-        self.logic.finish_job(job)
+        outcome = self.logic.finish_job(job)
         self.ui.cancelJobButton.enabled = False
         self.ui.jobProgressBar.setMaximum(1000)
+        self.ui.jobProgressBar.setValue(1000 if outcome.ok else 0)
+        self.ui.jobLogTextEdit.appendPlainText(f"[USF-MAE] {outcome.message}")
+        p = self._parameterNode
+        if p is not None:
+            for name, value in outcome.parameters.items():
+                setattr(p, name, value)
         self.updateGuiFromParameterNode()
-        if job.cancelled:
+        if outcome.cancelled:
             return
-        if job.returncode != 0:
-            errors = [line for line in job.log if line.startswith("usfmae: error:")]
-            cause = errors[-1][len("usfmae: error:"):].strip() if errors else _(
-                "exit code {code}; see the job log").format(code=job.returncode)
-            slicer.util.errorDisplay(_("The {kind} job failed: {cause}").format(kind=job.name, cause=cause),
-                                     windowTitle=_("USF-MAE"))
+        if not outcome.ok:
+            slicer.util.errorDisplay(outcome.message, windowTitle=_(TITLE))
             return
-        self.ui.jobProgressBar.setValue(1000)
-        model = self.logic.find_checkpoint(self._jobOutput)
-        if model is None:
+        if outcome.kind == "classify":
+            if p is not None:
+                p.outputTable = outcome.nodes["table"]
+            self.ui.classifyResultLabel.text = outcome.message
+            self.logic.show_table_and_chart(outcome.nodes["table"], outcome.nodes["chart"],
+                                            slicer.app.applicationLogic())
+        elif outcome.kind == "reconstruct":
+            slicer.util.setSliceViewerLayers(background=outcome.nodes["masked"],
+                                             foreground=outcome.nodes["reconstruction"], foregroundOpacity=0.5,
+                                             fit=True)
+            self.ui.reconstructResultLabel.text = outcome.message
+        elif outcome.kind == "samples":
+            self._loadSamples(outcome.value)
+        else:
+            self.refreshCachedModels()
+            slicer.util.showStatusMessage(f"USF-MAE: {outcome.message}", 5000)
+            if outcome.kind in ("finetune", "pretrain", "pull"):
+                slicer.util.infoDisplay(outcome.message, windowTitle=_(TITLE))
+
+    def _onProbeFinished(self, outcome) -> None:
+        if outcome.kind == "device":
+            self.ui.deviceInfoLabel.text = outcome.message
+        elif outcome.kind == "model-info":
+            self.ui.modelInfoLabel.text = outcome.message
+        if not outcome.ok and not outcome.cancelled:
+            logger.warning(outcome.message)
+
+    # -------------------------------------------------------------------------------------- setup section
+    def onDeviceChanged(self, text: str) -> None:
+        qt.QSettings().setValue(SETTINGS_DEVICE, text)
+        if self._parameterNode:
+            self._parameterNode.device = text
+        if self._engineReady(quiet=True):
+            self.onDetectDevice()
+
+    def onDetectDevice(self) -> None:
+        if not self._engineReady(quiet=True):
+            self.ui.deviceInfoLabel.text = _("install the Python packages first (below)")
             return
-        if self._parameterNode is not None:
-            if self._jobKind == "finetune":
-                self._parameterNode.classifierPath = str(model)
-            else:
-                self._parameterNode.maePath = str(model)
-                self._parameterNode.finetuneInit = str(model)
-        slicer.util.infoDisplay(_("The {kind} job finished: {model}").format(kind=job.name, model=model),
-                                windowTitle=_("USF-MAE"))
+        self.ui.deviceInfoLabel.text = _("checking...")
+        self._probe(self.logic.device_job(self._device()))
+
+    def updateDependencyStatus(self) -> None:
+        if self._engineMessage:
+            self.ui.engineStatusLabel.text = self._engineMessage
+            self.ui.engineStatusLabel.visible = True
+            self.ui.dependenciesLabel.text = _("the engine is missing (see above)")
+            self.ui.installDependenciesButton.enabled = False
+            return
+        self.ui.engineStatusLabel.visible = False
+        self._engineReady(quiet=True, refresh=True)
+        plan = self._installPlan
+        self.ui.dependenciesLabel.text = (_("All required Python packages are installed") if plan.nothing_to_install
+                                          else _("To install: {packages}").format(
+                                              packages=plan.summary().replace("\n", "; ")))
+        self.ui.dependenciesLabel.toolTip = plan.details()
+        self.ui.installDependenciesButton.enabled = not plan.nothing_to_install
+        self.updateGuiFromParameterNode()
+
+    def onInstallDependencies(self) -> None:
+        """torch through the PyTorch extension (the chosen build), the rest with pip one package at a time, Slicer's
+        own packages pinned; declining installs nothing and is not an error; a restart is offered when needed."""
+        plan = self.logic.install_plan()
+        if plan.nothing_to_install:
+            self.updateDependencyStatus()
+            return
+        if slicer.app.commandOptions().testingEnabled:
+            logger.info("USF-MAE: testing mode, packages not installed: %s", plan.summary())
+            return
+        blocked = install.torch_upgrade_blocked(plan)
+        if blocked:
+            slicer.util.warningDisplay(blocked, windowTitle=_(TITLE))
+            return
+        if not slicer.util.confirmOkCancelDisplay(
+                _("USF-MAE will install:\n\n{packages}\n\nThis needs a network connection and can take several "
+                  "minutes. Slicer's own packages are left as they are.").format(packages=plan.summary()),
+                windowTitle=_(TITLE), detailedText=plan.details()):
+            self.ui.dependenciesLabel.text = _("Not installed (declined). To install: {packages}").format(
+                packages=plan.summary().replace("\n", "; "))
+            return
+        before = install.installed_versions()
+        first = plan
+        failures = []
+        with slicer.util.WaitCursor():
+            if plan.torch is not None:
+                try:
+                    import PyTorchUtils
+                except ModuleNotFoundError:
+                    slicer.util.errorDisplay(_("Installing PyTorch needs the PyTorch extension: install 'PyTorch' from "
+                                               "the Extensions Manager, restart Slicer and press Install again"),
+                                             windowTitle=_(TITLE))
+                    return
+                backend = self.ui.torchBackendComboBox.currentText
+                torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                    askConfirmation=False, forceComputationBackend=None if backend == "automatic" else backend,
+                    torchVersionRequirement=plan.torch_requirement)
+                if torch is None:
+                    failures.append(f"torch{plan.torch_requirement}")
+                plan = self.logic.install_plan()  # pins the torch now installed
+            constraints = Path(tempfile.mkdtemp(prefix="usfmae_pip_")) / "constraints.txt"
+            constraints.write_text(plan.constraints_text(), encoding="utf-8")
+            for requirement in plan.pip:
+                try:
+                    slicer.util.pip_install(install.pip_arguments(requirement, constraints))
+                except Exception:  # noqa: BLE001 - one package failing does not stop the others
+                    logger.error(traceback.format_exc())
+                    failures.append(requirement)
+        self.updateDependencyStatus()
+        if failures:
+            slicer.util.errorDisplay(_("These packages could not be installed: {packages}; see the Python console "
+                                       "for pip's message (network, or no build for this platform)").format(
+                packages=", ".join(failures)), windowTitle=_(TITLE))
+        reasons = install.restart_recommended(first, before, install.installed_versions())
+        if reasons and slicer.util.confirmYesNoDisplay(
+                _("Restart Slicer now to finish the installation? Packages that were already loaded changed."),
+                windowTitle=_(TITLE), detailedText="\n".join(reasons)):
+            slicer.util.restart()
+
+    # -------------------------------------------------------------------------------------- get started
+    def onLoadSamples(self) -> None:
+        if samples.missing_samples():
+            self._start("samples", self.logic.samples_job)
+        else:
+            self._loadSamples({s.name: str(samples.sample_path(s)) for s in samples.SAMPLES})
+
+    def _loadSamples(self, written: dict) -> None:
+        loaded = self.logic.load_samples(written, slicer.modules.sequences.logic())
+        if self._parameterNode is not None and loaded:
+            self._parameterNode.inputVolume = loaded.get("USFMAEPhantomCine") or next(iter(loaded.values()))
+        slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, fit=True)
+
+    def onPullWeights(self) -> None:
+        name = self.ui.pullWeightsComboBox.currentText
+        self._start("pull", lambda: self.logic.pull_job(name))
+
+    # -------------------------------------------------------------------------------------- model section
+    def refreshCachedModels(self) -> None:
+        self.ui.cachedModelsComboBox.clear()
+        self.ui.cacheDirLabel.text = str(self.logic.model_cache_dir())
+        for path in self.logic.cached_models():
+            self.ui.cachedModelsComboBox.addItem(path.name, str(path))
+
+    def _useCachedModel(self, parameter: str) -> None:
+        index = self.ui.cachedModelsComboBox.currentIndex
+        if index >= 0 and self._parameterNode is not None:
+            setattr(self._parameterNode, parameter, self.ui.cachedModelsComboBox.itemData(index))
+
+    def _probeModel(self, path: str) -> None:
+        if path and Path(path).is_file() and self._engineReady(quiet=True):
+            self.ui.modelInfoLabel.text = _("reading...")
+            self._probe(self.logic.model_info_job(path))
+
+    def onImportModel(self) -> None:
+        source = paths.parameter_value(self.ui.importPathLineEdit.currentPath)
+        self._start("import", lambda: self.logic.import_job(source))
+
+    # ---------------------------------------------------------------------------------- classify / reconstruct
+    def onClassify(self) -> None:
+        p = self._parameterNode
+        self._start("classify", lambda: self.logic.classify_job(
+            p.inputVolume, p.classifierPath, table_node=p.outputTable, device=self._device(), kind=p.inputKind,
+            use_sequence=p.useSequence, batch_size=p.batchSize))
+
+    def onReconstruct(self) -> None:
+        p = self._parameterNode
+        self._start("reconstruct", lambda: self.logic.reconstruct_job(
+            p.inputVolume, p.maePath, mask_ratio=p.maskRatio, seed=p.maskSeed, device=self._device()))
+
+    # ---------------------------------------------------------------------------------------------- training
+    def onFinetune(self) -> None:
+        p = self._parameterNode
+        self._start("finetune", lambda: self.logic.finetune_job(
+            p.finetuneData, p.finetuneOutput or self._defaultRunFolder("finetune"), init=p.finetuneInit or None,
+            epochs=p.finetuneEpochs, device=self._device(), preset=p.finetunePreset))
+
+    def onPretrain(self) -> None:
+        p = self._parameterNode
+        self._start("pretrain", lambda: self.logic.pretrain_job(
+            [p.pretrainSource], p.pretrainOutput or self._defaultRunFolder("pretrain"), use_scene=p.pretrainUseScene,
+            epochs=p.pretrainEpochs, device=self._device(), init=p.pretrainInit or None, preset=p.pretrainPreset,
+            image_size=p.pretrainImageSize))
 
 
 #
@@ -563,12 +646,11 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 class USFMAELogic(ScriptedLoadableModuleLogic, USFMAEEngineLogic):
     """The module's logic: Slicer's parameter-node handling plus the Qt-free engine logic
-    (:class:`USFMAELib.logic.USFMAEEngineLogic`: classify, reconstruct, model cache, background jobs)."""
+    (:class:`USFMAELib.logic.USFMAEEngineLogic`: background jobs and their results in the scene)."""
 
     def __init__(self) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)  # its super().__init__() runs USFMAEEngineLogic.__init__ ...
-        if not hasattr(self, "_models"):  # ... in Slicer versions whose base class does not chain __init__
-            USFMAEEngineLogic.__init__(self)
+        ScriptedLoadableModuleLogic.__init__(self)  # its super().__init__() may run USFMAEEngineLogic.__init__ ...
+        USFMAEEngineLogic.__init__(self)  # ... or not (Slicer versions differ): set its state either way
 
     def getParameterNode(self):
         return USFMAEParameterNode(super().getParameterNode())
@@ -583,110 +665,58 @@ class USFMAELogic(ScriptedLoadableModuleLogic, USFMAEEngineLogic):
 # USFMAETest
 #
 class USFMAETest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer (Developer mode: Reload and Test, or ctest): a phantom volume, tiny random models, no
-    network. Skipped with a message when torch or the engine's packages are not installed."""
+    """Runs inside Slicer (Developer mode: Reload and Test, or ctest): the phantom sample data and tiny random models
+    made by background jobs, classify and reconstruct as background jobs, no network. Skipped with a message when the
+    engine's Python packages are not installed."""
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
         self.setUp()
-        self.test_USFMAE_classify_reconstruct_phantom()
-        self.setUp()
-        self.test_USFMAE_job_progress_and_cancel()
+        self.test_USFMAE_jobs_on_the_sample_data()
 
-    def _ready(self) -> bool:
-        missing = ([] if engine.torch_installed() else ["torch"]) + engine.missing_requirements()
-        if missing:
-            self.delayDisplay(f"USFMAE test skipped: missing Python packages {', '.join(missing)}")
-            logging.warning("USFMAE test skipped: missing %s", ", ".join(missing))
-            return False
-        return engine.ensure_engine_on_path()
+    def _wait(self, logic, spec, timeout: float = 600.0):
+        job = logic.start_job(spec)
+        deadline = time.monotonic() + timeout
+        while job.running and time.monotonic() < deadline:
+            job.poll()
+            slicer.app.processEvents()  # the GUI stays live while the child works
+            time.sleep(0.05)
+        if job.running:
+            job.cancel(timeout=3.0)
+        outcome = logic.finish_job(job)
+        self.assertTrue(outcome.ok, f"{outcome.message}; log: {list(job.log)[-10:]}")
+        return outcome
 
-    def _tinyModels(self, folder: Path) -> tuple[Path, Path]:
-        import torch
-
-        from usfmae_core.checkpoints import make_checkpoint, save_checkpoint
-        from usfmae_core.data.phantom import CLASSES
-        from usfmae_core.data.transforms import Preprocessing
-        from usfmae_core.networks.presets import build_model, mae_config
-
-        torch.manual_seed(0)
-        prep = Preprocessing(image_size=32, in_channels=3).to_dict()
-        mae_cfg = {**mae_config("vit_test", img_size=32, patch_size=8), "preset": "vit_test", "preprocessing": prep}
-        clf_cfg = {**{k: mae_cfg[k] for k in ("in_channels", "img_size", "patch_size", "spatial_dims",
-                                              "hidden_size", "num_layers", "num_heads", "mlp_ratio", "qkv_bias",
-                                              "drop_path_rate")},
-                   "num_classes": len(CLASSES), "pool": "avg", "dropout": 0.0, "preset": "vit_test",
-                   "classes": list(CLASSES), "preprocessing": prep}
-        mae_path = save_checkpoint(folder / "mae.pt", make_checkpoint(build_model("mae", mae_cfg), "mae", mae_cfg))
-        clf_path = save_checkpoint(folder / "classifier.pt",
-                                   make_checkpoint(build_model("classifier", clf_cfg), "classifier", clf_cfg))
-        return clf_path, mae_path
-
-    def test_USFMAE_classify_reconstruct_phantom(self) -> None:
-        self.delayDisplay("Starting the USFMAE classify / reconstruct test")
-        if not self._ready():
-            return
-        import numpy as np
-
-        from usfmae_core.data import phantom
-
-        folder = Path(slicer.util.tempDirectory("USFMAETest"))
-        classifier, mae = self._tinyModels(folder)
-        volume = phantom.make_volume(2, (8, 48, 48), rng=0)
-        ijkToRas = np.diag([0.3, 0.3, 0.8, 1.0])
-        ijkToRas[:3, 3] = (5.0, -10.0, 2.0)
-        node = slicer.util.addVolumeFromArray(volume, ijkToRas, name="phantom")
-
+    def test_USFMAE_jobs_on_the_sample_data(self) -> None:
+        self.delayDisplay("Starting the USFMAE test")
         logic = USFMAELogic()
-        out = logic.classify(node, classifier, device="cpu")
-        table = out.table
-        self.assertEqual(table.GetNumberOfRows(), volume.shape[0] + 1)
-        self.assertEqual(table.GetColumnName(0), "slice")
-        self.assertEqual(table.GetCellText(volume.shape[0], 0), "aggregate")
-        self.assertEqual([table.GetColumnName(i) for i in range(1, 4)], [f"p_{c}" for c in phantom.CLASSES])
-        self.assertIsNotNone(out.chart)
+        if not logic.install_plan().nothing_to_install:
+            self.delayDisplay(f"USFMAE test skipped: install first: {logic.install_plan().summary()}")
+            return
+        folder = Path(slicer.util.tempDirectory("USFMAETest"))
+        made = self._wait(logic, logic.samples_job(folder / "samples")).value
+        loaded = logic.load_samples(made, slicer.modules.sequences.logic())
+        volume, cine = loaded["USFMAEPhantomVolume"], loaded["USFMAEPhantomCine"]
+        self.delayDisplay("Sample data made and loaded")
+
+        tiny = self._wait(logic, logic.function_job("USFMAELib.selftest:write_tiny_models",
+                                                    {"folder": str(folder / "models")}, "tiny models")).value
+
+        out = self._wait(logic, logic.classify_job(volume, tiny["classifier"], device="cpu"))
+        table = out.nodes["table"]
+        self.assertEqual(table.GetNumberOfRows(), slicer.util.arrayFromVolume(volume).shape[0] + 1)
+        self.assertEqual(table.GetCellText(table.GetNumberOfRows() - 1, 0), "aggregate")
+        out = self._wait(logic, logic.classify_job(cine, tiny["classifier"], device="cpu"))
+        self.assertEqual(out.nodes["table"].GetColumnName(0), "frame")
+        self.assertEqual(out.nodes["table"].GetNumberOfRows(), 32 + 1)  # every frame of the sequence
+        logic.show_table_and_chart(out.nodes["table"], out.nodes["chart"], slicer.app.applicationLogic())
         self.delayDisplay("Classified")
 
-        recon = logic.reconstruct(node, mae, mask_ratio=0.75, device="cpu")
-        for result in (recon.masked, recon.reconstruction):
-            self.assertEqual(result.GetSpacing(), node.GetSpacing())
-            self.assertEqual(result.GetOrigin(), node.GetOrigin())
-            self.assertEqual(slicer.util.arrayFromVolume(result).shape, volume.shape)
-        self.delayDisplay("Reconstructed")
-
-        previous = os.environ.get("USFMAE_HOME")
-        os.environ["USFMAE_HOME"] = str(folder / "home")  # keep the user's model cache untouched
-        try:
-            cached = logic.import_model(classifier, name="test classifier")
-            self.assertEqual(logic.model_info(cached)["arch"], "classifier")
-        finally:
-            if previous is None:
-                del os.environ["USFMAE_HOME"]
-            else:
-                os.environ["USFMAE_HOME"] = previous
+        rec = self._wait(logic, logic.reconstruct_job(volume, tiny["mae"], device="cpu"))
+        for node in (rec.nodes["masked"], rec.nodes["reconstruction"]):
+            self.assertEqual(node.GetSpacing(), volume.GetSpacing())
+            self.assertEqual(node.GetOrigin(), volume.GetOrigin())
         self.delayDisplay("Test passed")
-
-    def test_USFMAE_job_progress_and_cancel(self) -> None:
-        self.delayDisplay("Starting the USFMAE background job test")
-        import sys
-
-        from USFMAELib.jobs import Job
-
-        script = ("import json, time\n"
-                  "for i in range(600):\n"
-                  "    print('USFMAE_PROGRESS ' + json.dumps({'stage': 'test', 'step': i, 'total': 600}), "
-                  "flush=True)\n"
-                  "    time.sleep(0.1)\n")
-        job = Job([USFMAELogic.python_executable(), "-c", script], env=USFMAELogic().job_environment()).start()
-        deadline = time.monotonic() + 60
-        while job.progress is None and job.running and time.monotonic() < deadline:
-            job.poll()
-            slicer.app.processEvents()
-            time.sleep(0.05)
-        self.assertIsNotNone(job.progress, f"no progress line; log: {list(job.log)[-5:]} ({sys.executable})")
-        job.cancel(timeout=5.0)
-        self.assertFalse(job.running)
-        self.assertTrue(job.cancelled)
-        self.delayDisplay("Test passed")
+        sys.stdout.flush()

@@ -8,3 +8,4 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cuda", "mps", "cpu")
 PRECISION_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
+KIND_CHOICES: tuple[str, ...] = ("auto", "image", "cine", "volume")  # how an input's slices are read (predict --kind)

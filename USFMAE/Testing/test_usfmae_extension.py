@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def test_cmake_configures_and_ships_the_engine(tmp_path):
     usfmae_core package) must land in the module folder."""
     run = subprocess.run(["cmake", "-S", str(REPO), "-B", str(tmp_path / "build"),
                           f"-DSlicer_DIR={MODULE / 'Testing' / 'SlicerStub'}"], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = (tmp_path / "build" / "usfmae_stub_manifest.txt").read_text().splitlines()
     shipped = {line.split("|", 1)[0] for line in lines}
@@ -81,6 +82,8 @@ def test_cmake_configures_and_ships_the_engine(tmp_path):
 
 
 def test_ui_file_matches_the_widget_code():
+    from USFMAELib import paths
+
     tree = ET.parse(UI)
     root = tree.getroot()
     assert root.tag == "ui" and root.find("class").text == "USFMAE"
@@ -92,21 +95,32 @@ def test_ui_file_matches_the_widget_code():
     source = MODULE_PY.read_text()
     used = set(re.findall(r"self\.ui\.(\w+)", source))
     tree_py = ast.parse(source)
-    for node in ast.walk(tree_py):  # names used through getattr(self.ui, name) from the field tables
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") in ("PATH_FIELDS", "COMBO_FIELDS"):
+    for node in ast.walk(tree_py):  # names used through getattr(self.ui, name) from the tables
+        target = getattr(node, "target", None) or (node.targets[0] if isinstance(node, ast.Assign) else None)
+        name = getattr(target, "id", "")
+        if name == "COMBO_FIELDS":
             used |= {elt.elts[0].value for elt in node.value.elts}
+        elif name == "ACTION_BUTTONS":
+            used |= {v.value for v in node.value.values}
     missing = sorted(used - set(widgets))
     assert not missing, f"USFMAE.py uses widgets that USFMAE.ui lacks: {missing}"
+    for field in paths.PATH_FIELDS:  # the path editors and their file buttons
+        assert widgets.get(field.widget) == "ctkPathLineEdit", field.widget
+        if field.file_button:
+            assert widgets.get(field.file_button) == "QToolButton", field.file_button
 
     params = {}
     for node in ast.walk(tree_py):
         if isinstance(node, ast.ClassDef) and node.name == "USFMAEParameterNode":
             params = {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
-    assert params
+    assert params and {f.parameter for f in paths.PATH_FIELDS if f.parameter} <= params
     bound = {w.get("name"): w.find("property[@name='SlicerParameterName']/string").text
              for w in root.iter("widget") if w.find("property[@name='SlicerParameterName']") is not None}
     assert set(bound.values()) <= params, f"unknown parameters bound in the .ui: {set(bound.values()) - params}"
     assert {"inputVolume", "outputTable"} <= set(bound.values())
+    selector = next(w for w in root.iter("widget") if w.get("name") == "inputVolumeSelector")
+    hidden = [s.text for s in selector.findall("property[@name='hideChildNodeTypes']/stringlist/string")]
+    assert hidden == ["vtkMRMLLabelMapVolumeNode"], "label maps must not be offered as inputs"
 
     custom = {cw.find("class").text for cw in root.iter("customwidget")}
     used_custom = {c for c in widgets.values() if c.startswith(("ctk", "qMRML"))}
@@ -115,6 +129,49 @@ def test_ui_file_matches_the_widget_code():
                  if c.find("slot").text == "setMRMLScene(vtkMRMLScene*)"}
     combos = {n for n, c in widgets.items() if c == "qMRMLNodeComboBox"}
     assert combos and combos <= connected, f"node selectors without the scene: {combos - connected}"
+
+
+def test_path_fields_follow_ctk_rules():
+    """Filters CTK understands (``*.ext`` patterns only: ctk::nameFilterToExtensions), folder pickers for folder
+    inputs (``Dirs`` alone opens a folder dialog), the text as typed (cleared = ""), history for the fields an action
+    used."""
+    from USFMAELib import paths
+
+    ext_pattern = re.compile(r"^[^()]*\((\*\.\w+)( \*\.\w+)*\)$")
+    for field in paths.PATH_FIELDS:
+        assert all(ext_pattern.match(f) for f in field.name_filters), field.name_filters
+        if field.picks == "file":
+            assert field.ctk_filters == ("Files", "Readable") and field.name_filters and not field.file_button
+        else:
+            assert field.ctk_filters == ("Dirs",)
+            assert bool(field.file_button) == (field.picks == "file-or-dir")
+        assert field.setting_key.startswith("USFMAE/")
+    assert len({f.setting_key for f in paths.PATH_FIELDS}) == len(paths.PATH_FIELDS)
+    assert paths.field_for("finetuneOutput").picks == "dir" and paths.field_for("pretrainSource").picks == "dir"
+    assert paths.parameter_value("") == "" and paths.parameter_value("  /data/x \n") == "/data/x"
+    assert paths.parameter_value(None) == ""
+    used = paths.history_fields("finetune", {"finetuneData": "/d", "finetuneInit": "", "finetuneOutput": "/o"})
+    assert [f.parameter for f in used] == ["finetuneData", "finetuneOutput"]  # empty fields are not remembered
+    assert [f.widget for f in paths.history_fields("import", {"importPathLineEdit": "/w.pth"})] == [
+        "importPathLineEdit"]
+    assert set(paths.USED_BY) <= {"classify", "reconstruct", "import", "finetune", "pretrain"}
+    # the widget follows the editors' text, not currentPathChanged (never emitted for a cleared field)
+    source = MODULE_PY.read_text()
+    assert "editTextChanged(QString)" in source and '"currentPathChanged' not in source
+    assert "addCurrentPathToHistory()" in source
+
+
+def test_action_states():
+    pytest.importorskip("slicer", reason="slicer-core is not installed")
+    from USFMAELib.logic import action_states
+
+    values = {"inputVolume": object(), "classifierPath": "/m.pt", "maePath": "", "finetuneData": "",
+              "pretrainSource": "", "pretrainUseScene": True}
+    states = action_states(values, busy=False)
+    assert states["classify"] is None and states["pretrain"] is None and states["samples"] is None
+    assert "MAE" in states["reconstruct"] and "labelled" in states["finetune"]
+    assert all(reason and "job is running" in reason for reason in action_states(values, busy=True).values())
+    assert all("engine" in reason for reason in action_states(values, False, engine_ready=False).values())
 
 
 def test_widget_and_test_call_only_existing_logic_methods():
@@ -131,8 +188,8 @@ def test_widget_and_test_call_only_existing_logic_methods():
 
 def test_module_script_imports_nothing_heavy_at_load():
     tree = ast.parse(MODULE_PY.read_text())
-    allowed = {"__future__", "logging", "os", "time", "traceback", "pathlib", "typing", "ctk", "qt", "vtk", "slicer",
-               "USFMAELib"}
+    allowed = {"__future__", "functools", "logging", "operator", "os", "sys", "tempfile", "time", "traceback",
+               "pathlib", "typing", "ctk", "qt", "vtk", "slicer", "USFMAELib"}
     top_level = set()
     for node in tree.body:
         if isinstance(node, ast.Import):
@@ -147,13 +204,58 @@ def test_module_script_imports_nothing_heavy_at_load():
     compile(MODULE_PY.read_text(), str(MODULE_PY), "exec")
 
 
-def test_logic_loads_without_torch():
+def test_the_slicer_process_never_imports_torch(tmp_path, tiny_models):
+    """What the module does in Slicer's process (build a classify job, start it, poll it, load its results into the
+    scene, read the install plan) loads neither torch nor MONAI nor the engine's workflows: only the child does."""
     pytest.importorskip("slicer", reason="slicer-core is not installed")
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import USFMAELib.logic, USFMAELib.jobs; "
-            "print(sorted(m for m in ('torch', 'monai', 'usfmae_core.checkpoints') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code, str(MODULE)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(MODULE)!r})
+        import numpy as np, slicer
+        from USFMAELib.logic import USFMAEEngineLogic
+        scene = slicer.vtkMRMLScene(); slicer.mrmlScene = scene
+        node = slicer.util.addVolumeFromArray((np.arange(3 * 32 * 32) % 251).reshape(3, 32, 32).astype(np.uint8))
+        logic = USFMAEEngineLogic(scene)
+        assert not logic.install_plan().pip
+        job = logic.start_job(logic.classify_job(node, {str(tiny_models["classifier"])!r}, device="cpu"))
+        while job.running:
+            job.poll(); time.sleep(0.05)
+        outcome = logic.finish_job(job)
+        assert outcome.ok, outcome.message
+        assert outcome.nodes["table"].GetNumberOfRows() == 4
+        heavy = ("torch", "monai", "usfmae_core.checkpoints", "usfmae_core.workflows", "usfmae_core.data.phantom")
+        print(sorted(m for m in sys.modules if m.startswith(heavy)))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_module_loads_without_the_engine(tmp_path):
+    """No usfmae_core anywhere (a copy of the module folder alone, site-packages without the editable install):
+    the module's library still imports, says what is missing, and its errors keep the one-line format."""
+    pytest.importorskip("slicer", reason="slicer-core is not installed")
+    shutil.copytree(MODULE, tmp_path / "USFMAE", ignore=shutil.ignore_patterns("Testing", "__pycache__"))
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(tmp_path / "USFMAE")!r}]
+        sys.path += {site!r}
+        import importlib.util
+        assert importlib.util.find_spec("usfmae_core") is None
+        from USFMAELib import engine, inputs, install, jobs, logic, models, paths, samples
+        message = engine.engine_missing_message()
+        assert message and "usfmae_core" in message and "module paths" in message, message
+        err = engine.UsfmaeError("the cause", "the fix")
+        assert str(err) == "the cause; the fix" and err.cause == "the cause"
+        assert logic.action_states({{}}, False, engine_ready=False)["classify"].startswith("the usfmae engine")
+        print("loaded")
+    """)
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=120,
+                         check=False, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "loaded"
 
 
 def test_icon_is_a_128_px_png():
@@ -182,6 +284,33 @@ def test_extensions_index_entry():
     assert entry["category"] == sets["EXTENSION_CATEGORY"]
     assert sets["EXTENSION_HOMEPAGE"].startswith(entry["scm_url"])
     assert entry["scm_revision"]
+    # the index lints description files with prettier + prettier-plugin-multiline-arrays (wrap threshold 0): its
+    # output is 2-space JSON with every array on several lines, i.e. json.dumps(indent=2) plus a newline
+    text = CATALOG.read_text()
+    assert text == json.dumps(entry, indent=2) + "\n" and "\r" not in text
+
+
+def _github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_homepage_anchor_is_a_readme_heading():
+    homepage = _cmake_sets((REPO / "CMakeLists.txt").read_text())["EXTENSION_HOMEPAGE"]
+    anchor = homepage.split("#", 1)[1]
+    headings = [line.lstrip("#").strip() for line in (REPO / "README.md").read_text().splitlines()
+                if re.match(r"^#{1,6} ", line)]
+    assert _github_anchor("3D Slicer extension (USFMAE)") == "3d-slicer-extension-usfmae"
+    assert anchor in {_github_anchor(h) for h in headings}, f"README.md has no heading for #{anchor}"
+
+
+def test_license_at_the_repository_root():
+    """The Extensions Index's check_license_file looks for LICENSE (and a few other names) at the root."""
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0" in text
+    tomllib = pytest.importorskip("tomllib")
+    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["license"] == "Apache-2.0"
 
 
 def test_requirements_match_pyproject():
@@ -197,3 +326,77 @@ def test_requirements_match_pyproject():
     assert sorted(engine.requirements(Path("/nonexistent/module"))) == others  # the built extension's copy
     assert engine.missing_requirements() == []  # this test environment has them all
     assert engine.torch_installed()
+
+
+def test_ci_constraints_are_slicer_510s_bundled_versions():
+    """requirements/slicer-5.10.txt (CI's second environment) pins what Slicer 5.10 bundles (USFMAELib.install, read
+    from Slicer/Slicer v5.10.0 SuperBuild/External_python-*.cmake), and the engine's ranges admit them all."""
+    from packaging.requirements import Requirement
+
+    from USFMAELib import engine, install
+
+    pins = {}
+    for line in (REPO / "requirements" / "slicer-5.10.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[install.canonical(name)] = version.strip()
+    bundled = {install.canonical(k): v for k, v in install.SLICER_BUNDLED["5.10"].items()}
+    assert pins == {k: bundled[k] for k in ("numpy", "pydicom", "pillow", "scipy")}
+    for release in ("5.10", "5.12"):
+        versions = {install.canonical(k): v for k, v in install.SLICER_BUNDLED[release].items()}
+        for text in engine.requirements():
+            req = Requirement(text)
+            if install.canonical(req.name) in versions:
+                assert req.specifier.contains(versions[install.canonical(req.name)]), (release, text)
+
+
+def _slicer_python(release: str, **extra: str) -> dict[str, str]:
+    """The distributions of a Slicer release's Python (what it bundles), plus ``extra`` ones."""
+    from USFMAELib import install
+
+    return {**{install.canonical(k): v for k, v in install.SLICER_BUNDLED[release].items()}, **extra}
+
+
+def test_install_plan_keeps_slicers_packages_and_leaves_torch_to_the_pytorch_extension():
+    pytest.importorskip("packaging")
+    from USFMAELib import engine, install
+
+    reqs, torch_req = engine.requirements(), engine.TORCH_REQUIREMENT
+    # a fresh Slicer 5.10: no torch, none of the engine's own packages
+    plan = install.plan_install(reqs, torch_req, _slicer_python("5.10"))
+    assert plan.torch == "install" and plan.torch_requirement == ">=2.4"
+    from packaging.requirements import Requirement
+
+    names = {install.canonical(Requirement(r).name) for r in plan.pip}
+    assert {"monai", "itk", "nibabel", "pylibjpeg"} <= names
+    assert not names & install.BUNDLED_NAMES and "torch" not in names  # never numpy, pydicom, pillow, SimpleITK
+    kept = dict(plan.bundled_kept)
+    assert kept["numpy"] == "2.0.2" and kept["pydicom"] == "2.4.4" and kept["pillow"] == "11.2.1"
+    assert "numpy==2.0.2" in plan.constraints and "pydicom==2.4.4" in plan.constraints
+    assert not plan.bundled_conflicts and "numpy==2.0.2" in plan.constraints_text()
+    # Slicer 5.12 with a CUDA torch that is too old: upgrade through PyTorchUtils, and pip may not touch torch
+    old = install.plan_install(reqs, torch_req, _slicer_python("5.12", torch="2.2.1+cu121", monai="1.5.2"))
+    assert old.torch == "upgrade" and old.torch_version == "2.2.1+cu121"
+    assert "torch==2.2.1+cu121" in old.constraints and "numpy==2.4.6" in old.constraints
+    assert "upgrade 2.2.1+cu121" in old.summary() and all(not r.startswith("monai") for r in old.pip)
+    assert install.torch_upgrade_blocked(old, imported=["torch", "os"]) and not install.torch_upgrade_blocked(
+        old, imported=["os"])
+    # an older Slicer whose numpy is outside the engine's range: said, never upgraded
+    ancient = install.plan_install(["numpy>=2.0"], torch_req, _slicer_python("5.10", numpy="1.26.4", torch="2.5.0"))
+    assert ancient.torch is None and not ancient.pip and "numpy 1.26.4" in ancient.bundled_conflicts[0]
+    # everything there: nothing to do; this test environment has everything
+    assert install.plan_install(reqs, torch_req).nothing_to_install
+    assert install.pip_arguments("monai>=1.5,<1.7", "/tmp/c.txt") == ["monai>=1.5,<1.7", "-c", "/tmp/c.txt"]
+
+
+def test_restart_is_recommended_when_loaded_packages_changed():
+    from USFMAELib import install
+
+    plan = install.plan_install([], "torch>=2.4", {"numpy": "2.0.2"})
+    before = {"numpy": "2.0.2", "nibabel": "5.2.0"}
+    after = {"numpy": "2.0.2", "nibabel": "5.3.0", "torch": "2.6.0", "monai": "1.5.2"}
+    reasons = install.restart_recommended(plan, before, after, imported=["numpy", "nibabel.nifti1"])
+    assert reasons[0].startswith("torch (new) -> 2.6.0") and "nibabel 5.2.0 -> 5.3.0" in reasons
+    assert not any(r.startswith("monai") for r in reasons)  # installed but never imported: no restart for it
+    nothing = install.plan_install([], "torch>=2.4", {"torch": "2.6.0"})
+    assert install.restart_recommended(nothing, before, before, imported=["numpy"]) == []

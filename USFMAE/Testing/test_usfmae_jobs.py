@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from USFMAELib.jobs import Job, format_seconds
 
 SCRIPT = Path(__file__).resolve().parents[1] / "Scripts" / "usfmae_job.py"
@@ -71,8 +70,9 @@ def test_progress_lines_are_parsed_and_log_kept(tmp_path):
 
 
 def test_status_text_while_running():
-    job = Job([sys.executable, "-c", "print('USFMAE_PROGRESS ' + '{\"stage\": \"pretrain\", \"step\": 3, "
-               "\"total\": 12, \"eta_s\": 95.0, \"loss\": 0.41}', flush=True); import time; time.sleep(30)"]).start()
+    job = Job([sys.executable, "-c", ("print('USFMAE_PROGRESS ' + '{\"stage\": \"pretrain\", \"step\": 3, "
+                                      "\"total\": 12, \"eta_s\": 95.0, \"loss\": 0.41}', flush=True); import time; "
+                                      "time.sleep(30)")]).start()
     try:
         _wait_for(job, lambda: job.progress is not None)
         assert job.fraction == pytest.approx(0.25)
@@ -145,3 +145,29 @@ def test_job_script_refuses_a_bad_plan(tmp_path):
     job = Job([sys.executable, str(SCRIPT), str(bad)]).start()
     assert job.wait(timeout=60) == 2
     assert any("cannot read the job plan" in line for line in job.log)
+
+
+def test_function_steps_return_values_and_one_line_errors(tmp_path):
+    """A ``call`` step's value comes back as a result; a user error in it is the engine's one line."""
+    plan = {"steps": [{"name": "numbers", "call": "json:loads", "kwargs": {"s": "[1, 2, 3]"}},
+                      {"name": "model", "call": "USFMAELib.models:model_info",
+                       "kwargs": {"path": str(tmp_path / "missing.pt")}}]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    job = Job([sys.executable, str(SCRIPT), str(tmp_path / "plan.json")], cwd=tmp_path).start()
+    assert job.wait(timeout=180) == 2
+    assert job.results == {"numbers": [1, 2, 3]}  # parsed from the result line, not kept as a log line
+    assert not any(line.startswith("USFMAE_RESULT") for line in job.log)
+    assert "missing.pt" in job.error() and "\n" not in job.error()
+
+
+def test_the_progress_protocol_is_the_engines():
+    """The module parses progress lines itself (the engine's parser lives in a module that imports torch, which the
+    Slicer process must not load): same prefix, same records."""
+    from USFMAELib import jobs
+
+    from usfmae_core.workflows import common
+
+    assert jobs.PROGRESS_PREFIX == common.PROGRESS_PREFIX
+    for line in ['USFMAE_PROGRESS {"stage": "pretrain", "step": 3, "total": 12, "loss": 0.5}',
+                 "USFMAE_PROGRESS not json", "an ordinary line", 'USFMAE_PROGRESS {"step": 1}  ']:
+        assert jobs._parse_progress(line) == common.parse_progress_line(line), line

@@ -19,13 +19,13 @@ MODULE_DIR = Path(__file__).resolve().parent.parent
 TORCH_REQUIREMENT = "torch>=2.4"
 REQUIREMENTS: tuple[str, ...] = (
     "monai>=1.5,<1.7",
-    "pytorch-ignite>=0.4.11",
+    "pytorch-ignite>=0.4.11,<0.6",
     "einops>=0.7",
-    "numpy>=1.24",
+    "numpy>=1.24,<3",
     "itk>=5.3",
     "SimpleITK>=2.3",
     "nibabel>=5.0",
-    "pydicom>=3.0",
+    "pydicom>=2.4,<4",
     "pylibjpeg>=2.0",
     "pylibjpeg-openjpeg>=2.0",
     "pylibjpeg-libjpeg>=2.0",
@@ -105,3 +105,25 @@ def requirements(module_dir: Path = MODULE_DIR) -> tuple[str, ...]:
 def missing_requirements(module_dir: Path = MODULE_DIR) -> list[str]:
     """Requirement strings of :func:`requirements` that the installed packages do not satisfy."""
     return [r for r in requirements(module_dir) if not _satisfied(r)]
+
+
+def engine_missing_message(module_dir: Path = MODULE_DIR) -> str | None:
+    """None when ``usfmae_core`` can be imported; else one line saying where it was looked for and what to do."""
+    if ensure_engine_on_path(module_dir):
+        return None
+    return (f"the usfmae engine (usfmae_core) was found neither beside the module ({module_dir}) nor in the folder "
+            f"above it ({module_dir.parent}); reinstall the USFMAE extension, or add the folder of a source checkout "
+            "(the one holding USFMAE.py) to the additional module paths")
+
+
+if ensure_engine_on_path():
+    from usfmae_core.errors import UsfmaeError
+else:  # the module still loads and says what is missing (same message format as the engine's)
+    class UsfmaeError(Exception):  # type: ignore[no-redef]
+        """One-line user error ``<cause>; <fix>`` (the engine's class, when the engine cannot be imported)."""
+
+        exit_code = 2
+
+        def __init__(self, cause: str, fix: str = "") -> None:
+            self.cause, self.fix = cause, fix
+            super().__init__(f"{cause}; {fix}" if fix else cause)

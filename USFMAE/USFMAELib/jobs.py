@@ -1,9 +1,12 @@
-"""Long jobs (fine-tune, pretrain) in a child process, watched without blocking and cancelled as a whole tree.
+"""Background jobs in a child process, watched without blocking and cancelled as a whole tree.
 
+Everything that needs torch runs this way (classify, reconstruct, fine-tune, pretrain, model import and info,
+device check, sample data, weight download), so the Slicer process never imports torch and its GUI never waits.
 The child prints ordinary log lines and, with ``USFMAE_PROGRESS_LINES=1``, machine-readable progress lines
-(``USFMAE_PROGRESS {json}``, see :mod:`usfmae_core.workflows.common`). A reader thread moves every output line into
-a queue; :meth:`Job.poll` (called from a GUI timer, or in a loop) drains the queue without ever blocking, keeps the
-latest progress record and the log, and notices when the child has ended.
+(``USFMAE_PROGRESS {json}``, see :mod:`usfmae_core.workflows.common`) and results of function steps
+(``USFMAE_RESULT {json}``, see ``Scripts/usfmae_job.py``). A reader thread moves every output line into a queue;
+:meth:`Job.poll` (called from a GUI timer, or in a loop) drains the queue without ever blocking, keeps the latest
+progress record, the results and the log, and notices when the child has ended.
 
 Why not ``slicer.util.launchConsoleProcess``: in Slicer the child is ``PythonSlicer``, a launcher that starts the
 real interpreter as its own child (which may start data-loader workers in turn), so killing the direct child leaves
@@ -29,25 +32,27 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-PROGRESS_PREFIX = "USFMAE_PROGRESS "
+PROGRESS_PREFIX = "USFMAE_PROGRESS "  # the engine's (usfmae_core.workflows.common.PROGRESS_PREFIX; a test compares)
+ERROR_PREFIX = "usfmae: error:"  # the engine's one-line user errors (usfmae_core.cli)
+RESULT_PREFIX = "USFMAE_RESULT "  # Scripts/usfmae_job.py: {"step": name, "value": <JSON>} of a function step
 _EOF = object()
 
 
-def _parse_progress(line: str) -> dict[str, Any] | None:
-    """The engine's parser (one protocol, one implementation); a JSON fallback when the engine cannot be imported
-    in the watching process (it only needs to be importable in the child)."""
+def _parse_record(line: str, prefix: str) -> dict[str, Any] | None:
+    """The JSON object of a ``<prefix>{...}`` line, or None. Parsed here rather than with the engine's parser:
+    that module imports torch, which the Slicer process must not load (only child jobs do)."""
+    line = line.strip()
+    if not line.startswith(prefix):
+        return None
     try:
-        from usfmae_core.workflows.common import parse_progress_line
-    except ImportError:
-        line = line.strip()
-        if not line.startswith(PROGRESS_PREFIX):
-            return None
-        try:
-            record = json.loads(line[len(PROGRESS_PREFIX):])
-        except json.JSONDecodeError:
-            return None
-        return record if isinstance(record, dict) else None
-    return parse_progress_line(line)
+        record = json.loads(line[len(prefix):])
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _parse_progress(line: str) -> dict[str, Any] | None:
+    return _parse_record(line, PROGRESS_PREFIX)
 
 
 class Job:
@@ -80,6 +85,8 @@ class Job:
         self.on_line = on_line
         self.log: deque[str] = deque(maxlen=max_log_lines)
         self.progress: dict[str, Any] | None = None
+        self.results: dict[str, Any] = {}  # step name -> value printed by a function step (RESULT_PREFIX lines)
+        self.spec: Any = None  # what started it (USFMAELib.logic.JobSpec), for finishing
         self.returncode: int | None = None
         self.cancelled = False
         self.proc: subprocess.Popen | None = None
@@ -96,9 +103,9 @@ class Job:
         """Start the child in its own process group and the background reader; returns ``self``."""
         if self.proc is not None:
             raise RuntimeError(f"job '{self.name}' was already started")
-        kwargs: dict[str, Any] = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, encoding="utf-8", errors="replace", bufsize=1, env=self.env,
-                                      cwd=self.cwd)
+        kwargs: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT,
+                                  "text": True, "encoding": "utf-8", "errors": "replace", "bufsize": 1, "env": self.env,
+                                  "cwd": self.cwd}
         if os.name == "posix":
             kwargs["start_new_session"] = True  # own session and process group: the group id is the child's pid
         else:
@@ -137,6 +144,10 @@ class Job:
             if record is not None:
                 self.progress = record
                 continue
+            result = _parse_record(item, RESULT_PREFIX)
+            if result is not None and "step" in result:
+                self.results[str(result["step"])] = result.get("value")
+                continue
             self.log.append(item)
             new.append(item)
             if self.on_line is not None:
@@ -165,6 +176,13 @@ class Job:
     def running(self) -> bool:
         """True from :meth:`start` until the child has ended and its output has been read."""
         return self.proc is not None and self.returncode is None
+
+    def error(self) -> str | None:
+        """The last one-line user error the child printed (after ``usfmae: error:``), or None."""
+        for line in reversed(self.log):
+            if line.startswith(ERROR_PREFIX):
+                return line[len(ERROR_PREFIX):].strip()
+        return None
 
     @property
     def fraction(self) -> float | None:
@@ -288,7 +306,7 @@ class Job:
 
 def format_seconds(seconds: float) -> str:
     """``75`` -> ``1 min 15 s``; ``3700`` -> ``1 h 01 min``."""
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     if seconds < 60:
         return f"{seconds} s"
     minutes, secs = divmod(seconds, 60)

@@ -1,22 +1,29 @@
-"""The USFMAE module's logic on the MRML scene: no Qt, the engine (torch, ``usfmae_core``) imported only when used.
+"""The USFMAE module's logic on the MRML scene: no Qt, and no torch in this process.
+
+Every computation that needs torch runs as a background job in a child process (:mod:`USFMAELib.jobs`,
+``Scripts/usfmae_job.py``): classify, reconstruct, fine-tune, pretrain, importing a model or reading its details,
+checking the device, writing the sample data, downloading weights. The logic here
+
+1. turns the module's parameters into a :class:`JobSpec` (``*_job`` methods): it checks the inputs, writes what
+   the child reads (an input NRRD, a plan of steps) and records what finishing needs;
+2. starts it (:meth:`USFMAEEngineLogic.start_job`, returns at once);
+3. when the job has ended, :meth:`USFMAEEngineLogic.finish_job` loads its results into the scene (a table of
+   class probabilities with a chart, reconstruction volumes with the input's geometry, a model path, sample data),
+   places them in the subject hierarchy under the input's study, and says what happened in a :class:`JobOutcome`.
 
 :class:`USFMAEEngineLogic` is what ``USFMAE.USFMAELogic`` adds to Slicer's ``ScriptedLoadableModuleLogic``; it runs
-in Slicer and, for the tests, on a bare ``slicer.vtkMRMLScene`` from the ``slicer-core`` package.
-
-Array conventions: ``slicer.util.arrayFromVolume`` gives ``(K, J, I)`` = (slices, rows, columns); a single-slice
-volume ``(1, H, W)`` is a 2D image, a sequence of single-slice volumes a cine ``(T, H, W)``. Spacing is passed to the
-engine in array-axis order, i.e. ``reversed(node.GetSpacing())``.
+in Slicer and, for the tests, on a ``slicer.vtkMRMLScene`` of the ``slicer-core`` package.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,57 +32,69 @@ import numpy as np
 import slicer
 import vtk
 
-from USFMAELib.engine import MODULE_DIR, ensure_engine_on_path
+from USFMAELib import inputs, install, models, samples
+from USFMAELib.engine import MODULE_DIR, TORCH_REQUIREMENT, UsfmaeError, requirements
 from USFMAELib.jobs import Job
 
-ensure_engine_on_path()
-from usfmae_core.errors import UsfmaeError  # noqa: E402  (tiny module: no torch)
-
-CLASSIFIER_ARCHS = ("classifier", "resnet", "densenet")  # as usfmae_core.workflows.predict (not imported: torch)
 JOB_SCRIPT = MODULE_DIR / "Scripts" / "usfmae_job.py"
 OUTPUT_ATTRIBUTE = "USFMAE.output"  # marks nodes this module created (not re-exported as pretraining data)
+RESULTS_FOLDER = "USF-MAE"  # subject hierarchy folder (per input) that holds the results
+WEIGHTS = ("usf-mae-100ep", "usf-mae-500ep")  # names `usfmae pull` knows (usfmae_core.hub)
 _PALETTE = ((0.12, 0.47, 0.71), (1.0, 0.50, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16), (0.58, 0.40, 0.74),
             (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.50, 0.50, 0.50), (0.74, 0.74, 0.13), (0.09, 0.75, 0.81))
 
 
 @dataclass
-class InputImage:
-    """Pixels of an input node as the engine wants them.
+class JobSpec:
+    """A background job before it starts.
 
     Attributes:
-        array: ``(H, W)`` for an image, ``(T, H, W)`` for a cine, ``(D, H, W)`` for a volume; float32, unscaled grey.
-        kind: ``image`` | ``cine`` | ``volume``.
-        spacing: per array axis (mm; the frame interval is not known for sequences and given as 1).
-        node: the volume node whose geometry outputs copy (the proxy / first frame for sequences).
-        index_name: name of the per-row index column (``slice`` or ``frame``).
+        kind: ``classify``, ``reconstruct``, ``finetune``, ``pretrain``, ``pull``, ``samples``, ``import``,
+            ``model-info`` or ``device``.
+        name: a label for the GUI.
+        steps: the plan (``argv`` or ``call`` steps, see ``Scripts/usfmae_job.py``).
+        folder: the job's folder (plan, inputs, outputs of the steps).
+        context: what :meth:`USFMAEEngineLogic.finish_job` needs (node IDs, paths).
+        temporary: folders removed when the job is finished.
+        exclusive: a long job that occupies the module's job slot (with progress and Cancel); ``False`` for the
+            short probes (device, model details) that may run beside it.
     """
 
-    array: np.ndarray
     kind: str
-    spacing: tuple[float, ...]
-    node: Any
-    index_name: str = "slice"
-
-    @property
-    def frames(self) -> np.ndarray:
-        """``(N, H, W)`` frames (N=1 for an image)."""
-        return self.array[None] if self.array.ndim == 2 else self.array
+    name: str
+    steps: list[dict[str, Any]]
+    folder: Path
+    context: dict[str, Any] = field(default_factory=dict)
+    temporary: list[Path] = field(default_factory=list)
+    exclusive: bool = True
 
 
 @dataclass
-class ClassifyOutput:
-    result: dict[str, Any]
-    table: Any
-    chart: Any = None
-    plot_table: Any = None
+class JobOutcome:
+    """What a finished job did.
+
+    Attributes:
+        ok: finished without error (``False`` when it failed or was cancelled).
+        cancelled: the user cancelled it.
+        message: one line for the user (the result, or the error's cause and fix).
+        nodes: nodes added or updated in the scene, by role (``table``, ``chart``, ``masked``, ...).
+        parameters: parameter-node fields to set (e.g. ``classifierPath`` after fine-tuning).
+        value: a function step's value (device description, model details, sample paths).
+        show: how the widget shows it: ``table`` (table and chart in a layout with both), ``volumes``, or None.
+    """
+
+    kind: str
+    ok: bool
+    cancelled: bool = False
+    message: str = ""
+    nodes: dict[str, Any] = field(default_factory=dict)
+    parameters: dict[str, str] = field(default_factory=dict)
+    value: Any = None
+    show: str | None = None
 
 
-@dataclass
-class ReconstructOutput:
-    masked: Any
-    reconstruction: Any
-    mask_ratio: float
-    extra: dict[str, Any] = field(default_factory=dict)
+def _node_name(node: Any) -> str:
+    return node.GetName() or node.GetID() or "input"
 
 
 def _frame_index(result: dict[str, Any], n: int) -> np.ndarray:
@@ -84,12 +103,8 @@ def _frame_index(result: dict[str, Any], n: int) -> np.ndarray:
     return np.arange(n) if index is None or len(index) != n else np.asarray(index, dtype=np.int64)
 
 
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "volume"
-
-
 class USFMAEEngineLogic:
-    """Classify, reconstruct, manage models and start training jobs, on an MRML scene.
+    """Jobs and results of the USFMAE module on an MRML scene.
 
     Args:
         scene: the MRML scene (default: ``slicer.mrmlScene``, looked up when used).
@@ -97,8 +112,6 @@ class USFMAEEngineLogic:
 
     def __init__(self, scene: Any = None) -> None:
         self._scene = scene
-        self._models: dict[tuple, tuple[Any, dict]] = {}
-        self._temp_dirs: dict[int, Path] = {}
 
     @property
     def scene(self) -> Any:
@@ -107,237 +120,319 @@ class USFMAEEngineLogic:
             raise RuntimeError("no MRML scene: pass one to the logic or set slicer.mrmlScene")
         return scene
 
-    # =========================================================================================== device / models
+    # ============================================================================================ set-up / models
     @staticmethod
-    def resolve_device(choice: str = "auto") -> str:
-        """``auto|cuda|mps|cpu`` -> the device string to use (UsfmaeError when the accelerator is absent)."""
-        from usfmae_core.device import resolve_device
-
-        return str(resolve_device(choice or "auto"))
-
-    @staticmethod
-    def describe_device(choice: str = "auto") -> dict[str, Any]:
-        """The device ``choice`` resolves to, with its name and memory (plain types), e.g.
-        ``{"device": "cuda", "name": "NVIDIA H100", "memory_gb": 79.1, ...}``."""
-        from usfmae_core.device import describe_device, resolve_device
-
-        return describe_device(resolve_device(choice or "auto"))
+    def install_plan(installed: dict[str, str] | None = None) -> install.InstallPlan:
+        """What to install for the engine (see :mod:`USFMAELib.install`)."""
+        return install.plan_install(requirements(), TORCH_REQUIREMENT, installed)
 
     @staticmethod
     def model_cache_dir() -> Path:
-        """Where imported models are kept (outside the Slicer install): ``$USFMAE_HOME/models`` or
-        ``~/.usfmae/models``."""
-        from usfmae_core.commands.info import model_cache_dir
+        return models.model_cache_dir()
 
-        return model_cache_dir()
+    @staticmethod
+    def cached_models() -> list[Path]:
+        return models.cached_models()
 
-    def cached_models(self) -> list[Path]:
-        """Model files in the cache, newest first."""
-        folder = self.model_cache_dir()
-        if not folder.is_dir():
-            return []
-        files = [p for p in folder.iterdir() if p.suffix in (".pt", ".pth") and p.is_file()]
-        return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+    # ============================================================================================== job specs
+    def _folder(self, kind: str, folder: str | os.PathLike | None) -> tuple[Path, list[Path]]:
+        if folder is not None and str(folder).strip():
+            path = Path(folder).expanduser()
+            path.mkdir(parents=True, exist_ok=True)
+            return path, []
+        path = Path(tempfile.mkdtemp(prefix=f"usfmae_{kind}_"))
+        return path, [path]
 
-    def import_model(self, source: str | os.PathLike, name: str | None = None) -> Path:
-        """Put a model into the cache and return its path there; works offline on local files.
-
-        ``source`` may be one of our checkpoints (copied), foreign weights that ``usfmae import-weights`` converts
-        (USF-MAE / facebook MAE, MONAI, timm ViT), or a MONAI bundle folder (its ``models/model.pt``).
-        """
-        from usfmae_core.checkpoints import import_weights, load_checkpoint
-
-        src = Path(source).expanduser()
-        if src.is_dir():
-            candidates = [src / "models" / n for n in ("model.pt", "model.pth")]
-            candidates += sorted((src / "models").glob("*.pt")) if (src / "models").is_dir() else []
-            candidates += sorted(src.glob("*.pt")) + sorted(src.glob("*.pth"))
-            found = [c for c in candidates if c.is_file()]
-            if not found:
-                raise UsfmaeError(f"{src} holds no model file (looked for models/model.pt, *.pt, *.pth)",
-                                  "choose a checkpoint file or a MONAI bundle folder with models/model.pt")
-            stem = name or src.name
-            src = found[0]
-        else:
-            stem = name or src.stem
-        if not src.is_file():
-            raise UsfmaeError(f"model file {src} does not exist", "check the path")
-        folder = self.model_cache_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        dest = folder / f"{_safe_name(stem)}.pt"
-        n = 1
-        while dest.exists():
-            dest = folder / f"{_safe_name(stem)}_{n}.pt"
-            n += 1
-        try:
-            load_checkpoint(src)  # ours: keep the file as it is
-        except UsfmaeError:
-            return Path(import_weights(src, dest))  # foreign: convert (raises a one-line error if it cannot)
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-        return dest
-
-    def model_info(self, path: str | os.PathLike) -> dict[str, Any]:
-        """What a checkpoint holds: arch, classes, preset, input size, spatial dims, where it came from."""
-        from usfmae_core.checkpoints import load_checkpoint
-
-        ckpt = load_checkpoint(Path(path).expanduser())
-        cfg = ckpt.get("config", {})
-        prep = cfg.get("preprocessing") or {}
-        return {"arch": ckpt.get("arch"), "classes": list(cfg.get("classes") or []), "preset": cfg.get("preset"),
-                "image_size": prep.get("image_size", cfg.get("img_size")), "spatial_dims": cfg.get("spatial_dims", 2),
-                "meta": ckpt.get("meta", {}), "version": ckpt.get("usfmae_version")}
-
-    def load_model(self, path: str | os.PathLike, expect: str | Sequence[str] = CLASSIFIER_ARCHS,
-                   device: str = "cpu") -> tuple[Any, dict[str, Any]]:
-        """Load (and keep, until the file changes) the model in ``path``; ``expect`` names the acceptable kinds."""
-        from usfmae_core.checkpoints import load_model
-
-        if not str(path).strip():
-            raise UsfmaeError("no model is selected", "choose a model file or import one in the Model section")
+    @staticmethod
+    def _model_file(path: str | os.PathLike | None, what: str) -> Path:
+        if path is None or not str(path).strip():
+            raise UsfmaeError(f"no {what} is selected", f"choose a {what} file, or import one in the Model section")
         p = Path(path).expanduser()
         if not p.is_file():
-            raise UsfmaeError(f"model file {p} does not exist", "choose another model or import it again")
-        expect = (expect,) if isinstance(expect, str) else tuple(expect)
-        key = (str(p.resolve()), p.stat().st_mtime_ns, expect, str(device))
-        if key not in self._models:
-            self._models.clear()  # one model at a time: GPU memory is not hoarded
-            model, ckpt = load_model(p, expect=expect, device=device)
-            model.eval()
-            self._models[key] = (model, ckpt)
-        return self._models[key]
+            raise UsfmaeError(f"{what} file {p} does not exist", "choose another model or import it again")
+        return p
 
-    def clear_models(self) -> None:
-        """Forget loaded models (frees their memory)."""
-        self._models.clear()
+    def classify_job(self, input_node: Any, model_path: str | os.PathLike, table_node: Any = None,
+                     device: str = "auto", kind: str = "auto", use_sequence: bool = True, batch_size: int = 32,
+                     precision: str = "auto", folder: str | os.PathLike | None = None) -> JobSpec:
+        """Classify every slice / frame of ``input_node`` (every frame of the sequence behind a proxy) in the
+        background: ``usfmae predict`` on the exported pixels; finishing fills ``table_node`` (or a new table).
+        ``precision``: as ``usfmae predict --precision`` (auto: bf16 where the device has it natively)."""
+        model = self._model_file(model_path, "classifier")
+        if input_node is None or not input_node.IsA("vtkMRMLSequenceNode"):
+            inputs.check_volume(input_node)
+        out, temporary = self._folder("classify", folder)
+        try:
+            exported = inputs.export_input(input_node, out, kind, use_sequence)
+        except Exception:
+            for t in temporary:
+                shutil.rmtree(t, ignore_errors=True)
+            raise
+        argv = ["predict", str(model), str(exported.path), "--out", str(out / "predict"), "--device", device or "auto",
+                "--batch-size", str(int(batch_size)), "--kind", exported.kind, "--precision", precision]
+        context = {"input": exported.reference.GetID(), "source": _node_name(exported.source),
+                   "table": table_node.GetID() if table_node is not None else None,
+                   "index_name": exported.index_name, "model": str(model), "notes": exported.notes}
+        return JobSpec("classify", f"classify {_node_name(exported.source)}", [{"name": "classify", "argv": argv}],
+                       out, context, temporary)
 
-    # ===================================================================================================== input
-    def sequence_for(self, node: Any) -> Any:
-        """The sequence behind ``node``: the node itself if it is a sequence, the sequence it is a browser proxy of,
-        or None."""
-        if node is None:
-            return None
-        if node.IsA("vtkMRMLSequenceNode"):
-            return node
-        scene = node.GetScene() or self.scene
-        browsers = scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")
-        for i in range(browsers.GetNumberOfItems()):
-            seq = browsers.GetItemAsObject(i).GetSequenceNode(node)
-            if seq is not None:
-                return seq
-        return None
+    def reconstruct_job(self, input_node: Any, model_path: str | os.PathLike, mask_ratio: float = 0.75,
+                        seed: int = 0, device: str = "auto", folder: str | os.PathLike | None = None) -> JobSpec:
+        """Mask and reconstruct ``input_node`` (the frame a proxy shows) in the background with an MAE:
+        ``usfmae reconstruct``; finishing adds the masked input and the reconstruction as volumes."""
+        if not 0.0 < float(mask_ratio) < 1.0:
+            raise UsfmaeError(f"mask ratio {mask_ratio} is outside (0, 1)", "choose e.g. 0.75")
+        model = self._model_file(model_path, "MAE")
+        inputs.check_volume(input_node)
+        out, temporary = self._folder("reconstruct", folder)
+        try:
+            exported = inputs.export_input(input_node, out, "auto", use_sequence=False)
+        except Exception:
+            for t in temporary:
+                shutil.rmtree(t, ignore_errors=True)
+            raise
+        argv = ["reconstruct", str(model), str(exported.path), "--out", str(out / "reconstruct"), "--mask-ratio",
+                f"{float(mask_ratio):g}", "--seed", str(int(seed)), "--device", device or "auto"]
+        context = {"input": input_node.GetID(), "shape": list(exported.shape), "mask_ratio": float(mask_ratio)}
+        return JobSpec("reconstruct", f"reconstruct {_node_name(input_node)}",
+                       [{"name": "reconstruct", "argv": argv}], out, context, temporary)
+
+    def finetune_job(self, data: str | os.PathLike, out_dir: str | os.PathLike, **plan: Any) -> JobSpec:
+        """Fine-tune a classifier (see :meth:`finetune_plan`) into ``out_dir``."""
+        steps = self.finetune_plan(data, out_dir, **plan)
+        out = Path(out_dir).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        return JobSpec("finetune", "fine-tune", steps, out, {"out": str(out)})
+
+    def pretrain_job(self, sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, use_scene: bool = False,
+                     **plan: Any) -> JobSpec:
+        """Pretrain an MAE on folders, or on the scene's volumes and sequences (exported to a temporary folder)."""
+        temporary: list[Path] = []
+        if use_scene:
+            exported = self.export_scene_for_pretraining()
+            temporary.append(exported)
+            sources = [exported]
+        try:
+            steps = self.pretrain_plan(sources, out_dir, **plan)
+        except Exception:
+            for t in temporary:
+                shutil.rmtree(t, ignore_errors=True)
+            raise
+        out = Path(out_dir).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        return JobSpec("pretrain", "pretrain", steps, out, {"out": str(out)}, temporary)
+
+    def pull_job(self, name: str) -> JobSpec:
+        """Download published USF-MAE weights into the model cache: ``usfmae pull NAME`` (the engine's download,
+        with its hash check and offline message)."""
+        if name not in WEIGHTS:
+            raise UsfmaeError(f"unknown weights '{name}'", f"choose one of {', '.join(WEIGHTS)}")
+        out, temporary = self._folder("pull", None)
+        before = {str(p): p.stat().st_mtime_ns for p in self.cached_models()}
+        return JobSpec("pull", f"download {name}", [{"name": "pull", "argv": ["pull", name]}], out,
+                       {"name": name, "before": before}, temporary)
+
+    def function_job(self, call: str, kwargs: dict[str, Any] | None = None, name: str = "",
+                     kind: str = "function", context: dict[str, Any] | None = None,
+                     exclusive: bool = True) -> JobSpec:
+        """Call ``"module:function"`` (of the engine or of ``USFMAELib``) with JSON ``kwargs`` in a child process;
+        its return value is the outcome's ``value``."""
+        out, temporary = self._folder(kind, None)
+        return JobSpec(kind, name or call, [{"name": "value", "call": call, "kwargs": dict(kwargs or {})}], out,
+                       dict(context or {}), temporary, exclusive)
+
+    def samples_job(self, folder: str | os.PathLike | None = None) -> JobSpec:
+        """Write the sample data (:mod:`USFMAELib.samples`) with the engine's phantom generator."""
+        target = Path(folder) if folder is not None else samples.samples_dir()
+        return self.function_job("USFMAELib.samples:write_samples", {"folder": str(target)}, "make sample data",
+                                 "samples", {"folder": str(target)})
+
+    def import_job(self, source: str | os.PathLike, name: str | None = None) -> JobSpec:
+        """Import weights or a bundle folder into the model cache (:func:`USFMAELib.models.import_model`)."""
+        src = Path(str(source).strip()).expanduser() if str(source).strip() else None
+        if src is None or not src.exists():
+            raise UsfmaeError(f"'{source}' does not exist" if src else "no weights file or bundle folder is chosen",
+                              "choose a checkpoint file (.pt, .pth) or a MONAI bundle folder")
+        return self.function_job("USFMAELib.models:import_model",
+                                 {"source": str(src), "cache_dir": str(self.model_cache_dir()), "name": name},
+                                 f"import {src.name}", "import")
+
+    def model_info_job(self, path: str | os.PathLike) -> JobSpec:
+        """Read a checkpoint's details (arch, classes, sizes) in the background (a short probe)."""
+        model = self._model_file(path, "model")
+        return self.function_job("USFMAELib.models:model_info", {"path": str(model)}, "model details", "model-info",
+                                 {"path": str(model)}, exclusive=False)
+
+    def device_job(self, device: str = "auto") -> JobSpec:
+        """Describe the device ``auto|cuda|mps|cpu`` resolves to, with versions (``usfmae info``; a short probe)."""
+        return self.function_job("usfmae_core.commands.info:collect_info", {"device": device or "auto"},
+                                 "check device", "device", exclusive=False)
+
+    # ================================================================================================= run jobs
+    @staticmethod
+    def python_executable() -> str:
+        """``PythonSlicer`` inside Slicer (its launcher sets up the libraries), else this interpreter."""
+        exe_dir = Path(sys.executable).resolve().parent
+        for name in ("PythonSlicer", "PythonSlicer.exe"):
+            if (exe_dir / name).is_file():
+                return str(exe_dir / name)
+        return shutil.which("PythonSlicer") or sys.executable
+
+    def job_environment(self) -> dict[str, str]:
+        """Environment of child jobs (``USFMAE.USFMAELogic`` uses Slicer's start-up environment instead)."""
+        return dict(os.environ)
+
+    def start_job(self, spec: JobSpec, python: str | None = None, env: dict[str, str] | None = None) -> Job:
+        """Write ``spec``'s plan to ``<folder>/job_plan.json`` and start it in a child process (returns at once).
+        The child checks the plan against its engine before the first step."""
+        spec.folder.mkdir(parents=True, exist_ok=True)
+        plan = spec.folder / "job_plan.json"
+        plan.write_text(json.dumps({"name": spec.name, "kind": spec.kind, "steps": spec.steps}, indent=2) + "\n",
+                        encoding="utf-8")
+        argv = [python or self.python_executable(), str(JOB_SCRIPT), str(plan)]
+        job = Job(argv, env=env if env is not None else self.job_environment(), cwd=spec.folder, name=spec.name)
+        job.spec = spec
+        for note in spec.context.get("notes", []):
+            job.log.append(f"[USF-MAE] input: {note}")
+        return job.start()
+
+    def finish_job(self, job: Job) -> JobOutcome:
+        """Load what an ended job produced into the scene and say what happened; removes its temporary folders.
+        Nothing is added to the scene when the job failed or was cancelled."""
+        spec: JobSpec = job.spec
+        try:
+            if job.cancelled:
+                return JobOutcome(spec.kind, False, True, f"{spec.name} was cancelled")
+            if job.returncode != 0:
+                cause = job.error() or f"exit code {job.returncode}; see the job log"
+                return JobOutcome(spec.kind, False, False, f"{spec.name} failed: {cause}")
+            finish = getattr(self, f"_finish_{spec.kind.replace('-', '_')}", self._finish_function)
+            return finish(job, spec)
+        except UsfmaeError as err:
+            return JobOutcome(spec.kind, False, False, f"{spec.name}: {err}")
+        finally:
+            for folder in spec.temporary:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    # --------------------------------------------------------------------------------------------- finishers
+    def _node(self, node_id: str | None) -> Any:
+        return self.scene.GetNodeByID(node_id) if node_id else None
+
+    def _finish_classify(self, job: Job, spec: JobSpec) -> JobOutcome:
+        ctx = spec.context
+        result = read_predictions(spec.folder / "predict")
+        input_node = self._node(ctx["input"])
+        table = self._node(ctx.get("table"))
+        if table is None:
+            table = self.scene.AddNewNodeByClass("vtkMRMLTableNode",
+                                                 self.scene.GenerateUniqueName(f"{ctx['source']} USF-MAE classes"))
+            table.SetAttribute(OUTPUT_ATTRIBUTE, "classification")
+        index_name = ctx["index_name"] if result["scope"] == "frame" else "volume"
+        self.fill_table(table, result, index_name)
+        table.SetAttribute("USFMAE.model", ctx["model"])
+        table.SetAttribute("USFMAE.input", ctx["input"] or "")
+        chart, plot_table = self.update_chart(table, result, index_name)
+        nodes = {"table": table, "chart": chart, "plot_table": plot_table}
+        if input_node is not None:
+            self.place_in_subject_hierarchy(list(nodes.values()) + self._series(chart), input_node)
+        probability = float(max(result["aggregate"]))
+        what = {"cine": "frame(s)", "volume": "slice(s)"}.get(result["kind"], "image")
+        excluded = f", {result['n_excluded']} empty / constant left out" if result["n_excluded"] else ""
+        message = (f"{result['label']} (mean probability {probability:.2f} over {result['n_frames']} {what}{excluded}; "
+                   f"most typical: {', '.join(str(i) for i in result['top_slices']) or '-'})")
+        return JobOutcome("classify", True, message=message, nodes=nodes, value=result, show="table")
+
+    def _finish_reconstruct(self, job: Job, spec: JobSpec) -> JobOutcome:
+        ctx = spec.context
+        input_node = self._node(ctx["input"])
+        if input_node is None:
+            raise UsfmaeError("the input volume was removed from the scene while the job ran", "run it again")
+        summary = json.loads((spec.folder / "reconstruct" / "reconstruct.json").read_text(encoding="utf-8"))
+        volumes = summary.get("volumes") or {}
+        if not {"masked", "reconstruction"} <= set(volumes):
+            raise UsfmaeError("the engine wrote no reconstruction volumes", "update the USFMAE extension and engine")
+        shape = tuple(ctx["shape"])
+        name = _node_name(input_node)
+        nodes = {key: self.volume_like(input_node, inputs.read_volume_file(volumes[key]).reshape(shape),
+                                       f"{name} {key}")
+                 for key in ("masked", "reconstruction")}
+        self.place_in_subject_hierarchy(list(nodes.values()), input_node)
+        message = (f"masked-patch loss {float(summary.get('loss', float('nan'))):.4f} with "
+                   f"{ctx['mask_ratio']:.0%} of the patches hidden")
+        return JobOutcome("reconstruct", True, message=message, nodes=nodes, value=summary, show="volumes")
+
+    def _finish_finetune(self, job: Job, spec: JobSpec) -> JobOutcome:
+        model = self.find_checkpoint(spec.context["out"])
+        if model is None:
+            raise UsfmaeError(f"the job wrote no model into {spec.context['out']}", "see the job log")
+        return JobOutcome("finetune", True, message=f"classifier written: {model}",
+                          parameters={"classifierPath": str(model)})
+
+    def _finish_pretrain(self, job: Job, spec: JobSpec) -> JobOutcome:
+        model = self.find_checkpoint(spec.context["out"])
+        if model is None:
+            raise UsfmaeError(f"the job wrote no model into {spec.context['out']}", "see the job log")
+        return JobOutcome("pretrain", True, message=f"MAE written: {model}",
+                          parameters={"maePath": str(model), "finetuneInit": str(model)})
+
+    def _finish_pull(self, job: Job, spec: JobSpec) -> JobOutcome:
+        before = spec.context["before"]
+        printed = [Path(w) for line in job.log for w in line.split() if w.endswith((".pt", ".pth"))]
+        found = [p for p in printed if p.is_file()][-1:]  # the path the command printed last
+        if not found:  # else the newest cache file that the download added or replaced
+            found = [p for p in self.cached_models() if before.get(str(p)) != p.stat().st_mtime_ns][:1]
+        if not found:
+            raise UsfmaeError(f"'usfmae pull {spec.context['name']}' finished but no model file was found in "
+                              f"{self.model_cache_dir()}", "see the job log")
+        model = found[0]
+        return JobOutcome("pull", True, message=f"{spec.context['name']} downloaded: {model}",
+                          parameters={"maePath": str(model), "finetuneInit": str(model)}, value=str(model))
+
+    def _finish_function(self, job: Job, spec: JobSpec) -> JobOutcome:
+        return JobOutcome(spec.kind, True, message=f"{spec.name} finished", value=job.results.get("value"))
+
+    def _finish_samples(self, job: Job, spec: JobSpec) -> JobOutcome:
+        written = job.results.get("value") or {}
+        missing = [s.name for s in samples.SAMPLES if s.name not in written]
+        if missing:
+            raise UsfmaeError(f"the sample data job wrote no {', '.join(missing)}", "see the job log")
+        return JobOutcome("samples", True, message=f"sample data written to {spec.context['folder']}", value=written)
+
+    def _finish_import(self, job: Job, spec: JobSpec) -> JobOutcome:
+        info = job.results.get("value") or {}
+        if not info.get("path"):
+            raise UsfmaeError("the import job returned no model", "see the job log")
+        parameter = "maePath" if info.get("arch") == "mae" else "classifierPath"
+        return JobOutcome("import", True, message=f"imported as {info['path']}", parameters={parameter: info["path"]},
+                          value=info)
+
+    def _finish_model_info(self, job: Job, spec: JobSpec) -> JobOutcome:
+        info = job.results.get("value") or {}
+        return JobOutcome("model-info", True, message=describe_model(info), value=info)
+
+    def _finish_device(self, job: Job, spec: JobSpec) -> JobOutcome:
+        info = job.results.get("value") or {}
+        dev = info.get("device") or {}
+        memory = f", {dev['memory_gb']} GB" if dev.get("memory_gb") else ""
+        message = (f"{dev.get('device', '?')}: {dev.get('name', '?')}{memory} (torch {info.get('torch', '?')}, "
+                   f"CUDA {'available' if info.get('cuda_available') else 'not available'})")
+        return JobOutcome("device", True, message=message, value=info)
 
     @staticmethod
-    def _grey(node: Any) -> np.ndarray:
-        """``(K, J, I)`` float32 grey pixels of a volume node (colour volumes converted with the data layer's rule)."""
-        arr = slicer.util.arrayFromVolume(node)
-        if arr is None:
-            raise UsfmaeError(f"volume '{node.GetName()}' has no image data", "load or select another volume")
-        if node.IsA("vtkMRMLVectorVolumeNode") or arr.ndim == 4:
-            if arr.shape[-1] >= 3:
-                from usfmae_core.data.readers import _to_grey
+    def _series(chart: Any) -> list[Any]:
+        return [chart.GetNthPlotSeriesNode(i) for i in range(chart.GetNumberOfPlotSeriesNodes())] if chart else []
 
-                return np.ascontiguousarray(_to_grey(arr)[0], dtype=np.float32)
-            return np.ascontiguousarray(arr[..., 0], dtype=np.float32)
-        return np.array(arr, dtype=np.float32, copy=True)
-
-    def input_image(self, node: Any, kind: str = "auto", use_sequence: bool = True) -> InputImage:
-        """The pixels of ``node`` (a scalar / vector volume, a sequence, or a sequence browser's proxy volume).
-
-        ``kind`` ``auto`` makes a single-slice volume an image, a multi-slice one a volume and a sequence of
-        single-slice volumes a cine; ``image`` / ``cine`` / ``volume`` force the reading of the slices.
-        """
-        if node is None:
-            raise UsfmaeError("no input is selected", "choose a volume or a sequence in the Classify section")
-        kind = (kind or "auto").lower()
-        if kind not in ("auto", "image", "cine", "volume"):
-            raise UsfmaeError(f"unknown input kind '{kind}'", "choose auto, image, cine or volume")
-        seq = self.sequence_for(node) if use_sequence else None
-        if seq is not None:
-            return self._sequence_image(seq, node, kind)
-        if not node.IsA("vtkMRMLScalarVolumeNode"):
-            raise UsfmaeError(f"'{node.GetName()}' is a {node.GetClassName()}, not an image",
-                              "choose a scalar volume, a colour volume or a sequence of them")
-        arr = self._grey(node)
-        spacing = tuple(float(s) for s in reversed(node.GetSpacing()))
-        if arr.shape[0] == 1 and kind in ("auto", "image"):
-            return InputImage(arr[0], "image", spacing[1:], node)
-        if kind == "image":
-            raise UsfmaeError(f"'{node.GetName()}' has {arr.shape[0]} slices, not one",
-                              "use kind 'volume' or 'cine', or choose a 2D image")
-        kind = "volume" if kind == "auto" else kind
-        return InputImage(arr, kind, spacing, node, "frame" if kind == "cine" else "slice")
-
-    def _sequence_image(self, seq: Any, node: Any, kind: str) -> InputImage:
-        n = seq.GetNumberOfDataNodes()
-        if n == 0:
-            raise UsfmaeError(f"sequence '{seq.GetName()}' is empty", "record or load frames first")
-        frames, first = [], None
-        for i in range(n):
-            item = seq.GetNthDataNode(i)
-            if item is None or not item.IsA("vtkMRMLScalarVolumeNode"):
-                raise UsfmaeError(f"sequence '{seq.GetName()}' holds {item.GetClassName() if item else 'nothing'} "
-                                  f"at item {i}, not images", "choose a sequence of ultrasound frames")
-            arr = self._grey(item)
-            if arr.shape[0] != 1:
-                raise UsfmaeError(f"sequence '{seq.GetName()}' holds 3D volumes ({arr.shape[0]} slices per item)",
-                                  "choose one time point (its proxy volume) with 'use sequence' off")
-            if first is not None and arr.shape != first.shape:
-                raise UsfmaeError(f"sequence '{seq.GetName()}' frames differ in size ({first.shape[1:]} vs "
-                                  f"{arr.shape[1:]} at item {i})", "resample the frames to one size")
-            first = arr if first is None else first
-            frames.append(arr[0])
-        ref = node if node is not None and node.IsA("vtkMRMLScalarVolumeNode") else seq.GetNthDataNode(0)
-        sx, sy, _ = ref.GetSpacing()
-        stack = np.stack(frames)
-        if kind == "image":
-            raise UsfmaeError(f"sequence '{seq.GetName()}' has {n} frames", "use kind 'cine' or 'auto'")
-        kind = "cine" if kind == "auto" else kind
-        return InputImage(stack, kind, (1.0, float(sy), float(sx)), ref, "frame" if kind == "cine" else "slice")
-
-    # ================================================================================================== classify
-    def classify(self, input_node: Any, model_path: str | os.PathLike, table_node: Any = None, device: str = "auto",
-                 kind: str = "auto", use_sequence: bool = True, batch_size: int = 32, top_k: int = 3,
-                 chart: bool = True, progress: Callable[[int], None] | None = None) -> ClassifyOutput:
-        """Classify every slice / frame of ``input_node`` and write the probabilities into a table node.
-
-        The table (``table_node``, or a new one) gets one row per slice / frame plus an ``aggregate`` row, and the
-        columns ``slice`` (or ``frame``), ``p_<class>`` per class and ``label``; with ``chart`` a plot chart of the
-        per-slice probabilities is made (or updated). ``progress`` is called with the number of frames done after
-        each batch. Nothing is added to the scene when the model fails.
-        """
-        img = self.input_image(input_node, kind, use_sequence)
-        dev = self.resolve_device(device)
-        model, ckpt = self.load_model(model_path, CLASSIFIER_ARCHS, dev)
-        config = ckpt["config"]  # class names: config["classes"] (class_0.. when a checkpoint lacks them)
-        from usfmae_core.workflows.predict import classify_array
-
-        result = classify_array(model, config, img.array, kind=img.kind, spacing=img.spacing, axis=0, device=dev,
-                                batch_size=int(batch_size), top_k=int(top_k), progress=progress)
-        scene = self.scene
-        if table_node is None:
-            table_node = scene.AddNewNodeByClass("vtkMRMLTableNode",
-                                                 scene.GenerateUniqueName(f"{input_node.GetName()} USF-MAE classes"))
-            table_node.SetAttribute(OUTPUT_ATTRIBUTE, "classification")
-        self.fill_table(table_node, result, img.index_name)
-        table_node.SetAttribute("USFMAE.model", str(model_path))
-        table_node.SetAttribute("USFMAE.input", input_node.GetID() or input_node.GetName())
-        out = ClassifyOutput(result, table_node)
-        if chart:
-            out.chart, out.plot_table = self.update_chart(table_node, result, img.index_name)
-        return out
-
+    # ============================================================================================= results
     @staticmethod
     def fill_table(table_node: Any, result: dict[str, Any], index_name: str = "slice") -> None:
-        """Write ``classify_array``'s result into ``table_node`` (replacing its columns): ``index_name`` (text: the
+        """Write a classification result into ``table_node`` (replacing its columns): ``index_name`` (text: the
         slice / frame number, and ``aggregate`` for the last row), ``p_<class>`` per class (float), ``label``."""
         classes = [str(c) for c in result["classes"]]
         per_frame = np.asarray(result["per_frame"], dtype=np.float64).reshape(-1, len(classes))
         frame_index = _frame_index(result, per_frame.shape[0])
         aggregate = np.asarray(result["aggregate"], dtype=np.float64).reshape(len(classes))
         rows = np.concatenate([per_frame, aggregate[None]], 0)
-        wasModifying = table_node.StartModify()
+        was_modifying = table_node.StartModify()
         try:
             table_node.RemoveAllColumns()
             index = vtk.vtkStringArray()
@@ -366,10 +461,9 @@ class USFMAEEngineLogic:
             table_node.SetAttribute("USFMAE.label", str(result.get("label", "")))
             table_node.SetAttribute("USFMAE.kind", str(result.get("kind", "")))
             top = result.get("top_slices")
-            table_node.SetAttribute("USFMAE.topSlices", json.dumps(np.asarray(top).tolist() if top is not None
-                                                                   else []))
+            table_node.SetAttribute("USFMAE.topSlices", json.dumps([int(i) for i in top] if top is not None else []))
         finally:
-            table_node.EndModify(wasModifying)
+            table_node.EndModify(was_modifying)
 
     def update_chart(self, table_node: Any, result: dict[str, Any], index_name: str = "slice") -> tuple[Any, Any]:
         """A plot chart of per-slice probabilities (one line per class) for ``table_node``, created on first use and
@@ -416,44 +510,12 @@ class USFMAEEngineLogic:
         chart.SetYAxisRange(0.0, 1.0)
         return chart, plot_table
 
-    # =============================================================================================== reconstruct
-    def reconstruct(self, input_node: Any, model_path: str | os.PathLike, mask_ratio: float = 0.75, seed: int = 0,
-                    device: str = "auto", kind: str = "auto", progress: Callable[[int], None] | None = None
-                    ) -> ReconstructOutput:
-        """Mask and reconstruct ``input_node`` with an MAE: a 2D MAE works slice by slice (frame by frame), a 3D MAE
-        on the whole volume. Returns two new scalar volume nodes (masked input and reconstruction, values in
-        [0, 1]) with the input's spacing, origin, IJK-to-RAS directions and parent transform. A sequence proxy is
-        reconstructed as the frame it shows."""
-        if not 0.0 < float(mask_ratio) < 1.0:
-            raise UsfmaeError(f"mask ratio {mask_ratio} is outside (0, 1)", "choose e.g. 0.75")
-        img = self.input_image(input_node, kind, use_sequence=False)
-        dev = self.resolve_device(device)
-        mae, ckpt = self.load_model(model_path, ("mae",), dev)
-        from usfmae_core.workflows.predict import preprocessing_from_config
-        from usfmae_core.workflows.reconstruct import reconstruct_frames, reconstruct_volume
-
-        prep = preprocessing_from_config(ckpt["config"])
-        if int(ckpt["config"].get("spatial_dims", 2)) == 3:
-            if img.kind != "volume":
-                raise UsfmaeError(f"{model_path} is a 3D MAE but '{input_node.GetName()}' is a 2D {img.kind}",
-                                  "choose a 3D volume, or a 2D MAE for images and clips")
-            out = reconstruct_volume(mae, img.array, prep, mask_ratio=float(mask_ratio), seed=int(seed), device=dev)
-        else:
-            out = reconstruct_frames(mae, img.frames, prep, mask_ratio=float(mask_ratio), seed=int(seed),
-                                     device=dev, progress=progress)
-        shape = slicer.util.arrayFromVolume(input_node).shape[:3]
-        name = input_node.GetName()
-        nodes = [self._volume_like(input_node, np.asarray(out[key], np.float32).reshape(shape), f"{name} {key}")
-                 for key in ("masked", "reconstruction")]
-        return ReconstructOutput(nodes[0], nodes[1], float(mask_ratio),
-                                 {"mask": out.get("mask"), "loss": out.get("loss")})
-
-    def _volume_like(self, reference: Any, array: np.ndarray, name: str) -> Any:
-        """A new scalar volume node holding ``array`` (K, J, I) with ``reference``'s geometry and transform."""
+    def volume_like(self, reference: Any, array: np.ndarray, name: str) -> Any:
+        """A new scalar volume node holding ``array`` ``(K, J, I)`` with ``reference``'s geometry and transform."""
         scene = self.scene
         node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
         node.CopyOrientation(reference)  # origin, spacing and IJK directions
-        slicer.util.updateVolumeFromArray(node, array)
+        slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array, dtype=np.float32))
         node.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
         node.SetAttribute(OUTPUT_ATTRIBUTE, "reconstruction")
         node.CreateDefaultDisplayNodes()
@@ -463,30 +525,162 @@ class USFMAEEngineLogic:
             display.SetWindowLevelMinMax(0.0, 1.0)
         return node
 
-    # ====================================================================================================== jobs
-    def export_volumes(self, nodes: Iterable[Any], folder: str | os.PathLike) -> list[Path]:
-        """Write volume nodes as NRRD files (with their geometry) into ``folder``, for pretraining on the scene."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        written = []
+    def place_in_subject_hierarchy(self, nodes: Iterable[Any], input_node: Any) -> int:
+        """Put ``nodes`` into the folder ``USF-MAE <input name>`` under the input's study (the nearest ancestor of the
+        input's item at the DICOM study level; else the input's parent, e.g. the scene). Returns the folder item."""
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self.scene)
+        study_level = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMLevelStudy()
+        item = sh.GetItemByDataNode(input_node)
+        parent = sh.GetItemParent(item) if item else sh.GetSceneItemID()
+        ancestor = parent
+        while ancestor and ancestor != sh.GetSceneItemID():
+            if sh.GetItemLevel(ancestor) == study_level:
+                parent = ancestor
+                break
+            ancestor = sh.GetItemParent(ancestor)
+        name = f"{RESULTS_FOLDER} {_node_name(input_node)}"
+        folder = sh.GetItemChildWithName(parent, name) or sh.CreateFolderItem(parent, name)
         for node in nodes:
-            if node is None or node.GetImageData() is None:
+            if node is None:
                 continue
-            path = folder / f"{_safe_name(node.GetName())}_{len(written):03d}.nrrd"
-            storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-            storage.SetFileName(str(path))
-            storage.SetUseCompression(True)
-            if not storage.WriteData(node):
-                raise UsfmaeError(f"could not write '{node.GetName()}' to {path}", "check the disk space and folder")
-            written.append(path)
-        return written
+            child = sh.GetItemByDataNode(node)
+            if child:
+                sh.SetItemParent(child, folder)
+            else:
+                sh.CreateItem(folder, node)
+        return folder
 
-    def scene_volumes(self) -> list[Any]:
-        """The scene's scalar volumes, without this module's own outputs."""
-        nodes = self.scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
-        found = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
-        return [n for n in found if not n.GetAttribute(OUTPUT_ATTRIBUTE) and not n.IsA("vtkMRMLLabelMapVolumeNode")]
+    @staticmethod
+    def layout_for_table_and_chart(layout_node: Any) -> int:
+        """The view arrangement to show a table beside a chart: the current one if its layout already holds a table
+        view and a plot view, else Slicer's *Four-Up Plot Table* (``ShowChartInLayout`` alone picks a layout with
+        a plot view but no table view)."""
+        current = layout_node.GetViewArrangement()
+        description = layout_node.GetLayoutDescription(current) or ""
+        if "vtkMRMLTableViewNode" in description and "vtkMRMLPlotViewNode" in description:
+            return current
+        return slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView
 
+    def show_table_and_chart(self, table: Any, chart: Any, application_logic: Any) -> None:
+        """Switch to a layout with a table view and a plot view and show ``table`` and ``chart`` in them
+        (``application_logic``: ``slicer.app.applicationLogic()``, or a ``vtkSlicerApplicationLogic``)."""
+        layout_node = self.scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
+        if layout_node is not None:
+            arrangement = self.layout_for_table_and_chart(layout_node)
+            if arrangement != layout_node.GetViewArrangement():
+                layout_node.SetViewArrangement(arrangement)
+        selection = application_logic.GetSelectionNode()
+        selection.SetActiveTableID(table.GetID())
+        if chart is not None:
+            selection.SetActivePlotChartID(chart.GetID())
+        application_logic.PropagateTableSelection()
+        application_logic.PropagatePlotChartSelection()
+
+    def load_samples(self, paths: dict[str, str], sequences_logic: Any = None) -> dict[str, Any]:
+        """Load the sample data files into the scene: the volume as a scalar volume, the cine as a sequence with a
+        browser and its proxy volume (``sequences_logic``: ``slicer.modules.sequences.logic()`` in Slicer, made
+        here otherwise). Returns ``{sample name: node shown}`` (the proxy for the cine)."""
+        scene = self.scene
+        loaded = {}
+        if sequences_logic is None:  # Slicer's Sequences logic (registers the sequence node classes, makes proxies)
+            sequences_logic = slicer.vtkSlicerSequencesLogic()
+            sequences_logic.SetMRMLScene(scene)
+        for sample in samples.SAMPLES:
+            path = paths.get(sample.name)
+            if not path:
+                continue
+            if sample.load_file_type == "SequenceFile":
+                seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", scene.GenerateUniqueName(sample.node_name))
+                storage = scene.AddNewNodeByClass("vtkMRMLVolumeSequenceStorageNode")
+                storage.SetFileName(str(path))
+                if not storage.ReadData(seq):
+                    raise UsfmaeError(f"sample {path} cannot be read", "delete it; it is written again")
+                seq.SetAndObserveStorageNodeID(storage.GetID())
+                browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode",
+                                                  scene.GenerateUniqueName(f"{sample.node_name} browser"))
+                browser.SetAndObserveMasterSequenceNodeID(seq.GetID())
+                sequences_logic.UpdateProxyNodesFromSequences(browser)
+                loaded[sample.name] = browser.GetProxyNode(seq)
+            else:
+                node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(sample.node_name))
+                storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+                storage.SetFileName(str(path))
+                if not storage.ReadData(node):
+                    raise UsfmaeError(f"sample {path} cannot be read", "delete it; it is written again")
+                node.SetAndObserveStorageNodeID(storage.GetID())
+                node.CreateDefaultDisplayNodes()
+                loaded[sample.name] = node
+        return loaded
+
+    # ====================================================================================== pretraining input
+    def scene_sources(self) -> list[Any]:
+        """What pretraining on the scene reads: every sequence of volumes (all its frames) and every scalar volume
+        that is not a sequence proxy, a label map or one of this module's outputs."""
+        scene = self.scene
+        found: list[Any] = []
+        proxies = set()
+        browsers = scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")
+        seen = set()
+        for i in range(browsers.GetNumberOfItems()):
+            browser = browsers.GetItemAsObject(i)
+            sequences = vtk.vtkCollection()
+            browser.GetSynchronizedSequenceNodes(sequences, True)
+            for j in range(sequences.GetNumberOfItems()):
+                seq = sequences.GetItemAsObject(j)
+                proxy = browser.GetProxyNode(seq)
+                if proxy is not None:
+                    proxies.add(proxy.GetID())
+                item = seq.GetNthDataNode(0) if seq.GetNumberOfDataNodes() else None
+                if item is not None and item.IsA("vtkMRMLScalarVolumeNode") and seq.GetID() not in seen:
+                    seen.add(seq.GetID())
+                    found.append(seq)
+        volumes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+        for i in range(volumes.GetNumberOfItems()):
+            node = volumes.GetItemAsObject(i)
+            if node.GetID() in proxies or node.GetAttribute(OUTPUT_ATTRIBUTE) or node.IsA("vtkMRMLLabelMapVolumeNode"):
+                continue
+            found.append(node)
+        return found
+
+    def export_scene_for_pretraining(self, sources: Iterable[Any] | None = None) -> Path:
+        """Write ``sources`` (default: :meth:`scene_sources`) into a new temporary folder: volumes as NRRD, sequences
+        as Slicer sequence files (``.seq.nrrd``, every frame: the engine reads them as cine)."""
+        sources = list(self.scene_sources() if sources is None else sources)
+        if not sources:
+            raise UsfmaeError("the scene has no volumes or sequences to pretrain on",
+                              "load ultrasound volumes or recordings, or choose a folder")
+        folder = Path(tempfile.mkdtemp(prefix="usfmae_scene_"))
+        try:
+            for i, node in enumerate(sources):
+                stem = f"{models.safe_name(_node_name(node))}_{i:03d}"
+                if node.IsA("vtkMRMLSequenceNode"):
+                    self._write_sequence(node, folder / f"{stem}.seq.nrrd")
+                else:
+                    inputs.write_pixels(inputs.volume_pixels(node), folder / f"{stem}.nrrd", node.GetSpacing())
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return folder
+
+    @staticmethod
+    def _write_sequence(seq: Any, path: Path) -> None:
+        """Every frame of ``seq`` as a Slicer ``.seq.nrrd``: frames are decoded (streaming recordings) and written
+        grey or colour as stored, with Slicer's own sequence writer."""
+        pixels, first = inputs.sequence_pixels(seq)
+        out = slicer.vtkMRMLSequenceNode()
+        out.SetIndexName(seq.GetIndexName())
+        out.SetIndexUnit(seq.GetIndexUnit())
+        for t in range(pixels.shape[0]):
+            frame = (slicer.vtkMRMLVectorVolumeNode() if pixels.ndim == 4 else slicer.vtkMRMLScalarVolumeNode())
+            slicer.util.updateVolumeFromArray(frame, np.ascontiguousarray(pixels[t][None]))
+            frame.SetSpacing(first.GetSpacing())
+            out.SetDataNodeAtValue(frame, seq.GetNthIndexValue(t))
+        storage = slicer.vtkMRMLVolumeSequenceStorageNode()
+        storage.SetFileName(str(path))
+        if not storage.WriteData(out):
+            raise UsfmaeError(f"could not write sequence '{seq.GetName()}' to {path}", "check the free disk space")
+
+    # ========================================================================================= training plans
     @staticmethod
     def finetune_plan(data: str | os.PathLike, out_dir: str | os.PathLike, init: str | os.PathLike | None = None,
                       epochs: int = 10, device: str = "auto", batch_size: int | None = None,
@@ -538,76 +732,6 @@ class USFMAEEngineLogic:
                 {"name": "pretrain", "argv": pretrain + [str(a) for a in extra_args]}]
 
     @staticmethod
-    def validate_plan(steps: Sequence[dict[str, Any]]) -> None:
-        """Check every step's arguments against this engine's ``usfmae`` parser (before anything starts), so a
-        mismatch is a one-line error here rather than a failed child process."""
-        import contextlib
-        import io
-
-        from usfmae_core.cli import build_parser
-
-        parser = build_parser()
-        for step in steps:
-            err = io.StringIO()
-            try:
-                with contextlib.redirect_stderr(err):
-                    parser.parse_args([str(a) for a in step["argv"]])
-            except SystemExit as exc:
-                if exc.code in (0, None):
-                    continue
-                lines = [ln for ln in err.getvalue().strip().splitlines() if ln.strip()]
-                message = lines[-1] if lines else f"exit code {exc.code}"
-                raise UsfmaeError(f"the engine's 'usfmae {step['name']}' refused the job's arguments ({message})",
-                                  "update the USFMAE extension and its engine together") from None
-
-    @staticmethod
-    def python_executable() -> str:
-        """``PythonSlicer`` inside Slicer (its launcher sets up the libraries), else this interpreter."""
-        exe_dir = Path(sys.executable).resolve().parent
-        for name in ("PythonSlicer", "PythonSlicer.exe"):
-            if (exe_dir / name).is_file():
-                return str(exe_dir / name)
-        return shutil.which("PythonSlicer") or sys.executable
-
-    def job_environment(self) -> dict[str, str]:
-        """Environment of child jobs (``USFMAE.USFMAELogic`` uses Slicer's start-up environment instead)."""
-        return dict(os.environ)
-
-    def start_job(self, steps: Sequence[dict[str, Any]], out_dir: str | os.PathLike, name: str = "job",
-                  python: str | None = None, env: dict[str, str] | None = None, validate: bool = True,
-                  temp_dir: str | os.PathLike | None = None) -> Job:
-        """Write the plan to ``out_dir/job_plan.json`` and start it in a child process (returns at once).
-
-        ``temp_dir`` (e.g. exported scene volumes) is deleted by :meth:`finish_job`.
-        """
-        if validate:
-            self.validate_plan(steps)
-        out = Path(out_dir).expanduser()
-        out.mkdir(parents=True, exist_ok=True)
-        plan = out / "job_plan.json"
-        plan.write_text(json.dumps({"name": name, "steps": list(steps)}, indent=2) + "\n", encoding="utf-8")
-        argv = [python or self.python_executable(), str(JOB_SCRIPT), str(plan)]
-        job = Job(argv, env=env if env is not None else self.job_environment(), cwd=out, name=name).start()
-        if temp_dir is not None:
-            self._temp_dirs[id(job)] = Path(temp_dir)
-        return job
-
-    def finish_job(self, job: Job) -> None:
-        """Clean up after a job that has ended (temporary exports)."""
-        temp = self._temp_dirs.pop(id(job), None)
-        if temp is not None:
-            shutil.rmtree(temp, ignore_errors=True)
-
-    def export_scene_for_pretraining(self, nodes: Iterable[Any] | None = None) -> Path:
-        """Export ``nodes`` (default: the scene's volumes) to a new temporary folder of NRRD files."""
-        nodes = list(self.scene_volumes() if nodes is None else nodes)
-        if not nodes:
-            raise UsfmaeError("the scene has no volumes to pretrain on", "load ultrasound volumes or choose a folder")
-        folder = Path(tempfile.mkdtemp(prefix="usfmae_scene_"))
-        self.export_volumes(nodes, folder)
-        return folder
-
-    @staticmethod
     def find_checkpoint(out_dir: str | os.PathLike, prefer: Sequence[str] = ("model", "best", "final", "last")
                         ) -> Path | None:
         """The model a finished job wrote into ``out_dir``: a preferred name if present, else the newest ``.pt``."""
@@ -619,3 +743,62 @@ class USFMAEEngineLogic:
             if named:
                 return max(named, key=lambda p: p.stat().st_mtime)
         return max(files, key=lambda p: p.stat().st_mtime)
+
+
+def read_predictions(folder: str | os.PathLike) -> dict[str, Any]:
+    """A ``usfmae predict`` output folder (one input) as ``classify_array``'s result: ``classes``, ``per_frame``
+    ``(N, K)``, ``aggregate``, ``label``, ``top_slices``, ``kind``, ``n_frames``, ``scope``."""
+    folder = Path(folder)
+    try:
+        report = json.loads((folder / "predictions.json").read_text(encoding="utf-8"))
+        with open(folder / "predictions.csv", newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, ValueError) as err:
+        raise UsfmaeError(f"the classification results in {folder} cannot be read ({err})", "see the job log") from None
+    if not report.get("results"):
+        skipped = report.get("skipped") or [{"reason": "nothing was classified"}]
+        raise UsfmaeError(f"the input could not be classified ({skipped[0].get('reason')})", "see the job log")
+    classes = [str(c) for c in report["classes"]]
+    summary = report["results"][0]
+    rows = sorted(rows, key=lambda r: int(r["index"]))
+    per_frame = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64).reshape(
+        -1, len(classes))
+    aggregate = np.array([float(summary[f"p_{c}"]) for c in classes])
+    scope = "volume" if report.get("volume_model") or report.get("spatial_dims") == 3 else "frame"
+    return {"classes": classes, "per_frame": per_frame, "frame_index": np.array([int(r["index"]) for r in rows]),
+            "aggregate": aggregate, "label": summary["label"], "top_slices": list(summary.get("top_slices") or []),
+            "kind": summary["kind"], "n_frames": int(summary["n_frames"]),
+            "n_excluded": int(summary.get("n_excluded") or 0), "scope": scope}
+
+
+def describe_model(info: dict[str, Any]) -> str:
+    """One line for a model's details (:func:`USFMAELib.models.model_info`)."""
+    if not info:
+        return "no details"
+    classes = ", ".join(info.get("classes") or []) or "-"
+    return (f"{info.get('arch')} ({info.get('preset') or 'custom'}, {info.get('spatial_dims', 2)}D, "
+            f"{info.get('image_size')} px); classes: {classes}")
+
+
+def action_states(values: dict[str, Any], busy: bool, engine_ready: bool = True) -> dict[str, str | None]:
+    """Which of the module's actions can start now: ``{action: None}`` when it can, else the reason it cannot
+    (the button's tool tip). ``values``: the parameter node's fields; ``busy``: a long job is running."""
+    def need(ok: bool, reason: str) -> str | None:
+        if not engine_ready:
+            return "the usfmae engine is missing or its Python packages are not installed (see Setup)"
+        if busy:
+            return "a job is running: wait for it or cancel it"
+        return None if ok else reason
+
+    return {
+        "classify": need(bool(values.get("inputVolume")) and bool(values.get("classifierPath")),
+                         "choose an input and a classifier (Model section)"),
+        "reconstruct": need(bool(values.get("inputVolume")) and bool(values.get("maePath")),
+                            "choose an input and an MAE (Model section)"),
+        "finetune": need(bool(values.get("finetuneData")), "choose the labelled data"),
+        "pretrain": need(bool(values.get("pretrainSource")) or bool(values.get("pretrainUseScene")),
+                         "choose a folder of unlabelled ultrasound, or use the scene's volumes"),
+        "import": need(True, ""),
+        "pull": need(True, ""),
+        "samples": need(True, ""),
+    }

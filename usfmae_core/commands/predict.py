@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from usfmae_core.commands._args import add_inference_arguments, add_mask_arguments, add_precision, positive_int
+from usfmae_core.constants import KIND_CHOICES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--normal-class", metavar="NAME",
                    help="for --aggregate max/topk: the class meaning 'nothing found' (default: the class named "
                    "normal, none, negative, healthy, no_lesion, background, regular or control)")
+    p.add_argument("--kind", default="auto", choices=KIND_CHOICES,
+                   help="how to read each input: auto (as its format says), or image, cine (2D+t: one result per "
+                   "frame) or volume (3D), e.g. --kind cine for a clip stored as a 3D NRRD")
     add_mask_arguments(p, "inputs to classify")
     p.set_defaults(func=run)
 
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = predict(args.model, args.inputs, args.out, args.device, args.axis, args.batch_size, args.precision,
                   args.top_k, run_config=vars(args), aggregate=args.aggregate, normal_class=args.normal_class,
-                  include_masks=args.include_masks, mask_patterns=args.mask_patterns)
+                  include_masks=args.include_masks, mask_patterns=args.mask_patterns, kind=args.kind)
     report = json.loads((out / "predictions.json").read_text())
     for r in report["results"]:
         probs = ", ".join(f"{c} {r[f'p_{c}']:.3f}" for c in report["classes"])

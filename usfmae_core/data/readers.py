@@ -322,6 +322,20 @@ def _read_itk(path: Path) -> tuple[np.ndarray, tuple[float, ...], str, dict]:
     # (reconstructed PLUS volumes also carry a stray Seq_Frame field, so ask for per-frame timestamps)
     is_plus_sequence = ".igs." in name or sum(k.startswith("Seq_Frame") and k.endswith("_Timestamp") for k in keys) > 1
 
+    if img.GetDimension() == 4 and "NRRD_kinds[3]" in keys and reader.GetMetaData("NRRD_kinds[3]") == "list":
+        # Slicer sequence of colour frames (.seq.nrrd of vector volumes, e.g. a recorded video stream): the colour
+        # is the pixel components, time the 4th ITK axis (the slowest array axis)
+        grey = _finish_colour(arr, meta, ncomp >= 3)
+        times = reader.GetMetaData("axis 3 index values").split() if "axis 3 index values" in keys else []
+        dt = float(times[1]) - float(times[0]) if len(times) > 1 else 1.0
+        meta["sequence"] = "slicer-seq-nrrd"
+        if grey.shape[1] == 1:  # single-slice frames: a 2D+t cine
+            if meta.get("colour_mask") is not None:
+                meta["colour_mask"] = meta["colour_mask"][:, 0]
+            return grey[:, 0], (dt if dt > 0 else 1.0, *spacing[2:]), "cine", meta
+        meta.update(origin=origin[:3], direction=tuple(np.asarray(direction).reshape(4, 4)[:3, :3].ravel()),
+                    sequence_items=int(grey.shape[0]))
+        return grey[0], spacing[1:], "volume", meta  # a sequence of 3D volumes: the first, as for grey ones
     if is_nrrd_sequence:
         arr = np.moveaxis(arr, -1, 0)  # (T, D, H, W)
         meta["colour"] = "none"

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from usfmae_core.constants import KIND_CHOICES
 from usfmae_core.errors import UsfmaeError
 
 __all__ = ["CLASSIFIER_ARCHS", "AGGREGATES", "classify_frames", "classify_bag", "classify_array", "classify_file",
@@ -47,7 +48,7 @@ __all__ = ["CLASSIFIER_ARCHS", "AGGREGATES", "classify_frames", "classify_bag", 
            "inference_context", "to_inference_model"]
 
 CLASSIFIER_ARCHS = ("classifier", "mil", "resnet", "densenet")
-KINDS = ("auto", "image", "cine", "volume")
+KINDS = KIND_CHOICES
 AGGREGATES = ("mean", "max", "topk")
 # class names that mean "nothing found", recognised for --aggregate max / topk (else --normal-class is needed)
 NORMAL_CLASS_NAMES = ("normal", "none", "negative", "healthy", "no_lesion", "no-lesion", "nolesion", "no lesion",
@@ -568,11 +569,33 @@ def _fmt(p: float) -> str:
     return f"{float(p):.6f}"
 
 
+def as_kind(img, kind: str):
+    """``img`` (an :class:`~usfmae_core.data.readers.UltrasoundImage`) read as ``kind``: ``auto`` keeps the reader's
+    choice; ``cine`` / ``volume`` take the slices of a 3D array as frames / slices (a 2D image becomes one of them);
+    ``image`` needs a single 2D frame. The spacing keeps one entry per axis."""
+    from usfmae_core.data.readers import UltrasoundImage
+
+    if kind == "auto" or kind == img.kind:
+        return img
+    if kind not in KINDS:
+        raise UsfmaeError(f"unknown kind '{kind}'", f"choose one of {', '.join(KINDS)}")
+    arr, spacing, rgb = img.array, tuple(img.spacing), getattr(img, "rgb", None)
+    if kind == "image":
+        if arr.ndim == 3 and arr.shape[0] == 1:
+            arr, spacing, rgb = arr[0], spacing[1:], None if rgb is None else rgb[0]
+        elif arr.ndim != 2:
+            raise UsfmaeError(f"{img.path} has {arr.shape[0]} {img.kind} slices, not one image",
+                              "use --kind auto, cine or volume")
+    elif arr.ndim == 2:
+        arr, spacing, rgb = arr[None], (1.0, *spacing), None if rgb is None else rgb[None]
+    return UltrasoundImage(arr, spacing, kind, img.path, dict(img.meta), rgb=rgb)
+
+
 def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
             device: str = "auto", axis: int = 0, batch_size: int = 32, precision: str = "auto", top_k: int = 3,
             run_config: dict[str, Any] | None = None, quiet: bool = False, aggregate: str = "mean",
             normal_class: str | None = None, include_masks: bool = False,
-            mask_patterns: Sequence[str] | None = None) -> Path:
+            mask_patterns: Sequence[str] | None = None, kind: str = "auto") -> Path:
     """Classify every input file and write the results to ``out_dir``.
 
     Writes ``predictions.csv`` (one row per classified frame / slice: ``source, index, kind, p_<class>..., pred``;
@@ -583,9 +606,11 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
     ``attention.csv`` for an attention-MIL model (``source, index, attention``: every informative slice's weight in
     the volume's result, summing to 1 per input) and ``config.json``.
     Unreadable inputs are skipped and reported; the run fails only when none could be classified. ``aggregate`` /
-    ``normal_class``: see :func:`classify_array` (2D models only). ``predictions.json`` also records the
-    ``preprocessing`` used (from the checkpoint) and ``colour``: how many inputs carried colour pixels and whether the
-    model received them as colour (``given_as``: ``rgb`` | ``grey``); such results carry ``colour`` too.
+    ``normal_class``: see :func:`classify_array` (2D models only). ``kind`` (default ``auto``: as the reader
+    decides) forces how every input's slices are read (see :func:`as_kind`), e.g. ``cine`` for a 2D+t clip stored as
+    a 3D NRRD. ``predictions.json`` also records the ``preprocessing`` used (from the checkpoint) and ``colour``: how
+    many inputs carried colour pixels and whether the model received them as colour (``given_as``: ``rgb`` |
+    ``grey``); such results carry ``colour`` too.
 
     Returns:
         ``out_dir``.
@@ -619,7 +644,7 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
     with Progress(len(files), "predict", disable=quiet) as bar:
         for path in files:
             try:
-                img = read_ultrasound(path, keep_colour=prep.keeps_colour)
+                img = as_kind(read_ultrasound(path, keep_colour=prep.keeps_colour), kind)
                 inner = Progress(img.n_frames, "classify", disable=True) if img.n_frames > batch_size else None
                 try:
                     res = classify_array(model, config, img.array, img.kind, img.spacing, axis, dev, batch_size,

@@ -175,17 +175,24 @@ def _stem(path: Path) -> str:
 
 
 def _write_with_geometry(array: np.ndarray, img, path: Path) -> Path:
-    """Write ``array`` ``(D, H, W)`` with the geometry of the input ``img`` (an :class:`UltrasoundImage`): spacing,
-    origin and direction as SimpleITK read them, so the output overlays the input in Slicer."""
+    """Write ``array`` with the geometry of the input ``img`` (an :class:`UltrasoundImage`): spacing, origin and
+    direction as SimpleITK read them, so the output overlays the input in Slicer. ``array`` is ``(D, H, W)`` for a
+    volume or cine, ``(H, W)`` (or ``(1, H, W)``) for an image, written 2D with the in-plane part of the geometry."""
     import SimpleITK as sitk
 
+    if img.kind == "image":
+        array = array.reshape(array.shape[-2:])
+    dims = array.ndim
     out = sitk.GetImageFromArray(np.ascontiguousarray(array))
     ref = sitk.Image([int(s) for s in reversed(array.shape)], out.GetPixelID())
-    ref.SetSpacing([float(s) for s in reversed(img.spacing)])
-    if img.meta.get("origin") is not None:
-        ref.SetOrigin([float(o) for o in img.meta["origin"]])
-    if img.meta.get("direction") is not None:
-        ref.SetDirection([float(d) for d in img.meta["direction"]])
+    ref.SetSpacing([float(s) for s in reversed(img.spacing[-dims:])])
+    origin, direction = img.meta.get("origin"), img.meta.get("direction")
+    if origin is not None and len(origin) >= dims:
+        ref.SetOrigin([float(o) for o in origin[:dims]])
+    if direction is not None:
+        n = round(len(direction) ** 0.5)
+        if n >= dims:
+            ref.SetDirection([float(d) for d in np.asarray(direction, float).reshape(n, n)[:dims, :dims].ravel()])
     out.CopyInformation(ref)
     tmp = path.with_name(f".tmp.{path.name}")
     sitk.WriteImage(out, str(tmp), True)
@@ -213,15 +220,17 @@ def reconstruct_file(model_path: str | os.PathLike, path: str | os.PathLike, out
     """Reconstruct one file with the MAE in ``model_path`` and write the results to ``out_dir``.
 
     2D image / cine: PNG grids (input | masked | reconstruction), one per frame (at most :data:`MAX_PICTURES`,
-    evenly spaced). 3D volume: ``<name>_masked``, ``<name>_reconstruction`` (float ``[0, 1]``) and ``<name>_mask``
-    (uint8, 1 = hidden) in the input's format when SimpleITK writes it (else ``.nrrd``) with the input's spacing,
-    origin and direction, plus PNG grids of slices. Also ``reconstruct.json`` (loss, paths) and ``config.json``.
+    evenly spaced). 3D volume, and any input in a volume format (NRRD, NIfTI, MetaImage: e.g. a one-slice image
+    or a clip saved from Slicer): ``<name>_masked``, ``<name>_reconstruction`` (float ``[0, 1]``) and
+    ``<name>_mask`` (uint8, 1 = hidden) in the input's format when SimpleITK writes it (else ``.nrrd``) with the
+    input's spacing, origin and direction, plus PNG grids of slices. Also ``reconstruct.json`` (loss, paths) and
+    ``config.json``.
 
     Returns:
         ``{"pictures": [paths], "volumes": {"masked", "reconstruction", "mask"} (volumes only), "loss", "summary"}``.
     """
     from usfmae_core.checkpoints import load_model
-    from usfmae_core.data.readers import read_ultrasound
+    from usfmae_core.data.readers import file_format, read_ultrasound
     from usfmae_core.data.transforms import image_to_frames
     from usfmae_core.workflows.common import Progress, prepare_output_dir, write_json
 
@@ -252,7 +261,8 @@ def reconstruct_file(model_path: str | os.PathLike, path: str | os.PathLike, out
             res = {k: (np.moveaxis(v, 0, axis) if isinstance(v, np.ndarray) else v) for k, v in res.items()}
     written: dict[str, Any] = {"pictures": [str(p) for p in _pictures(pic_res, out, stem, label)],
                                "loss": res["loss"]}
-    if img.kind == "volume":
+    # volumes, and any input read from a volume format (NRRD, NIfTI, MetaImage), get volume files back
+    if img.kind == "volume" or file_format(path) == "itk":
         ext = _volume_suffix(path)
         written["volumes"] = {
             "masked": str(_write_with_geometry(res["masked"], img, out / f"{stem}_masked{ext}")),
