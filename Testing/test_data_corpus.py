@@ -169,8 +169,10 @@ def test_image_size_mismatch_on_resume(sources, tmp_path):
 def test_empty_corpus_errors(tmp_path):
     with pytest.raises(UsfmaeError, match="no frames in corpus"):
         FrameCorpus(tmp_path / "missing")
-    rep = prepare_corpus([tmp_path / "nothing_here"], tmp_path / "c", image_size=S, progress=False)
-    assert rep["sources_skipped"] == 1
+    with pytest.raises(UsfmaeError, match="does not exist"):  # a missing source is an error, and writes nothing
+        prepare_corpus([tmp_path / "nothing_here"], tmp_path / "c", image_size=S, progress=False)
+    assert not (tmp_path / "c").exists()
+    (tmp_path / "c").mkdir()
     with pytest.raises(UsfmaeError, match="usfmae prepare"):
         FrameCorpus(tmp_path / "c")
     with pytest.raises(UsfmaeError, match="no volumes"):

@@ -95,6 +95,7 @@ def test_datalist_entry_points(tmp_path, tree):
     again = labelled_source_to_datalist(tmp_path / "d.json")
     assert again["test"] == d["test"]
     save_datalist({"training": [{"image": "x.png", "label": 1}]}, tmp_path / "rel" / "r.json")
+    shutil.copy(d["training"][0]["image"], tmp_path / "rel" / "x.png")  # listed files must exist
     r = load_datalist(tmp_path / "rel" / "r.json")
     assert r["training"][0]["image"] == str(tmp_path / "rel" / "x.png") and r["classes"] == ["0", "1"]
     with pytest.raises(UsfmaeError):

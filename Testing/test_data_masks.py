@@ -233,6 +233,7 @@ def test_old_datalists_still_read(tmp_path) -> None:
                {"path": "/d/c.png", "duplicate_of": "/d/x.png", "reason": "exact duplicate (same decoded pixels)"},
                {"path": "/d/n.png", "duplicate_of": "/d/x.png", "reason": "near-duplicate (grouped, kept)"}]}
     save_datalist(old, tmp_path / "old.json")
+    phantom.write_image(tmp_path / "x.png", phantom.make_image(0, 32, rng=0))  # listed images must exist
     d = load_datalist(tmp_path / "old.json")
     assert "removed_duplicates" not in d
     assert [r["path"] for r in d["removed"]] == ["/d/c.png"] and [r["path"] for r in d["grouped"]] == ["/d/n.png"]

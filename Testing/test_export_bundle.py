@@ -129,7 +129,7 @@ def test_bundle_inference_equals_usfmae_predict_on_the_bundle(exported: dict[str
           "--dataset_dir", str(exported["scans"]), "--num_workers", "0"], bundle)
     monai_rows = {Path(r["source"]).name: r for r in csv.DictReader(open(bundle / "eval" / "predictions.csv"))}
     _run([sys.executable, "-m", "usfmae_core.cli", "predict", str(bundle), str(exported["scans"]), "--out",
-          str(tmp_path / "pred"), "--device", "cpu"], tmp_path)
+          str(tmp_path / "pred"), "--device", "cpu", "--precision", "fp32"], tmp_path)
     rows = {Path(r["source"]).name: r for r in csv.DictReader(open(tmp_path / "pred" / "summary.csv"))}
     assert set(rows) == set(monai_rows) == {"m.png", "vol.nii.gz", "screen.jpg"}
     inference = json.loads((c / "inference.json").read_text())
@@ -155,12 +155,21 @@ def test_bundle_evaluates_and_imports_as_a_model(exported: dict[str, Path], tmp_
     assert metrics["n"] == 24 and metrics["classes"] == ["cyst", "mass", "normal"]
     _run([sys.executable, "-m", "usfmae_core.cli", "import-weights", str(bundle), "--out", str(tmp_path / "m.pt")],
          tmp_path)
-    a, ca = load_model(tmp_path / "m.pt", expect="classifier")
+    # the Slicer module picks the bundle's models/model.pt: alone it is foreign weights, converted with the bundle
+    from usfmae_core.checkpoints import import_weights
+    from usfmae_core.errors import UsfmaeError
+
+    with pytest.raises(UsfmaeError, match="import-weights"):
+        load_model(bundle / "models" / "model.pt")
+    import_weights(bundle / "models" / "model.pt", tmp_path / "m2.pt")
     b, cb = load_model(exported["run"] / "model.pt", expect="classifier")
-    assert ca["config"]["preprocessing"] == cb["config"]["preprocessing"]  # resize / crop / colour rules too
+    assert load_model(tmp_path / "m.pt", expect="classifier")[1]["config"]["preprocessing"] == cb["config"]["preprocessing"]  # resize / crop / colour rules too
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
-        np.testing.assert_allclose(a.eval()(x).numpy(), b.eval()(x).numpy(), atol=1e-6)
+        for path in (tmp_path / "m.pt", tmp_path / "m2.pt"):
+            a, ckpt = load_model(path, expect="classifier")
+            assert ckpt["config"]["classes"] == ["cyst", "mass", "normal"]
+            np.testing.assert_allclose(a.eval()(x).numpy(), b.eval()(x).numpy(), atol=1e-6)
 
 
 def test_export_refuses_what_it_cannot_share(exported: dict[str, Path], tmp_path: Path, cli_error) -> None:

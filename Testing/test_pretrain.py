@@ -210,9 +210,10 @@ def test_user_errors_are_one_line_and_write_nothing(case: str, corpus: Path, tmp
     if case == "missing":
         source, expect = tmp_path / "nowhere", "does not exist"
     elif case == "empty":
-        (tmp_path / "no_images").mkdir()
-        source = tmp_path / "empty_corpus"
-        prepare_corpus([tmp_path / "no_images"], source, image_size=32, progress=False)
+        source = tmp_path / "empty_corpus"  # (prepare refuses to write one: a corpus.json without shards)
+        source.mkdir()
+        (source / "corpus.json").write_text(json.dumps({"version": 1, "image_size": 32, "n_frames": 0,
+                                                        "shards": []}))
         expect = "no frames"
     elif case == "classifier_init":
         extra += ["--init", str(_classifier_ckpt(tmp_path / "clf.pt"))]

@@ -94,6 +94,25 @@ def test_bag_leaves_out_empty_slices_and_training_draws_even_spacing() -> None:
     assert batch["image"][0, 3:].abs().max() == 0
 
 
+@pytest.mark.parametrize("kind", ["3d", "mil"])
+def test_training_augmentation_is_fixed_by_the_transforms_own_state(kind: str) -> None:
+    """A transform's ``R`` state alone fixes what it draws next (what ``finetune --resume`` saves and restores), and
+    a bag keeps its slices' common geometry and their order."""
+    from usfmae_core.data.volumes import RandBagAugmentd, RandVolumeAugmentd
+
+    make = (lambda: RandVolumeAugmentd("image")) if kind == "3d" else (lambda: RandBagAugmentd("image", 4))
+    x = torch.randn(1, 12, 12, 12) if kind == "3d" else torch.randn(10, 1, 12, 12)
+    t = make().set_random_state(3)
+    first = t({"image": x})["image"]
+    state = t.R.get_state()
+    second = t({"image": x})["image"]
+    again = make()
+    again.R.set_state(state)
+    assert torch.equal(again({"image": x})["image"], second) and not torch.equal(first, second)
+    if kind == "mil":
+        assert second.shape == (4, 1, 12, 12)
+
+
 def test_dicom_series_is_one_volume_and_2d_dicom_folders_stay_images(tmp_path: Path) -> None:
     from usfmae_core.data.dicom_series import group_dicom_series
     from usfmae_core.data.readers import read_ultrasound
@@ -254,3 +273,32 @@ def test_volume_model_errors(volumes: Path, mae3d: Path, tmp_path: Path, cli_err
     cli_error(["finetune", "--data", str(images), "--out", str(tmp_path / "y"), "--volume-model", "3d", "--epochs",
                "1", "--image-size", "16", *TINY], "is a 2D image", "3D model")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.shared_data
+def test_real_clips_and_volumes_as_labelled_scans(shared_data: Path, tmp_path: Path) -> None:
+    """Real files of ../shared/data as one-label scans: lung POCUS clips (mp4 / avi / mov / gif) of two classes and
+    the TRUS volumes (NIfTI) go through MIL fine-tuning (every frame / slice read, bags built), then predict gives
+    each a volume-level result with attention over its informative frames."""
+    videos = shared_data / "pocus_lung" / "videos"
+    root = tmp_path / "clips"
+    for cls in ("covid", "regular"):
+        (root / cls).mkdir(parents=True)
+        for src in sorted((videos / cls).iterdir())[:3]:
+            (root / cls / src.name).symlink_to(src)
+    vols = sorted((shared_data / "volumes" / "trus_prostate").glob("*.nii.gz"))[:2]
+    for i, src in enumerate(vols):
+        (root / ("covid", "regular")[i] / src.name).symlink_to(src)
+    run = tmp_path / "run"
+    _run(["finetune", "--data", str(root), "--out", str(run), "--volume-model", "mil", "--image-size", "16",
+          "--max-slices", "4", "--epochs", "1", "--batch-size", "2", "--val-fraction", "0.25", "--test-fraction",
+          "0.25", *TINY])
+    m = json.loads((run / "metrics.json").read_text())
+    kinds = {k for s in ("training", "validation", "test") for k in (m["volume_data"].get(s) or {}).get("kinds", {})}
+    assert kinds == {"cine", "volume"}
+    clip = sorted((root / "covid").iterdir())[0]
+    _run(["predict", str(run / "model.pt"), str(clip), str(root / "regular" / vols[1].name), "--out",
+          str(tmp_path / "pred"), "--device", "cpu"])
+    report = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert [r["kind"] for r in report["results"]] == ["cine", "volume"] and not report["skipped"]
+    assert all(r["n_slices"] > 1 for r in report["results"])

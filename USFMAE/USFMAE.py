@@ -152,6 +152,8 @@ class USFMAEParameterNode:
     maskRatio: Annotated[float, WithinRange(0.05, 0.95)] = 0.75
     maskSeed: Annotated[int, WithinRange(0, 1000000)] = 0
     finetuneData: str = ""
+    finetuneLabelTable: vtkMRMLTableNode
+    finetuneVolumeModel: str = "2D classifier (images; volumes slice by slice)"
     finetuneInit: str = ""
     finetunePreset: str = "vit_small"
     finetuneEpochs: Annotated[int, WithinRange(1, 1000)] = 20
@@ -172,10 +174,12 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """GUI wiring only: what to run and how to show results are decided by the logic."""
 
     COMBO_FIELDS = (("inputKindComboBox", "inputKind"), ("finetunePresetComboBox", "finetunePreset"),
+                    ("finetuneVolumeModelComboBox", "finetuneVolumeModel"),
                     ("pretrainPresetComboBox", "pretrainPreset"))
-    ACTION_BUTTONS: ClassVar[dict[str, str]] = {"classify": "classifyButton", "reconstruct": "reconstructButton", "finetune": "finetuneButton",
-                      "pretrain": "pretrainButton", "import": "importModelButton", "pull": "pullWeightsButton",
-                      "samples": "loadSamplesButton"}
+    ACTION_BUTTONS: ClassVar[dict[str, str]] = {
+        "classify": "classifyButton", "reconstruct": "reconstructButton", "finetune": "finetuneButton",
+        "pretrain": "pretrainButton", "import": "importModelButton", "pull": "pullWeightsButton",
+        "samples": "loadSamplesButton"}
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -188,6 +192,9 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._probes = {}  # short background probes by kind (device, model details)
         self._engineMessage = None
         self._installPlan = None  # cached install plan (what is missing), refreshed by updateDependencyStatus
+        self._deviceChecked = False
+        self._probedModels = set()  # model paths whose details were read
+        self._tooltips = {}  # the .ui's tool tips of the action buttons
         self._jobTimer = qt.QTimer()
         self._jobTimer.setInterval(250)
         self._jobTimer.connect("timeout()", self.onJobTimer)
@@ -238,9 +245,11 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.classifyButton.connect("clicked(bool)", self.onClassify)
         self.ui.reconstructButton.connect("clicked(bool)", self.onReconstruct)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
+        self.ui.listSceneScansButton.connect("clicked(bool)", self.onListSceneScans)
         self.ui.pretrainButton.connect("clicked(bool)", self.onPretrain)
         self.ui.cancelJobButton.connect("clicked(bool)", self.onCancelJob)
 
+        self._tooltips = {action: getattr(self.ui, name).toolTip for action, name in self.ACTION_BUTTONS.items()}
         self._engineMessage = engine.engine_missing_message()
         self.initializeParameterNode()
         self.updateDependencyStatus()
@@ -256,8 +265,8 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
-        if self._engineReady(quiet=True) and "device" not in self._probes:
-            self.onDetectDevice()  # a background probe: entering the module imports no torch
+        if not self._deviceChecked and self._engineReady(quiet=True):
+            self.onDetectDevice()  # once, as a background probe: entering the module imports no torch
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -296,13 +305,12 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if getattr(self._parameterNode, name) != value:
             setattr(self._parameterNode, name, value)
-            if name in ("classifierPath", "maePath"):
-                self._probeModel(value)
 
     def _values(self) -> dict:
         p = self._parameterNode
         return {name: getattr(p, name) for name in ("inputVolume", "classifierPath", "maePath", "finetuneData",
-                                                      "pretrainSource", "pretrainUseScene")} if p else {}
+                                                      "finetuneLabelTable", "pretrainSource", "pretrainUseScene")
+                } if p else {}
 
     def updateGuiFromParameterNode(self, caller=None, event=None) -> None:
         """Path editors and combo boxes (not bound by connectGui) follow the parameter node; the logic says which
@@ -327,8 +335,11 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for action, reason in action_states(self._values(), busy, self._engineReady(quiet=True)).items():
             button = getattr(self.ui, self.ACTION_BUTTONS[action])
             button.enabled = reason is None
-            if reason:
-                button.toolTip = reason
+            button.toolTip = reason or self._tooltips.get(action, "")
+        for path in (p.classifierPath, p.maePath):  # details of a newly chosen model, read in the background
+            if path and path not in self._probedModels and Path(path).is_file():
+                self._probedModels.add(path)
+                self._probeModel(path)
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _engineReady(self, quiet: bool = False, refresh: bool = False) -> bool:
@@ -464,6 +475,9 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.classifyResultLabel.text = outcome.message
             self.logic.show_table_and_chart(outcome.nodes["table"], outcome.nodes["chart"],
                                             slicer.app.applicationLogic())
+            if outcome.nodes.get("attention_volume") is not None:  # attention MIL: which slices drove the result
+                slicer.util.setSliceViewerLayers(background=p.inputVolume if p is not None else None,
+                                                 foreground=outcome.nodes["attention_volume"], foregroundOpacity=0.4)
         elif outcome.kind == "reconstruct":
             slicer.util.setSliceViewerLayers(background=outcome.nodes["masked"],
                                              foreground=outcome.nodes["reconstruction"], foregroundOpacity=0.5,
@@ -498,6 +512,7 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceInfoLabel.text = _("install the Python packages first (below)")
             return
         self.ui.deviceInfoLabel.text = _("checking...")
+        self._deviceChecked = True
         self._probe(self.logic.device_job(self._device()))
 
     def updateDependencyStatus(self) -> None:
@@ -585,9 +600,12 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _loadSamples(self, written: dict) -> None:
         loaded = self.logic.load_samples(written, slicer.modules.sequences.logic())
-        if self._parameterNode is not None and loaded:
-            self._parameterNode.inputVolume = loaded.get("USFMAEPhantomCine") or next(iter(loaded.values()))
-        slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, fit=True)
+        shown = loaded.get("USFMAEPhantomCine") or next(iter(loaded.values()), None)
+        if shown is None:
+            return
+        if self._parameterNode is not None:
+            self._parameterNode.inputVolume = shown
+        slicer.util.setSliceViewerLayers(background=shown, fit=True)
 
     def onPullWeights(self) -> None:
         name = self.ui.pullWeightsComboBox.currentText
@@ -629,9 +647,22 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ---------------------------------------------------------------------------------------------- training
     def onFinetune(self) -> None:
         p = self._parameterNode
-        self._start("finetune", lambda: self.logic.finetune_job(
-            p.finetuneData, p.finetuneOutput or self._defaultRunFolder("finetune"), init=p.finetuneInit or None,
-            epochs=p.finetuneEpochs, device=self._device(), preset=p.finetunePreset))
+        plan = dict(init=p.finetuneInit or None, epochs=p.finetuneEpochs, device=self._device(),
+                    preset=p.finetunePreset, volume_model=p.finetuneVolumeModel)
+        out = p.finetuneOutput or self._defaultRunFolder("finetune")
+        if p.finetuneLabelTable is not None:  # scans of the scene, labelled in a table
+            self._start("finetune", lambda: self.logic.finetune_scene_job(p.finetuneLabelTable, out, **plan))
+        else:
+            self._start("finetune", lambda: self.logic.finetune_job(p.finetuneData, out, **plan))
+
+    def onListSceneScans(self) -> None:
+        """A label table listing the scene's volumes and sequences, chosen for fine-tuning and shown to be filled."""
+        table = self.logic.label_table_for_scene()
+        if self._parameterNode is not None:
+            self._parameterNode.finetuneLabelTable = table
+        self.logic.show_table_and_chart(table, None, slicer.app.applicationLogic())
+        slicer.util.showStatusMessage(_("USF-MAE: fill in the class of each scan in '{table}'").format(
+            table=table.GetName()), 5000)
 
     def onPretrain(self) -> None:
         p = self._parameterNode

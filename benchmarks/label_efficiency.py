@@ -408,7 +408,8 @@ def finetune_and_evaluate(rec: Recorder, args: argparse.Namespace, arm: str, mae
     argv = ["finetune", "--data", fold_json, "--out", run_dir, *arm_argv(arm, args, mae),
             "--epochs", epochs, "--warmup-epochs", max(0, round(epochs * args.warmup)), "--patience", 0,
             "--batch-size", args.batch_size, "--label-fraction", fraction, "--seed", seed, "--device", args.device,
-            "--precision", args.precision, "--workers", args.workers, "--no-tensorboard"]
+            "--precision", args.precision, "--workers", args.workers, "--no-tensorboard",
+            "--resume"]  # an interrupted run continues where it was killed
     if lr is not None:
         argv += ["--lr", lr]
     if not (run_dir / "metrics.json").exists():

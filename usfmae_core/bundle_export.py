@@ -282,6 +282,13 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if not (run / "model.pt").is_file():
         raise UsfmaeError(f"{run} has no model.pt", "pass the folder of a finished usfmae finetune run")
+    from usfmae_core.runs import lock_holder, read_run
+
+    record = read_run(run)
+    if lock_holder(run) is not None or (record is not None and record.get("status") not in (None, "finished")):
+        raise UsfmaeError(f"{run} holds an unfinished {record.get('command', 'usfmae') if record else 'usfmae'} run "
+                          "(its model.pt is the best so far, its metrics.json missing or older)",
+                          "finish it first (usfmae finetune ... --resume), then export it")
     if not data_source or not data_source.strip():
         raise UsfmaeError("no data source given", "say which data trained the model with --data-source "
                           "(name, citation, licence)")

@@ -27,14 +27,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import functools
 import json
 import logging
 import math
 import os
-import pickle
-import zipfile
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,14 +46,79 @@ from monai.transforms import MapTransform, apply_transform
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["CorpusDataset", "corpus_sampler", "split_items", "evaluation_items", "inference_items", "log_data_summary",
-           "cache_rate", "check_batches", "UltrasoundToFramesd", "FrameAveragingInferer", "prepare_batch",
-           "metadata_classes", "labelled_data", "training_classes", "write_network_format", "write_json_file",
-           "check_weights", "load_weights", "save_state_dict", "start_from_mae", "init_mae", "classifier_config",
-           "mae_checkpoint_config", "macro_f1", "cosine_schedule", "use_amp", "amp_kwargs", "is_not_rank0",
-           "prepare_process", "with_iteration_events", "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler"]
+__all__ = ["one_line_errors", "SkipUnreadabled", "CorpusDataset", "corpus_sampler", "split_items", "evaluation_items",
+           "inference_items", "log_data_summary", "cache_rate", "collate_for", "check_batches", "UltrasoundToFramesd",
+           "FrameAveragingInferer", "prepare_batch", "metadata_classes", "labelled_data", "training_classes",
+           "write_network_format", "write_json_file", "check_weights", "read_weights", "load_weights",
+           "save_state_dict", "start_from_mae", "init_mae", "classifier_config", "mae_checkpoint_config", "macro_f1",
+           "cosine_schedule", "use_amp", "amp_kwargs", "is_not_rank0", "prepare_process", "with_iteration_events",
+           "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler"]
 
 logger = logging.getLogger("usfmae.bundle")
+
+
+# ------------------------------------------------------------------------------------------------- errors
+class _UserErrorLogFilter(logging.Filter):
+    """Drops the traceback logs of user errors (MONAI's ``StatsHandler`` logs every exception of an engine run with
+    its traceback before re-raising it); the error is then printed as one line by :func:`one_line_errors`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from usfmae_core.errors import user_error_message
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and user_error_message(exc) is not None:
+            return False
+        # ignite's "Engine run is terminating due to exception: ..." repeats the error that follows
+        return not (record.name.startswith("ignite.engine") and "terminating due to exception" in record.getMessage())
+
+
+def one_line_errors() -> bool:
+    """Make a bundle run end like the ``usfmae`` CLI on bad input: one line ``usfmae: error: <cause>; <fix>`` on
+    stderr and exit code 2, instead of a traceback with the cause in the middle.
+
+    Call it first in a config's ``initialize`` (``"$usfmae_core.bundle_support.one_line_errors()"``): it installs a
+    ``sys.excepthook`` for errors caused by the input or the machine (:func:`usfmae_core.errors.user_error_message`:
+    :class:`~usfmae_core.errors.UsfmaeError` also when MONAI wrapped it, OS errors such as a full disk, out of
+    memory) and a logging filter that keeps their tracebacks out of the engine's log. Anything else (a bug) keeps
+    its full traceback. Idempotent; returns True.
+    """
+    import sys
+
+    if not getattr(sys.excepthook, "_usfmae_one_line", False):
+        previous = sys.excepthook
+
+        def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+            from usfmae_core.errors import user_error_message
+
+            message = user_error_message(exc) if isinstance(exc, Exception) else None
+            if message is None:
+                previous(exc_type, exc, tb)
+                return
+            for h in logging.getLogger().handlers:
+                try:
+                    h.flush()
+                except Exception:  # noqa: BLE001 - a broken log handler must not hide the message
+                    pass
+            sys.stdout.flush()
+            sys.stderr.write(f"usfmae: error: {message}\n")
+            sys.stderr.flush()
+            os._exit(2)  # the CLI's exit code for bad input (an uncaught exception would give 1)
+
+        hook._usfmae_one_line = True  # type: ignore[attr-defined]
+        sys.excepthook = hook
+    from monai.apps.utils import get_logger
+
+    flt = _UserErrorLogFilter()
+    # MONAI's StatsHandler logs to its own logger (created on first use, with its own handler, not propagating):
+    # create it now exactly as MONAI does, so it can carry the filter
+    stats = get_logger("monai.handlers.StatsHandler")
+    for lg in (logging.getLogger(), stats):
+        for h in lg.handlers:
+            if not any(isinstance(f, _UserErrorLogFilter) for f in h.filters):
+                h.addFilter(flt)
+        if not any(isinstance(f, _UserErrorLogFilter) for f in lg.filters):
+            lg.addFilter(flt)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -200,13 +262,26 @@ def log_data_summary(datalist: Mapping[str, Any], source: str | os.PathLike | No
     return lines
 
 
-def cache_rate(n_items: int, prep: Any) -> float:
-    """Fraction of ``n_items`` preprocessed images to keep in memory (``CacheDataset``), within the fine-tuning
-    workflow's memory budget (:data:`usfmae_core.workflows.finetune.CACHE_BYTES`)."""
-    from usfmae_core.workflows.finetune import CACHE_BYTES
+def cache_rate(n_items: int, prep: Any, volume: Any = None) -> float:
+    """Fraction of ``n_items`` preprocessed images (volumes / bags of slices with a ``volume`` model) to keep in
+    memory (``CacheDataset``), within the fine-tuning workflow's memory budget
+    (:data:`usfmae_core.workflows.finetune.CACHE_BYTES`)."""
+    from usfmae_core.workflows.finetune import CACHE_BYTES, item_bytes
 
-    per_item = int(prep.in_channels) * int(prep.image_size) ** 2 * 4
+    per_item = item_bytes(prep, volume)
     return float(min(1.0, CACHE_BYTES / max(1, per_item * max(1, int(n_items)))))
+
+
+def collate_for(volume: Any = None) -> Callable[[Sequence[Any]], Any]:
+    """The ``collate_fn`` of a model's batches: MONAI's ``list_data_collate``, or for an attention-MIL volume model
+    :func:`~usfmae_core.data.volumes.collate_bags` (bags of different lengths padded, with a ``mask``)."""
+    from monai.data import list_data_collate
+
+    if volume is not None and volume.model == "mil":
+        from usfmae_core.data.volumes import collate_bags
+
+        return collate_bags
+    return list_data_collate
 
 
 def check_batches(loader: Any, source: str | os.PathLike) -> int:
@@ -223,6 +298,39 @@ def check_batches(loader: Any, source: str | os.PathLike) -> int:
     return n
 
 
+class SkipUnreadabled:
+    """Apply ``transform`` to an item, but turn a file that cannot be read into a marked, empty item instead of
+    ending the run: what ``usfmae predict`` does (skip and report). The item then holds ``image`` = an empty
+    MetaTensor ``(0,)`` whose meta has ``filename_or_obj`` and ``unreadable`` (the one-line reason), and
+    ``unreadable`` = the reason (``""`` for items read well, so batches collate). :class:`FrameAveragingInferer` gives
+    such items no probabilities and :class:`ProbabilityWriter` lists them as skipped.
+
+    Args:
+        transform: the loading chain (e.g. ``Compose([LoadUltrasoundd, UltrasoundToFramesd])``).
+        key: the key of the file path.
+    """
+
+    def __init__(self, transform: Callable, key: str = "image") -> None:
+        self.transform, self.key = transform, key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from usfmae_core.errors import find_user_error
+
+        try:
+            out = dict(self.transform(data))
+        except Exception as err:  # noqa: BLE001 - only bad files are skipped; anything else is re-raised
+            user = find_user_error(err)
+            if user is None:
+                raise
+            source = str(data[self.key]) if isinstance(data, Mapping) and self.key in data else "?"
+            logger.warning("skipped %s: %s", source, user)
+            reason = str(user)
+            return {**dict(data), self.key: MetaTensor(torch.zeros(0), meta={
+                "filename_or_obj": source, "kind": "unreadable", "unreadable": reason}), "unreadable": reason}
+        out.setdefault("unreadable", "")
+        return out
+
+
 class UltrasoundToFramesd(MapTransform):
     """Every frame of a cine / slice of a volume (one frame for a 2D image) as 2D model input ``(N, C, S, S)``.
 
@@ -235,24 +343,45 @@ class UltrasoundToFramesd(MapTransform):
     ``squash``), ``crop_sector`` and ``colour`` (``rgb``: colour reaches a 3-channel model as colour; ``luma``) as
     stored in its checkpoint (``preprocessing`` may give them all at once, as a dict). The meta dict is kept and gains
     ``n_frames`` (frames given to the model) and ``n_excluded``.
+
+    With a volume model's settings (``volume``, a :class:`~usfmae_core.data.volumes.VolumeInput`) the item becomes
+    that model's input instead, exactly as in its fine-tuning
+    (:class:`~usfmae_core.data.volumes.VolumeToModelInputd`): a cube ``(C, S, S, S)`` for a 3D model, the informative
+    slices along the model's axis ``(N, C, S, S)`` for attention MIL.
     """
 
     def __init__(self, keys: KeysCollection, image_size: int = 224, in_channels: int = 3,
                  mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
                  axis: int = 0, resize: str = "letterbox", crop_sector: bool = False, colour: str = "rgb",
-                 preprocessing: Mapping[str, Any] | None = None, allow_missing_keys: bool = False) -> None:
+                 preprocessing: Any = None, volume: Any = None,
+                 allow_missing_keys: bool = False) -> None:
         from usfmae_core.data.transforms import Preprocessing
 
         super().__init__(keys, allow_missing_keys)
-        self.prep = (Preprocessing.from_dict(preprocessing) if preprocessing is not None else
-                     Preprocessing(int(image_size), int(in_channels), tuple(mean), tuple(std), str(resize),
-                                   bool(crop_sector), str(colour)))
+        if isinstance(preprocessing, Preprocessing):
+            self.prep = preprocessing
+        elif preprocessing is not None:
+            self.prep = Preprocessing.from_dict(preprocessing)
+        else:
+            self.prep = Preprocessing(int(image_size), int(in_channels), tuple(mean), tuple(std), str(resize),
+                                      bool(crop_sector), str(colour))
         self.axis = int(axis)
+        self.volume = None
+        if volume is not None:
+            from usfmae_core.data.volumes import VolumeToModelInputd
+
+            self.volume = VolumeToModelInputd(keys, self.prep, volume, allow_missing_keys)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from usfmae_core.data.readers import luma
         from usfmae_core.data.transforms import frames_for_model, frames_to_tensor
 
+        if self.volume is not None:
+            d = self.volume(data)
+            for key in self.key_iterator(d):
+                meta = d[key].meta
+                meta.update(n_frames=len(meta.get("slice_index") or [0]), n_excluded=int(meta.get("n_excluded", 0)))
+            return d
         d = dict(data)
         for key in self.key_iterator(d):
             x = d[key]
@@ -281,20 +410,43 @@ class FrameAveragingInferer(Inferer):
     """Class probabilities per image: softmax of the network's logits for every frame, averaged over the frames.
 
     This is :func:`usfmae_core.workflows.predict.classify_array`'s rule for 2D models (a 2D image is one frame).
+    With a volume model's settings (``volume``) it is that model's one result per volume instead, as ``usfmae
+    predict`` computes it: a 3D model's softmax over its cube, or for attention MIL the informative slices encoded
+    ``frame_batch_size`` at a time and pooled by the model's attention (memory of one batch, whatever the slices).
 
     Args:
         frame_batch_size: frames per forward pass.
+        volume: None for 2D models, else a :class:`~usfmae_core.data.volumes.VolumeInput`.
 
     Shapes: ``(B, N, C, S, S)`` (``N`` frames per image; ``B`` is usually 1 since ``N`` varies) or ``(B, C, S, S)``
-    -> probabilities ``(B, K)`` float32.
+    -> probabilities ``(B, K)`` float32; a 3D model: ``(B, C, S, S, S)`` -> ``(B, K)``.
     """
 
-    def __init__(self, frame_batch_size: int = 32) -> None:
+    def __init__(self, frame_batch_size: int = 32, volume: Any = None) -> None:
         self.frame_batch_size = max(1, int(frame_batch_size))
+        self.volume = volume
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
                  ) -> torch.Tensor:
         x = inputs.as_subclass(torch.Tensor) if isinstance(inputs, MetaTensor) else inputs
+        if x.numel() == 0:  # unreadable files (SkipUnreadabled): no probabilities, the writer lists them as skipped
+            return torch.zeros((x.shape[0], 0))
+        if self.volume is not None and self.volume.model == "3d":
+            return torch.softmax(network(x, *args, **kwargs).float(), dim=-1)
+        if self.volume is not None:  # attention MIL: chunked slice encoding, one pooling per bag
+            from usfmae_core.workflows.distributed import unwrap_model
+
+            model = unwrap_model(network)
+            mask = kwargs.get("mask")
+            out = []
+            for b, bag in enumerate(x):
+                if mask is not None:
+                    bag = bag[torch.as_tensor(mask[b]).bool()]
+                feats = torch.cat([model.encode(bag[i:i + self.frame_batch_size])
+                                   for i in range(0, bag.shape[0], self.frame_batch_size)])
+                logits, _ = model.aggregate(feats[None])
+                out.append(torch.softmax(logits.float(), dim=-1)[0])
+            return torch.stack(out)
         if x.dim() == 4:
             x = x[:, None]
         if x.dim() != 5:
@@ -308,8 +460,10 @@ class FrameAveragingInferer(Inferer):
 
 
 def prepare_batch(batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False,
-                  **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``prepare_batch`` for MONAI engines: ``(image, label)`` as plain tensors on ``device``.
+                  **kwargs: Any) -> tuple[Any, ...]:
+    """``prepare_batch`` for MONAI engines: ``(image, label)`` as plain tensors on ``device``; for padded MIL bags
+    (a ``mask`` in the batch, :func:`collate_for`) ``(image, label, (), {"mask": mask})``, which MONAI's engines
+    hand to the inferer and so to the network as ``network(image, mask=mask)``.
 
     Plain tensors (not MetaTensors) keep the ViT's many small operations free of metadata handling; labels become
     ``long`` for the cross-entropy. The engine's ``state.batch`` still holds the MetaTensors (file names for the
@@ -324,6 +478,9 @@ def prepare_batch(batchdata: Mapping[str, Any], device: torch.device | str | Non
         label = label.as_subclass(torch.Tensor).long().to(device=device, non_blocking=non_blocking)
     else:
         label = None
+    mask = batchdata.get("mask")
+    if isinstance(mask, torch.Tensor):
+        return image, label, (), {"mask": mask.to(device=device, non_blocking=non_blocking)}
     return image, label
 
 
@@ -375,18 +532,21 @@ def training_classes(source: str | os.PathLike, network_data_format: Mapping[str
     return metadata_classes(network_data_format)
 
 
-def _image_format(channels: int, size: int) -> dict[str, Any]:
+def _image_format(channels: int, size: int, spatial_dims: int = 2) -> dict[str, Any]:
     names = ["B-mode intensity"] if channels == 1 else [
         f"B-mode intensity (normalised with the {c} mean/std)" for c in "RGB"][:channels]
-    return {"num_channels": int(channels), "spatial_shape": [int(size), int(size)],
+    return {"num_channels": int(channels), "spatial_shape": [int(size)] * int(spatial_dims),
             "channel_def": {str(i): n for i, n in enumerate(names)}}
 
 
 def write_network_format(metadata_file: str | os.PathLike, classes: Sequence[str], image_size: int,
-                         in_channels: int) -> bool:
+                         in_channels: int, volume: Any = None) -> bool:
     """Record a training run's classes, image size and channels in ``network_data_format`` of ``metadata_file``
     (inputs ``image``; outputs and post-processed outputs ``pred``), so that evaluation, inference,
-    ``verify_net_in_out``, ``ckpt_export`` and ``monai.bundle.load`` build the network that was trained.
+    ``verify_net_in_out``, ``ckpt_export`` and ``monai.bundle.load`` build the network that was trained. A native 3D
+    volume model (``volume.model == "3d"``) takes a cube ``S x S x S``; an attention-MIL model takes bags of
+    ``S x S`` slices (a ``(B, C, S, S)`` input is B bags of one slice each, which is what ``verify_net_in_out``
+    feeds it).
 
     The file is rewritten (atomically, 4-space JSON as the Model Zoo's pre-commit formats it) only when something
     changes, and what changed is logged. Returns whether it was rewritten.
@@ -396,7 +556,8 @@ def write_network_format(metadata_file: str | os.PathLike, classes: Sequence[str
     fmt = meta.setdefault("network_data_format", {})
     before = json.dumps(fmt, sort_keys=True)
     image = fmt.setdefault("inputs", {}).setdefault("image", {})
-    image.update(_image_format(int(in_channels), int(image_size)))
+    dims = 3 if volume is not None and volume.model == "3d" else 2
+    image.update(_image_format(int(in_channels), int(image_size), dims))
     k = len(classes)
     for section in ("outputs", "post_processed_outputs"):
         pred = fmt.setdefault(section, {}).setdefault("pred", {})
@@ -404,18 +565,16 @@ def write_network_format(metadata_file: str | os.PathLike, classes: Sequence[str
     if json.dumps(fmt, sort_keys=True) == before:
         return False
     write_json_file(path, meta)
-    logger.info("recorded the trained network's inputs (%d channel(s), %d x %d) and classes (%s) in %s",
-                int(in_channels), int(image_size), int(image_size), ", ".join(map(str, classes)), path)
+    logger.info("recorded the trained network's inputs (%d channel(s), %s) and classes (%s) in %s",
+                int(in_channels), " x ".join([str(int(image_size))] * dims), ", ".join(map(str, classes)), path)
     return True
 
 
 def write_json_file(path: str | os.PathLike, obj: Any) -> Path:
     """``obj`` as 4-space-indented JSON with a final newline (the Model Zoo's pretty-format-json style), atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=4) + "\n")
-    os.replace(tmp, path)
-    return path
+    from usfmae_core.fileio import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(obj, indent=4) + "\n")
 
 
 def _unwrap_state(obj: Any) -> dict[str, torch.Tensor]:
@@ -438,21 +597,24 @@ _NO_WEIGHTS_FIX = ("train first (configs/train.json writes models/model.pt), fet
                    "`python -m monai.bundle download_large_files --bundle_path .`, or pass --ckpt_path")
 
 
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in ``path`` (a plain state dict, one of our checkpoints, MONAI / ignite wrappers), read with
+    ``weights_only=True`` (memory-mapped) and checked like every checkpoint of the engine
+    (:func:`usfmae_core.checkpoints.load_checkpoint`): a missing file, a file that is not a checkpoint, pickled code
+    and NaN / infinite weights are refused with one line."""
+    from usfmae_core.checkpoints import _torch_load, check_finite
+
+    path = Path(path)
     if not path.exists():
         raise UsfmaeError(f"weights {path} do not exist", _NO_WEIGHTS_FIX)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        raise UsfmaeError(f"{path} needs pickled code to load and was refused for safety",
-                          "re-save it as a plain state dict (torch.save(model.state_dict(), ...))") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise UsfmaeError(f"{path} cannot be read ({str(err).splitlines()[0][:120]})",
-                          "the file is corrupt or not a PyTorch checkpoint") from None
-    state = _unwrap_state(obj)
+    state = _unwrap_state(_torch_load(path, mmap=True))
     if not state:
         raise UsfmaeError(f"{path} holds no state dict of tensors", "pass a PyTorch weights file (model.pt)")
+    check_finite(state, path)
     return state
+
+
+_read_state = read_weights
 
 
 def check_weights(path: str | os.PathLike, network: nn.Module) -> Path:
@@ -512,22 +674,16 @@ def save_state_dict(network: nn.Module, path: str | os.PathLike) -> Path:
     from usfmae_core.workflows.distributed import unwrap_model
 
     state = {k: v.detach().cpu() for k, v in unwrap_model(network).state_dict().items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from usfmae_core.fileio import atomic_write
+
+    path = atomic_write(path, lambda f: torch.save(state, f))
     logger.info("wrote %d tensors to %s", len(state), path)
     return path
 
 
 def start_from_mae(network: nn.Module, mae: str | os.PathLike, in_channels: int | None = None) -> nn.Module:
-    """Start ``network`` (a :class:`~usfmae_core.networks.classifier.USFMAEClassifier`) from the encoder of the MAE
-    checkpoint ``mae`` (``usfmae pretrain`` / ``configs/pretrain.json`` / ``usfmae import-weights``, or the name of a
+    """Start ``network`` (a :class:`~usfmae_core.networks.classifier.USFMAEClassifier`, 2D or native 3D, or an
+    :class:`~usfmae_core.networks.volume.AttentionMILClassifier`) from the encoder of the MAE checkpoint ``mae`` (``usfmae pretrain`` / ``configs/pretrain.json`` / ``usfmae import-weights``, or the name of a
     published model fetched with ``usfmae pull``).
 
     Position embeddings of another image size are interpolated (logged); another encoder shape is refused with the
@@ -550,17 +706,24 @@ def start_from_mae(network: nn.Module, mae: str | os.PathLike, in_channels: int 
         raise UsfmaeError(f"the MAE {path} takes {cfg.get('in_channels')} channel(s) but the bundle {in_channels}",
                           "set network_data_format#inputs#image#num_channels in configs/metadata.json to the MAE's")
     shape_keys = ("hidden_size", "num_layers", "num_heads", "patch_size")
+    patch_src = enc["patch_embed.patch_embeddings.weight"].shape[2:] if enc.get("cls_token") is not None else ()
+    patch_dst = want["patch_embed.patch_embeddings.weight"].shape[2:]
+    inflate = len(patch_src) == 2 and len(patch_dst) == 3  # a 2D MAE starting a native 3D ViT
+    if inflate:  # 2D positions mean nothing in 3D: the 3D ViT keeps its own sin-cos (as USFMAEClassifier.from_mae)
+        enc["patch_embed.position_embeddings"] = want["patch_embed.position_embeddings"]
     mismatch = (enc.get("cls_token") is None or enc["cls_token"].shape != want["cls_token"].shape
                 or sum(k.endswith("attn.qkv.weight") for k in enc) != sum(k.endswith("attn.qkv.weight") for k in want)
-                or enc["patch_embed.patch_embeddings.weight"].shape[2:]
-                != want["patch_embed.patch_embeddings.weight"].shape[2:])
+                or tuple(patch_src[-2:]) != tuple(patch_dst[-2:])
+                or (len(patch_src) == 3 and len(patch_dst) == 2))
     if mismatch:
         fits = " ".join(f"--network_def#{k} {_scalar(cfg.get(k))}" for k in shape_keys if cfg.get(k) is not None)
         raise UsfmaeError(f"the MAE {path} has another encoder shape than network_def "
                           f"(MAE: {', '.join(f'{k} {_scalar(cfg.get(k))}' for k in shape_keys)})",
                           f"pass {fits} (and the same to evaluate / inference)")
     size = _scalar(cfg.get("img_size", 224))
-    if size != target.encoder.img_size[-1]:
+    if inflate:
+        logger.info("the 2D MAE %s starts the 3D ViT: its patch projection is inflated over depth", path)
+    elif size != target.encoder.img_size[-1]:
         logger.info("MAE %s was pretrained at %d px; its position embeddings are interpolated to %d px", path, size,
                     target.encoder.img_size[-1])
     target.encoder.load_state_dict(adapt_state_dict(enc, want, source=str(path)))
@@ -845,6 +1008,7 @@ class ProbabilityWriter:
         self.filename, self.activation = filename, activation
         self.bootstrap, self.seed, self.pred_key = int(bootstrap), int(seed), pred_key
         self.rows: list[dict[str, Any]] = []
+        self.skipped: list[dict[str, str]] = []
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -855,6 +1019,7 @@ class ProbabilityWriter:
 
     def reset(self, engine: Any = None) -> None:
         self.rows = []
+        self.skipped = []
 
     @staticmethod
     def _items(batch: Any) -> list[dict[str, Any]]:
@@ -866,14 +1031,19 @@ class ProbabilityWriter:
             kinds = list(getattr(image, "meta", {}).get("kind", []) or [])
             excluded = getattr(image, "meta", {}).get("n_excluded")
             excluded = [] if excluded is None else [int(e) for e in torch.as_tensor(excluded).reshape(-1)]
+            frames = getattr(image, "meta", {}).get("n_frames")  # the real slices of padded bags, 1 for a cube
+            frames = [] if frames is None else [int(f) for f in torch.as_tensor(frames).reshape(-1)]
             label = batch.get("label")
+            unreadable = list(batch.get("unreadable") or [])
             items = []
             for i in range(n):
                 items.append({"source": names[i] if i < len(names) else None,
                               "kind": kinds[i] if i < len(kinds) else None,
-                              "n_frames": int(image[i].shape[0]) if image[i].dim() == 4 else 1,
+                              "n_frames": frames[i] if i < len(frames) else
+                              (int(image[i].shape[0]) if image[i].dim() == 4 else 1),
                               "n_excluded": excluded[i] if i < len(excluded) else 0,
-                              "label": None if label is None else int(torch.as_tensor(label[i]).reshape(-1)[0])})
+                              "label": None if label is None else int(torch.as_tensor(label[i]).reshape(-1)[0]),
+                              "unreadable": str(unreadable[i]) if i < len(unreadable) and unreadable[i] else ""})
             return items
         items = []
         for item in batch or []:
@@ -883,7 +1053,8 @@ class ProbabilityWriter:
             items.append({"source": meta.get("filename_or_obj"), "kind": meta.get("kind"),
                           "n_frames": int(image.shape[0]) if image is not None and image.dim() == 4 else 1,
                           "n_excluded": int(meta.get("n_excluded") or 0),
-                          "label": None if label is None else int(torch.as_tensor(label).reshape(-1)[0])})
+                          "label": None if label is None else int(torch.as_tensor(label).reshape(-1)[0]),
+                          "unreadable": str(item.get("unreadable") or "")})
         return items
 
     def collect(self, engine: Any) -> None:
@@ -895,30 +1066,49 @@ class ProbabilityWriter:
         pred = torch.as_tensor(pred).detach().float().cpu()
         if pred.dim() == 1:
             pred = pred[None]
+        items = self._items(engine.state.batch)
+        read = [it for it in items if not it["unreadable"]]
+        for it in items:
+            if it["unreadable"]:
+                self.skipped.append({"source": str(it["source"]), "reason": it["unreadable"]})
+        if not read:
+            return
         probs = torch.softmax(pred, dim=-1) if self.activation == "softmax" else pred
+        if len(read) != len(items):  # a mixed batch: keep the rows of the files that were read
+            probs = probs[[i for i, it in enumerate(items) if not it["unreadable"]]]
         if probs.shape[-1] != len(self.classes):
             raise UsfmaeError(f"the network gives {probs.shape[-1]} class scores but {len(self.classes)} class names "
                               f"are set ({', '.join(self.classes)})", "pass --classes matching the model")
-        for item, p in zip(self._items(engine.state.batch), probs.numpy()):
+        for item, p in zip(read, probs.numpy(), strict=True):
             self.rows.append({**item, "probs": [float(v) for v in p]})
 
-    def _gathered(self) -> list[dict[str, Any]] | None:
+    def _gathered(self) -> tuple[list[dict[str, Any]], list[dict[str, str]]] | None:
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return self.rows
+            return self.rows, self.skipped
         parts: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, self.rows)
-        return None if is_not_rank0() else [r for part in parts for r in part]
+        torch.distributed.all_gather_object(parts, (self.rows, self.skipped))
+        if is_not_rank0():
+            return None
+        return [r for rows, _ in parts for r in rows], [s for _, skipped in parts for s in skipped]
 
     def write(self, engine: Any = None) -> None:
-        rows = self._gathered()
-        if rows is None:
+        gathered = self._gathered()
+        if gathered is None:
             return
+        rows, skipped = gathered
+        if skipped:
+            logger.warning("skipped %d unreadable file(s): %s", len(skipped),
+                           "; ".join(f"{s['source']}: {s['reason']}" for s in skipped[:5]))
+        if not rows:
+            first = skipped[0]["reason"] if skipped else "nothing to classify"
+            raise UsfmaeError(f"no input could be classified ({first})",
+                              "check the files named above (format, corruption)")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         sources = [str(r["source"]) if r["source"] is not None else f"item_{i}" for i, r in enumerate(rows)]
         if rows and all(r["label"] is not None for r in rows):
             self._write_evaluation(rows, sources)
         else:
-            self._write_predictions(rows, sources)
+            self._write_predictions(rows, sources, skipped)
 
     def _write_evaluation(self, rows: list[dict[str, Any]], sources: list[str]) -> None:
         from usfmae_core.workflows.evaluate import evaluate_predictions, write_evaluation
@@ -931,8 +1121,9 @@ class ProbabilityWriter:
         logger.info("accuracy %.4f, macro-F1 %.4f, macro AUC %s on %d image(s) -> %s", result["accuracy"],
                     result["f1_macro"], f"{auc:.4f}" if math.isfinite(auc) else "n/a", len(rows), files["metrics"])
 
-    def _write_predictions(self, rows: list[dict[str, Any]], sources: list[str]) -> None:
-        from usfmae_core.workflows.common import write_json
+    def _write_predictions(self, rows: list[dict[str, Any]], sources: list[str],
+                           skipped: list[dict[str, str]] | None = None) -> None:
+        from usfmae_core.workflows.common import write_csv, write_json
 
         cols = [f"p_{c}" for c in self.classes]
         results = []
@@ -942,15 +1133,10 @@ class ProbabilityWriter:
             res.update({c: round(p, 6) for c, p in zip(cols, r["probs"])})
             results.append(res)
         header = ["source", "kind", "n_frames", "n_excluded", "label", *cols]
-        csv_path = self.output_dir / f"{self.filename}.csv"
-        tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            for res in results:
-                w.writerow([f"{res[h]:.6f}" if h.startswith("p_") else res[h] for h in header])
-        os.replace(tmp, csv_path)
-        write_json(self.output_dir / f"{self.filename}.json", {"classes": self.classes, "results": results})
+        csv_path = write_csv(self.output_dir / f"{self.filename}.csv", header,
+                             [[f"{res[h]:.6f}" if h.startswith("p_") else res[h] for h in header] for res in results])
+        write_json(self.output_dir / f"{self.filename}.json",
+                   {"classes": self.classes, "results": results, "skipped": list(skipped or [])})
         logger.info("wrote the class probabilities of %d file(s) to %s", len(results), csv_path)
 
 

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -28,33 +26,40 @@ import torch.nn.functional as F
 from usfmae_core import __version__
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "adapt_state_dict", "detect_format",
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "check_finite", "adapt_state_dict", "detect_format",
            "convert_state_dict", "import_weights", "to_facebook_state_dict"]
 
 
 # --------------------------------------------------------------------------------------------------- save / load
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
-    """Write ``checkpoint`` atomically (temp file + rename), so a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``checkpoint`` atomically and durably (:func:`usfmae_core.fileio.atomic_write`: temporary file, fsync,
+    rename, fsync of the folder), so neither a kill nor a power cut leaves a half-written file. A full disk or an
+    unwritable folder raises ``OSError`` naming ``path``."""
+    from usfmae_core.fileio import atomic_write
+
     checkpoint.setdefault("usfmae_version", __version__)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    _umask_mode(tmp)
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def _umask_mode(path: str) -> None:
     """mkstemp creates 0600 files; give the final file the usual permissions (0666 minus the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    from usfmae_core.fileio import umask_mode
+
+    umask_mode(path)
+
+
+def check_finite(state: dict[str, Any], source: str | Path) -> None:
+    """Refuse weights holding NaN or infinity (a diverged training saved them): they would only give NaN outputs.
+
+    Raises:
+        UsfmaeError: naming how many tensors are affected and the first one.
+    """
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UsfmaeError(f"checkpoint {source} holds NaN or infinite weights ({len(bad)} tensor(s), first "
+                          f"'{bad[0]}'): the training diverged before it was saved",
+                          "use an earlier checkpoint, or train again with a lower learning rate (--blr / --lr)")
 
 
 def make_checkpoint(model: torch.nn.Module, arch: str, config: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -65,31 +70,72 @@ def make_checkpoint(model: torch.nn.Module, arch: str, config: dict[str, Any], *
     return {"model": state, "arch": arch, "config": dict(config), "usfmae_version": __version__, **extra}
 
 
-def _torch_load(path: Path, allow_namespace: bool = False) -> Any:
+def _torch_load(path: Path, allow_namespace: bool = False, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)`` with one-line errors; ``argparse.Namespace`` (plain data that facebook's
-    training scripts store as ``args``) may be allowed for imports."""
+    training scripts store as ``args``) may be allowed for imports; ``mmap`` maps the tensors instead of reading them
+    (zip checkpoints only)."""
     if not path.exists():
         raise UsfmaeError(f"checkpoint {path} does not exist", "check the path")
     if path.stat().st_size == 0:
         raise UsfmaeError(f"checkpoint {path} is empty (0 bytes)", "re-download or re-export it")
+    if path.is_dir():
+        raise UsfmaeError(f"checkpoint {path} is a folder", "pass the checkpoint file inside it (e.g. model.pt)")
+    not_ckpt = UsfmaeError(f"{path} is not a PyTorch checkpoint (its content is not a saved model)",
+                           "pass a .pt / .pth file written by torch.save (e.g. RUN/model.pt), or re-download it")
     safe = [argparse.Namespace] if allow_namespace else []
     try:
         with torch.serialization.safe_globals(safe):
+            if mmap and _looks_like_zip(path):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         names = re.findall(r"GLOBAL ([\w.]+)", str(err))
+        if not names and "Unsupported global" not in str(err):  # random bytes, a text file, a foreign pickle
+            if _looks_like_torch_file(path):
+                raise UsfmaeError(f"checkpoint {path} cannot be read (corrupt or truncated)",
+                                  "re-download or re-export it") from None
+            raise not_ckpt from None
         what = f" ({names[0]})" if names else ""
         raise UsfmaeError(f"checkpoint {path} needs pickled code to load{what} and was refused for safety",
                           "re-save it as a plain state dict (torch.save(model.state_dict(), ...)) "
                           "on a machine that trusts it") from None
+    except IsADirectoryError:
+        raise UsfmaeError(f"checkpoint {path} is a folder", "pass the checkpoint file inside it") from None
+    except PermissionError:
+        raise UsfmaeError(f"checkpoint {path} cannot be read (permission denied)",
+                          "check the file's permissions") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        if not _looks_like_torch_file(path):
+            raise not_ckpt from None
         raise UsfmaeError(f"checkpoint {path} cannot be read ({str(err).splitlines()[0][:120]})",
-                          "the file is corrupt or not a PyTorch checkpoint; re-download or re-export it") from None
+                          "the file is corrupt or truncated; re-download or re-export it") from None
+    except Exception:  # noqa: BLE001 - the unpickler fails on garbage with KeyError, ValueError, ...
+        raise not_ckpt from None
+
+
+def _looks_like_zip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """Whether ``path`` starts like a file written by ``torch.save``: a zip archive (the format since PyTorch 1.6)
+    or a pickle stream (the legacy format). Anything else is not a checkpoint at all."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load one of our checkpoints (weights only), or the classifier of a MONAI bundle folder (or of its
-    ``models/model.pt``) as one (:func:`usfmae_core.bundle_export.load_bundle`). Foreign weights must go through
+    """Load one of our checkpoints (weights only), the classifier of a MONAI bundle folder as one
+    (:func:`usfmae_core.bundle_export.load_bundle`), or a published model by name (:mod:`usfmae_core.hub`). Foreign
+    weights, including a bundle's ``models/model.pt`` on its own (a plain state dict), go through
     ``usfmae import-weights``."""
     from usfmae_core.bundle_export import is_bundle, load_bundle
 
@@ -101,11 +147,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             path = resolve_init(str(path))
     if path.is_dir() and is_bundle(path):
         return load_bundle(path)
-    if path.parent.name == "models" and is_bundle(path.parent.parent) and not path.is_dir():
-        ckpt = _torch_load(path)
-        if not (isinstance(ckpt, dict) and "arch" in ckpt and "config" in ckpt):  # a bundle's plain state dict
-            return load_bundle(path.parent.parent, weights=path)
-        return _checked(path, ckpt)
     if path.is_dir():
         raise UsfmaeError(f"{path} is a folder, not a checkpoint or a MONAI bundle (no configs/metadata.json)",
                           "pass a checkpoint file (model.pt) or a bundle folder")
@@ -117,6 +158,10 @@ def _checked(path: Path, ckpt: Any) -> dict[str, Any]:
         fmt = detect_format(_unwrap(ckpt)) if isinstance(ckpt, dict) else "unknown"
         raise UsfmaeError(f"{path} is not a usfmae checkpoint (looks like: {fmt})",
                           f"convert it first: usfmae import-weights {path} --out model.pt")
+    if not isinstance(ckpt["model"], dict) or not isinstance(ckpt["config"], dict):
+        raise UsfmaeError(f"{path} is a damaged usfmae checkpoint ('model' or 'config' is not a dict)",
+                          "use another copy, or re-export it")
+    check_finite(ckpt["model"], path)
     return ckpt
 
 
@@ -131,7 +176,13 @@ def load_model(path: str | Path, expect: str | tuple[str, ...] | None = None,
         if ckpt["arch"] not in expect:
             raise UsfmaeError(f"{path} holds a '{ckpt['arch']}' model but a {' or '.join(expect)} model is needed",
                               "pass a checkpoint of the right kind (pretrain gives 'mae', finetune 'classifier')")
-    model = build_model(ckpt["arch"], ckpt["config"])
+    try:
+        model = build_model(ckpt["arch"], ckpt["config"])
+    except UsfmaeError:
+        raise
+    except (KeyError, ValueError, TypeError) as err:
+        raise UsfmaeError(f"the config stored in {path} does not describe a buildable model ({type(err).__name__}: "
+                          f"{str(err)[:120]})", "use an unmodified checkpoint written by usfmae") from None
     state = adapt_state_dict(ckpt["model"], model.state_dict(), source=str(path))
     model.load_state_dict(state)
     return model.to(device), ckpt
@@ -472,6 +523,7 @@ def import_weights(src: str | Path, out: str | Path, img_size: int | None = None
     elif arch == "mae" and config["spatial_dims"] != source_dims:  # pixels per patch change: new prediction layer
         converted.update({k: v for k, v in target.items() if k.startswith("decoder.decoder_pred.")})
         meta["decoder_pred"] = f"initialised for {config['spatial_dims']}D patches"
+    check_finite(converted, src)
     model.load_state_dict(adapt_state_dict(converted, target, source=str(src)))
     config["preset"] = "imported"
     return save_checkpoint(out, {"model": model.state_dict(), "arch": arch, "config": config, "meta": meta})

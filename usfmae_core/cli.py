@@ -12,13 +12,14 @@ Errors caused by the user's input or the machine print as one line, ``usfmae: er
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import sys
 from collections.abc import Sequence
 
 from usfmae_core.commands._args import OneLineParser
-from usfmae_core.errors import UsfmaeError
+from usfmae_core.errors import find_user_error, os_error_message, user_error_message
+
+__all__ = ["build_parser", "main", "os_error_message"]
 
 # One module per command, in the order they appear in ``usfmae --help``.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -52,56 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# What the user can do about an operating-system error, by errno.
-_OS_FIXES: dict[int, str] = {
-    errno.ENOSPC: "free disk space or choose an output folder on another disk",
-    errno.EDQUOT: "free disk space (quota exceeded) or choose an output folder on another disk",
-    errno.EACCES: "check the permissions, or choose a folder you can write to",
-    errno.EPERM: "check the permissions, or choose a folder you can write to",
-    errno.EROFS: "the file system is read-only: choose an output folder on a writable disk",
-    errno.EEXIST: "a file of that name is in the way: remove or rename it, or choose another path",
-    errno.ENOTDIR: "a file stands where a folder is expected: remove or rename it, or choose another path",
-    errno.EISDIR: "a folder stands where a file is expected: choose a file path",
-    errno.ENOENT: "check the path",
-    errno.ENAMETOOLONG: "choose a shorter path",
-    errno.ELOOP: "the path has a symbolic-link loop: fix or remove the link",
-    errno.EMFILE: "too many open files: raise the limit (ulimit -n) or use fewer --workers",
-}
-
-
-def os_error_message(err: OSError) -> str:
-    """``<cause>; <fix>`` for an operating-system error, naming the file involved."""
-    where = err.filename if err.filename is not None else ""
-    if err.filename2 is not None:
-        where = f"{where} -> {err.filename2}"
-    reason = err.strerror or str(err)
-    fix = _OS_FIXES.get(err.errno or -1, "check the path, the permissions and the free disk space")
-    return f"cannot access {where} ({reason}); {fix}" if where else f"{reason}; {fix}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    # file names that are not UTF-8 (surrogate-escaped by Python) must not crash a print after the work is done
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
-    except UsfmaeError as err:
-        print(f"usfmae: error: {err}", file=sys.stderr)
-        return err.exit_code
     except KeyboardInterrupt:
         print("usfmae: interrupted; finished checkpoints and outputs were kept", file=sys.stderr)
         return 130
-    except MemoryError:
-        print("usfmae: error: out of memory; use a smaller --batch-size or a smaller model preset", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"usfmae: error: {os_error_message(err)}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:  # CUDA OOM surfaces as a RuntimeError subclass
-        if "out of memory" in str(err).lower():
-            print("usfmae: error: the GPU ran out of memory; use a smaller --batch-size, --precision bf16 "
-                  "or gradient accumulation (--accum-steps)", file=sys.stderr)
-            return 2
-        raise
+    except Exception as err:  # noqa: BLE001 - user and machine errors become one line; anything else is a bug
+        message = user_error_message(err)
+        if message is None:
+            raise
+        print(f"usfmae: error: {message}", file=sys.stderr)
+        user = find_user_error(err)
+        return user.exit_code if user is not None else 2
     return int(result or 0)
 
 

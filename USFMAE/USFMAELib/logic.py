@@ -40,6 +40,10 @@ JOB_SCRIPT = MODULE_DIR / "Scripts" / "usfmae_job.py"
 OUTPUT_ATTRIBUTE = "USFMAE.output"  # marks nodes this module created (not re-exported as pretraining data)
 RESULTS_FOLDER = "USF-MAE"  # subject hierarchy folder (per input) that holds the results
 WEIGHTS = ("usf-mae-100ep", "usf-mae-500ep")  # names `usfmae pull` knows (usfmae_core.hub)
+# what fine-tuning trains (the GUI's choices -> `usfmae finetune --volume-model`)
+VOLUME_MODELS = {"2D classifier (images; volumes slice by slice)": None,
+                 "volume: attention over slices (MIL)": "mil",
+                 "volume: native 3D ViT": "3d"}
 _PALETTE = ((0.12, 0.47, 0.71), (1.0, 0.50, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16), (0.58, 0.40, 0.74),
             (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.50, 0.50, 0.50), (0.74, 0.74, 0.13), (0.09, 0.75, 0.81))
 
@@ -168,11 +172,13 @@ class USFMAEEngineLogic:
             for t in temporary:
                 shutil.rmtree(t, ignore_errors=True)
             raise
+        # --overwrite: a job folder chosen by the user is this job's own scratch space, re-classified at will
         argv = ["predict", str(model), str(exported.path), "--out", str(out / "predict"), "--device", device or "auto",
-                "--batch-size", str(int(batch_size)), "--kind", exported.kind, "--precision", precision]
+                "--batch-size", str(int(batch_size)), "--kind", exported.kind, "--precision", precision, "--overwrite"]
         context = {"input": exported.reference.GetID(), "source": _node_name(exported.source),
                    "table": table_node.GetID() if table_node is not None else None,
-                   "index_name": exported.index_name, "model": str(model), "notes": exported.notes}
+                   "index_name": exported.index_name, "model": str(model), "notes": exported.notes,
+                   "shape": list(exported.shape), "sequence": exported.kind == "cine"}
         return JobSpec("classify", f"classify {_node_name(exported.source)}", [{"name": "classify", "argv": argv}],
                        out, context, temporary)
 
@@ -192,7 +198,7 @@ class USFMAEEngineLogic:
                 shutil.rmtree(t, ignore_errors=True)
             raise
         argv = ["reconstruct", str(model), str(exported.path), "--out", str(out / "reconstruct"), "--mask-ratio",
-                f"{float(mask_ratio):g}", "--seed", str(int(seed)), "--device", device or "auto"]
+                f"{float(mask_ratio):g}", "--seed", str(int(seed)), "--device", device or "auto", "--overwrite"]
         context = {"input": input_node.GetID(), "shape": list(exported.shape), "mask_ratio": float(mask_ratio)}
         return JobSpec("reconstruct", f"reconstruct {_node_name(input_node)}",
                        [{"name": "reconstruct", "argv": argv}], out, context, temporary)
@@ -203,6 +209,19 @@ class USFMAEEngineLogic:
         out = Path(out_dir).expanduser()
         out.mkdir(parents=True, exist_ok=True)
         return JobSpec("finetune", "fine-tune", steps, out, {"out": str(out)})
+
+    def finetune_scene_job(self, label_table: Any, out_dir: str | os.PathLike, **plan: Any) -> JobSpec:
+        """Fine-tune on volumes / sequences loaded in the scene, labelled in ``label_table`` (one row per scan:
+        volume, class; :meth:`label_table_entries`). They are written as class folders into ``out_dir/scene_data``
+        (NRRD volumes with their spacing, sequences as ``.seq.nrrd`` clips), kept with the run so that its
+        ``datalist.json`` stays readable, then :meth:`finetune_plan` runs on that folder."""
+        out = Path(out_dir).expanduser()
+        entries = self.label_table_entries(label_table)  # refuse a bad table before writing anything
+        data = self.export_labelled_scene(entries, out / "scene_data")
+        spec = self.finetune_job(data, out, **plan)
+        spec.context["scene_data"] = str(data)
+        spec.name = f"fine-tune on {len(entries)} scene scans"
+        return spec
 
     def pretrain_job(self, sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, use_scene: bool = False,
                      **plan: Any) -> JobSpec:
@@ -322,6 +341,8 @@ class USFMAEEngineLogic:
         ctx = spec.context
         result = read_predictions(spec.folder / "predict")
         input_node = self._node(ctx["input"])
+        if result.get("attention") is not None:
+            return self._finish_attention(ctx, result, input_node)
         table = self._node(ctx.get("table"))
         if table is None:
             table = self.scene.AddNewNodeByClass("vtkMRMLTableNode",
@@ -341,6 +362,146 @@ class USFMAEEngineLogic:
         message = (f"{result['label']} (mean probability {probability:.2f} over {result['n_frames']} {what}{excluded}; "
                    f"most typical: {', '.join(str(i) for i in result['top_slices']) or '-'})")
         return JobOutcome("classify", True, message=message, nodes=nodes, value=result, show="table")
+
+    def _finish_attention(self, ctx: dict[str, Any], result: dict[str, Any], input_node: Any) -> JobOutcome:
+        """An attention-MIL volume model's result: a table with the volume-level probabilities and every slice's
+        attention, a chart of the attention along the slices and, for a volume, the attention as a volume with the
+        input's geometry (each slice filled with its attention relative to the largest; 0 on slices left out)."""
+        table = self._node(ctx.get("table"))
+        if table is None:
+            table = self.scene.AddNewNodeByClass("vtkMRMLTableNode",
+                                                 self.scene.GenerateUniqueName(f"{ctx['source']} USF-MAE classes"))
+            table.SetAttribute(OUTPUT_ATTRIBUTE, "classification")
+        index_name = ctx["index_name"]
+        self.fill_attention_table(table, result, index_name)
+        table.SetAttribute("USFMAE.model", ctx["model"])
+        table.SetAttribute("USFMAE.input", ctx["input"] or "")
+        chart, plot_table = self.update_attention_chart(table, result, index_name)
+        nodes: dict[str, Any] = {"table": table, "chart": chart, "plot_table": plot_table}
+        if input_node is not None and not ctx.get("sequence"):
+            nodes["attention_volume"] = self.attention_volume(input_node, result, tuple(ctx["shape"]))
+        if input_node is not None:
+            self.place_in_subject_hierarchy(list(nodes.values()) + self._series(chart), input_node)
+        k = int(np.argmax(result["aggregate"]))
+        what = "frame(s)" if result["kind"] == "cine" else "slice(s)"
+        excluded = f", {result['n_excluded']} empty / constant left out" if result["n_excluded"] else ""
+        top = ", ".join(str(i) for i in result["top_slices"]) or "-"
+        message = (f"{result['label']} (volume-level probability {float(result['aggregate'][k]):.2f}; "
+                   f"{len(result['attention'])} {what} pooled by attention{excluded}; most attention on {top})")
+        return JobOutcome("classify", True, message=message, nodes=nodes, value=result, show="table")
+
+    @staticmethod
+    def fill_attention_table(table_node: Any, result: dict[str, Any], index_name: str = "slice") -> None:
+        """The volume-level result and the attention per slice in ``table_node`` (replacing its columns):
+        ``index_name`` (text: the slice / frame number; ``volume`` for the first row), ``attention`` (float, sums to 1
+        over the slices; empty for the volume row), ``p_<class>`` (the volume's probabilities, on the volume row) and
+        ``label``."""
+        classes = [str(c) for c in result["classes"]]
+        attention = np.asarray(result["attention"], dtype=np.float64)
+        index = np.asarray(result["slice_index"], dtype=np.int64)
+        aggregate = np.asarray(result["aggregate"], dtype=np.float64).reshape(len(classes))
+        was_modifying = table_node.StartModify()
+        try:
+            table_node.RemoveAllColumns()
+            names = vtk.vtkStringArray()
+            names.SetName(index_name)
+            names.InsertNextValue("volume")
+            for i in index:
+                names.InsertNextValue(str(int(i)))
+            table_node.AddColumn(names)
+            table_node.SetColumnDescription(index_name, f"'volume' for the volume-level result, then each {index_name} "
+                                            "pooled by the model (0-based; empty / constant ones are left out)")
+            att = vtk.vtkDoubleArray()
+            att.SetName("attention")
+            att.SetNumberOfTuples(len(index) + 1)
+            att.SetValue(0, float("nan"))
+            for r, a in enumerate(attention):
+                att.SetValue(r + 1, float(a))
+            table_node.AddColumn(att)
+            table_node.SetColumnDescription("attention",
+                                            f"the {index_name}'s weight in the volume's result (sums to 1)")
+            for c, name in enumerate(classes):
+                col = vtk.vtkDoubleArray()
+                col.SetName(f"p_{name}")
+                col.SetNumberOfTuples(len(index) + 1)
+                col.SetValue(0, float(aggregate[c]))
+                for r in range(len(index)):
+                    col.SetValue(r + 1, float("nan"))
+                table_node.AddColumn(col)
+                table_node.SetColumnDescription(f"p_{name}", f"volume-level probability of class '{name}'")
+            labels = vtk.vtkStringArray()
+            labels.SetName("label")
+            labels.InsertNextValue(str(result["label"]))
+            for _ in index:
+                labels.InsertNextValue("")
+            table_node.AddColumn(labels)
+            table_node.SetColumnDescription("label", "the volume's most probable class")
+            table_node.SetAttribute("USFMAE.label", str(result["label"]))
+            table_node.SetAttribute("USFMAE.kind", str(result.get("kind", "")))
+            table_node.SetAttribute("USFMAE.topSlices", json.dumps([int(i) for i in result.get("top_slices") or []]))
+        finally:
+            table_node.EndModify(was_modifying)
+
+    def update_attention_chart(self, table_node: Any, result: dict[str, Any], index_name: str = "slice"
+                               ) -> tuple[Any, Any]:
+        """A plot chart of the attention along the slices (one series), created on first use and updated
+        afterwards (the same chart and companion table as :meth:`update_chart`)."""
+        scene = self.scene
+        plot_table = table_node.GetNodeReference("USFMAE.plotTable")
+        if plot_table is None:
+            plot_table = scene.AddNewNodeByClass("vtkMRMLTableNode",
+                                                 scene.GenerateUniqueName(f"{table_node.GetName()} plot data"))
+            plot_table.SetAttribute(OUTPUT_ATTRIBUTE, "plot data")
+            table_node.SetNodeReferenceID("USFMAE.plotTable", plot_table.GetID())
+        columns = [np.asarray(result["slice_index"], dtype=np.float64), np.asarray(result["attention"], np.float64)]
+        slicer.util.updateTableFromArray(plot_table, columns, [index_name, "attention"])
+        chart = table_node.GetNodeReference("USFMAE.chart")
+        if chart is None:
+            chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode",
+                                            scene.GenerateUniqueName(f"{table_node.GetName()} chart"))
+            chart.SetAttribute(OUTPUT_ATTRIBUTE, "chart")
+            table_node.SetNodeReferenceID("USFMAE.chart", chart.GetID())
+        for i in reversed(range(chart.GetNumberOfPlotSeriesNodes())):  # series of a previous run
+            old = chart.GetNthPlotSeriesNode(i)
+            chart.RemoveNthPlotSeriesNodeID(i)
+            if old is not None and old.GetAttribute(OUTPUT_ATTRIBUTE):
+                scene.RemoveNode(old)
+        series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode",
+                                         scene.GenerateUniqueName(f"{table_node.GetName()} attention"))
+        series.SetAttribute(OUTPUT_ATTRIBUTE, "plot series")
+        series.SetAndObserveTableNodeID(plot_table.GetID())
+        series.SetXColumnName(index_name)
+        series.SetYColumnName("attention")
+        series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+        series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
+        series.SetColor(*_PALETTE[3])
+        chart.AddAndObservePlotSeriesNodeID(series.GetID())
+        k = int(np.argmax(result["aggregate"]))
+        chart.SetTitle(f"USF-MAE: {result['label']} ({float(result['aggregate'][k]):.2f}), attention per {index_name}")
+        chart.SetXAxisTitle(index_name)
+        chart.SetYAxisTitle("attention")
+        chart.SetYAxisRangeAuto(True)
+        return chart, plot_table
+
+    def attention_volume(self, reference: Any, result: dict[str, Any], shape: tuple[int, ...]) -> Any:
+        """The attention as a scalar volume with ``reference``'s geometry (spacing, origin, directions, parent
+        transform): every voxel of a slice (along the model's axis, in the exported ``(K, J, I)`` array order)
+        holds that slice's attention divided by the largest one, slices left out hold 0. Shown with a warm colour
+        map over the input."""
+        axis = int(result.get("axis") or 0)
+        weights = np.zeros(int(shape[axis]), dtype=np.float32)
+        attention = np.asarray(result["attention"], dtype=np.float32)
+        weights[np.asarray(result["slice_index"], dtype=np.int64)] = attention / max(float(attention.max()), 1e-12)
+        view = [1, 1, 1]
+        view[axis] = -1
+        array = np.broadcast_to(weights.reshape(view), tuple(int(s) for s in shape))
+        node = self.volume_like(reference, array, f"{_node_name(reference)} USF-MAE attention")
+        node.SetAttribute(OUTPUT_ATTRIBUTE, "attention")
+        node.SetAttribute("USFMAE.attentionAxis", str(axis))
+        display = node.GetDisplayNode()
+        if display is not None:
+            display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeWarm1")
+        return node
 
     def _finish_reconstruct(self, job: Job, spec: JobSpec) -> JobOutcome:
         ctx = spec.context
@@ -362,7 +523,8 @@ class USFMAEEngineLogic:
         return JobOutcome("reconstruct", True, message=message, nodes=nodes, value=summary, show="volumes")
 
     def _finish_finetune(self, job: Job, spec: JobSpec) -> JobOutcome:
-        model = self.find_checkpoint(spec.context["out"])
+        model = Path(spec.context["out"]) / "model.pt"
+        model = model if model.is_file() else self.find_checkpoint(spec.context["out"])
         if model is None:
             raise UsfmaeError(f"the job wrote no model into {spec.context['out']}", "see the job log")
         return JobOutcome("finetune", True, message=f"classifier written: {model}",
@@ -680,13 +842,107 @@ class USFMAEEngineLogic:
         if not storage.WriteData(out):
             raise UsfmaeError(f"could not write sequence '{seq.GetName()}' to {path}", "check the free disk space")
 
+    # ==================================================================================== labelled scene data
+    def label_table_for_scene(self, name: str = "USF-MAE labels") -> Any:
+        """A new table listing the scene's volumes and sequences (:meth:`scene_sources`), one per row, with an empty
+        ``class`` column for the user to fill: the input of :meth:`finetune_scene_job`."""
+        sources = self.scene_sources()
+        table = self.scene.AddNewNodeByClass("vtkMRMLTableNode", self.scene.GenerateUniqueName(name))
+        volumes, classes = vtk.vtkStringArray(), vtk.vtkStringArray()
+        volumes.SetName("volume")
+        classes.SetName("class")
+        for node in sources:
+            volumes.InsertNextValue(_node_name(node))
+            classes.InsertNextValue("")
+        table.AddColumn(volumes)
+        table.AddColumn(classes)
+        table.SetColumnDescription("volume", "a volume or sequence of the scene (name or node ID)")
+        table.SetColumnDescription("class", "its class; rows without a class are not used")
+        table.SetAttribute(OUTPUT_ATTRIBUTE, "labels")
+        return table
+
+    def label_table_entries(self, table_node: Any) -> list[tuple[Any, str]]:
+        """``(node, class)`` per row of a label table: a ``volume`` column (else the first column) naming a scalar
+        volume, a sequence or a sequence proxy of the scene (by name or node ID), and a ``class`` column (else the
+        second). Rows without a class are skipped; a proxy stands for its whole sequence (a clip).
+
+        Raises:
+            UsfmaeError: no table, an unknown or ambiguous volume name, a label map, or fewer than 2 classes.
+        """
+        if table_node is None or table_node.GetTable() is None or table_node.GetNumberOfColumns() < 2:
+            raise UsfmaeError("no label table with a volume and a class column is chosen",
+                              "create one with 'List scene volumes' and fill in each volume's class")
+        names = [table_node.GetColumnName(i) for i in range(table_node.GetNumberOfColumns())]
+        lower = [n.strip().lower() for n in names]
+        vol_col = names[lower.index("volume")] if "volume" in lower else names[0]
+        cls_col = names[lower.index("class")] if "class" in lower else names[1] if names[1] != vol_col else names[0]
+        table = table_node.GetTable()
+        volumes, classes = table.GetColumnByName(vol_col), table.GetColumnByName(cls_col)
+        entries: list[tuple[Any, str]] = []
+        for r in range(table_node.GetNumberOfRows()):
+            label = str(classes.GetValue(r)).strip()
+            ref = str(volumes.GetValue(r)).strip()
+            if not label or not ref:
+                continue
+            node = self._scene_node(ref, table_node.GetName(), r)
+            seq = inputs.sequence_for(node, self.scene) if not node.IsA("vtkMRMLSequenceNode") else node
+            entries.append((seq if seq is not None else node, label))
+        found = sorted({c for _, c in entries})
+        if len(found) < 2:
+            raise UsfmaeError(f"label table '{table_node.GetName()}' gives {len(entries)} labelled scan(s) of "
+                              f"{len(found)} class(es) ({', '.join(found) or '-'})",
+                              "a classifier needs at least 2 classes: fill in the class column")
+        return entries
+
+    def _scene_node(self, ref: str, table: str, row: int) -> Any:
+        node = self.scene.GetNodeByID(ref)
+        if node is None:
+            nodes = self.scene.GetNodesByName(ref)
+            matches = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+            matches = [n for n in matches if n.IsA("vtkMRMLScalarVolumeNode") or n.IsA("vtkMRMLSequenceNode")]
+            # a sequence and its browser's proxy carry the same name: one scan (the sequence)
+            scans = {}
+            for n in matches:
+                seq = inputs.sequence_for(n, self.scene)
+                scans.setdefault((seq or n).GetID(), seq or n)
+            matches = list(scans.values())
+            if len(matches) > 1:
+                raise UsfmaeError(f"row {row + 1} of '{table}' names '{ref}', which {len(matches)} scene nodes are "
+                                  "called", "rename them apart, or give the node ID instead of the name")
+            node = matches[0] if matches else None
+        if node is None or not (node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLSequenceNode")):
+            raise UsfmaeError(f"row {row + 1} of '{table}' names '{ref}', which is not a volume or sequence of the "
+                              "scene", "correct the name (or node ID), or remove the row")
+        if node.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise UsfmaeError(f"row {row + 1} of '{table}' names the label map '{ref}'", "label maps are not scans")
+        return node
+
+    def export_labelled_scene(self, entries: Sequence[tuple[Any, str]], folder: str | os.PathLike) -> Path:
+        """Write labelled scene scans as class folders ``folder/<class>/<name>.nrrd`` (volumes, with their spacing)
+        or ``.seq.nrrd`` (sequences: every frame, read as a clip); a new run replaces an earlier export."""
+        folder = Path(folder).expanduser()
+        if folder.exists():
+            shutil.rmtree(folder)
+        for i, (node, label) in enumerate(entries):
+            target = folder / models.safe_name(label)
+            target.mkdir(parents=True, exist_ok=True)
+            stem = f"{models.safe_name(_node_name(node))}_{i:03d}"
+            if node.IsA("vtkMRMLSequenceNode"):
+                self._write_sequence(node, target / f"{stem}.seq.nrrd")
+            else:
+                inputs.check_volume(node)
+                inputs.write_pixels(inputs.volume_pixels(node), target / f"{stem}.nrrd", node.GetSpacing())
+        return folder
+
     # ========================================================================================= training plans
     @staticmethod
     def finetune_plan(data: str | os.PathLike, out_dir: str | os.PathLike, init: str | os.PathLike | None = None,
                       epochs: int = 10, device: str = "auto", batch_size: int | None = None,
-                      preset: str | None = None, extra_args: Sequence[str] = ()) -> list[dict[str, Any]]:
+                      preset: str | None = None, volume_model: str | None = None,
+                      extra_args: Sequence[str] = ()) -> list[dict[str, Any]]:
         """Steps for ``usfmae finetune``: a labelled folder (one sub-folder per class), CSV or datalist JSON ->
-        classifier ``out_dir/model.pt``; ``init`` is the pretrained MAE (None: a ViT of ``preset`` from scratch)."""
+        classifier ``out_dir/model.pt``; ``init`` is the pretrained MAE (None: a ViT of ``preset`` from scratch);
+        ``volume_model`` ``mil`` / ``3d`` (or a label of :data:`VOLUME_MODELS`) trains one label per volume / clip."""
         if not str(data).strip() or not Path(data).expanduser().exists():
             raise UsfmaeError(f"labelled data '{data!s}' does not exist",
                               "choose a folder with one sub-folder per class, or a CSV (path,label)")
@@ -698,6 +954,12 @@ class USFMAEEngineLogic:
             argv += ["--preset", preset]
         if batch_size:
             argv += ["--batch-size", str(int(batch_size))]
+        model = VOLUME_MODELS.get(volume_model, volume_model) if volume_model else None
+        if model is not None:
+            if model not in ("mil", "3d"):
+                raise UsfmaeError(f"unknown volume model '{volume_model}'",
+                                  f"choose one of: {', '.join(VOLUME_MODELS)}")
+            argv += ["--volume-model", model]
         return [{"name": "finetune", "argv": argv + [str(a) for a in extra_args]}]
 
     @staticmethod
@@ -747,7 +1009,8 @@ class USFMAEEngineLogic:
 
 def read_predictions(folder: str | os.PathLike) -> dict[str, Any]:
     """A ``usfmae predict`` output folder (one input) as ``classify_array``'s result: ``classes``, ``per_frame``
-    ``(N, K)``, ``aggregate``, ``label``, ``top_slices``, ``kind``, ``n_frames``, ``scope``."""
+    ``(N, K)``, ``aggregate``, ``label``, ``top_slices``, ``kind``, ``n_frames``, ``scope``, ``volume_model`` and, for
+    an attention-MIL model, ``attention`` and ``slice_index`` (every pooled slice) and ``axis``."""
     folder = Path(folder)
     try:
         report = json.loads((folder / "predictions.json").read_text(encoding="utf-8"))
@@ -765,10 +1028,19 @@ def read_predictions(folder: str | os.PathLike) -> dict[str, Any]:
         -1, len(classes))
     aggregate = np.array([float(summary[f"p_{c}"]) for c in classes])
     scope = "volume" if report.get("volume_model") or report.get("spatial_dims") == 3 else "frame"
+    attention = slice_index = None
+    if (folder / "attention.csv").is_file():  # attention MIL: every pooled slice's weight
+        with open(folder / "attention.csv", newline="", encoding="utf-8") as f:
+            att = sorted((r for r in csv.DictReader(f) if r["source"] == summary["source"]),
+                         key=lambda r: int(r["index"]))
+        attention = np.array([float(r["attention"]) for r in att])
+        slice_index = np.array([int(r["index"]) for r in att], dtype=np.int64)
     return {"classes": classes, "per_frame": per_frame, "frame_index": np.array([int(r["index"]) for r in rows]),
             "aggregate": aggregate, "label": summary["label"], "top_slices": list(summary.get("top_slices") or []),
             "kind": summary["kind"], "n_frames": int(summary["n_frames"]),
-            "n_excluded": int(summary.get("n_excluded") or 0), "scope": scope}
+            "n_excluded": int(summary.get("n_excluded") or 0), "scope": scope,
+            "volume_model": report.get("volume_model"), "axis": report.get("axis"),
+            "attention": attention, "slice_index": slice_index}
 
 
 def describe_model(info: dict[str, Any]) -> str:
@@ -795,7 +1067,8 @@ def action_states(values: dict[str, Any], busy: bool, engine_ready: bool = True)
                          "choose an input and a classifier (Model section)"),
         "reconstruct": need(bool(values.get("inputVolume")) and bool(values.get("maePath")),
                             "choose an input and an MAE (Model section)"),
-        "finetune": need(bool(values.get("finetuneData")), "choose the labelled data"),
+        "finetune": need(bool(values.get("finetuneData")) or bool(values.get("finetuneLabelTable")),
+                         "choose the labelled data, or a table labelling scene volumes"),
         "pretrain": need(bool(values.get("pretrainSource")) or bool(values.get("pretrainUseScene")),
                          "choose a folder of unlabelled ultrasound, or use the scene's volumes"),
         "import": need(True, ""),

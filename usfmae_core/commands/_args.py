@@ -17,9 +17,9 @@ from typing import NoReturn
 
 from usfmae_core.constants import DEVICE_CHOICES, PRECISION_CHOICES
 
-__all__ = ["OneLineParser", "positive_int", "nonneg_int", "positive_float", "nonneg_float", "fraction",
+__all__ = ["OneLineParser", "finite_float", "positive_int", "nonneg_int", "positive_float", "nonneg_float", "fraction",
            "open_fraction", "unit_fraction", "corpus_spec", "add_device", "add_precision", "add_inference_arguments",
-           "add_mask_arguments", "add_geometry_arguments"]
+           "add_mask_arguments", "add_overwrite", "remember_defaults", "add_geometry_arguments"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -56,6 +56,7 @@ def _number(kind: type, low: float | None = None, high: float | None = None, low
     return parse
 
 
+finite_float = _number(float)
 positive_int = _number(int, 1)
 nonneg_int = _number(int, 0)
 positive_float = _number(float, 0, low_open=True)
@@ -63,6 +64,13 @@ nonneg_float = _number(float, 0)
 fraction = _number(float, 0, 1, low_open=True)  # (0, 1]: label fractions
 open_fraction = _number(float, 0, 1, low_open=True, high_open=True)  # (0, 1): mask ratio
 unit_fraction = _number(float, 0, 1, high_open=True)  # [0, 1): dropout, drop-path, validation / test fractions
+
+
+def remember_defaults(p: argparse.ArgumentParser) -> None:
+    """Store the parser's defaults in the parsed arguments (``args._defaults``), so a ``--resume`` can tell the
+    options the user gave from those left at their defaults (:func:`usfmae_core.runs.check_resume_arguments`)."""
+    p.set_defaults(_defaults={a.dest: a.default for a in p._actions
+                              if a.dest not in ("help", "func") and a.default is not argparse.SUPPRESS})
 
 
 def corpus_spec(text: str) -> tuple[str, float | None]:
@@ -94,9 +102,18 @@ def add_precision(p: argparse.ArgumentParser | argparse._ArgumentGroup, help: st
 
 
 
+def add_overwrite(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str = "results") -> None:
+    """``--overwrite``: replace what the output folder holds (see :mod:`usfmae_core.runs`)."""
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace the {what} already in --out (their files are deleted first; other files in the "
+                   "folder are kept). Without it, a folder holding a finished or another command's run is refused")
+
+
 def add_inference_arguments(p: argparse.ArgumentParser, batch_size: int = 32) -> None:
-    """``--out``, ``--axis``, ``--device``, ``--batch-size`` (shared by predict / embed / reconstruct)."""
-    p.add_argument("--out", required=True, help="output folder")
+    """``--out``, ``--overwrite``, ``--axis``, ``--device``, ``--batch-size`` (shared by predict / embed /
+    reconstruct)."""
+    p.add_argument("--out", required=True, help="output folder (locked while the command writes it)")
+    add_overwrite(p)
     p.add_argument("--axis", type=int, default=0, choices=(0, 1, 2),
                    help="slicing axis of volumes for 2D models (array order D, H, W; default 0)")
     add_device(p)

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from usfmae_core.workflows.embed import embed
 
     out = embed(args.model, args.inputs, args.out, args.pool, args.axis, args.device, args.batch_size,
-                run_config=vars(args))
+                run_config=vars(args), overwrite=args.overwrite)
     report = json.loads((out / "embed.json").read_text())
     for s in report["skipped"]:
         if not s.get("mask"):

@@ -6,8 +6,8 @@ import argparse
 import math
 from pathlib import Path
 
-from usfmae_core.commands._args import (add_device, add_mask_arguments, add_precision, nonneg_int, positive_int,
-                                        unit_fraction)
+from usfmae_core.commands._args import (add_device, add_mask_arguments, add_overwrite, add_precision, nonneg_int,
+                                        positive_int, unit_fraction)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="classifier checkpoint (RUN/model.pt)")
     p.add_argument("--data", required=True, help="labelled data: class folders, CSV manifest or datalist JSON "
                    "(RUN/datalist.json for the run's own test split)")
-    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--out", required=True, help="folder to write (locked while evaluate writes it)")
+    add_overwrite(p, "evaluation")
     p.add_argument("--split", default="test", choices=("test", "validation", "training", "all"),
                    help="which split of --data (default test; 'all' for an external test set)")
     p.add_argument("--bootstrap", type=nonneg_int, default=1000,
@@ -40,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     r = evaluate(args.model, args.data, args.out, args.split, args.bootstrap, args.seed, args.device,
                  args.batch_size, args.workers, args.precision, args.val_fraction, args.test_fraction,
-                 run_config=vars(args), include_masks=args.include_masks, mask_patterns=args.mask_patterns)
+                 run_config=vars(args), include_masks=args.include_masks, mask_patterns=args.mask_patterns,
+                 overwrite=args.overwrite)
     ci = r["intervals"].get("f1_macro")
     finite = ci and all(isinstance(c, float) and math.isfinite(c) for c in ci)
     tail = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if finite else ""

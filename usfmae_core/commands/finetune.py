@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from usfmae_core.commands._args import (add_device, add_geometry_arguments, add_mask_arguments, add_precision,
-                                        fraction, nonneg_float, nonneg_int, positive_float, positive_int,
-                                        unit_fraction)
+from usfmae_core.commands._args import (add_device, add_geometry_arguments, add_mask_arguments, add_overwrite,
+                                        add_precision, fraction, nonneg_float, nonneg_int, positive_float,
+                                        positive_int, unit_fraction)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="train a classifier from a pretrained MAE, from scratch, or a CNN baseline",
                        description="Fine-tune a USF-MAE classifier on labelled ultrasound (class folders, CSV or "
                        "datalist JSON). Writes RUN/model.pt (best validation macro-F1), metrics.json, curves.png, "
-                       "datalist.json and TensorBoard logs.")
+                       "datalist.json and TensorBoard logs. A killed run continues with --resume.")
     p.add_argument("--data", required=True, help="labelled data: class-per-folder tree, CSV manifest or datalist JSON")
     p.add_argument("--out", required=True, help="run folder to write")
     m = p.add_argument_group("model")
@@ -83,6 +83,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--workers", type=nonneg_int, help="data loader processes (default 0 on CPU, 8 on CUDA)")
     t.add_argument("--mlflow", metavar="URI", help="also log to this MLflow tracking URI")
     t.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard logs")
+    r = p.add_argument_group("run folder")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its checkpoint_last.pt (written after every "
+                   "epoch), with its datalist; the end result is that of an uninterrupted run (exactly so with "
+                   "--workers 0). Starts fresh when there is nothing to resume")
+    add_overwrite(r, "fine-tuning run")
     p.set_defaults(func=run)
 
 

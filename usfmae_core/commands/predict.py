@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     out = predict(args.model, args.inputs, args.out, args.device, args.axis, args.batch_size, args.precision,
                   args.top_k, run_config=vars(args), aggregate=args.aggregate, normal_class=args.normal_class,
-                  include_masks=args.include_masks, mask_patterns=args.mask_patterns, kind=args.kind)
+                  include_masks=args.include_masks, mask_patterns=args.mask_patterns, kind=args.kind,
+                  overwrite=args.overwrite)
     report = json.loads((out / "predictions.json").read_text())
     for r in report["results"]:
         probs = ", ".join(f"{c} {r[f'p_{c}']:.3f}" for c in report["classes"])

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from usfmae_core.commands._args import add_geometry_arguments, add_mask_arguments, positive_int
+from usfmae_core.commands._args import add_geometry_arguments, add_mask_arguments, add_overwrite, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,12 +14,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "prepare",
         help="turn folders of ultrasound files into a pretraining frame cache",
         description="Walk SRC files/folders (PNG/JPG/BMP/TIFF, DICOM, NIfTI, NRRD, MetaImage, mp4/avi/mov/mpeg/gif) "
-                    "and write a sharded uint8 frame cache + manifest to --out. Re-running resumes. With --labelled, "
+                    "and write a sharded uint8 frame cache + manifest to --out. Files that cannot be used (unreadable, "
+                    "corrupt, special files, broken links) are skipped and listed. Progress is saved at least every "
+                    "30 s; re-running resumes. With --labelled, "
                     "the training images of a labelled set are added without their labels, and its validation / "
                     "test images are kept out of the corpus (also copies of them among SRC).",
     )
     p.add_argument("sources", nargs="*", metavar="SRC", help="files or folders (optional with --labelled)")
-    p.add_argument("--out", required=True, help="corpus folder")
+    p.add_argument("--out", required=True, help="corpus folder (locked while prepare writes it; re-running resumes it)")
+    add_overwrite(p, "corpus")
     p.add_argument("--labelled", "--datalist", dest="labelled", metavar="DATA",
                    help="labelled data whose --labelled-splits images (without labels) join the corpus, never its "
                         "other splits: a datalist JSON (e.g. RUN/datalist.json of usfmae finetune), or class folders "
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                          args.crop_sector, args.remove_text, args.native_3d, args.workers,
                          not args.no_progress, args.volume_size, exclude=held_out, exclude_reason=reason,
                          include_masks=args.include_masks, mask_patterns=args.mask_patterns, log=print,
-                         resize=args.resize)
+                         resize=args.resize, overwrite=args.overwrite)
     print(f"prepared {rep['n_frames']} frames in {rep['corpus']} ({rep['frames_added']} new from "
           f"{rep['sources_read']} files; {rep['sources_resumed']} already done; {rep['duplicates_removed']} "
           f"duplicates, {rep['near_duplicates_removed']} near-duplicate cine frames, "

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from usfmae_core.commands._args import (add_device, add_precision, corpus_spec, nonneg_float, nonneg_int,
-                                        open_fraction, positive_float, positive_int, unit_fraction)
+from usfmae_core.commands._args import (add_device, add_overwrite, add_precision, corpus_spec, finite_float,
+                                        nonneg_float, nonneg_int, open_fraction, positive_float, positive_int,
+                                        remember_defaults, unit_fraction)
 
 
 class _EpochsAction(argparse.Action):
@@ -46,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--mask-ratio", type=open_fraction, help="fraction of patches masked (default 0.75)")
     g.add_argument("--norm-pix-loss", action="store_true", help="regress per-patch normalised pixels")
     g.add_argument("--drop-path", type=unit_fraction, help="stochastic depth rate of the encoder (default 0)")
-    g.add_argument("--mean", type=float, nargs="+",
+    g.add_argument("--mean", type=finite_float, nargs="+",
                    help="normalisation mean, 1 or 3 values (default: --init's, else ImageNet)")
     g.add_argument("--std", type=positive_float, nargs="+",
                    help="normalisation std, 1 or 3 values (default: --init's, else ImageNet)")
@@ -73,12 +74,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="CPU threads for torch (default: torch's choice; 1 helps on a busy, shared CPU)")
     r.add_argument("--workers", type=nonneg_int, default=min(8, os.cpu_count() or 1), help="data loader processes")
     r.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from checkpoint_last.pt (starts fresh when there is none)")
+                   help="continue the run in --out from checkpoint_last.pt (starts fresh when there is none); "
+                   "options that change the model are refused, changed optimisation options are warned about")
+    add_overwrite(r, "pretraining run")
     r.add_argument("--ckpt-every", type=positive_int, default=500, help="write checkpoint_last.pt every N steps")
     r.add_argument("--picture-every", type=nonneg_int, default=1000,
                    help="reconstruction picture every N steps (0: at the end only)")
     r.add_argument("--log-every", type=positive_int, default=20, help="log loss / lr / img/s every N steps")
     p.set_defaults(func=run, epochs_given=False)
+    remember_defaults(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from usfmae_core.workflows.reconstruct import reconstruct_file
 
     written = reconstruct_file(args.model, args.input, args.out, args.mask_ratio, args.seed, args.axis, args.device,
-                               args.batch_size, run_config=vars(args))
+                               args.batch_size, run_config=vars(args), overwrite=args.overwrite)
     print(f"masked-patch loss {written['loss']:.4f}; {len(written['pictures'])} picture(s) in {args.out}")
     for name, p in written.get("volumes", {}).items():
         print(f"{name}: {p}")

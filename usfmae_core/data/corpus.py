@@ -27,9 +27,11 @@ file) does, so a data folder copied or re-synced without timestamps is not proce
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -65,29 +67,91 @@ class _Options:
 
 
 # ------------------------------------------------------------------------------------------------ discovery
+def _access_problem(path: Path, err: OSError) -> str:
+    """Why ``path`` cannot be used, from the error of ``os.stat`` (which follows symbolic links)."""
+    if err.errno == errno.ENOENT and os.path.islink(path):
+        return "broken symbolic link (its target does not exist)"
+    if err.errno == errno.ELOOP:
+        return "symbolic-link loop"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "cannot be accessed (permission denied)"
+    return f"cannot be accessed ({err.strerror or err})"
+
+
+def _special_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def iter_source_files(sources: Sequence[str | os.PathLike]) -> Iterator[tuple[Path, str | None]]:
-    """Yield ``(path, None)`` for each readable candidate and ``(path, reason)`` for files that will be skipped."""
+    """Yield ``(path, None)`` for each readable candidate and ``(path, reason)`` for everything that is skipped.
+
+    Folders are walked recursively (sorted, so the order is reproducible). Skipped and reported: files of an
+    unsupported type, broken symbolic links, symbolic-link loops, FIFOs / sockets / devices (never opened: reading a
+    FIFO would wait forever), folders that cannot be read, hidden files of a supported type (names starting with
+    ``.``, such as ``..png`` or macOS ``._scan.png``) and symbolic links to folders (not followed: they can loop;
+    pass their target as a source). Other hidden files and hidden folders (``.git``, ``.DS_Store``) are passed over
+    silently, as are the data files of ``.mhd`` / ``.hdr`` headers.
+    """
     from usfmae_core.data.readers import is_supported
 
     for src in sources:
         src = Path(src)
-        if src.is_file():
+        try:
+            st = os.stat(src)
+        except OSError as err:
+            yield src, ("does not exist" if err.errno == errno.ENOENT and not os.path.islink(src)
+                        else _access_problem(src, err))
+            continue
+        if stat.S_ISREG(st.st_mode):
             yield (src, None) if is_supported(src) else (src, f"unsupported file type '{src.suffix}'")
-        elif src.is_dir():
-            for root, dirs, files in os.walk(src):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(files):
-                    if name.startswith("."):
-                        continue
-                    p = Path(root) / name
-                    if is_supported(p):
-                        yield p, None
-                    elif p.suffix.lower() in _COMPANIONS:
-                        continue
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            yield src, f"{_special_kind(st.st_mode)}, not a file"
+            continue
+        unreadable: list[OSError] = []
+        for root, dirs, files in os.walk(src, onerror=unreadable.append):
+            while unreadable:
+                err = unreadable.pop(0)
+                yield Path(err.filename or root), f"folder cannot be read ({err.strerror or err}): not searched"
+            keep = []
+            for d in sorted(dirs):
+                if d.startswith("."):
+                    continue
+                if os.path.islink(os.path.join(root, d)):
+                    yield Path(root) / d, "symbolic link to a folder: not followed (pass its target as a source)"
+                    continue
+                keep.append(d)
+            dirs[:] = keep
+            for name in sorted(files):
+                p = Path(root) / name
+                try:
+                    st = os.stat(p)
+                except OSError as err:
+                    yield p, _access_problem(p, err)
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    if stat.S_ISDIR(st.st_mode):  # a symbolic link to a folder
+                        yield p, "symbolic link to a folder: not followed (pass its target as a source)"
                     else:
-                        yield p, f"unsupported file type '{p.suffix or name}'"
-        else:
-            yield src, "does not exist"
+                        yield p, f"{_special_kind(st.st_mode)}, not a file"
+                    continue
+                if name.startswith("."):
+                    if is_supported(p):
+                        yield p, "hidden file (its name starts with '.'): rename it to include it"
+                    continue
+                if is_supported(p):
+                    yield p, None
+                elif p.suffix.lower() in _COMPANIONS:
+                    continue
+                else:
+                    yield p, f"unsupported file type '{p.suffix or name}'"
+        while unreadable:
+            err = unreadable.pop(0)
+            yield Path(err.filename or src), f"folder cannot be read ({err.strerror or err}): not searched"
 
 
 # --------------------------------------------------------------------------------------------- per source work
@@ -103,21 +167,14 @@ def _letterbox_slices(stack: np.ndarray, spacing_hw: tuple[float, float], size: 
 
 
 def _native_volume(vol: np.ndarray, spacing: Sequence[float], size: int) -> tuple[np.ndarray, float]:
-    """Resample a volume to an isotropic cube of side ``size`` (letterboxed); returns (uint8, new spacing mm)."""
-    import torch
-    import torch.nn.functional as F
+    """Resample a volume to an isotropic cube of side ``size`` (letterboxed); returns (uint8, new spacing mm).
 
-    from usfmae_core.data.transforms import scale_intensity
+    The rule volume classifiers see too (:func:`~usfmae_core.data.volumes.volume_to_cube`), so a ``--native-3d``
+    MAE is fine-tuned on what it was pretrained on."""
+    from usfmae_core.data.volumes import volume_to_cube
 
-    ext = [n * s for n, s in zip(vol.shape, spacing)]
-    big = max(ext)
-    dims = [max(1, round(size * e / big)) for e in ext]
-    t = torch.from_numpy(scale_intensity(vol))[None, None]
-    t = F.interpolate(t, size=dims, mode="trilinear", align_corners=False)[0, 0]
-    out = torch.zeros((size,) * 3)
-    o = [(size - d) // 2 for d in dims]
-    out[o[0]:o[0] + dims[0], o[1]:o[1] + dims[1], o[2]:o[2] + dims[2]] = t
-    return _to_uint8(out.numpy()), big / size
+    cube, step = volume_to_cube(vol, spacing, size)
+    return _to_uint8(cube[0].numpy()), step
 
 
 def _finish_frames(frames: np.ndarray, size: int, resize: str = "letterbox",
@@ -134,6 +191,8 @@ def _file_sha1(path: str | Path) -> str | None:
     """SHA-1 of a file's bytes (None when it cannot be read): recognises a finished source whose timestamp changed."""
     h = hashlib.sha1()
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # never open a FIFO / device: it could block forever
+            return None
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
@@ -256,9 +315,19 @@ def _worker_init() -> None:
 
 # ---------------------------------------------------------------------------------------------- the cache
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from usfmae_core.fileio import atomic_write_text
+
+    atomic_write_text(path, text)
+
+
+def _append_lines(path: Path, lines: Sequence[str]) -> None:
+    """Append JSON lines and ``fsync`` them before anything that refers to them is written."""
+    from usfmae_core.fileio import printable
+
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(printable(line) + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -286,9 +355,12 @@ def _source_key(p: Path) -> dict:
 class _Writer:
     """Buffers finished sources and writes them as one shard + manifest lines + done lines."""
 
-    def __init__(self, out: Path, opts: _Options, shard_frames: int) -> None:
-        self.out, self.opts, self.shard_frames = out, opts, shard_frames
+    def __init__(self, out: Path, opts: _Options, shard_frames: int, flush_seconds: float = 30.0) -> None:
+        self.out, self.opts, self.shard_frames, self.flush_seconds = out, opts, shard_frames, flush_seconds
+        self.last_flush = time.monotonic()
         (out / "shards").mkdir(parents=True, exist_ok=True)
+        for tmp in [*(out / "shards").glob(".*.tmp"), *out.glob("volumes/.*.tmp")]:  # writes cut by a kill
+            tmp.unlink(missing_ok=True)
         self.summary = self._load_summary()
         manifest = _read_jsonl(out / "manifest.jsonl")
         referenced = {s["file"] for s in self.summary["shards"]}
@@ -343,11 +415,13 @@ class _Writer:
         """A source found to be a mask by its content: nothing written, remembered as done (resume skips it)."""
         self.buffer.append({"done": {**key, "sha1": result.get("file_sha1"), "status": "mask", "scan": scan,
                                      "reason": reason}})
+        self.flush_if_due()
 
     def add(self, key: dict, result: dict) -> None:
         if "error" in result:
             self.buffer.append({"done": {**key, "sha1": result.get("file_sha1"), "status": "skipped",
                                          "reason": result["error"]}})
+            self.flush_if_due()
             return
         frames, recs = result["frames"], result["records"]
         keep, hashes = [], []
@@ -370,10 +444,17 @@ class _Writer:
                           "n_frames": len(keep)}}
         self.buffer.append(entry)
         self.buffered += len(keep)
-        if self.buffered >= self.shard_frames:
+        self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        """Write what is buffered once a shard is full or ``flush_seconds`` have passed since the last write, so an
+        interrupted run loses at most that much work."""
+        if self.buffer and (self.buffered >= self.shard_frames
+                            or time.monotonic() - self.last_flush >= self.flush_seconds):
             self.flush()
 
     def flush(self) -> None:
+        self.last_flush = time.monotonic()
         if not self.buffer:
             return
         out = self.out
@@ -383,12 +464,9 @@ class _Writer:
             arr = np.concatenate(frames)
             k = len(self.summary["shards"])
             name = f"shards/shard_{k:05d}.npy"
-            tmp = out / f"{name}.tmp"
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out / name)
+            from usfmae_core.fileio import atomic_write
+
+            atomic_write(out / name, lambda f: np.save(f, arr))
             pos = 0
             for e in self.buffer:
                 for r in e.get("records", []):
@@ -407,27 +485,25 @@ class _Writer:
             self.vol_seen.add(h)
             (out / "volumes").mkdir(exist_ok=True)
             name = f"volumes/volume_{len(self.volumes):05d}.npy"
-            np.save(out / f"{name}.tmp.npy", v["array"])
-            os.replace(out / f"{name}.tmp.npy", out / name)
+            from usfmae_core.fileio import atomic_write
+
+            atomic_write(out / name, lambda f, a=v["array"]: np.save(f, a))
             row = {"file": name, "source": e["done"]["source"], "spacing": v["spacing"], "shape": v["shape"],
                    "source_spacing": v["source_spacing"], "sha1": h}
             self.volumes.append(row)
             vol_lines.append(json.dumps(row))
             self.counts["volumes_written"] += 1
         if manifest_lines:
-            with open(out / "manifest.jsonl", "a") as f:
-                f.write("\n".join(manifest_lines) + "\n")
+            _append_lines(out / "manifest.jsonl", manifest_lines)
         if vol_lines:
-            with open(out / "volumes.jsonl", "a") as f:
-                f.write("\n".join(vol_lines) + "\n")
+            _append_lines(out / "volumes.jsonl", vol_lines)
         self.summary["n_volumes"] = len(self.volumes)
         self.summary["volume_size"] = self.opts.volume_size
         self.summary["counts"] = self.total_counts()  # saved with the sources they count, so resume can add to them
         _atomic_write_text(out / "corpus.json", json.dumps(self.summary, indent=1))
-        with open(out / "done.jsonl", "a") as f:
-            for e in self.buffer:
-                self.done[e["done"]["source"]] = e["done"]
-                f.write(json.dumps(e["done"]) + "\n")
+        for e in self.buffer:
+            self.done[e["done"]["source"]] = e["done"]
+        _append_lines(out / "done.jsonl", [json.dumps(e["done"]) for e in self.buffer])
         self.buffer, self.buffered = [], 0
 
 
@@ -470,6 +546,8 @@ def prepare_corpus(
     mask_patterns: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
     resize: str = "letterbox",
+    overwrite: bool = False,
+    flush_seconds: float = 30.0,
 ) -> dict[str, Any]:
     """Build (or resume) a frame corpus from files / folders; returns the report (also ``out/report.json``).
 
@@ -478,8 +556,8 @@ def prepare_corpus(
     into the corpus unless ``include_masks``; the report lists them under ``masks`` (path, scan, reason).
 
     Args:
-        sources: files or folders (walked recursively).
-        out: corpus folder.
+        sources: files or folders (walked recursively, see :func:`iter_source_files` for what is skipped).
+        out: corpus folder (locked while it is written; a folder holding another command's run is refused).
         image_size: side ``S`` of the stored ``(S, S)`` uint8 frames.
         axes: array axes along which volumes are sliced.
         frame_stride: keep every n-th cine frame.
@@ -501,12 +579,26 @@ def prepare_corpus(
         include_masks: keep mask / annotation files as sources (still listed, ``kept``).
         mask_patterns: extra globs naming mask files (``--mask-pattern``).
         log: where to print the start summary (files found per format, masks set aside); None: silent.
+        overwrite: delete the corpus in ``out`` first (default: resume it, adding new sources).
+        flush_seconds: also write a shard after this many seconds of work, so a kill loses at most about that much.
+
+    Raises:
+        UsfmaeError: a source does not exist, nothing readable was found, or no frame could be prepared (the skip
+            report is written first).
     """
     from tqdm.auto import tqdm
 
+    from usfmae_core.data.masks import MaskRules, split_masks
+    from usfmae_core.runs import RunFolder, check_run
+
     t0 = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    sources = [Path(s) for s in sources]
+    if not sources:
+        raise UsfmaeError("no source was given", "pass files or folders of ultrasound to prepare")
+    for src in sources:
+        if not os.path.lexists(src):
+            raise UsfmaeError(f"source {src} does not exist", "check the path (files or folders of ultrasound)")
     from usfmae_core.data.transforms import RESIZE_MODES
 
     if resize not in RESIZE_MODES:
@@ -515,7 +607,56 @@ def prepare_corpus(
                     bool(remove_text), bool(native_3d), int(volume_size), str(resize))
     if opts.image_size < 16:
         raise UsfmaeError(f"--image-size {opts.image_size} is too small", "use at least 16 (224 is the default)")
-    writer = _Writer(out, opts, int(shard_frames))
+    if not opts.axes or any(a not in (0, 1, 2) for a in opts.axes):
+        raise UsfmaeError(f"--axes {' '.join(map(str, opts.axes))} is invalid", "choose among 0, 1 and 2")
+    if opts.frame_stride < 1 or opts.volume_size < 8:
+        raise UsfmaeError("--frame-stride must be >= 1 and --volume-size >= 8", "pass valid values")
+    check_run(out, "prepare", overwrite=overwrite)
+    # walked before anything is written: masks by name, judged below each source folder (a 'labels/' above it says
+    # nothing)
+    rules = MaskRules.with_patterns(mask_patterns)
+    found: list[Path] = []
+    skipped_now: list[dict] = []
+    masks: list[dict] = []
+    for src in sources:
+        files = []
+        for p, reason in iter_source_files([src]):
+            if reason is not None:
+                skipped_now.append({"path": str(p), "reason": reason})
+            else:
+                files.append(p)
+        root = src if src.is_dir() else None
+        _, named = split_masks(files, rules, root)
+        masks += [{**m.to_dict(), **({"kept": True} if include_masks else {})} for m in named]
+        skip = set() if include_masks else {m.path for m in named}
+        found += [p for p in files if str(p) not in skip]
+    if not found and not (out / "corpus.json").exists():
+        what = ", ".join(str(s) for s in sources[:3]) + (" ..." if len(sources) > 3 else "")
+        first = skipped_now[0] if skipped_now else None
+        detail = (f" ({len(skipped_now)} skipped, first: {first['path']}: {first['reason']})" if first else
+                  f" ({len(masks)} mask / annotation file(s) set aside)" if masks else " (no files at all)")
+        raise UsfmaeError(f"no ultrasound files to prepare in {what}{detail}",
+                          "pass folders holding PNG/JPG/TIFF, DICOM, NIfTI, NRRD, MetaImage or video files")
+    with RunFolder(out, "prepare", resume=True, overwrite=overwrite) as run:
+        report = _prepare(found, skipped_now, masks, rules, out, opts, workers, progress, shard_frames,
+                          flush_seconds, exclude, exclude_reason, include_masks, log, t0, tqdm)
+        if report["n_frames"] == 0 and report["n_volumes"] == 0:
+            first = report["skipped"][0] if report["skipped"] else {"path": "-", "reason": "no usable frame"}
+            raise UsfmaeError(f"no frame could be prepared from {len(found)} file(s): every one was skipped or "
+                              f"empty (first: {first['path']}: {first['reason']})",
+                              f"see {out / 'report.json'} for every file and reason")
+        run.finish(n_frames=report["n_frames"])
+    return report
+
+
+def _prepare(found: list[Path], skipped_now: list[dict], masks: list[dict], rules: Any, out: Path, opts: _Options,
+             workers: int, progress: bool, shard_frames: int, flush_seconds: float,
+             exclude: Iterable[str | os.PathLike], exclude_reason: str, include_masks: bool,
+             log: Callable[[str], None] | None, t0: float, tqdm: Any) -> dict[str, Any]:
+    """The work of :func:`prepare_corpus` once its folder is locked."""
+    from usfmae_core.data.masks import ScanIndex, companion_scan
+
+    writer = _Writer(out, opts, int(shard_frames), float(flush_seconds))
     held_out = {str(Path(e).resolve()) for e in exclude}
     held_out_sha1 = {h for h in (_file_sha1(e) for e in held_out) if h is not None}
     held_out_sizes = {Path(e).stat().st_size for e in held_out if Path(e).is_file()}
@@ -526,29 +667,15 @@ def prepare_corpus(
                               "prepare the corpus into a new --out folder")
     excluded: list[dict] = []
     queued: set[str] = set()
-    from usfmae_core.data.masks import MaskRules, ScanIndex, companion_scan, split_masks
-
-    rules = MaskRules.with_patterns(mask_patterns)
-    found: list[Path] = []
-    skipped_now: list[dict] = []
-    masks: list[dict] = []
-    for src in sources:  # masks by name, judged below each source folder (a 'labels/' above it says nothing)
-        files = []
-        for p, reason in iter_source_files([src]):
-            if reason is not None:
-                skipped_now.append({"path": str(p), "reason": reason})
-            else:
-                files.append(p)
-        root = Path(src) if Path(src).is_dir() else None
-        _, named = split_masks(files, rules, root)
-        masks += [{**m.to_dict(), **({"kept": True} if include_masks else {})} for m in named]
-        skip = set() if include_masks else {m.path for m in named}
-        found += [p for p in files if str(p) not in skip]
     index = ScanIndex(found)  # companion scans of masks found by content
     todo: list[tuple[Path, dict]] = []
     n_resumed = 0
     for p in found:
-        key = _source_key(p)
+        try:
+            key = _source_key(p)
+        except OSError as err:  # removed or changed since the walk
+            skipped_now.append({"path": str(p), "reason": _access_problem(p, err)})
+            continue
         if key["source"] in queued:  # the same file listed twice (e.g. a folder and a datalist naming it)
             continue
         queued.add(key["source"])
@@ -569,6 +696,7 @@ def prepare_corpus(
     work_seconds = 0.0
     bar = tqdm(total=len(todo), desc="prepare", unit="file", disable=not progress, dynamic_ncols=True)
     pool = None
+    failed = False
     try:
         if workers > 1 and len(todo) > 1:
             pool = ProcessPoolExecutor(max_workers=int(workers), mp_context=get_context("spawn"),
@@ -593,11 +721,19 @@ def prepare_corpus(
                 work_seconds += res["seconds"]
             bar.update(1)
             bar.set_postfix(frames=writer.summary["n_frames"] + writer.buffered, refresh=False)
+    except BaseException:
+        failed = True
+        raise
     finally:
-        writer.flush()  # whatever finished before an interruption is kept
-        bar.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+        try:
+            writer.flush()  # whatever finished before an interruption is kept
+        except OSError:
+            if not failed:  # a failed write already on its way out is the error to report
+                raise
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
     skipped = skipped_now + [{"path": d["source"], "reason": d["reason"]} for d in writer.done.values()
                              if d.get("status") == "skipped"]
     masks += [{"path": d["source"], "scan": d.get("scan"), "reason": d["reason"]} for d in writer.done.values()
@@ -680,6 +816,40 @@ def datalist_sources(datalist: str | os.PathLike, splits: Sequence[str] = ("trai
 
 
 # ---------------------------------------------------------------------------------------------- readers
+def _read_summary(path: Path) -> dict[str, Any]:
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UsfmaeError(f"{path} cannot be read ({str(err).splitlines()[0][:100]})",
+                          f"prepare the corpus again: usfmae prepare SRC... --out {path.parent} --overwrite") from None
+    if not isinstance(summary, dict):
+        raise UsfmaeError(f"{path} is not a corpus summary", f"prepare the corpus again into {path.parent}")
+    return summary
+
+
+def _open_array(corpus: Path, name: str, shape: tuple[int, ...] | None, listed_in: Path) -> np.ndarray:
+    """Memory-map ``corpus/name`` (a shard or volume), refusing a path outside the corpus folder, a missing, truncated
+    or corrupt file, and an unexpected shape or type, with one line naming the file."""
+    fix = f"prepare the corpus again: usfmae prepare SRC... --out {corpus} --overwrite"
+    rel = Path(name)
+    root = corpus.resolve()
+    target = (corpus / rel).resolve()
+    if rel.is_absolute() or ".." in rel.parts or not target.is_relative_to(root):
+        raise UsfmaeError(f"{listed_in} names a file outside the corpus folder ({name})", fix)
+    try:
+        arr = np.load(corpus / rel, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise UsfmaeError(f"corpus file {corpus / rel} listed in {listed_in.name} is missing", fix) from None
+    except (OSError, ValueError, EOFError) as err:  # truncated (mmap longer than the file), bad header, pickled
+        raise UsfmaeError(f"corpus file {corpus / rel} is corrupt ({str(err).splitlines()[0][:100]})", fix) from None
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or (shape is not None and arr.shape != shape):
+        got = f"{getattr(arr, 'dtype', type(arr).__name__)} {tuple(getattr(arr, 'shape', ()))}"
+        want = f"uint8 {shape}" if shape is not None else "uint8"
+        raise UsfmaeError(f"corpus file {corpus / rel} holds {got}, not the {want} that {listed_in.name} says",
+                          fix)
+    return arr
+
+
 class FrameCorpus:
     """Read-only view of a prepared corpus: ``len()``, ``corpus[i] -> uint8 (S, S)`` memory-mapped.
 
@@ -692,13 +862,21 @@ class FrameCorpus:
         if not summary.exists():
             raise UsfmaeError(f"no frames in corpus {self.path} (corpus.json missing)",
                               f"run usfmae prepare SRC... --out {self.path}")
-        self.summary = json.loads(summary.read_text())
-        self.shards = [s for s in self.summary.get("shards", []) if s["n"] > 0]
+        self.summary = _read_summary(summary)
+        try:
+            self.image_size = int(self.summary["image_size"])
+            self.shards = [{"file": str(s["file"]), "n": int(s["n"])} for s in self.summary.get("shards", [])
+                           if int(s["n"]) > 0]
+        except (KeyError, TypeError, ValueError):
+            raise UsfmaeError(f"{summary} is damaged (image_size / shards entries are missing or not numbers)",
+                              f"prepare the corpus again: usfmae prepare SRC... --out {self.path} --overwrite"
+                              ) from None
         if not self.shards:
             raise UsfmaeError(f"no frames in corpus {self.path}", f"run usfmae prepare SRC... --out {self.path}")
-        self.image_size = int(self.summary["image_size"])
-        self.offsets = np.cumsum([0] + [s["n"] for s in self.shards])
         self._maps: dict[int, np.ndarray] = {}
+        for k, s in enumerate(self.shards):  # refuse a damaged corpus now, not in a DataLoader worker mid-training
+            self._maps[k] = _open_array(self.path, s["file"], (s["n"], self.image_size, self.image_size), summary)
+        self.offsets = np.cumsum([0] + [s["n"] for s in self.shards])
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -707,7 +885,9 @@ class FrameCorpus:
         """The memory-mapped uint8 ``(N, S, S)`` array of shard ``k``."""
         m = self._maps.get(k)
         if m is None:
-            m = self._maps[k] = np.load(self.path / self.shards[k]["file"], mmap_mode="r")
+            m = self._maps[k] = _open_array(self.path, self.shards[k]["file"],
+                                            (self.shards[k]["n"], self.image_size, self.image_size),
+                                            self.path / "corpus.json")
         return m
 
     def locate(self, i: int) -> tuple[int, int]:
@@ -752,13 +932,21 @@ class VolumeCorpus:
         if not self.entries:
             raise UsfmaeError(f"no volumes in corpus {self.path}",
                               f"run usfmae prepare SRC... --native-3d --out {self.path}")
-        self.volume_size = int(np.load(self.path / self.entries[0]["file"], mmap_mode="r").shape[0])
+        listed = self.path / "volumes.jsonl"
+        first = _open_array(self.path, str(self.entries[0].get("file", "")), None, listed)
+        if first.ndim != 3 or len(set(first.shape)) != 1:
+            raise UsfmaeError(f"corpus volume {self.path / self.entries[0]['file']} has shape {first.shape}, not a "
+                              "cube", f"prepare the corpus again into {self.path} with --overwrite")
+        self.volume_size = int(first.shape[0])
+        for e in self.entries[1:]:  # refuse a damaged corpus now, not in a DataLoader worker mid-training
+            _open_array(self.path, str(e.get("file", "")), (self.volume_size,) * 3, listed)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return np.load(self.path / self.entries[int(i)]["file"], mmap_mode="r")
+        return _open_array(self.path, str(self.entries[int(i)]["file"]), (self.volume_size,) * 3,
+                           self.path / "volumes.jsonl")
 
 
 class MixedCorpus:

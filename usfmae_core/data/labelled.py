@@ -45,10 +45,9 @@ import numpy as np
 from usfmae_core.errors import UsfmaeError
 
 __all__ = ["scan_class_folders", "read_csv_manifest", "deduplicate", "make_splits", "save_datalist",
-           "load_datalist", "subsample_fraction", "labelled_source_to_datalist", "image_fingerprint",
-           "Fingerprint", "read_fingerprint", "augmented_base", "datalist_summary", "preprocessing_notes",
-           "upgrade_report_keys",
-           "REPORT_KEYS"]
+           "load_datalist", "validate_datalist", "check_items", "datalist_images", "subsample_fraction",
+           "labelled_source_to_datalist", "image_fingerprint", "Fingerprint", "read_fingerprint", "augmented_base",
+           "datalist_summary", "preprocessing_notes", "upgrade_report_keys", "REPORT_KEYS"]
 
 _PATH_COLUMNS = ("path", "image", "file", "filename", "filepath")
 _LABEL_COLUMNS = ("label", "class", "target", "diagnosis")
@@ -124,8 +123,12 @@ def read_csv_manifest(csv_path: str | os.PathLike, root: str | os.PathLike | Non
     """
     csv_path = Path(csv_path)
     base = (Path(root) if root is not None else csv_path.parent).absolute()  # absolute: see scan_class_folders
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UsfmaeError(f"{csv_path} is not a readable CSV file ({str(err).splitlines()[0][:100]})",
+                          "save it as UTF-8 CSV with a header path,label[,group]") from None
     if not rows:
         raise UsfmaeError(f"{csv_path} has no rows", "expected a header with path,label[,group] and one row per image")
     cols = {c.lower().strip(): c for c in rows[0].keys() if c}
@@ -134,7 +137,11 @@ def read_csv_manifest(csv_path: str | os.PathLike, root: str | os.PathLike | Non
     if pc is None or lc is None:
         raise UsfmaeError(f"{csv_path} needs a 'path' (or 'image') and a 'label' column, has {list(rows[0])}",
                           "rename the columns")
-    raw = [r[lc].strip() for r in rows]
+    raw = [(r.get(lc) or "").strip() for r in rows]
+    empty = [i for i, r in enumerate(rows) if not (r.get(pc) or "").strip() or not raw[i]]
+    if empty:
+        raise UsfmaeError(f"{len(empty)} row(s) of {csv_path} lack a path or a label (first: data row {empty[0] + 1})",
+                          "fill in both columns on every row")
     if all(v.lstrip("-").isdigit() for v in raw):
         ints = [int(v) for v in raw]
         classes = [str(i) for i in range(max(ints) + 1)]
@@ -144,14 +151,11 @@ def read_csv_manifest(csv_path: str | os.PathLike, root: str | os.PathLike | Non
         labels = [classes.index(v) for v in raw]
     items = []
     for r, lab in zip(rows, labels, strict=True):
-        p = Path(r[pc].strip())
+        p = Path((r.get(pc) or "").strip())
         p = p if p.is_absolute() else base / p
         g = r[gc].strip() if gc and r.get(gc) else None
         items.append({"image": str(p), "label": int(lab), "group": g or None})
-    missing = [it["image"] for it in items if not Path(it["image"]).exists()]
-    if missing:
-        raise UsfmaeError(f"{len(missing)} files listed in {csv_path} do not exist (first: {missing[0]})",
-                          "fix the paths or pass root= / the folder they are relative to")
+    check_items(items, classes, csv_path)
     return items, classes
 
 
@@ -400,12 +404,160 @@ def make_splits(items: Sequence[dict], classes: Sequence[str], val_fraction: flo
 
 
 def save_datalist(datalist: dict, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(datalist, indent=1))
-    os.replace(tmp, path)
-    return path
+    from usfmae_core.fileio import write_json
+
+    return write_json(path, datalist, indent=1)
+
+
+SPLIT_KEYS = ("training", "validation", "test")
+
+
+def check_items(items: Sequence[dict], classes: Sequence[str], source: str | os.PathLike,
+                check_files: bool = True) -> None:
+    """The one check of labelled items, shared by CSV manifests and datalist JSONs (and so by every command and the
+    bundle): integer labels within ``classes``, and image files that exist, are files and have a type usfmae reads.
+
+    Raises:
+        UsfmaeError: naming how many items are affected and the first one.
+    """
+    from usfmae_core.data.readers import is_supported
+
+    k = len(classes)
+    bad_label = [it for it in items if not isinstance(it.get("label"), int) or isinstance(it.get("label"), bool)
+                 or not 0 <= it["label"] < k]
+    if bad_label:
+        it = bad_label[0]
+        raise UsfmaeError(f"{len(bad_label)} item(s) of {source} have a label outside the {k} class(es) "
+                          f"{list(classes)} (first: {it.get('image')} with label {it.get('label')!r})",
+                          f"use labels 0..{k - 1} or class names, or list every class under \"classes\"")
+    if not check_files:
+        return
+    missing = [it["image"] for it in items if not os.path.lexists(it["image"])]
+    if missing:
+        raise UsfmaeError(f"{len(missing)} image(s) listed in {source} do not exist (first: {missing[0]})",
+                          "fix the paths (relative paths are read from the list's own folder)")
+    not_files = [it["image"] for it in items if not Path(it["image"]).is_file()]
+    if not_files:
+        raise UsfmaeError(f"{len(not_files)} image(s) listed in {source} are not files (broken links, folders or "
+                          f"special files; first: {not_files[0]})", "list image files only")
+    unsupported = [it["image"] for it in items if not is_supported(it["image"])]
+    if unsupported:
+        raise UsfmaeError(f"{len(unsupported)} file(s) listed in {source} are not of a type usfmae reads (first: "
+                          f"{unsupported[0]})",
+                          "list ultrasound images, clips or volumes (png/jpg/dcm/nii/nrrd/mha/mp4...)")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsfmaeError(f"datalist {path} does not exist", "check the path") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UsfmaeError(f"cannot read datalist {path} ({str(err).splitlines()[0][:100]})",
+                          "pass a valid JSON datalist (e.g. RUN/datalist.json written by usfmae finetune)") from None
+
+
+def _resolve_image(value: Any, base: Path) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return None
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else base / p)
+
+
+def _resolve_masks(value: Any, base: Path) -> Any:
+    """A segmentation target (``"mask"``: a path or a list of paths) resolved like the image; other values kept."""
+    if isinstance(value, str):
+        return _resolve_image(value, base) or value
+    if isinstance(value, list):
+        return [_resolve_image(m, base) or m if isinstance(m, str) else m for m in value]
+    return value
+
+
+def validate_datalist(data: Any, source: str | os.PathLike, base: str | os.PathLike | None = None,
+                      check_files: bool = True) -> dict:
+    """Check a labelled datalist (MONAI decathlon style) and return it normalised; the one entry for datalist JSONs.
+
+    Accepted: ``{"classes": [names], "training": [{"image": path, "label": int | class name, "group": ...}, ...],
+    "validation": [...], "test": [...], "folds": [[...], ...]}``; other keys are kept as they are. Relative image
+    paths are resolved against ``base`` (the JSON's folder) as MONAI's ``load_decathlon_datalist`` does. String labels
+    are mapped to ``classes`` by name (or, without ``classes``, to the sorted names, as for CSV manifests); integer
+    labels index ``classes`` (without ``classes``: named ``"0" .. "K-1"``). Files are checked by :func:`check_items`.
+
+    Raises:
+        UsfmaeError: not a JSON object, no split, an item that is not ``{"image", "label"}``, labels of mixed kinds,
+            an unknown class name, a label out of range, missing or unreadable files (one line naming the first).
+    """
+    base = Path(base) if base is not None else Path(".")
+    fix = 'expected {"classes": [...], "training": [{"image": "path", "label": 0}, ...], "validation": [...], ' \
+          '"test": [...]}'
+    if not isinstance(data, dict):
+        raise UsfmaeError(f"{source} is not a labelled datalist (a JSON {type(data).__name__}, not an object)", fix)
+    sections = {k: data[k] for k in SPLIT_KEYS if k in data}
+    if not sections or not any(isinstance(v, list) and v for v in sections.values()):
+        raise UsfmaeError(f"{source} has no images under 'training', 'validation' or 'test'", fix)
+    folds = data.get("folds")
+    lists: list[tuple[str, list]] = []
+    for key, items in sections.items():
+        if not isinstance(items, list):
+            raise UsfmaeError(f"'{key}' in {source} is a {type(items).__name__}, not a list of items", fix)
+        lists.append((key, items))
+    if folds is not None:
+        if not isinstance(folds, list) or not all(isinstance(f, list) for f in folds):
+            raise UsfmaeError(f"'folds' in {source} is not a list of lists of items", fix)
+        lists += [(f"folds[{i}]", f) for i, f in enumerate(folds)]
+    raw_labels = []
+    for key, items in lists:
+        for i, it in enumerate(items):
+            if not isinstance(it, dict) or "image" not in it or "label" not in it:
+                raise UsfmaeError(f"item {i} of '{key}' in {source} is not {{\"image\": ..., \"label\": ...}} "
+                                  f"({str(it)[:80]})", fix)
+            if _resolve_image(it["image"], base) is None:
+                raise UsfmaeError(f"item {i} of '{key}' in {source} has no image path ({it['image']!r})", fix)
+            raw_labels.append(it["label"])
+    is_int = [isinstance(v, int) and not isinstance(v, bool) or (isinstance(v, float) and float(v).is_integer())
+              for v in raw_labels]
+    is_str = [isinstance(v, str) for v in raw_labels]
+    classes = data.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not classes
+                                or len({str(c) for c in classes}) != len(classes)):
+        raise UsfmaeError(f"'classes' in {source} must be a non-empty list of distinct names, got {classes!r}"[:200],
+                          fix)
+    if all(is_int):
+        if classes is None:
+            n = 1 + max((int(v) for v in raw_labels), default=-1)
+            classes = [str(i) for i in range(max(n, 0))]
+        to_index = lambda v: int(v)  # noqa: E731
+    elif all(is_str):
+        if classes is None:
+            classes = sorted({str(v) for v in raw_labels})
+        names = {str(c): i for i, c in enumerate(classes)}
+        unknown = sorted({v for v in raw_labels if v not in names})
+        if unknown:
+            raise UsfmaeError(f"labels {unknown[:5]} in {source} are not among its classes {list(classes)}",
+                              "use the names listed under \"classes\" (or integer labels)")
+        to_index = names.__getitem__
+    else:
+        odd = next(v for v, a, b in zip(raw_labels, is_int, is_str) if not a and not b) if not all(
+            a or b for a, b in zip(is_int, is_str)) else None
+        what = f"a label {odd!r} that is neither an integer nor a class name" if odd is not None else \
+            "integer labels mixed with class names"
+        raise UsfmaeError(f"{source} has {what}", "use integer labels (0..K-1) or class names throughout")
+    out = dict(data)
+    out["classes"] = [str(c) for c in classes]
+    all_items: list[dict] = []
+    for key, items in lists:
+        fixed = [{**it, "image": _resolve_image(it["image"], base), "label": to_index(it["label"]),
+                  **({"mask": _resolve_masks(it["mask"], base)} if it.get("mask") is not None else {})}
+                 for it in items]
+        all_items += fixed
+        if key.startswith("folds["):
+            out.setdefault("_folds", []).append(fixed)
+        else:
+            out[key] = fixed
+    if "_folds" in out:
+        out["folds"] = out.pop("_folds")
+    check_items(all_items, out["classes"], source, check_files)
+    return out
 
 
 def upgrade_report_keys(d: dict) -> dict:
@@ -427,33 +579,41 @@ def upgrade_report_keys(d: dict) -> dict:
     return d
 
 
-def load_datalist(path: str | os.PathLike) -> dict:
-    """Load a datalist JSON; relative image (and mask) paths resolve against the JSON's folder. A datalist written
-    before the report keys existed has its ``removed_duplicates`` split into ``removed`` / ``grouped`` /
-    ``unreadable`` (:func:`upgrade_report_keys`)."""
+def load_datalist(path: str | os.PathLike, check_files: bool = True) -> dict:
+    """Load and check a labelled datalist JSON (:func:`validate_datalist`); relative image (and mask) paths resolve
+    against the JSON's folder. A datalist written before the report keys existed has its ``removed_duplicates``
+    split into ``removed`` / ``grouped`` / ``unreadable`` (:func:`upgrade_report_keys`)."""
     path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UsfmaeError(f"cannot read datalist {path} ({err})", "give a JSON written by usfmae") from None
-    if "training" not in d:
-        raise UsfmaeError(f"{path} has no 'training' list", "expected a MONAI-style datalist")
+    return upgrade_report_keys(validate_datalist(_read_json(path), path, path.parent.absolute(), check_files))
 
-    def resolve(p: str) -> str:
-        return p if Path(p).is_absolute() else str(path.parent / p)
 
-    for key in ("training", "validation", "test"):
-        for it in d.get(key, []):
-            it["image"] = resolve(it["image"])
-            if isinstance(it.get("mask"), str):
-                it["mask"] = resolve(it["mask"])
-            elif isinstance(it.get("mask"), list):
-                it["mask"] = [resolve(m) for m in it["mask"]]
-    upgrade_report_keys(d)
-    if "classes" not in d:
-        n = 1 + max(int(it["label"]) for it in d["training"])
-        d["classes"] = [str(i) for i in range(n)]
-    return d
+def datalist_images(path: str | os.PathLike) -> list[Path]:
+    """The image paths of a datalist JSON for inference (labels not needed): MONAI style sections of
+    ``{"image": ...}`` items, or a plain list of items / paths; relative paths resolve against the JSON's folder.
+
+    Raises:
+        UsfmaeError: not JSON, or no image path in it.
+    """
+    path = Path(path)
+    data = _read_json(path)
+    if isinstance(data, dict):
+        sections = [v for k, v in data.items() if isinstance(v, list) and k not in ("classes", "folds")]
+    elif isinstance(data, list):
+        sections = [data]
+    else:
+        sections = []
+    out: list[Path] = []
+    for items in sections:
+        for item in items:
+            image = item.get("image") if isinstance(item, dict) else item
+            for p in image if isinstance(image, list) else [image]:
+                resolved = _resolve_image(p, path.parent.absolute())
+                if resolved is not None:
+                    out.append(Path(resolved))
+    if not out:
+        raise UsfmaeError(f"datalist {path} lists no images",
+                          "expected {\"test\": [{\"image\": \"path\"}, ...]} or a list of paths")
+    return out
 
 
 def subsample_fraction(items: Sequence[dict], fraction: float, seed: int = 0) -> list[dict]:

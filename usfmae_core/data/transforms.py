@@ -63,6 +63,7 @@ __all__ = [
     "imaged_region",
     "RESIZE_MODES",
     "COLOUR_RULES",
+    "loads_colour",
     "image_to_frames",
     "informative_frames",
     "channel_stats",
@@ -179,6 +180,14 @@ def resize_frames(frames: np.ndarray | torch.Tensor, size: int | tuple[int, int]
         return t
     # anti-aliasing matters when shrinking speckle (otherwise it aliases into moire); torch does it natively
     return F.interpolate(t[:, None], size=hw, mode="bilinear", align_corners=False, antialias=True)[:, 0]
+
+
+def loads_colour(prep: Preprocessing | Mapping[str, Any], volume: Any = None) -> bool:
+    """Whether inputs are read in colour (:class:`LoadUltrasoundd` ``colour``): a 2D model whose preprocessing keeps
+    colour (:attr:`Preprocessing.keeps_colour`); volume models (``volume`` not None) read grey. Fine-tuning,
+    evaluation, ``predict`` and the bundle's configs all ask this one rule."""
+    rules = prep if isinstance(prep, Preprocessing) else Preprocessing.from_dict(prep)
+    return volume is None and rules.keeps_colour
 
 
 def letterbox_geometry(h: int, w: int, size: int, spacing: Sequence[float] | None = None

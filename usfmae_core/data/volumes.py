@@ -215,6 +215,10 @@ class VolumeToModelInputd(MapTransform):
             x = d[key]
             meta = dict(getattr(x, "meta", {}) or {})
             arr = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float32)
+            if arr.ndim in (3, 4) and arr.shape[0] == 3 and meta.get("colour_fraction") is not None:
+                from usfmae_core.data.readers import luma
+
+                arr = luma(np.moveaxis(arr, 0, -1))  # volume models read grey (loads_colour), whatever was loaded
             if arr.ndim in (3, 4) and arr.shape[0] == 1:
                 arr = arr[0]
             kind = "image" if arr.ndim == 2 else str(meta.get("kind") or "volume")
@@ -263,18 +267,15 @@ class RandVolumeAugmentd(Randomizable, MapTransform):
                                  scale_range=(scale,) * 3, padding_mode="zeros", mode="bilinear")
         self.flips = [RandFlip(prob=prob_flip, spatial_axis=0), RandFlip(prob=prob_flip, spatial_axis=2)]
 
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None
-                         ) -> RandVolumeAugmentd:
-        super().set_random_state(seed, state)
+    def randomize(self, data: Any = None) -> None:
+        # the MONAI transforms inside are reseeded from this transform's own stream at every call, so that its one
+        # state (``self.R``) fixes everything: a resumed run (finetune --resume) continues the same augmentations
         for t in (self.affine, *self.flips):
             t.set_random_state(seed=int(self.R.randint(0, 2**31 - 1)))
-        return self
-
-    def randomize(self, data: Any = None) -> None:
-        pass  # the MONAI transforms inside draw their own parameters
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        self.randomize()
         for key in self.key_iterator(d):
             x = torch.as_tensor(d[key]).as_subclass(torch.Tensor).float()
             fill = x.amin(dim=tuple(range(1, x.dim())), keepdim=True)
@@ -357,8 +358,8 @@ def summarise_records(records: Sequence[Mapping[str, Any]], volume: VolumeInput)
 
 def collate_bags(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Collate MIL items ``{"image": (N_i, C, S, S), "label": int, ...}`` into ``image`` ``(B, N, C, S, S)`` padded
-    with zeros to the largest bag, ``mask`` ``(B, N)`` (True = a real slice) and ``label`` ``(B,)``; other keys are
-    collated by MONAI's ``list_data_collate`` rules (file names stay in ``image_meta`` as a list)."""
+    with zeros to the largest bag (a MetaTensor whose meta lists each item's ``filename_or_obj``, ``kind`` and
+    ``n_frames``), ``mask`` ``(B, N)`` (True = a real slice) and ``label`` ``(B,)``."""
     images = [torch.as_tensor(it["image"]).as_subclass(torch.Tensor) for it in batch]
     n = max(int(x.shape[0]) for x in images)
     out = torch.zeros((len(images), n, *images[0].shape[1:]), dtype=images[0].dtype)
@@ -366,8 +367,10 @@ def collate_bags(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for i, x in enumerate(images):
         out[i, : x.shape[0]] = x
         mask[i, : x.shape[0]] = True
-    result: dict[str, Any] = {"image": out, "mask": mask,
-                              "image_meta": [dict(getattr(it["image"], "meta", {}) or {}) for it in batch]}
+    metas = [dict(getattr(it["image"], "meta", {}) or {}) for it in batch]
+    meta = {"filename_or_obj": [m.get("filename_or_obj") for m in metas], "kind": [m.get("kind") for m in metas],
+            "n_frames": [int(x.shape[0]) for x in images]}
+    result: dict[str, Any] = {"image": MetaTensor(out, meta=meta), "mask": mask}
     if all("label" in it for it in batch):
         result["label"] = torch.as_tensor([int(torch.as_tensor(it["label"])) for it in batch])
     return result

@@ -30,6 +30,8 @@ from monai.networks.blocks.pos_embed_utils import build_sincos_position_embeddin
 from monai.networks.layers import DropPath
 from monai.utils import ensure_tuple_rep
 
+from usfmae_core.networks.presets import check_model_config
+
 __all__ = ["Block", "ViTEncoder", "MAEDecoder", "USFMAE", "sincos_pos_embed", "interpolate_pos_embed",
            "patchify", "unpatchify", "random_masking"]
 
@@ -167,11 +169,11 @@ class ViTEncoder(nn.Module):
         super().__init__()
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
+        # sizes that cannot build a model are a one-line user error, however the model is built (CLI, bundle config)
+        check_model_config({"img_size": img_size, "patch_size": patch_size, "spatial_dims": spatial_dims,
+                            "hidden_size": hidden_size, "num_heads": num_heads})
         self.img_size = ensure_tuple_rep(img_size, spatial_dims)
         self.patch_size = ensure_tuple_rep(patch_size, spatial_dims)
-        for s, p in zip(self.img_size, self.patch_size):
-            if s % p:
-                raise ValueError(f"image size {self.img_size} must be a multiple of the patch size {self.patch_size}")
         self.grid = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
         self.num_patches = math.prod(self.grid)
         self.hidden_size = hidden_size
@@ -274,6 +276,8 @@ class USFMAE(nn.Module):
                  decoder_hidden_size: int = 512, decoder_num_layers: int = 8, decoder_num_heads: int = 16,
                  mask_ratio: float = 0.75, norm_pix_loss: bool = False, decoder_mlp_ratio: float | None = None) -> None:
         super().__init__()
+        check_model_config({"hidden_size": hidden_size, "num_heads": num_heads, "decoder_hidden_size":
+                            decoder_hidden_size, "decoder_num_heads": decoder_num_heads}, "mae")
         self.encoder = ViTEncoder(in_channels, img_size, patch_size, spatial_dims, hidden_size, num_layers, num_heads,
                                   mlp_ratio, qkv_bias, drop_path_rate)
         patch_dim = math.prod(self.encoder.patch_size) * in_channels

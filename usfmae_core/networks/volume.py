@@ -77,7 +77,8 @@ class AttentionMILClassifier(nn.Module):
         encoder_kwargs: :class:`~usfmae_core.networks.mae.ViTEncoder` arguments of the 2D slice encoder
             (``spatial_dims`` must be 2).
 
-    Shapes: ``x`` ``(B, N, C, H, W)`` and ``mask`` ``(B, N)`` (optional) -> logits ``(B, K)``;
+    Shapes: ``x`` ``(B, N, C, H, W)`` (or ``(B, C, H, W)``: bags of one slice) and ``mask`` ``(B, N)`` (optional) ->
+    logits ``(B, K)``;
     :meth:`forward_with_attention` also returns the attention ``(B, N)``.
 
     Example::
@@ -120,7 +121,10 @@ class AttentionMILClassifier(nn.Module):
                                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Bags ``(B, N, C, H, W)`` (+ mask ``(B, N)``) -> logits ``(B, K)``, attention ``(B, N)``.
 
-        Only the real slices are encoded (padding costs nothing)."""
+        Only the real slices are encoded (padding costs nothing). Images ``(B, C, H, W)`` are read as B bags of one
+        slice each (what MONAI's ``verify_net_in_out`` feeds a network)."""
+        if x.dim() == 4:
+            x = x.unsqueeze(1)
         b, n = x.shape[0], x.shape[1]
         flat = x.flatten(0, 1)
         if mask is None:

@@ -10,14 +10,10 @@ and :func:`parse_progress_line` reads it back.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,39 +22,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from usfmae_core import fileio
+
 PROGRESS_PREFIX = "USFMAE_PROGRESS "
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    from usfmae_core.checkpoints import _umask_mode
-
-    _umask_mode(tmp)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=_plain)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    """Write ``obj`` as indented JSON atomically and durably (:func:`usfmae_core.fileio.write_json`); NumPy / torch
+    values and paths are converted, file names that are not UTF-8 escaped."""
+    return fileio.write_json(path, obj, default=_plain)
 
 
 def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
-    """Write a CSV file atomically (temp file + rename); floats with up to 6 significant digits, NaN empty."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    for row in rows:
-        w.writerow(["" if isinstance(v, float) and not math.isfinite(v) else (f"{v:.6g}" if isinstance(v, float)
-                    else v) for v in row])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
-    return path
+    """Write a CSV file atomically and durably (:func:`usfmae_core.fileio.write_csv`); floats with up to 6
+    significant digits, NaN empty, file names that are not UTF-8 escaped."""
+    return fileio.write_csv(path, header, rows)
 
 
 def _plain(obj: Any) -> Any:

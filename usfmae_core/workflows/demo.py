@@ -21,8 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from usfmae_core.workflows.common import prepare_output_dir
-
 # Sizes that keep the demo at a few minutes on 2 CPU cores; --scale multiplies the data and the budgets.
 IMAGE_SIZE = 64
 PATCH = 8
@@ -65,11 +63,20 @@ def _fmt(m: dict[str, Any], key: str) -> str:
 
 
 def run_demo(out: Path, device: str = "auto", scale: float = 1.0, seed: int = 0) -> Path:
-    """Run the demo into ``out`` and return the report's path."""
+    """Run the demo into ``out`` and return the report's path. A previous demo in ``out`` is replaced (its own
+    files only); a folder holding another command's run is refused (:mod:`usfmae_core.runs`)."""
+    from usfmae_core.runs import RunFolder
+
+    with RunFolder(out, "demo", replace_own=True, config={"device": device, "scale": scale, "seed": seed}) as run:
+        report = _run_demo(run.path, device, scale, seed)
+        run.finish()
+    return report
+
+
+def _run_demo(out: Path, device: str, scale: float, seed: int) -> Path:
     from usfmae_core.data import phantom
 
     t0 = time.monotonic()
-    out = prepare_output_dir(out, {"device": device, "scale": scale, "seed": seed})
     data = out / "data"
     n = lambda k: max(1, int(round(k * scale)))  # noqa: E731
 

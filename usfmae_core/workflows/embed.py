@@ -116,12 +116,13 @@ def embed_bag(model: nn.Module, frames: np.ndarray, prep, device: torch.device |
 
 def embed(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
           pool: str = "avg", axis: int = 0, device: str = "auto", batch_size: int = 32, precision: str = "auto",
-          run_config: dict[str, Any] | None = None, quiet: bool = False) -> Path:
+          run_config: dict[str, Any] | None = None, quiet: bool = False, overwrite: bool = False) -> Path:
     """Embed every frame / slice of the inputs (a volume model: every volume / clip, a 3D model on its grid, an
     attention-MIL model as its attention-pooled slices) and write to ``out_dir``:
 
     ``embeddings.npy`` ``(N, D)`` float32, ``embeddings_index.csv`` (``row, source, index, kind``: which file and
     frame each row is), ``embed.json`` (model, pool, shape, skipped inputs with reasons) and ``config.json``.
+    ``out_dir`` is locked while the run writes it; earlier results there are refused unless ``overwrite``.
 
     Returns:
         ``out_dir``.
@@ -130,10 +131,13 @@ def embed(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], ou
     from usfmae_core.data.readers import read_ultrasound
     from usfmae_core.data.transforms import image_to_frames, informative_frames
     from usfmae_core.data.volumes import volume_from_config
-    from usfmae_core.workflows.common import Progress, prepare_output_dir, write_csv, write_json
+    from usfmae_core.fileio import atomic_write
+    from usfmae_core.runs import RunFolder, check_run
+    from usfmae_core.workflows.common import Progress, write_csv, write_json
 
     if pool not in POOLS:
         raise UsfmaeError(f"unknown pooling '{pool}'", "use --pool avg or --pool cls")
+    check_run(out_dir, "embed", overwrite=overwrite)
     files, skipped = collect_inputs(inputs)
     dev = _device(device)
     model, ckpt = load_model(model_path, expect=EMBED_ARCHS, device=dev)
@@ -141,49 +145,51 @@ def embed(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], ou
     prep = preprocessing_from_config(ckpt["config"])
     dims = model_spatial_dims(model, ckpt["config"])
     volume = volume_from_config(ckpt["config"])
-    out = prepare_output_dir(out_dir, run_config if run_config is not None else
-                             {"model": str(model_path), "inputs": [str(i) for i in inputs], "pool": pool,
-                              "axis": axis, "device": device, "batch_size": batch_size})
-    chunks: list[np.ndarray] = []
-    rows: list[list[Any]] = []
-    with Progress(len(files), "embed", disable=quiet) as bar:
-        for path in files:
-            try:
-                img = read_ultrasound(path)
-                if dims == 3:
-                    if img.kind == "image":
-                        raise UsfmaeError(f"{path} is a 2D image but the model is 3D",
-                                          "embed volumes or clips with it")
-                    emb = embed_volume(model, img.array, prep, pool, dev, precision, img.spacing,
-                                       None if volume is None else volume.spacing, img.kind)
-                elif ckpt["arch"] == "mil":
-                    frames = image_to_frames(img, axis=volume.axis)
-                    keep = np.ones(1, bool) if img.kind == "image" else informative_frames(frames)
-                    if not keep.any():
-                        raise UsfmaeError(f"{path} has no informative slice: all {len(frames)} are empty or "
-                                          "constant", "check the file or leave it out")
-                    emb = embed_bag(model, frames[keep], prep, dev, batch_size, precision)
-                else:
-                    emb = embed_frames(model, image_to_frames(img, axis=axis), prep, pool, dev, batch_size, precision)
-            except UsfmaeError as err:
-                skipped.append({"source": str(path), "reason": str(err)})
-                bar.write(f"skipped {path}: {err}")
+    config_used = run_config if run_config is not None else {
+        "model": str(model_path), "inputs": [str(i) for i in inputs], "pool": pool, "axis": axis, "device": device,
+        "batch_size": batch_size}
+    with RunFolder(out_dir, "embed", overwrite=overwrite, config=config_used) as run:
+        out = run.path
+        chunks: list[np.ndarray] = []
+        rows: list[list[Any]] = []
+        with Progress(len(files), "embed", disable=quiet) as bar:
+            for path in files:
+                try:
+                    img = read_ultrasound(path)
+                    if dims == 3:
+                        if img.kind == "image":
+                            raise UsfmaeError(f"{path} is a 2D image but the model is 3D",
+                                              "embed volumes or clips with it")
+                        emb = embed_volume(model, img.array, prep, pool, dev, precision, img.spacing,
+                                           None if volume is None else volume.spacing, img.kind)
+                    elif ckpt["arch"] == "mil":
+                        frames = image_to_frames(img, axis=volume.axis)
+                        keep = np.ones(1, bool) if img.kind == "image" else informative_frames(frames)
+                        if not keep.any():
+                            raise UsfmaeError(f"{path} has no informative slice: all {len(frames)} are empty or "
+                                              "constant", "check the file or leave it out")
+                        emb = embed_bag(model, frames[keep], prep, dev, batch_size, precision)
+                    else:
+                        emb = embed_frames(model, image_to_frames(img, axis=axis), prep, pool, dev, batch_size,
+                                           precision)
+                except UsfmaeError as err:
+                    skipped.append({"source": str(path), "reason": str(err)})
+                    bar.write(f"skipped {path}: {err}")
+                    bar.update(1)
+                    continue
+                for i in range(len(emb)):
+                    rows.append([len(rows), str(path), i, img.kind])
+                chunks.append(emb)
                 bar.update(1)
-                continue
-            for i in range(len(emb)):
-                rows.append([len(rows), str(path), i, img.kind])
-            chunks.append(emb)
-            bar.update(1)
-    if not chunks:
-        first = skipped[0] if skipped else {"reason": "nothing to embed"}
-        raise UsfmaeError(f"no input could be embedded ({first['reason']})", "check the files named above")
-    emb_all = np.concatenate(chunks).astype(np.float32)
-    tmp = out / ".embeddings.tmp.npy"
-    np.save(tmp, emb_all)
-    os.replace(tmp, out / "embeddings.npy")
-    write_csv(out / "embeddings_index.csv", ["row", "source", "index", "kind"], rows)
-    write_json(out / "embed.json", {"model": str(model_path), "arch": ckpt["arch"], "pool": pool,
-                                    "shape": list(emb_all.shape), "spatial_dims": dims, "axis": axis,
-                                    "scope": "volume" if dims == 3 or ckpt["arch"] == "mil" else "frame",
-                                    "skipped": skipped})
+        if not chunks:
+            first = skipped[0] if skipped else {"reason": "nothing to embed"}
+            raise UsfmaeError(f"no input could be embedded ({first['reason']})", "check the files named above")
+        emb_all = np.concatenate(chunks).astype(np.float32)
+        atomic_write(out / "embeddings.npy", lambda f: np.save(f, emb_all))
+        write_csv(out / "embeddings_index.csv", ["row", "source", "index", "kind"], rows)
+        write_json(out / "embed.json", {"model": str(model_path), "arch": ckpt["arch"], "pool": pool,
+                                        "shape": list(emb_all.shape), "spatial_dims": dims, "axis": axis,
+                                        "scope": "volume" if dims == 3 or ckpt["arch"] == "mil" else "frame",
+                                        "skipped": skipped})
+        run.finish()
     return out

@@ -37,7 +37,7 @@ import numpy as np
 from usfmae_core.device import autocast_dtype, resolve_device
 from usfmae_core.errors import UsfmaeError
 from usfmae_core.workflows import metrics as M
-from usfmae_core.workflows.common import Progress, prepare_output_dir, write_csv, write_json
+from usfmae_core.workflows.common import Progress, write_csv, write_json
 from usfmae_core.workflows.finetune import (SPLITS, jsonable, load_labelled, make_datasets, make_loader,
                                             predict_probs)
 from usfmae_core.workflows.pictures import save_figure
@@ -180,8 +180,9 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: s
              seed: int = 0, device: str = "auto", batch_size: int | None = None, workers: int = 0,
              precision: str = "auto", val_fraction: float = 0.15, test_fraction: float = 0.15,
              run_config: dict[str, Any] | None = None, quiet: bool = False, include_masks: bool = False,
-             mask_patterns: Sequence[str] | None = None) -> dict[str, Any]:
-    """Evaluate the classifier in ``model_path`` on ``split`` of ``data`` and write the results into ``out``.
+             mask_patterns: Sequence[str] | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Evaluate the classifier in ``model_path`` on ``split`` of ``data`` and write the results into ``out`` (locked
+    while it is written; earlier results there are refused unless ``overwrite``, see :mod:`usfmae_core.runs`).
 
     Args:
         model_path: a checkpoint from ``usfmae finetune`` (arch classifier / mil / resnet / densenet).
@@ -199,7 +200,9 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: s
     from usfmae_core.checkpoints import load_model
     from usfmae_core.data.transforms import Preprocessing
     from usfmae_core.data.volumes import volume_from_config
+    from usfmae_core.runs import RunFolder, check_run
 
+    check_run(out, "evaluate", overwrite=overwrite)
     dev = resolve_device(device)
     model, ckpt = load_model(model_path, expect=MODEL_ARCHS, device=dev)
     cfg = ckpt["config"]
@@ -216,18 +219,19 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: s
     items = [{**it, "label": int(mapping[int(it["label"])])} for it in select_items(datalist, split, data)]
 
     volume = volume_from_config(cfg)
-    dataset = make_datasets({"test": items}, prep, ("test",), cache=False, augment=False, volume=volume)["test"]
-    loader = make_loader(dataset, batch_size or (2 if volume is not None else 64), train=False, workers=workers,
-                         volume=volume)
-    with Progress(len(loader), "evaluate", disable=quiet) as progress:
-        probs, labels, _ = predict_probs(model, loader, dev, autocast_dtype(dev, precision), progress)
-    result = evaluate_predictions(labels, probs, classes, bootstrap, seed)
-    result.update(model=str(model_path), data=str(data), split=split, arch=ckpt["arch"],
-                  volume_model=None if volume is None else volume.model)
-
-    out = prepare_output_dir(out, run_config if run_config is not None else
-                             dict(model=str(model_path), data=str(data), split=split, bootstrap=bootstrap, seed=seed,
-                                  device=device, batch_size=batch_size, precision=precision))
-    write_evaluation(out, [it["image"] for it in items], labels, probs, classes, result)
-    write_json(out / "datalist.json", datalist)  # what was evaluated, and what was left out and why
+    config_used = run_config if run_config is not None else dict(
+        model=str(model_path), data=str(data), split=split, bootstrap=bootstrap, seed=seed, device=device,
+        batch_size=batch_size, precision=precision)
+    with RunFolder(out, "evaluate", overwrite=overwrite, config=config_used) as run:
+        dataset = make_datasets({"test": items}, prep, ("test",), cache=False, augment=False, volume=volume)["test"]
+        loader = make_loader(dataset, batch_size or (2 if volume is not None else 64), train=False, workers=workers,
+                             volume=volume)
+        with Progress(len(loader), "evaluate", disable=quiet) as progress:
+            probs, labels, _ = predict_probs(model, loader, dev, autocast_dtype(dev, precision), progress)
+        result = evaluate_predictions(labels, probs, classes, bootstrap, seed)
+        result.update(model=str(model_path), data=str(data), split=split, arch=ckpt["arch"],
+                      volume_model=None if volume is None else volume.model)
+        write_evaluation(run.path, [it["image"] for it in items], labels, probs, classes, result)
+        write_json(run.path / "datalist.json", datalist)  # what was evaluated, and what was left out and why
+        run.finish()
     return result

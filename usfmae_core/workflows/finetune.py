@@ -80,7 +80,7 @@ import torch.nn as nn
 from usfmae_core.device import autocast_dtype, resolve_device
 from usfmae_core.errors import UsfmaeError
 from usfmae_core.workflows import metrics as M
-from usfmae_core.workflows.common import Progress, prepare_output_dir, seed_everything, write_csv, write_json
+from usfmae_core.workflows.common import Progress, seed_everything, write_csv, write_json
 from usfmae_core.workflows.pictures import save_figure
 
 __all__ = ["FinetuneOptions", "finetune", "train_classifier", "build_classifier", "make_transforms", "make_datasets",
@@ -190,9 +190,10 @@ def make_transforms(prep: Any, train: bool = False, augment_scale: tuple[float, 
     """
     from monai.transforms import Compose
 
-    from usfmae_core.data.transforms import LoadUltrasoundd, RandUltrasoundAugmentd, UltrasoundToModelInputd
+    from usfmae_core.data.transforms import (LoadUltrasoundd, RandUltrasoundAugmentd, UltrasoundToModelInputd,
+                                             loads_colour)
 
-    chain: list[Any] = [LoadUltrasoundd(keys="image", colour=volume is None and prep.keeps_colour)]
+    chain: list[Any] = [LoadUltrasoundd(keys="image", colour=loads_colour(prep, volume))]
     if volume is not None:
         from usfmae_core.data.volumes import RandBagAugmentd, RandVolumeAugmentd, VolumeToModelInputd
 
@@ -535,6 +536,8 @@ class FinetuneOptions:
     workers: int | None = None
     mlflow: str | None = None
     tensorboard: bool = True
+    resume: bool = False
+    overwrite: bool = False
     quiet: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -609,13 +612,14 @@ def _validate_options(opts: FinetuneOptions) -> None:
 class _Trackers:
     """TensorBoard (and MLflow when asked) scalars per epoch; both optional, both closed at the end."""
 
-    def __init__(self, out: Path, opts: FinetuneOptions, params: dict[str, Any]) -> None:
+    def __init__(self, out: Path, opts: FinetuneOptions, params: dict[str, Any], first_epoch: int = 1) -> None:
         self.tb = None
         self.mlflow = None
         if opts.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            # on resume, events logged after the checkpoint (by the killed run) are dropped and logged again
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=first_epoch if first_epoch > 1 else None)
         if opts.mlflow:
             import mlflow
 
@@ -664,16 +668,85 @@ def _save_curves(history: list[dict[str, float]], path: Path, best_epoch: int | 
     return save_figure(fig, path)
 
 
+CKPT_NAME = "checkpoint_last.pt"
+
+
+def _randomizables(transform: Any) -> list[Any]:
+    """The random transforms inside ``transform`` (MONAI ``Compose`` trees), in a fixed order."""
+    from monai.transforms import Compose, Randomizable
+
+    found: list[Any] = []
+    if isinstance(transform, Compose):
+        for t in transform.transforms:
+            found += _randomizables(t)
+    elif isinstance(transform, Randomizable) and isinstance(getattr(transform, "R", None), np.random.RandomState):
+        found.append(transform)
+    return found
+
+
+def _rng_states(loader: Any, dataset: Any, sampler: Any) -> dict[str, Any]:
+    """Every random stream of fine-tuning, as tensors / plain values (``weights_only``-loadable): Python, NumPy and
+    torch (:func:`~usfmae_core.workflows.pretrain.capture_rng_state`: dropout, drop-path), the loader's generator
+    (shuffling), the class-balanced sampler's generator and the augmentation transforms' states (``--workers 0``;
+    worker processes seed theirs from the loader's generator)."""
+    from usfmae_core.workflows.pretrain import capture_rng_state
+
+    def np_state(r: np.random.RandomState) -> dict[str, Any]:
+        st = r.get_state()
+        return {"keys": torch.from_numpy(st[1].astype(np.int64)), "pos": int(st[2]), "has_gauss": int(st[3]),
+                "cached_gaussian": float(st[4])}
+
+    out: dict[str, Any] = {"global": capture_rng_state(),
+                           "transforms": [np_state(t.R) for t in _randomizables(getattr(dataset, "transform", None))]}
+    if getattr(loader, "generator", None) is not None:
+        out["loader"] = loader.generator.get_state()
+    if sampler is not None and getattr(sampler, "generator", None) is not None:
+        out["sampler"] = sampler.generator.get_state()
+    return out
+
+
+def _restore_rng_states(states: dict[str, Any], loader: Any, dataset: Any, sampler: Any) -> None:
+    """Inverse of :func:`_rng_states`."""
+    from usfmae_core.workflows.pretrain import restore_rng_state
+
+    restore_rng_state(states["global"])
+    for t, st in zip(_randomizables(getattr(dataset, "transform", None)), states.get("transforms", []), strict=False):
+        t.R.set_state(("MT19937", st["keys"].numpy().astype(np.uint32), st["pos"], st["has_gauss"],
+                       st["cached_gaussian"]))
+    if "loader" in states and getattr(loader, "generator", None) is not None:
+        loader.generator.set_state(states["loader"])
+    if "sampler" in states and sampler is not None and getattr(sampler, "generator", None) is not None:
+        sampler.generator.set_state(states["sampler"])
+
+
+def _load_training_state(path: Path) -> dict[str, Any]:
+    from usfmae_core.checkpoints import load_checkpoint
+
+    state = load_checkpoint(path)
+    if state.get("meta", {}).get("kind") != "finetune_training_state":
+        raise UsfmaeError(f"{path} is not a fine-tuning training state", "choose another --out, or --overwrite")
+    return state
+
+
 def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOptions,
-                     stage: str = "finetune") -> dict[str, Any]:
+                     stage: str = "finetune", resume: bool = False) -> dict[str, Any]:
     """Train one classifier on ``datalist`` (already subsampled), keep the best by validation macro-F1 and write
     ``model.pt``, ``metrics.json``, ``history.csv``, ``curves.png``, ``datalist.json`` and TensorBoard logs in
-    ``out``. Returns the contents of ``metrics.json``."""
+    ``out``. Returns the contents of ``metrics.json``.
+
+    After every epoch the whole training state is written atomically to ``out/checkpoint_last.pt`` (model,
+    optimiser, GradScaler, step, early-stopping counter, best model and score, history, and every random stream:
+    see :func:`_rng_states`); with ``resume`` a run continues from it and, with ``--workers 0`` and a deterministic
+    device (CPU, fp32), ends with exactly the weights and metrics of an uninterrupted run. The state file is deleted
+    once ``metrics.json`` is written.
+    """
     from usfmae_core.checkpoints import make_checkpoint, save_checkpoint
     from usfmae_core.data.transforms import Preprocessing
     from usfmae_core.workflows.optim import cosine_lr, set_lr
 
     out = Path(out)
+    ckpt_path = out / CKPT_NAME
+    saved = _load_training_state(ckpt_path) if resume and ckpt_path.exists() else None
     classes = [str(c) for c in datalist["classes"]]
     k = len(classes)
     device = resolve_device(opts.device)
@@ -716,18 +789,52 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
     total = opts.epochs * steps_per_epoch
     warmup = min(opts.warmup_epochs * steps_per_epoch, max(0, total - 1))
 
+    history: list[dict[str, float]] = []
+    best: dict[str, Any] = {"f1": -1.0, "loss": math.inf, "epoch": 0, "state": None}
+    step, stale, first_epoch, stopped, elapsed = 0, 0, 1, False, 0.0
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(saved["scaler"])
+        t = saved["training"]
+        step, stale, first_epoch = int(t["step"]), int(t["stale"]), int(t["epoch"]) + 1
+        stopped, elapsed = bool(t["stopped"]), float(t["elapsed_s"])
+        history = [dict(h) for h in t["history"]]
+        best.update(f1=float(t["best_f1"]), loss=float(t["best_loss"]), epoch=int(t["best_epoch"]))
+        best["state"] = saved["best_model"] if saved.get("best_model") else {
+            n: v.detach().cpu().clone() for n, v in model.state_dict().items()}
+        # after every object that draws random numbers when it is built: the streams continue where they were
+        _restore_rng_states(saved["rng"], train_loader, data["training"], sampler)
+
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "datalist.json", datalist)
     params = {**{k_: v for k_, v in asdict(opts).items() if k_ != "extra"}, **hp, "arch": arch,
               "num_train": len(data["training"]), "num_val": len(data["validation"]), "num_test": len(data["test"])}
-    trackers = _Trackers(out, opts, params)
-    history: list[dict[str, float]] = []
-    best: dict[str, Any] = {"f1": -1.0, "loss": math.inf, "epoch": 0, "state": None}
-    step, stale, t0 = 0, 0, time.monotonic()
-    progress = Progress(total, stage, disable=opts.quiet)
+    for stale_tmp in out.glob(f".{CKPT_NAME}.*.tmp"):  # a save killed half-way (the real file is intact)
+        stale_tmp.unlink(missing_ok=True)
+    trackers = _Trackers(out, opts, params, first_epoch)
+    t0 = time.monotonic() - elapsed
+    progress = Progress(total, stage, disable=opts.quiet, initial=min(step, total))
     log = (lambda _msg: None) if opts.quiet else progress.write
+    if saved is not None:
+        log(f"resuming after epoch {first_epoch - 1} of {opts.epochs} (best so far: epoch {best['epoch']}, "
+            f"validation macro-F1 {best['f1']:.3f})")
+
+    def save_state(epoch: int) -> None:
+        best_model = None if best["epoch"] == epoch else best["state"]  # the current model is the best one
+        save_checkpoint(ckpt_path, make_checkpoint(
+            model, arch, config, meta={"kind": "finetune_training_state"},
+            optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler.is_enabled() else {},
+            best_model=best_model, rng=_rng_states(train_loader, data["training"], sampler),
+            training={"epoch": epoch, "step": step, "stale": stale, "stopped": stopped,
+                      "elapsed_s": time.monotonic() - t0, "best_f1": best["f1"], "best_loss": best["loss"],
+                      "best_epoch": best["epoch"], "history": history}))
+
     try:
-        for epoch in range(1, opts.epochs + 1):
+        for epoch in range(first_epoch, opts.epochs + 1):
+            if stopped:
+                break
             model.train()
             if opts.linear_probe:
                 model.encoder.eval()  # frozen features: no dropout / drop-path noise
@@ -778,11 +885,14 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
                 f"val macro-F1 {vm['f1_macro']:.3f}{' *' if improved else ''}")
             if opts.patience and stale >= opts.patience and step >= warmup:
                 log(f"early stop: no better validation macro-F1 for {opts.patience} epochs")
-                break
+                stopped = True
+            save_state(epoch)  # after model.pt: a kill in between re-runs this epoch, which rewrites the same model
     finally:
         progress.close()
         trackers.close()
 
+    if best["state"] is None:
+        raise UsfmaeError(f"no epoch was trained in {out}", "use --epochs 1 or more")
     model.load_state_dict(best["state"])
     result: dict[str, Any] = {"classes": classes, "arch": arch, "best_epoch": best["epoch"], "epochs_run": len(history),
                               "hyperparameters": jsonable(hp),
@@ -799,6 +909,7 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
     write_csv(out / "history.csv", list(history[0]), [list(h.values()) for h in history])
     _save_curves(history, out / "curves.png", best["epoch"])
     write_json(out / "metrics.json", jsonable(result))
+    ckpt_path.unlink(missing_ok=True)  # finished: the training state is no longer needed (it can be large)
     return result
 
 
@@ -850,9 +961,52 @@ def _summarise(fold_results: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+# What a resumed run cannot change (the model, the data and its split), and what does not affect the result.
+_RESUME_FIXED = ("data", "init", "arch", "preset", "depth", "image_size", "in_channels", "patch_size", "pool",
+                 "dropout", "drop_path", "linear_probe", "augment", "volume_model", "max_slices", "volume_spacing",
+                 "axis", "balance", "label_fraction", "include_masks", "mask_patterns", "val_fraction", "test_fraction",
+                 "folds", "seed")
+_RESUME_FREE = ("device", "workers", "mlflow", "tensorboard", "quiet", "resume", "overwrite", "out", "extra")
+
+
+def _check_resume(out: Path, opts: FinetuneOptions, data: Any) -> None:
+    """Refuse ``--resume`` options that change the run's model or data; warn about changed optimisation options."""
+    import json
+    import sys
+
+    try:
+        stored = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no record of the run's options (written by an older version): nothing to compare with
+    from usfmae_core.runs import check_resume_arguments
+
+    given = {**asdict(opts), "data": str(data) if not isinstance(data, dict) else stored.get("data")}
+    defaults = {**asdict(FinetuneOptions()), "data": None}
+    for w in check_resume_arguments(given, stored, defaults, _RESUME_FIXED, _RESUME_FREE,
+                                    where=f"the fine-tuning run in {out}"):
+        print(f"usfmae: warning: --resume with {w}: the new value is used, so the result will differ from an "
+              "uninterrupted run", file=sys.stderr, flush=True)
+
+
+def _finished_result(out: Path, folds: int) -> dict[str, Any]:
+    import json
+
+    name = "cv_summary.json" if folds else "metrics.json"
+    try:
+        return json.loads((out / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UsfmaeError(f"{out} is marked finished but its {name} cannot be read",
+                          "pass --overwrite to train it again") from None
+
+
 def finetune(data: str | Path | dict[str, Any], out: str | Path, opts: FinetuneOptions | None = None,
              run_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune (or k-fold cross-validate) a classifier on labelled ``data``; see the module docstring.
+
+    The run folder is locked while it is written and a finished run is not replaced unless ``opts.overwrite``
+    (:mod:`usfmae_core.runs`). ``opts.resume`` continues an interrupted run from its ``checkpoint_last.pt`` (per
+    fold with ``folds``; finished folds are kept) with the datalist it saved, exactly (see :func:`train_classifier`);
+    a finished run is then returned as it is.
 
     Args:
         data: class folders, CSV manifest or datalist JSON path, or a loaded datalist dict.
@@ -863,8 +1017,18 @@ def finetune(data: str | Path | dict[str, Any], out: str | Path, opts: FinetuneO
     Returns:
         ``metrics.json``'s contents, or with ``folds`` the cross-validation summary.
     """
+    from usfmae_core.runs import RunFolder, check_run
+
     opts = opts or FinetuneOptions()
+    out = Path(out)
     _validate_options(opts)
+    mode = check_run(out, "finetune", resume=opts.resume, overwrite=opts.overwrite)
+    if mode in ("resume", "finished"):
+        _check_resume(out, opts, data)
+    if mode == "finished":
+        if not opts.quiet:
+            print(f"{out} holds a finished fine-tuning run: nothing to resume", flush=True)
+        return _finished_result(out, opts.folds)
     if opts.init:
         _load_mae(opts.init, opts.volume_model)  # refuse a wrong checkpoint before anything is written
     resolve_device(opts.device)
@@ -890,16 +1054,39 @@ def finetune(data: str | Path | dict[str, Any], out: str | Path, opts: FinetuneO
     for d in runs:
         check_splits(d, source)
 
-    out = prepare_output_dir(out, run_config if run_config is not None else
-                             {**asdict(opts), "data": str(data) if not isinstance(data, dict) else "<datalist>"})
-    if not opts.folds:
-        return train_classifier(runs[0], out, opts)
-    results = []
-    for i, d in enumerate(runs):
-        results.append(train_classifier(d, out / f"fold_{i}", opts, stage=f"finetune fold {i + 1}/{opts.folds}"))
-    summary = _summarise(results)
-    write_json(out / "cv_summary.json", jsonable(summary))
-    write_csv(out / "cv_summary.csv", ["metric", "mean", "std", *[f"fold_{i}" for i in range(len(results))]],
-              [[key, summary["mean"][key], summary["std"][key], *[f[key] for f in summary["per_fold"]]]
-               for key in summary["mean"]])
-    return summary
+    config_used = run_config if run_config is not None else {
+        **asdict(opts), "data": str(data) if not isinstance(data, dict) else "<datalist>"}
+    with RunFolder(out, "finetune", resume=opts.resume, overwrite=opts.overwrite, config=config_used) as run:
+        resume = run.mode == "resume"
+        if not opts.folds:
+            result = train_classifier(_saved_datalist(out, runs[0], resume), out, opts, resume=resume)
+            run.finish()
+            return result
+        results = []
+        for i, d in enumerate(runs):
+            fold = out / f"fold_{i}"
+            if resume and (fold / "metrics.json").exists() and not (fold / CKPT_NAME).exists():
+                results.append(_finished_result(fold, 0))  # finished before the interruption
+                continue
+            results.append(train_classifier(_saved_datalist(fold, d, resume), fold, opts, resume=resume,
+                                            stage=f"finetune fold {i + 1}/{opts.folds}"))
+        summary = _summarise(results)
+        write_json(out / "cv_summary.json", jsonable(summary))
+        write_csv(out / "cv_summary.csv", ["metric", "mean", "std", *[f"fold_{i}" for i in range(len(results))]],
+                  [[key, summary["mean"][key], summary["std"][key], *[f[key] for f in summary["per_fold"]]]
+                   for key in summary["mean"]])
+        run.finish()
+        return summary
+
+
+def _saved_datalist(folder: Path, derived: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """On resume, the datalist the interrupted run trained on (``folder/datalist.json``), so the data it was split
+    from may have changed since; else ``derived``."""
+    if resume and (folder / CKPT_NAME).exists() and (folder / "datalist.json").exists():
+        import json
+
+        try:
+            return json.loads((folder / "datalist.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+    return derived

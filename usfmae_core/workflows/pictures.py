@@ -8,7 +8,6 @@ by its input. Volumes ``(N, C, D, H, W)`` show their middle slice.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -131,18 +130,13 @@ def save_curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
-    """Save a matplotlib ``Figure`` as PNG atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    """Save a matplotlib ``Figure`` as PNG atomically and durably (:func:`usfmae_core.fileio.atomic_write`)."""
+    from usfmae_core.fileio import atomic_write
+
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def _save_png(img, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    from usfmae_core.fileio import atomic_write
+
+    return atomic_write(path, lambda f: img.save(f, format="PNG"))

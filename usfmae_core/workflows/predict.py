@@ -28,7 +28,6 @@ it is emulated and slower, so ``precision="auto"`` keeps fp32 there (benchmarks/
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
@@ -476,34 +475,6 @@ def colour_status(img: Any, prep: Any, model: str = "2d") -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def _datalist_images(path: Path) -> list[Path]:
-    """Image paths of a datalist JSON (MONAI style: sections of ``{"image": ...}`` items, or a plain list);
-    relative paths are taken relative to the JSON's folder, as MONAI's ``load_decathlon_datalist`` does."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UsfmaeError(f"cannot read datalist {path} ({str(err).splitlines()[0][:100]})",
-                          "pass a valid JSON datalist, image files or folders") from None
-    if isinstance(data, dict):
-        sections = [v for k, v in data.items() if isinstance(v, list) and k not in ("classes", "folds")]
-    elif isinstance(data, list):
-        sections = [data]
-    else:
-        sections = []
-    out: list[Path] = []
-    for items in sections:
-        for item in items:
-            image = item.get("image") if isinstance(item, dict) else item
-            for p in image if isinstance(image, list) else [image]:
-                if isinstance(p, str):
-                    q = Path(p).expanduser()
-                    out.append(q if q.is_absolute() else path.parent / q)
-    if not out:
-        raise UsfmaeError(f"datalist {path} lists no images",
-                          "expected {\"test\": [{\"image\": \"path\"}, ...]} or a list of paths")
-    return out
-
-
 def collect_inputs(inputs: Iterable[str | os.PathLike], include_masks: bool = False,
                    mask_patterns: Sequence[str] | None = None) -> tuple[list[Path], list[dict[str, Any]]]:
     """Expand files, folders (recursively, supported files only) and datalist JSONs into a list of files; a folder of
@@ -538,7 +509,9 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], include_masks: bool = Fa
         if not src.exists():
             raise UsfmaeError(f"input {src} does not exist", "check the path (files, folders or a datalist .json)")
         if src.is_file() and src.name.lower().endswith(".json"):
-            for p in _datalist_images(src):
+            from usfmae_core.data.labelled import datalist_images
+
+            for p in datalist_images(src):
                 if not p.exists():
                     skipped.append({"source": str(p), "reason": f"listed in {src.name} but does not exist"})
                 else:
@@ -595,7 +568,7 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
             device: str = "auto", axis: int = 0, batch_size: int = 32, precision: str = "auto", top_k: int = 3,
             run_config: dict[str, Any] | None = None, quiet: bool = False, aggregate: str = "mean",
             normal_class: str | None = None, include_masks: bool = False,
-            mask_patterns: Sequence[str] | None = None, kind: str = "auto") -> Path:
+            mask_patterns: Sequence[str] | None = None, kind: str = "auto", overwrite: bool = False) -> Path:
     """Classify every input file and write the results to ``out_dir``.
 
     Writes ``predictions.csv`` (one row per classified frame / slice: ``source, index, kind, p_<class>..., pred``;
@@ -611,6 +584,8 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
     a 3D NRRD. ``predictions.json`` also records the ``preprocessing`` used (from the checkpoint) and ``colour``: how
     many inputs carried colour pixels and whether the model received them as colour (``given_as``: ``rgb`` |
     ``grey``); such results carry ``colour`` too.
+    ``out_dir`` is locked while the run writes it; a folder holding earlier results is refused unless ``overwrite``
+    (:mod:`usfmae_core.runs`).
 
     Returns:
         ``out_dir``.
@@ -619,8 +594,10 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
     from usfmae_core.data.readers import read_ultrasound
     from usfmae_core.data.volumes import volume_from_config
     from usfmae_core.device import describe_device
-    from usfmae_core.workflows.common import Progress, prepare_output_dir, write_csv, write_json
+    from usfmae_core.runs import RunFolder, check_run
+    from usfmae_core.workflows.common import Progress, write_csv, write_json
 
+    check_run(out_dir, "predict", overwrite=overwrite)
     files, skipped = collect_inputs(inputs, include_masks, mask_patterns)  # a bad path fails before the model loads
     dev = _device(device)
     model, ckpt = load_model(model_path, expect=CLASSIFIER_ARCHS, device=dev)
@@ -633,69 +610,72 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
     elif aggregate != "mean" and not quiet:
         print(f"note: --aggregate {aggregate} applies to 2D slice classifiers; this {ckpt['arch']} model classifies "
               "each volume / clip whole")
-    out = prepare_output_dir(out_dir, run_config if run_config is not None else
-                             {"model": str(model_path), "inputs": [str(i) for i in inputs], "device": device,
-                              "axis": axis, "batch_size": batch_size, "precision": precision,
-                              "aggregate": aggregate, "normal_class": normal_class})
-    frame_rows: list[list[Any]] = []
-    attention_rows: list[list[Any]] = []
-    results: list[dict[str, Any]] = []
-    prep = preprocessing_from_config(config)
-    with Progress(len(files), "predict", disable=quiet) as bar:
-        for path in files:
-            try:
-                img = as_kind(read_ultrasound(path, keep_colour=prep.keeps_colour), kind)
-                inner = Progress(img.n_frames, "classify", disable=True) if img.n_frames > batch_size else None
+    config_used = run_config if run_config is not None else {
+        "model": str(model_path), "inputs": [str(i) for i in inputs], "device": device, "axis": axis,
+        "batch_size": batch_size, "precision": precision, "aggregate": aggregate, "normal_class": normal_class}
+    with RunFolder(out_dir, "predict", overwrite=overwrite, config=config_used) as run:
+        out = run.path
+        frame_rows: list[list[Any]] = []
+        attention_rows: list[list[Any]] = []
+        results: list[dict[str, Any]] = []
+        prep = preprocessing_from_config(config)
+        with Progress(len(files), "predict", disable=quiet) as bar:
+            for path in files:
                 try:
-                    res = classify_array(model, config, img.array, img.kind, img.spacing, axis, dev, batch_size,
-                                         top_k, precision, None if inner is None else inner.update, source=str(path),
-                                         aggregate=aggregate, normal_class=normal_class, colour=img.rgb)
-                finally:
-                    if inner is not None:
-                        inner.close()
-            except UsfmaeError as err:
-                skipped.append({"source": str(path), "reason": str(err)})
-                bar.write(f"skipped {path}: {err}")
-                bar.update(1)
-                continue
-            names = res["classes"]
-            for i, row in zip(res["frame_index"], res["per_frame"], strict=True):
-                frame_rows.append([str(path), int(i), res["kind"], *map(_fmt, row), names[int(row.argmax())]])
-            result = {"source": str(path), "kind": res["kind"], "n_frames": res["n_frames"],
-                      "n_excluded": res["n_excluded"], "label": res["label"],
-                      **{f"p_{c}": round(float(p), 6) for c, p in zip(names, res["aggregate"], strict=True)},
-                      "top_slices": res["top_slices"]}
-            colour = colour_status(img, prep, res["model"])
-            if colour is not None:
-                result["colour"] = colour
-            if res["attention"] is not None:
-                result["n_slices"] = len(res["attention"])
-                for i, a in zip(res["slice_index"], res["attention"], strict=True):
-                    attention_rows.append([str(path), int(i), f"{float(a):.6f}"])
-            results.append(result)
-            bar.update(1, label=res["label"])
-    if not results:
-        first = skipped[0] if skipped else {"source": "?", "reason": "nothing to classify"}
-        raise UsfmaeError(f"no input could be classified ({first['reason']})",
-                          "check the files named above (format, corruption) and the model (2D/3D)")
-    prob_cols = [f"p_{c}" for c in names]
-    write_csv(out / "predictions.csv", ["source", "index", "kind", *prob_cols, "pred"], frame_rows)
-    if attention_rows:
-        write_csv(out / "attention.csv", ["source", "index", "attention"], attention_rows)
-    write_csv(out / "summary.csv", ["source", "kind", "n_frames", "n_excluded", "label", *prob_cols, "top_slices"],
-              [[r["source"], r["kind"], r["n_frames"], r["n_excluded"], r["label"], *(_fmt(r[c]) for c in prob_cols),
-                " ".join(str(i) for i in r["top_slices"])] for r in results])
-    write_json(out / "predictions.json", {
-        "model": str(model_path), "arch": ckpt["arch"], "classes": names,
-        "spatial_dims": model_spatial_dims(model, config), "axis": axis if volume is None else volume.axis,
-        "volume_model": None if volume is None else volume.model,
-        "aggregate": aggregate if volume is None else "volume model",
-        "normal_class": normal_class if volume is None and aggregate != "mean" else None,
-        "device": describe_device(dev), "weights_dtype": str(_weights_dtype(model)).replace("torch.", ""),
-        "autocast": str(inference_dtype(dev, precision) or "none").replace("torch.", "")
-        if _weights_dtype(model) == torch.float32 else "none",
-        "preprocessing": prep.to_dict(),
-        "colour": {"files": sum(1 for r in results if r.get("colour")),
-                   "given_as": "rgb" if prep.keeps_colour and volume is None else "grey"},
-        "results": results, "skipped": skipped})
+                    img = as_kind(read_ultrasound(path, keep_colour=prep.keeps_colour), kind)
+                    inner = Progress(img.n_frames, "classify", disable=True) if img.n_frames > batch_size else None
+                    try:
+                        res = classify_array(model, config, img.array, img.kind, img.spacing, axis, dev, batch_size,
+                                             top_k, precision, None if inner is None else inner.update,
+                                             source=str(path), aggregate=aggregate, normal_class=normal_class,
+                                             colour=img.rgb)
+                    finally:
+                        if inner is not None:
+                            inner.close()
+                except UsfmaeError as err:
+                    skipped.append({"source": str(path), "reason": str(err)})
+                    bar.write(f"skipped {path}: {err}")
+                    bar.update(1)
+                    continue
+                names = res["classes"]
+                for i, row in zip(res["frame_index"], res["per_frame"], strict=True):
+                    frame_rows.append([str(path), int(i), res["kind"], *map(_fmt, row), names[int(row.argmax())]])
+                result = {"source": str(path), "kind": res["kind"], "n_frames": res["n_frames"],
+                          "n_excluded": res["n_excluded"], "label": res["label"],
+                          **{f"p_{c}": round(float(p), 6) for c, p in zip(names, res["aggregate"], strict=True)},
+                          "top_slices": res["top_slices"]}
+                colour = colour_status(img, prep, res["model"])
+                if colour is not None:
+                    result["colour"] = colour
+                if res["attention"] is not None:
+                    result["n_slices"] = len(res["attention"])
+                    for i, a in zip(res["slice_index"], res["attention"], strict=True):
+                        attention_rows.append([str(path), int(i), f"{float(a):.6f}"])
+                results.append(result)
+                bar.update(1, label=res["label"])
+        if not results:
+            first = skipped[0] if skipped else {"source": "?", "reason": "nothing to classify"}
+            raise UsfmaeError(f"no input could be classified ({first['reason']})",
+                              "check the files named above (format, corruption) and the model (2D/3D)")
+        prob_cols = [f"p_{c}" for c in names]
+        write_csv(out / "predictions.csv", ["source", "index", "kind", *prob_cols, "pred"], frame_rows)
+        if attention_rows:
+            write_csv(out / "attention.csv", ["source", "index", "attention"], attention_rows)
+        write_csv(out / "summary.csv", ["source", "kind", "n_frames", "n_excluded", "label", *prob_cols, "top_slices"],
+                  [[r["source"], r["kind"], r["n_frames"], r["n_excluded"], r["label"],
+                    *(_fmt(r[c]) for c in prob_cols), " ".join(str(i) for i in r["top_slices"])] for r in results])
+        write_json(out / "predictions.json", {
+            "model": str(model_path), "arch": ckpt["arch"], "classes": names,
+            "spatial_dims": model_spatial_dims(model, config), "axis": axis if volume is None else volume.axis,
+            "volume_model": None if volume is None else volume.model,
+            "aggregate": aggregate if volume is None else "volume model",
+            "normal_class": normal_class if volume is None and aggregate != "mean" else None,
+            "device": describe_device(dev), "weights_dtype": str(_weights_dtype(model)).replace("torch.", ""),
+            "autocast": str(inference_dtype(dev, precision) or "none").replace("torch.", "")
+            if _weights_dtype(model) == torch.float32 else "none",
+            "preprocessing": prep.to_dict(),
+            "colour": {"files": sum(1 for r in results if r.get("colour")),
+                       "given_as": "rgb" if prep.keeps_colour and volume is None else "grey"},
+            "results": results, "skipped": skipped})
+        run.finish()
     return out

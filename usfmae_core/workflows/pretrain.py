@@ -60,9 +60,10 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -145,10 +146,13 @@ def build_pretrain_model(preset: str = "vit_base", img_size: int | None = None, 
         model.load_state_dict(adapt_state_dict(src, target, source=str(init)))
         if fresh:
             config["init_note"] = "decoder prediction head re-initialised (patch shape changed)"
+    from usfmae_core.networks.presets import check_normalisation
+
     size = config["img_size"]
     size = int(size[-1] if isinstance(size, (list, tuple)) else size)
     mean = IMAGENET_MEAN if mean is None else mean
     std = IMAGENET_STD if std is None else std
+    check_normalisation(mean, std, int(config["in_channels"]))
     config["preprocessing"] = Preprocessing(size, int(config["in_channels"]), tuple(mean), tuple(std)).to_dict()
     return model, config
 
@@ -503,9 +507,9 @@ class _Logger:
                     keep.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a torn last line from a kill
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, self.metrics_path)
+        from usfmae_core.fileio import atomic_write_text
+
+        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
 
     def log(self, record: dict[str, Any], advance: int) -> None:
         shown = {k: record[k] for k in ("loss", "lr", "img_per_s") if k in record}
@@ -613,21 +617,30 @@ def _check_args(args: argparse.Namespace) -> None:
 def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     """Run MAE pretraining as configured by the CLI arguments (see :func:`add_parser`); returns the summary."""
     from usfmae_core.checkpoints import load_checkpoint
+    from usfmae_core.runs import check_run
 
     _check_args(args)
     out = Path(args.out)
     ckpt_path = out / CKPT_NAME
+    overwrite = bool(getattr(args, "overwrite", False))
+    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 owns the folder (the others would see its lock)
+        mode = check_run(out, "pretrain", resume=args.resume, overwrite=overwrite)
+    else:
+        mode = "resume" if args.resume and not overwrite and ckpt_path.exists() else "new"
     resume_ckpt = None
-    if ckpt_path.exists() and not args.resume:
-        raise UsfmaeError(f"{out} already holds a pretraining run ({ckpt_path.name})",
-                          "pass --resume to continue it, or choose another --out")
-    if args.resume and ckpt_path.exists():
+    if mode == "resume":
         resume_ckpt = load_checkpoint(ckpt_path)
         if resume_ckpt.get("meta", {}).get("kind") != "pretrain_training_state":
             raise UsfmaeError(f"{ckpt_path} is not a pretraining state", "choose another --out")
+        warnings = _check_resume_args(args, resume_ckpt)
+        if int(os.environ.get("RANK", "0")) == 0:
+            for w in warnings:
+                print(f"usfmae: warning: --resume with {w}: the new value is used, so the result will differ from "
+                      "an uninterrupted run", file=sys.stderr, flush=True)
     ctx = D.init_distributed(args.device)
     try:
-        result = _pretrain(args, ctx, out, resume_ckpt)
+        with ExitStack() as stack:
+            result = _pretrain(args, ctx, out, resume_ckpt, stack)
     except BaseException:
         D.cleanup(sync=False)
         raise
@@ -635,11 +648,30 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ckpt: dict[str, Any] | None
-              ) -> dict[str, Any]:
+# What a resumed run cannot change (the model and its input), and what does not affect the result.
+_RESUME_FIXED = ("preset", "img_size", "patch_size", "in_channels", "spatial_dims", "mask_ratio", "norm_pix_loss",
+                 "drop_path", "mean", "std", "init")
+_RESUME_FREE = ("device", "threads", "workers", "resume", "overwrite", "ckpt_every", "picture_every", "log_every",
+                "out", "compile", "max_steps", "epochs", "epochs_given", "command", "corpus")
+
+
+def _check_resume_args(args: argparse.Namespace, resume_ckpt: dict[str, Any]) -> list[str]:
+    """Refuse ``--resume`` arguments that change the model (``--preset``, ``--img-size``...); return warnings for
+    those that change the optimisation (``--batch-size``, ``--blr``...; used as given)."""
+    from usfmae_core.runs import check_resume_arguments
+
+    stored = dict(resume_ckpt.get("train_args") or {})
+    given = {k: v for k, v in vars(args).items() if k != "func"}
+    return check_resume_arguments(given, stored, dict(getattr(args, "_defaults", {}) or {}), _RESUME_FIXED,
+                                  _RESUME_FREE, where=f"the pretraining run in {args.out}")
+
+
+def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ckpt: dict[str, Any] | None,
+              stack: ExitStack) -> dict[str, Any]:
     from usfmae_core.checkpoints import make_checkpoint, save_checkpoint
     from usfmae_core.device import autocast_dtype, describe_device
-    from usfmae_core.workflows.common import prepare_output_dir, seed_everything, write_json
+    from usfmae_core.runs import RunFolder
+    from usfmae_core.workflows.common import seed_everything, write_json
     from usfmae_core.workflows.optim import cosine_lr, scaled_lr, set_lr
 
     ckpt_path = out / CKPT_NAME
@@ -736,13 +768,15 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
     ddp_model = D.wrap_ddp(model, ctx)
     train_model = torch.compile(ddp_model) if args.compile else ddp_model
 
-    # ---- output folder (only now: bad input has been refused above)
-    if ctx.main:
-        prepare_output_dir(out, {**vars(args), "resolved": {
+    # ---- output folder (only now: bad input has been refused above), locked for the rest of the run
+    run = stack.enter_context(RunFolder(
+        out, "pretrain", resume=resume_ckpt is not None, overwrite=bool(getattr(args, "overwrite", False)),
+        active=ctx.main, config={**vars(args), "resolved": {
             "device": str(device), "world_size": world, "amp_dtype": str(amp_dtype).replace("torch.", "")
             if amp_dtype else "fp32", "effective_batch": eff_batch, "lr": lr, "total_steps": total_steps,
             "warmup_steps": warmup, "steps_per_epoch": steps_per_epoch, "corpus_items": len(corpus),
-            "corpora": corpora, "init": str(args.init) if args.init and resume_ckpt is None else None}})
+            "corpora": corpora, "init": str(args.init) if args.init and resume_ckpt is None else None}}))
+    if ctx.main:
         for stale in out.glob(f".{CKPT_NAME}.*.tmp"):  # a save killed half-way (the real file is intact)
             stale.unlink(missing_ok=True)
         (out / "pictures").mkdir(exist_ok=True)
@@ -879,6 +913,7 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
 
             save_curve(xs, ys, out / "loss_curve.png", title="MAE pretraining loss", ylabel="loss (masked MSE)")
         write_json(out / "summary.json", summary)
+        run.finish(steps=state["step"])
         if steps_run:
             print(f"pretrained {state['step']} steps: loss {last_loss:.4f}, {summary['img_per_s']} img/s -> "
                   f"{out / MODEL_NAME}", flush=True)

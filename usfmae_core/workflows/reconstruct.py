@@ -14,6 +14,7 @@ resampled with nearest neighbours, so visible pixels stay exact at full resoluti
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -194,9 +195,23 @@ def _write_with_geometry(array: np.ndarray, img, path: Path) -> Path:
         if n >= dims:
             ref.SetDirection([float(d) for d in np.asarray(direction, float).reshape(n, n)[:dims, :dims].ravel()])
     out.CopyInformation(ref)
+    # SimpleITK writes by name: a temporary name with the real extension (it picks the format from it), then the
+    # same durable rename as every other result file
+    from usfmae_core.fileio import fsync_dir, fsync_file
+
     tmp = path.with_name(f".tmp.{path.name}")
-    sitk.WriteImage(out, str(tmp), True)
-    os.replace(tmp, path)
+    try:
+        sitk.WriteImage(out, str(tmp), True)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except RuntimeError as err:  # SimpleITK reports write failures (full disk, permissions) as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise OSError(errno.EIO, f"SimpleITK could not write it: {str(err).strip().splitlines()[-1][:120]}",
+                      str(path)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
     return path
 
 
@@ -216,8 +231,9 @@ def _pictures(res: dict[str, Any], out: Path, stem: str, label: str, cap: int = 
 def reconstruct_file(model_path: str | os.PathLike, path: str | os.PathLike, out_dir: str | os.PathLike,
                      mask_ratio: float = 0.75, seed: int = 0, axis: int = 0, device: str = "auto",
                      batch_size: int = 16, precision: str = "auto", run_config: dict[str, Any] | None = None,
-                     quiet: bool = False) -> dict[str, Any]:
-    """Reconstruct one file with the MAE in ``model_path`` and write the results to ``out_dir``.
+                     quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Reconstruct one file with the MAE in ``model_path`` and write the results to ``out_dir`` (locked while it is
+    written; earlier results there are refused unless ``overwrite``, see :mod:`usfmae_core.runs`).
 
     2D image / cine: PNG grids (input | masked | reconstruction), one per frame (at most :data:`MAX_PICTURES`,
     evenly spaced). 3D volume, and any input in a volume format (NRRD, NIfTI, MetaImage: e.g. a one-slice image
@@ -230,20 +246,34 @@ def reconstruct_file(model_path: str | os.PathLike, path: str | os.PathLike, out
         ``{"pictures": [paths], "volumes": {"masked", "reconstruction", "mask"} (volumes only), "loss", "summary"}``.
     """
     from usfmae_core.checkpoints import load_model
-    from usfmae_core.data.readers import file_format, read_ultrasound
-    from usfmae_core.data.transforms import image_to_frames
-    from usfmae_core.workflows.common import Progress, prepare_output_dir, write_json
+    from usfmae_core.data.readers import read_ultrasound
+    from usfmae_core.runs import RunFolder, check_run
 
     path = Path(path)
     if not path.exists():
         raise UsfmaeError(f"input {path} does not exist", "check the path")
+    check_run(out_dir, "reconstruct", overwrite=overwrite)
     dev = _device(device)
     img = read_ultrasound(path)
     mae, ckpt = load_model(model_path, expect="mae", device=dev)
     prep = preprocessing_from_config(ckpt["config"])
-    out = prepare_output_dir(out_dir, run_config if run_config is not None else
-                             {"model": str(model_path), "input": str(path), "mask_ratio": mask_ratio, "seed": seed,
-                              "axis": axis, "device": device})
+    config_used = run_config if run_config is not None else {
+        "model": str(model_path), "input": str(path), "mask_ratio": mask_ratio, "seed": seed, "axis": axis,
+        "device": device}
+    with RunFolder(out_dir, "reconstruct", overwrite=overwrite, config=config_used) as run:
+        written = _reconstruct_into(run.path, mae, ckpt, img, path, prep, model_path, mask_ratio, seed, axis, dev,
+                                    batch_size, precision, quiet)
+        run.finish()
+    return written
+
+
+def _reconstruct_into(out: Path, mae: nn.Module, ckpt: dict[str, Any], img: Any, path: Path, prep: Any,
+                      model_path: str | os.PathLike, mask_ratio: float, seed: int, axis: int, dev: torch.device,
+                      batch_size: int, precision: str, quiet: bool) -> dict[str, Any]:
+    from usfmae_core.data.readers import file_format
+    from usfmae_core.data.transforms import image_to_frames
+    from usfmae_core.workflows.common import Progress, write_json
+
     stem = _stem(path)
     dims = mae.encoder.spatial_dims
     if dims == 3 and img.kind != "volume":
