@@ -163,7 +163,8 @@ def test_bundle_evaluates_and_imports_as_a_model(exported: dict[str, Path], tmp_
         load_model(bundle / "models" / "model.pt")
     import_weights(bundle / "models" / "model.pt", tmp_path / "m2.pt")
     b, cb = load_model(exported["run"] / "model.pt", expect="classifier")
-    assert load_model(tmp_path / "m.pt", expect="classifier")[1]["config"]["preprocessing"] == cb["config"]["preprocessing"]  # resize / crop / colour rules too
+    imported = load_model(tmp_path / "m.pt", expect="classifier")[1]["config"]
+    assert imported["preprocessing"] == cb["config"]["preprocessing"]  # resize / crop / colour rules too
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         for path in (tmp_path / "m.pt", tmp_path / "m2.pt"):

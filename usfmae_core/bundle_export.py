@@ -327,9 +327,7 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
             doc["network_def"]["dropout"] = float(config.get("dropout", 0.0))
         doc["intensity_mean"], doc["intensity_std"] = [float(v) for v in prep["mean"]], [float(v) for v in prep["std"]]
         rules = Preprocessing.from_dict(prep)  # the run's geometry / colour rules (legacy ones for old runs)
-        doc["resize"], doc["crop_sector"] = rules.resize, rules.crop_sector
-        if cfg == "inference.json":
-            doc["colour"] = rules.colour
+        doc["resize"], doc["crop_sector"], doc["colour"] = rules.resize, rules.crop_sector, rules.colour
         write_json_file(path, doc)
 
     meta = _read_json(template / "configs" / "metadata.json")

@@ -248,14 +248,19 @@ def inference_items(source: str | os.PathLike | Sequence[str | os.PathLike]) -> 
     return [{"image": str(p)} for p in files]
 
 
-def log_data_summary(datalist: Mapping[str, Any], source: str | os.PathLike | None = None) -> list[str]:
+def log_data_summary(datalist: Mapping[str, Any], source: str | os.PathLike | None = None,
+                     preprocessing: Any = None, volume: Any = None) -> list[str]:
     """Log the console summary of a labelled datalist (files found, per-class counts per split, masks excluded,
     duplicates removed, near-duplicate groups, unreadable files: :func:`usfmae_core.data.labelled.datalist_summary`,
-    what ``usfmae finetune`` / ``evaluate`` print) at the start of a bundle run; first process only. Returns the
-    lines."""
-    from usfmae_core.data.labelled import datalist_summary
+    what ``usfmae finetune`` / ``evaluate`` print) at the start of a bundle run; first process only. With the model's
+    ``preprocessing`` (and ``volume`` settings) it also says what the preprocessing does to this data
+    (:func:`~usfmae_core.data.labelled.preprocessing_notes`: geometry rule, non-square files, colour kept or made
+    grey). Returns the lines."""
+    from usfmae_core.data.labelled import datalist_summary, preprocessing_notes
 
-    lines = datalist_summary(dict(datalist), None if source is None else str(source))
+    lines = datalist_summary(dict(datalist), None if source is None else str(source), colour=preprocessing is None)
+    if preprocessing is not None:
+        lines += preprocessing_notes(dict(datalist), preprocessing, volume)
     if not is_not_rank0():
         for line in lines:
             logger.info(line)
@@ -757,9 +762,14 @@ def _encoder_config(encoder: nn.Module) -> dict[str, Any]:
             "qkv_bias": block.attn.qkv.bias is not None, "drop_path_rate": 0.0}
 
 
-def mae_checkpoint_config(network: nn.Module, preprocessing: Any, preset: str = "bundle") -> dict[str, Any]:
+def mae_checkpoint_config(network: nn.Module, preprocessing: Any, preset: str = "bundle", corpus: Any = None
+                          ) -> dict[str, Any]:
     """Our checkpoint config of a :class:`~usfmae_core.networks.mae.USFMAE` (model kwargs + ``preprocessing``), read
-    from the module: what ``usfmae finetune --init`` / ``--pretrained_mae`` / ``reconstruct`` rebuild it from."""
+    from the module: what ``usfmae finetune --init`` / ``--pretrained_mae`` / ``reconstruct`` rebuild it from. With
+    the frame ``corpus`` (a :class:`CorpusDataset` or an opened corpus) the geometry / colour rules its frames were
+    stored with go into ``preprocessing``, as ``usfmae pretrain`` records them
+    (:func:`~usfmae_core.data.corpus.corpus_preprocessing`)."""
+    from usfmae_core.data.corpus import VolumeCorpus, corpus_preprocessing
     from usfmae_core.workflows.distributed import unwrap_model
 
     model = unwrap_model(network)
@@ -770,6 +780,9 @@ def mae_checkpoint_config(network: nn.Module, preprocessing: Any, preset: str = 
                decoder_num_heads=int(dec.decoder_blocks[0].attn.num_heads), mask_ratio=float(model.mask_ratio),
                norm_pix_loss=bool(model.norm_pix_loss), preset=str(preset),
                preprocessing=preprocessing.to_dict() if hasattr(preprocessing, "to_dict") else dict(preprocessing))
+    corpus = getattr(corpus, "data", corpus)
+    if corpus is not None and not isinstance(corpus, VolumeCorpus):
+        cfg["preprocessing"].update(corpus_preprocessing(corpus))
     dec_ratio = dec.decoder_blocks[0].mlp.linear1.out_features / dec_hidden
     if dec_ratio != cfg["mlp_ratio"]:
         cfg["decoder_mlp_ratio"] = float(dec_ratio)

@@ -742,28 +742,36 @@ def _examples(paths: Sequence[str], k: int = 3) -> str:
     return ", ".join(names) + (f", ... ({len(paths) - k} more)" if len(paths) > k else "")
 
 
-def preprocessing_notes(d: dict, prep: Any) -> list[str]:
-    """Console lines saying what a 2D model's preprocessing (:class:`~usfmae_core.data.transforms.Preprocessing`) does
-    to this data: the rule, how many non-square frames are letterboxed or squashed, how many colour files keep or
-    lose their colour."""
-    lines = [f"preprocessing: {prep.describe()}"]
+def preprocessing_notes(d: dict, prep: Any, volume: Any = None) -> list[str]:
+    """Console lines saying what a model's preprocessing (:class:`~usfmae_core.data.transforms.Preprocessing`) does to
+    this data: the rule, how many non-square frames are letterboxed or squashed (2D models; a ``volume`` model's
+    geometry is summarised by its own transform), how many colour files keep or lose their colour (said here once)."""
+    from usfmae_core.data.transforms import loads_colour
+
+    lines = [f"preprocessing: {prep.describe()}" if volume is None else
+             f"preprocessing: {volume.model} volume model, grey, {prep.image_size} voxels / pixels a side"]
     ns = d.get("non_square") or {}
-    if ns.get("count"):
+    if ns.get("count") and volume is None:
         how = ("letterboxed: aspect ratio kept, padded with black" if prep.resize == "letterbox"
                else "squashed to a square (--resize squash): anatomy is stretched")
         lines.append(f"  non-square: {ns['count']} of {ns['of']} files (aspect up to "
                      f"{float(ns['max_aspect']):.1f}:1), {how}")
     if d.get("colour"):
-        how = ("given to the model as colour (RGB)" if prep.keeps_colour else
-               "converted to grey (BT.601 luma): " + ("the model has 1 input channel" if int(prep.in_channels) == 1
-                                                      else "the checkpoint was trained on grey"))
+        if loads_colour(prep, volume):
+            how = "given to the model as colour (RGB)"
+        else:
+            why = ("volume models read grey" if volume is not None else "the model has 1 input channel"
+                   if int(prep.in_channels) == 1 else "the checkpoint was trained on grey")
+            how = f"converted to grey (BT.601 luma): {why}"
         lines.append(f"  colour: {len(d['colour'])} file(s) carry colour pixels (Doppler, overlays), {how}")
     return lines
 
 
-def datalist_summary(d: dict, name: str | None = None) -> list[str]:
+def datalist_summary(d: dict, name: str | None = None, colour: bool = True) -> list[str]:
     """The console summary of a labelled datalist: files found, per-class counts per split, what was removed, grouped,
-    excluded as masks, unreadable, ignored, and the colour count. One string per line (no trailing newline)."""
+    excluded as masks, unreadable, ignored, and (``colour``) the colour count; callers that print
+    :func:`preprocessing_notes`, which says what becomes of the colour, pass ``colour=False`` so it is said once.
+    One string per line (no trailing newline)."""
     upgrade_report_keys(d)
     classes = [str(c) for c in d.get("classes") or []]
     splits = {s: list(d.get(s) or []) for s in ("training", "validation", "test")}
@@ -804,6 +812,6 @@ def datalist_summary(d: dict, name: str | None = None) -> list[str]:
                                                           else "") + " (a group never spans two splits)")
     lines.append(f"  unreadable: {len(unreadable)}" + (f" ({_examples([r['path'] for r in unreadable])})"
                                                        if unreadable else ""))
-    if d.get("colour"):
+    if colour and d.get("colour"):
         lines.append(f"  colour: {len(d['colour'])} file(s) carry colour pixels (Doppler, overlays)")
     return lines

@@ -212,9 +212,8 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: s
     if not quiet:
         from usfmae_core.data.labelled import datalist_summary, preprocessing_notes
 
-        print("\n".join(datalist_summary(datalist, str(data))), flush=True)
-        if volume_from_config(cfg) is None:
-            print("\n".join(preprocessing_notes(datalist, prep)), flush=True)
+        print("\n".join(datalist_summary(datalist, str(data), colour=False)), flush=True)
+        print("\n".join(preprocessing_notes(datalist, prep, volume_from_config(cfg))), flush=True)
     mapping = map_labels(datalist["classes"], classes, data, model_path)
     items = [{**it, "label": int(mapping[int(it["label"])])} for it in select_items(datalist, split, data)]
 

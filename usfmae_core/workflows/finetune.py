@@ -764,10 +764,10 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
         model.freeze_encoder()
     model.to(device)
     prep = Preprocessing.from_dict(config["preprocessing"])
-    if not opts.quiet and volume is None and stage in ("finetune", f"finetune fold 1/{opts.folds}"):
+    if not opts.quiet and stage in ("finetune", f"finetune fold 1/{opts.folds}"):
         from usfmae_core.data.labelled import preprocessing_notes
 
-        print("\n".join(preprocessing_notes(datalist, prep)), flush=True)
+        print("\n".join(preprocessing_notes(datalist, prep, volume)), flush=True)
 
     workers = opts.workers if opts.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda"
                                                              else 0)
@@ -1042,7 +1042,7 @@ def finetune(data: str | Path | dict[str, Any], out: str | Path, opts: FinetuneO
     if not opts.quiet:
         from usfmae_core.data.labelled import datalist_summary
 
-        print("\n".join(datalist_summary(datalist, source)), flush=True)
+        print("\n".join(datalist_summary(datalist, source, colour=False)), flush=True)  # preprocessing_notes: colour
     if len(datalist.get("classes") or []) < 2:
         raise UsfmaeError(f"{source} has fewer than 2 classes", "a classifier needs at least 2 classes")
     if opts.folds:
