@@ -161,12 +161,14 @@ def test_finetune_stores_the_rules_and_says_what_they_do(tmp_path, capsys) -> No
     assert "preprocessing: letterbox to 32 x 32" in out
     assert "non-square: 6 of 15 files (aspect up to 1.8:1), letterboxed" in out
     assert "colour: 6 file(s) carry colour pixels (Doppler, overlays), given to the model as colour" in out
+    assert out.count("carry colour pixels") == 1  # said once, with what becomes of it
     prep = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["config"]["preprocessing"]
     assert (prep["resize"], prep["crop_sector"], prep["colour"]) == ("letterbox", False, "rgb")
     assert cli.main(["finetune", *common, "--out", str(tmp_path / "b"), "--resize", "squash", "--crop-sector",
                      "--in-channels", "1"]) == 0
     out = capsys.readouterr().out
     assert "squashed to a square (--resize squash)" in out and "converted to grey (BT.601 luma)" in out
+    assert out.count("carry colour pixels") == 1
     prep = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["config"]["preprocessing"]
     assert (prep["resize"], prep["crop_sector"], prep["in_channels"]) == ("squash", True, 1)
 
@@ -200,3 +202,25 @@ def test_prepare_letterboxes_and_keeps_one_rule_per_corpus(tmp_path, cli_error) 
     _screen(src, "b.jpg", 1)
     cli_error(["prepare", str(src), "--out", str(tmp_path / "c"), "--image-size", "32", "--no-progress",
                "--resize", "squash"], "was prepared with --resize letterbox", "--resize letterbox")
+
+
+def test_one_colour_rule_for_every_reader(tmp_path) -> None:
+    """loads_colour decides what fine-tuning, predict and the bundle read in colour; the bundle's data summary says
+    what becomes of colour and non-square files once, as finetune does."""
+    from usfmae_core.bundle_support import log_data_summary
+    from usfmae_core.data.labelled import labelled_source_to_datalist
+    from usfmae_core.data.transforms import loads_colour
+    from usfmae_core.data.volumes import VolumeInput
+
+    assert loads_colour(Preprocessing(32, 3)) and loads_colour(Preprocessing(32, 3).to_dict())
+    assert not loads_colour(Preprocessing(32, 1)) and not loads_colour({"image_size": 32, "in_channels": 3})  # legacy
+    assert not loads_colour(Preprocessing(32, 3), VolumeInput(model="mil"))
+    root = tmp_path / "data"
+    phantom.write_distributed_dataset(root, n_per_class=3, size=40, masks="none", flips=0, rotations=0, screens=1)
+    d = labelled_source_to_datalist(root, seed=0)
+    text = "\n".join(log_data_summary(d, root, Preprocessing(32, 3)))
+    assert text.count("carry colour pixels") == 1 and "given to the model as colour (RGB)" in text
+    assert "non-square: 3 of 9 files" in text and "letterboxed" in text
+    text = "\n".join(log_data_summary(d, root, Preprocessing(32, 3), VolumeInput(model="mil")))
+    assert "converted to grey (BT.601 luma): volume models read grey" in text and "non-square" not in text
+    assert "colour: 3 file(s) carry colour pixels (Doppler, overlays)" in "\n".join(log_data_summary(d, root))
