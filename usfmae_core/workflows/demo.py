@@ -151,13 +151,13 @@ def run_volume_part(out: Path, mae: Path, volume_path: Path, device: str, scale:
                                  phantom.make_volume(label, VOLUME_SHAPE, rng), spacing=(1.0, 0.4, 0.4))
     run = out / "finetune_volume"
     _run(["finetune", "--data", str(folder), "--volume-model", "mil", "--init", str(mae), "--max-slices", "8",
-          "--epochs", str(max(2, int(round(20 * scale)))), "--warmup-epochs", "2", "--patience", "0",
-          "--batch-size", "4", "--lr", "5e-4", "--test-fraction", "0.3", "--device", device, "--seed", str(seed),
+          "--epochs", str(max(2, int(round(30 * scale)))), "--warmup-epochs", "2", "--patience", "0",
+          "--batch-size", "2", "--lr", "1e-3", "--test-fraction", "0.3", "--device", device, "--seed", str(seed),
           "--workers", "0", "--out", str(run)])
     _run(["evaluate", "--model", str(run / "model.pt"), "--data", str(run / "datalist.json"), "--split", "test",
           "--out", str(out / "eval_volume"), "--device", device])
     test = json.loads((run / "datalist.json").read_text())["test"]
-    test_list = out / "eval_volume" / "test_volumes.json"
+    test_list = out / "data" / "test_volumes.json"  # the held-out volumes, as a datalist predict reads
     test_list.write_text(json.dumps({"test": [{"image": it["image"]} for it in test]}, indent=1))
     _run(["predict", str(out / "finetune_pretrained" / "model.pt"), str(test_list), "--aggregate", "mean",
           "--out", str(out / "predict_volumes_mean"), "--device", device])
