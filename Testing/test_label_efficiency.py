@@ -152,3 +152,35 @@ def test_continued_pretraining_arms_use_only_each_folds_training_images(tmp_path
     assert "MAE continued on target" in (tmp_path / "out" / "results.md").read_text()
     again = le.main(argv)
     assert [c["command"].split()[1] for c in again["commands"]] == ["prepare"]
+
+
+def test_leak_guard_stops_the_benchmark_when_a_held_out_image_is_in_a_target_corpus(tmp_path):
+    """The guard behind the continued-pretraining arms: a target corpus that holds one of the fold's validation or
+    test images (e.g. a stale WORK/target_corpus from another split) voids the protocol, so the benchmark stops
+    instead of reporting numbers; a corpus of training images only passes and is recorded."""
+    import argparse
+
+    le = _load_benchmark()
+    images = {}
+    for split in ("training", "validation", "test"):
+        images[split] = [tmp_path / f"{split}_{i}.png" for i in range(3)]
+        for p in images[split]:
+            p.write_bytes(b"")  # only the paths matter to the guard
+    fold = tmp_path / "fold_0.json"
+    fold.write_text(json.dumps({"classes": ["a", "b"], **{s: [{"image": str(p), "label": i % 2}
+                                                              for i, p in enumerate(v)] for s, v in images.items()}}))
+    cont = le.Continued(le.Recorder(tmp_path), argparse.Namespace(report_only=True), tmp_path, None, [fold])
+
+    def corpus(name, sources):
+        c = tmp_path / name
+        c.mkdir()
+        (c / "manifest.jsonl").write_text("".join(json.dumps({"source": str(s.resolve())}) + "\n" for s in sources))
+        (c / "report.json").write_text(json.dumps({"duplicates_removed": 0, "empty_frames_skipped": 0}))
+        return c
+
+    ok = cont.leak_check(0, corpus("clean", images["training"]))
+    assert ok["validation_or_test_images_in_corpus"] == 0 and ok["images_in_corpus"] == ok["training_images"] == 3
+    for split in ("validation", "test"):
+        with pytest.raises(SystemExit, match="held-out images") as e:
+            cont.leak_check(0, corpus(f"leaky_{split}", images["training"] + images[split][:1]))
+        assert images[split][0].name in str(e.value)

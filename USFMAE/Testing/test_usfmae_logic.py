@@ -10,6 +10,8 @@ the input's study and shown in a layout with a table view and a plot view.
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -219,10 +221,12 @@ def test_reconstruction_volumes_keep_the_input_geometry(scene, tiny_models, run_
     node.SetAndObserveTransformNodeID(transform.GetID())
     logic = USFMAEEngineLogic(scene)
 
-    outcome, _ = run_job(logic, logic.reconstruct_job(node, tiny_models["mae"], mask_ratio=0.75, seed=3,
-                                                      device="cpu"))
+    outcome, job = run_job(logic, logic.reconstruct_job(node, tiny_models["mae"], mask_ratio=0.75, seed=3,
+                                                        device="cpu"))
 
     assert outcome.ok and outcome.show == "volumes", outcome.message
+    # the progress bar followed the child's batches of slices to the end
+    assert job.progress["stage"] == "reconstruct" and job.progress["total"] == 4 and job.fraction == 1.0
     mae, _ = load_model(tiny_models["mae"], expect="mae")
     ref = reconstruct_frames(mae, vol, Preprocessing.from_dict(tiny_models["prep"]), mask_ratio=0.75, seed=3)
     for key in ("masked", "reconstruction"):
@@ -237,6 +241,54 @@ def test_reconstruction_volumes_keep_the_input_geometry(scene, tiny_models, run_
     one, _ = run_job(logic, logic.reconstruct_job(img, tiny_models["mae"], device="cpu"))
     assert one.ok, one.message
     assert slicer.util.arrayFromVolume(one.nodes["reconstruction"]).shape == (1, 40, 40)
+
+
+# ---------------------------------------------------------------------------------------- progress, Cancel
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def test_classify_reports_progress_and_cancel_mid_run_leaves_the_scene_alone(scene, tiny_models):
+    """What the widget does with Classify (Reconstruct runs the same way): progress records from the child (per batch
+    of slices) drive the bar; Cancel mid-run (``request_cancel``, non-blocking, as the button calls it) ends the
+    child's process group, the outcome says "cancelled", the job's temporary folder is removed and nothing is added
+    to the scene."""
+    logic = USFMAEEngineLogic(scene)
+    big = slicer.util.addVolumeFromArray(
+        np.random.default_rng(0).integers(0, 255, (3000, 24, 24)).astype(np.uint8), name="long")
+    n_nodes = scene.GetNumberOfNodes()
+    spec = logic.classify_job(big, tiny_models["classifier"], device="cpu", batch_size=1, precision="fp32")
+    job = logic.start_job(spec)
+    try:
+        deadline = time.monotonic() + 300
+        while job.running and (job.progress is None or job.progress.get("stage") != "classify"):
+            assert time.monotonic() < deadline, f"no progress from the child; log: {list(job.log)[-5:]}"
+            job.poll()
+            time.sleep(0.02)
+        assert job.running, f"the job ended before it could be cancelled: {list(job.log)[-5:]}"
+        first = dict(job.progress)
+        assert first["total"] == 3000 and 0 < first["step"] < 3000 and 0.0 < job.fraction < 1.0
+        pid = job.proc.pid
+        job.request_cancel(timeout=5.0)
+        end = time.monotonic() + 30
+        while job.running and time.monotonic() < end:
+            job.poll()
+            time.sleep(0.05)
+    finally:
+        if job.running:
+            job.cancel(timeout=1.0)
+    assert not job.running and job.cancelled and not _alive(pid)
+    assert job.progress["step"] < 3000, "cancelled before the end"
+    outcome = logic.finish_job(job)
+    assert not outcome.ok and outcome.cancelled and "cancelled" in outcome.message
+    assert not spec.folder.exists() and scene.GetNumberOfNodes() == n_nodes
+
 
 
 # ------------------------------------------------------------------------------ where results go and show
