@@ -447,8 +447,13 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
             + f"{(data_license or 'see the data source above').strip()}\n")
         if (run / "curves.png").is_file():
             shutil.copy(run / "curves.png", out / "docs" / "curves.png")
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(out, ignore_errors=True)
+        if isinstance(err, OSError):  # name the file as the user will look for it: in --out, not the hidden folder
+            names = [str(n).replace(str(out), str(final)) if n is not None else None
+                     for n in (err.filename, err.filename2)]
+            if names != [err.filename, err.filename2]:
+                raise OSError(err.errno, err.strerror, names[0], None, names[1]) from err
         raise
     _swap_into_place(out, final)
 
