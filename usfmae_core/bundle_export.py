@@ -80,10 +80,14 @@ def load_bundle(path: str | os.PathLike, weights: str | os.PathLike | None = Non
     try:
         network = parser.get_parsed_content("network_def")
         classes = metadata_classes(parser.get_parsed_content("_meta_#network_data_format"))
-        prep = Preprocessing(int(parser.get_parsed_content("image_size")),
-                             int(parser.get_parsed_content("in_channels")),
-                             tuple(float(v) for v in parser.get_parsed_content("intensity_mean")),
-                             tuple(float(v) for v in parser.get_parsed_content("intensity_std")))
+        # a bundle without the geometry / colour keys (exported before they existed) keeps the rules it was
+        # trained with: Preprocessing.from_dict fills them with the legacy values
+        prep = Preprocessing.from_dict({
+            "image_size": int(parser.get_parsed_content("image_size")),
+            "in_channels": int(parser.get_parsed_content("in_channels")),
+            "mean": [float(v) for v in parser.get_parsed_content("intensity_mean")],
+            "std": [float(v) for v in parser.get_parsed_content("intensity_std")],
+            **{k: parser.get_parsed_content(k) for k in ("resize", "crop_sector", "colour") if k in parser}})
     except UsfmaeError:
         raise
     except Exception as err:  # a bundle of another layout: say which key, not MONAI's traceback
@@ -142,6 +146,8 @@ def _fmt(v: Any) -> str:
 def _model_card(meta: dict[str, Any], run: Path, config: dict[str, Any], result: dict[str, Any],
                 run_args: dict[str, Any], name: str, image_size: int, has_ts: bool) -> str:
     """The bundle's docs/README.md, generated from the run."""
+    from usfmae_core.data.transforms import Preprocessing
+
     classes = [str(c) for c in config["classes"]]
     test = result["test"]
     hp = result.get("hyperparameters", {})
@@ -185,8 +191,9 @@ head; best validation macro-F1 at epoch {result.get("best_epoch")} of {result.ge
 
 ## Input and output
 - Input `image`: `(B, {prep["in_channels"]}, {image_size}, {image_size})` float32. Each frame is scaled to [0, 1]
-  (robust min-max), resized to {image_size} x {image_size}, the grey channel repeated to {prep["in_channels"]}
-  channel(s) and normalised with mean {prep["mean"]} and std {prep["std"]} (`usfmae_core.data.transforms`).
+  (robust min-max); {Preprocessing.from_dict(prep).describe()}; normalised with mean {prep["mean"]} and std
+  {prep["std"]} (`usfmae_core.data.transforms`, rules stored as `resize`, `crop_sector`, `colour` in
+  `configs/inference.json`).
   `configs/inference.json` takes 2D images, cine clips and 3D volumes (DICOM, NIfTI, NRRD, MHA, PNG, JPEG, TIFF,
   video): every frame / slice is classified and the probabilities are averaged per file.
 - Output `pred`: `(B, {len(classes)})` logits; inference writes softmax probabilities per file to
@@ -291,7 +298,8 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
 
     from usfmae_core import __version__
     from usfmae_core.bundle_support import check_weights, save_state_dict, write_json_file, write_network_format
-    from usfmae_core.checkpoints import load_checkpoint
+    from usfmae_core.checkpoints import adapt_state_dict, load_checkpoint
+    from usfmae_core.data.transforms import Preprocessing
     from usfmae_core.networks.presets import build_model
 
     run, out = Path(run).expanduser(), Path(out).expanduser()
@@ -334,7 +342,10 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
     # neither a half bundle in --out nor, with --force, the loss of the previous bundle
     out.parent.mkdir(parents=True, exist_ok=True)
     final = out
-    out = Path(tempfile.mkdtemp(prefix=f".{final.name[:40]}.", suffix=".partial", dir=final.parent))
+    try:
+        out = Path(tempfile.mkdtemp(prefix=f".{final.name[:40]}.", suffix=".partial", dir=final.parent))
+    except OSError as err:  # name the folder the user asked for, not the temporary one
+        raise OSError(err.errno, err.strerror, str(final)) from None
     try:
         os.chmod(out, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
         template = template_dir()
@@ -353,6 +364,8 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
                 doc["network_def"]["dropout"] = float(config.get("dropout", 0.0))
             doc["intensity_mean"] = [float(v) for v in prep["mean"]]
             doc["intensity_std"] = [float(v) for v in prep["std"]]
+            rules = Preprocessing.from_dict(prep)  # the run's geometry / colour rules (legacy ones for old runs)
+            doc["resize"], doc["crop_sector"], doc["colour"] = rules.resize, rules.crop_sector, rules.colour
             write_json_file(path, doc)
 
         meta = _read_json(template / "configs" / "metadata.json")
@@ -377,9 +390,8 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
             "averaged per file); configs/train.json and configs/evaluate.json fine-tune and evaluate it on new data.")
         meta["data_source"] = data_source.strip()
         meta["label_classes"] = ", ".join(f"{i}: {c}" for i, c in enumerate(classes))
-        meta["image_classes"] = (f"B-mode intensity: each frame scaled to [0, 1] (robust min-max), resized to "
-                                 f"{image_size} x {image_size}, "
-                                 f"{'repeated to 3 channels, ' if in_channels == 3 else ''}normalised with "
+        meta["image_classes"] = (f"B-mode intensity: each frame scaled to [0, 1] (robust min-max); "
+                                 f"{Preprocessing.from_dict(prep).describe()}; normalised with "
                                  f"mean {list(prep['mean'])} and std {list(prep['std'])}")
         meta["eval_metrics"] = {f"test_{k}": round(float(test[k]), 4) for k in _METRIC_KEYS
                                 if k in test and test[k] == test[k]}
@@ -399,7 +411,7 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
 
         # weights: a plain state dict that MONAI's strict CheckpointLoader and ckpt_export take
         model = build_model("classifier", config)
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(adapt_state_dict(ckpt["model"], model.state_dict(), source=str(run / "model.pt")))
         save_state_dict(model, out / "models" / "model.pt")
         loaded = load_bundle(out)  # the bundle's own network_def must take the weights
         check_weights(out / "models" / "model.pt", build_model("classifier", loaded["config"]))
@@ -435,8 +447,13 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
             + f"{(data_license or 'see the data source above').strip()}\n")
         if (run / "curves.png").is_file():
             shutil.copy(run / "curves.png", out / "docs" / "curves.png")
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(out, ignore_errors=True)
+        if isinstance(err, OSError):  # name the file as the user will look for it: in --out, not the hidden folder
+            names = [str(n).replace(str(out), str(final)) if n is not None else None
+                     for n in (err.filename, err.filename2)]
+            if names != [err.filename, err.filename2]:
+                raise OSError(err.errno, err.strerror, names[0], None, names[1]) from err
         raise
     _swap_into_place(out, final)
 
