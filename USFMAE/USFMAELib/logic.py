@@ -40,6 +40,9 @@ JOB_SCRIPT = MODULE_DIR / "Scripts" / "usfmae_job.py"
 OUTPUT_ATTRIBUTE = "USFMAE.output"  # marks nodes this module created (not re-exported as pretraining data)
 RESULTS_FOLDER = "USF-MAE"  # subject hierarchy folder (per input) that holds the results
 WEIGHTS = ("usf-mae-100ep", "usf-mae-500ep")  # names `usfmae pull` knows (usfmae_core.hub)
+# what a Slicer user does instead of the command line fix that the engine's error names
+FAILURE_HINTS = {"pull": "open that address in a web browser, then choose the downloaded file under Model > "
+                         "Import weights and press 'Import into the model cache'"}
 # what fine-tuning trains (the GUI's choices -> `usfmae finetune --volume-model`)
 VOLUME_MODELS = {"2D classifier (images; volumes slice by slice)": None,
                  "volume: attention over slices (MIL)": "mil",
@@ -324,7 +327,9 @@ class USFMAEEngineLogic:
                 return JobOutcome(spec.kind, False, True, f"{spec.name} was cancelled")
             if job.returncode != 0:
                 cause = job.error() or f"exit code {job.returncode}; see the job log"
-                return JobOutcome(spec.kind, False, False, f"{spec.name} failed: {cause}")
+                hint = FAILURE_HINTS.get(spec.kind)
+                return JobOutcome(spec.kind, False, False,
+                                  f"{spec.name} failed: {cause}" + (f" (in Slicer: {hint})" if hint else ""))
             finish = getattr(self, f"_finish_{spec.kind.replace('-', '_')}", self._finish_function)
             return finish(job, spec)
         except UsfmaeError as err:
