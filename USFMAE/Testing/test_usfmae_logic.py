@@ -374,6 +374,12 @@ def test_sample_data_is_made_offline_loaded_as_slicer_loads_it_and_classified(sc
     from USFMAELib import samples
 
     logic = USFMAEEngineLogic(scene)
+    # Sample Data's button on a fresh Slicer (no torch, none of the engine's packages): one line saying where to
+    # install them, instead of a failed job (the phantom generator is the engine's)
+    fresh = {"numpy": "2.0.2", "pydicom": "2.4.4", "pillow": "11.2.1", "scipy": "1.13.1", "simpleitk": "2.5.2"}
+    message = logic.not_ready_message(installed=fresh)
+    assert "not installed yet" in message and "PyTorch" in message and "Install Python packages" in message
+    assert "\n" not in message and logic.not_ready_message() is None  # this environment has them all
     assert [s.name for s in samples.missing_samples(tmp_path)] == [s.name for s in samples.SAMPLES]
     outcome, _ = run_job(logic, logic.samples_job(tmp_path))
     assert outcome.ok, outcome.message

@@ -33,7 +33,7 @@ import slicer
 import vtk
 
 from USFMAELib import inputs, install, models, samples
-from USFMAELib.engine import MODULE_DIR, TORCH_REQUIREMENT, UsfmaeError, requirements
+from USFMAELib.engine import MODULE_DIR, TORCH_REQUIREMENT, UsfmaeError, engine_missing_message, requirements
 from USFMAELib.jobs import Job
 
 JOB_SCRIPT = MODULE_DIR / "Scripts" / "usfmae_job.py"
@@ -132,6 +132,19 @@ class USFMAEEngineLogic:
     def install_plan(installed: dict[str, str] | None = None) -> install.InstallPlan:
         """What to install for the engine (see :mod:`USFMAELib.install`)."""
         return install.plan_install(requirements(), TORCH_REQUIREMENT, installed)
+
+    @classmethod
+    def not_ready_message(cls, installed: dict[str, str] | None = None) -> str | None:
+        """None when jobs can run (the engine is found and its packages are installed); else one line saying what
+        is missing and where to install it (for entry points outside the module's panel, e.g. Sample Data)."""
+        missing = engine_missing_message()
+        if missing:
+            return f"USF-MAE cannot run: {missing}"
+        plan = cls.install_plan(installed)
+        if plan.nothing_to_install:
+            return None
+        return (f"USF-MAE needs Python packages that are not installed yet ({plan.summary().replace(chr(10), '; ')}); "
+                "open the USF-MAE module (Modules > Ultrasound), section Setup, and press 'Install Python packages...'")
 
     @staticmethod
     def model_cache_dir() -> Path:
