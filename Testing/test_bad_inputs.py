@@ -461,10 +461,38 @@ def test_non_utf8_file_names_are_written(data: SimpleNamespace, tmp_path: Path,
         assert rc == 0, err
         for name in files:
             text = (out / name).read_text(encoding="utf-8")  # valid UTF-8
-            if name.endswith(".json"):
-                text = json.dumps(json.loads(text), ensure_ascii=False).replace("\\\\", "\\")
-            assert "patient_\\xff\\xfe_scan.png" in text and "plain.png" in text, name
+            if name.endswith(".json"):  # JSON keeps the exact name (\udcNN escapes): it reads back as the file's
+                sources = {Path(r["source"]).name for r in json.loads(text)["results"]}
+                assert sources == {odd.name, "plain.png"}, sources
+                assert (folder / odd.name).exists()
+            else:
+                assert "patient_\\xff\\xfe_scan.png" in text and "plain.png" in text, name
     assert np.load(tmp_path / "embed" / "embeddings.npy").shape[0] == 2
+
+
+def test_non_utf8_file_names_round_trip_through_run_files(data: SimpleNamespace, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A run's datalist.json and config.json keep file names that are not UTF-8 exactly: ``evaluate --data
+    RUN/datalist.json`` finds every test image and ``finetune --resume`` with the same ``--data`` is no conflict."""
+    folder = tmp_path / os.fsdecode(b"data_\xe9t\xe9")  # a Latin-1 folder name, as old Windows shares give
+    shutil.copytree(data.labelled, folder)
+    for c in CLASSES:
+        first = sorted((folder / c).glob("*.png"))[0]
+        first.rename(first.with_name(os.fsdecode(b"p_\xff_" + c.encode() + b".png")))
+    run = tmp_path / "run"
+    assert cli.main(["finetune", "--data", str(folder), "--out", str(run), *TINY_FT, "--test-fraction", "0.5"]) == 0
+    datalist = json.loads((run / "datalist.json").read_text(encoding="utf-8"))
+    images = [Path(i["image"]) for split in ("training", "validation", "test") for i in datalist[split]]
+    assert len(images) == 18 and all(p.exists() for p in images)
+    assert sum("\udcff" in p.name for p in images) == 3
+    capsys.readouterr()
+    rc, err = run_cli(["finetune", "--data", folder, "--out", run, *TINY_FT, "--test-fraction", "0.5", "--resume"],
+                      capsys)
+    assert rc == 0 and "conflict" not in err and "error" not in err, err
+    rc, err = run_cli(["evaluate", "--model", run / "model.pt", "--data", run / "datalist.json", "--out",
+                       tmp_path / "eval", "--bootstrap", "10"], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == len(datalist["test"])
 
 
 # ------------------------------------------------------------------------------------- prepare: special files
@@ -576,6 +604,27 @@ def test_full_disk_is_one_line(command: str, data: SimpleNamespace, tmp_path: Pa
     proc = run_sub(argv, prefix=[*prefix, "sh", "-c", fill, str(disk)])
     line = assert_one_line(proc.returncode, proc.stderr, "No space left on device")
     assert str(disk) in line, line
+
+
+@pytest.mark.parametrize("command", ["import-weights", "pretrain", "prepare"])
+def test_file_size_limit_is_one_line(command: str, data: SimpleNamespace, tmp_path: Path) -> None:
+    """Under a file-size limit (``ulimit -f``, as batch schedulers set it) a write that reaches it fails with one line
+    naming the file and the limit (EFBIG), not an input/output error or a crash; no temporary file is left."""
+    resource = pytest.importorskip("resource")
+    argv = {"import-weights": ["import-weights", data.fb, "--out", tmp_path / "o" / "w.pt"],
+            "pretrain": ["pretrain", "--corpus", data.corpus, "--out", tmp_path / "o", *TINY_PT],
+            "prepare": ["prepare", data.labelled, "--out", tmp_path / "o", "--image-size", "64", "--workers", "1",
+                        "--no-progress"]}[command]
+    limit = 24 << 10  # bytes: run.json and the logs fit, a checkpoint or a shard does not
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "usfmae_core.cli", *map(str, argv)], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=300, preexec_fn=limited)
+    line = assert_one_line(proc.returncode, proc.stderr, "File too large", "ulimit -f")
+    assert str(tmp_path / "o") in line, line
+    assert not [p for p in (tmp_path / "o").rglob("*.tmp")]
 
 
 # -------------------------------------------------------------------------------------- concurrency, kill -9
@@ -790,7 +839,7 @@ def test_bundle_inference_skips_unreadable_scans(data: SimpleNamespace, bundle: 
 def test_count(capsys: pytest.CaptureFixture[str]) -> None:
     """How many bad-input cases this file runs (printed with ``-s``; also in the note of issue 12)."""
     n = (len([c for c, b in CASES if b is not None]) + len(_RUN_FOLDER_CASES) + len(BUNDLE_CASES)
-         + 5  # full disk
+         + 5 + 3  # full disk, file-size limit
          + 3 + 1 + 1 + 1 + 1)  # read-only (3), unreadable folder, special files, non-UTF-8 names, bundle skip
     with capsys.disabled():
         print(f"\n{n} bad-input cases (+ overwrite/resume checks, 2 kill -9 loops, 2 concurrent runs)")

@@ -172,3 +172,37 @@ def test_export_refuses_what_it_cannot_share(exported: dict[str, Path], tmp_path
     cli_error(["export-bundle", run, "--out", str(tmp_path / "b"), "--data-source", " "], "no data source")
     cli_error(["export-bundle", run, "--out", str(exported["bundle"]), "--data-source", "x"], "not empty", "--force")
     cli_error(["export-bundle", str(tmp_path), "--out", str(tmp_path / "c"), "--data-source", "x"], "no model.pt")
+
+
+def test_export_force_replaces_only_a_bundle_and_keeps_it_on_failure(exported: dict[str, Path], tmp_path: Path,
+                                                                     cli_error, monkeypatch) -> None:
+    """``--force`` never deletes a folder of other files; a re-export that fails half-way (here: the weights cannot
+    be written) leaves the previous bundle untouched and no partial folder behind; one that succeeds replaces it."""
+    from usfmae_core import cli
+
+    run = str(exported["run"])
+    mine = tmp_path / "my_documents"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    cli_error(["export-bundle", run, "--out", str(mine), "--data-source", "x", "--force"], "holds no MONAI bundle",
+              "--force would delete")
+    assert (mine / "thesis.txt").read_text() == "years of work"
+
+    bundle = tmp_path / "b"
+    shutil.copytree(exported["bundle"], bundle)
+    before = {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(bundle / "models" / "model.pt"))
+
+    monkeypatch.setattr("usfmae_core.bundle_support.save_state_dict", disk_full)
+    cli_error(["export-bundle", run, "--out", str(bundle), "--data-source", "x", "--force", "--no-torchscript"],
+              "No space left on device")
+    assert {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "my_documents"]  # no partial folder left
+    monkeypatch.undo()
+    assert cli.main(["export-bundle", run, "--out", str(bundle), "--data-source", "new source", "--force",
+                     "--no-torchscript"]) == 0
+    assert "new source" in (bundle / "configs" / "metadata.json").read_text()
+    assert not (bundle / "models" / "model.ts").exists()  # the old bundle's files are gone, not mixed in
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "my_documents"]
