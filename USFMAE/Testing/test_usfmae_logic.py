@@ -517,7 +517,7 @@ def test_fetch_weights_job(scene, tmp_path, monkeypatch, run_job):
     spec.steps[0]["argv"] += ["--url", url]
     outcome, job = run_job(logic, spec)
     assert not outcome.ok and not outcome.cancelled and "\n" not in outcome.message
-    assert "cannot download usf-mae-100ep" in outcome.message and url in outcome.message
+    assert "usf-mae-100ep: cannot download" in outcome.message and url in outcome.message
     assert "in Slicer: open that address in a web browser" in outcome.message and "Import" in outcome.message
     assert logic.cached_models() == []
 
