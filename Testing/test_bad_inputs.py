@@ -225,6 +225,10 @@ CASES: list[tuple[str, Callable[[SimpleNamespace, Path], tuple[list, tuple[str, 
     ("export-weights-out-below-a-file", lambda d, t: (["export-weights", d.mae, "--out", _write(t / "f", "x") / "w.pt"],
                                                       ("cannot access",))),
     # 3. run folders
+    ("finetune-resume-and-overwrite", lambda d, t: (["finetune", "--data", d.labelled, "--out", t / "r", *TINY_FT,
+                                                     "--resume", "--overwrite"], ("contradict",))),
+    ("pretrain-resume-and-overwrite", lambda d, t: (["pretrain", "--corpus", d.corpus, "--out", t / "r", *TINY_PT,
+                                                     "--resume", "--overwrite"], ("contradict",))),
     ("evaluate-into-a-finetune-run", None),  # built by the test (needs the finished run)
     ("finetune-into-a-finished-run", None),
     ("pretrain-into-a-finished-run", None),
@@ -443,6 +447,30 @@ def test_overwrite_and_resume_of_finished_runs(data: SimpleNamespace, tmp_path: 
     rc, err = run_cli(["finetune", "--data", data.labelled, "--out", ft, *TINY_FT, "--resume", "--preset",
                        "vit_micro"], capsys)
     assert_one_line(rc, err, "--preset vit_micro")
+
+
+def test_run_folder_inside_the_data_is_not_data(data: SimpleNamespace, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``finetune --out DATA/run1`` (a careless but common choice): the next fine-tuning on DATA does not turn
+    ``run1`` into a class (with curves.png as its image) and predict on DATA does not classify the run's pictures;
+    both say that they passed the run folder over."""
+    lab = tmp_path / "lab"
+    shutil.copytree(data.labelled, lab)
+    assert cli.main(["finetune", "--data", str(lab), "--out", str(lab / "run1"), *TINY_FT]) == 0
+    assert (lab / "run1" / "curves.png").is_file()
+    capsys.readouterr()
+    assert cli.main(["finetune", "--data", str(lab), "--out", str(tmp_path / "run2"), *TINY_FT]) == 0
+    out = capsys.readouterr().out
+    assert "1 usfmae run folder(s) inside it ignored (run1)" in out, out
+    datalist = json.loads((tmp_path / "run2" / "datalist.json").read_text())
+    assert datalist["classes"] == CLASSES
+    assert any(i["path"] == str(lab / "run1") for i in datalist["ignored"])
+    assert cli.main(["predict", str(data.clf), str(lab), "--out", str(lab / "predictions")]) == 0
+    assert cli.main(["predict", str(data.clf), str(lab), "--out", str(tmp_path / "p")]) == 0
+    assert "skipped " + str(lab / "run1") in capsys.readouterr().out
+    result = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert len(result["results"]) == 18
+    assert {Path(s["source"]).name for s in result["skipped"]} == {"run1", "predictions"}
 
 
 def test_non_utf8_file_names_are_written(data: SimpleNamespace, tmp_path: Path,
@@ -840,7 +868,8 @@ def test_count(capsys: pytest.CaptureFixture[str]) -> None:
     """How many bad-input cases this file runs (printed with ``-s``; also in the note of issue 12)."""
     n = (len([c for c, b in CASES if b is not None]) + len(_RUN_FOLDER_CASES) + len(BUNDLE_CASES)
          + 5 + 3  # full disk, file-size limit
-         + 3 + 1 + 1 + 1 + 1)  # read-only (3), unreadable folder, special files, non-UTF-8 names, bundle skip
+         + 3 + 1 + 1 + 2 + 1 + 1)  # read-only (3), unreadable folder, special files, non-UTF-8 (2), bundle skip,
+    # run folder inside the data
     with capsys.disabled():
         print(f"\n{n} bad-input cases (+ overwrite/resume checks, 2 kill -9 loops, 2 concurrent runs)")
     assert n > 100

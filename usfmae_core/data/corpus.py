@@ -89,11 +89,13 @@ def iter_source_files(sources: Sequence[str | os.PathLike]) -> Iterator[tuple[Pa
     Folders are walked recursively (sorted, so the order is reproducible). Skipped and reported: files of an
     unsupported type, broken symbolic links, symbolic-link loops, FIFOs / sockets / devices (never opened: reading a
     FIFO would wait forever), folders that cannot be read, hidden files of a supported type (names starting with
-    ``.``, such as ``..png`` or macOS ``._scan.png``) and symbolic links to folders (not followed: they can loop;
-    pass their target as a source). Other hidden files and hidden folders (``.git``, ``.DS_Store``) are passed over
-    silently, as are the data files of ``.mhd`` / ``.hdr`` headers.
+    ``.``, such as ``..png`` or macOS ``._scan.png``), symbolic links to folders (not followed: they can loop;
+    pass their target as a source) and sub-folders holding a usfmae run (its outputs are not data). Other hidden
+    files and hidden folders (``.git``, ``.DS_Store``) are passed over silently, as are the data files of ``.mhd`` /
+    ``.hdr`` headers.
     """
     from usfmae_core.data.readers import is_supported
+    from usfmae_core.runs import RUN_FOLDER_SKIPPED, run_folder_command
 
     for src in sources:
         src = Path(src)
@@ -120,6 +122,10 @@ def iter_source_files(sources: Sequence[str | os.PathLike]) -> Iterator[tuple[Pa
                     continue
                 if os.path.islink(os.path.join(root, d)):
                     yield Path(root) / d, "symbolic link to a folder: not followed (pass its target as a source)"
+                    continue
+                command = run_folder_command(os.path.join(root, d))
+                if command is not None:
+                    yield Path(root) / d, f"{RUN_FOLDER_SKIPPED.format(command=command)}: not searched"
                     continue
                 keep.append(d)
             dirs[:] = keep

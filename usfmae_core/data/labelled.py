@@ -69,15 +69,20 @@ def _class_folder_files(root: Path, rules: Any = None) -> tuple[list[dict], list
     """
     from usfmae_core.data.masks import MaskRules
     from usfmae_core.data.readers import is_supported
+    from usfmae_core.runs import RUN_FILE, run_folder_command
 
     rules = rules or MaskRules()
     mask_folders = {f.lower() for f in rules.folders}
+    # run folders written inside the data (``finetune --out DATA/run1``): their outputs are not images of a class
+    run_dirs = {d: c for d in sorted({m.parent for m in root.rglob(RUN_FILE)} - {root})
+                if (c := run_folder_command(d)) is not None}
 
     def files_under(d: Path) -> list[Path]:
         return [p for p in sorted(d.rglob("*")) if p.is_file() and not p.name.startswith(".") and is_supported(p)
-                and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+                and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                and not (run_dirs and any(q in run_dirs for q in p.parents))]
 
-    tops = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    tops = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d not in run_dirs)
     outside = [p for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".") and is_supported(p)]
     others = [d for d in tops if d.name.lower() not in mask_folders]
     class_root = root
@@ -85,7 +90,8 @@ def _class_folder_files(root: Path, rules: Any = None) -> tuple[list[dict], list
         class_root = others[0]
         outside += [p for d in tops if d is not others[0] for p in files_under(d)]
         outside += [p for p in sorted(class_root.iterdir()) if p.is_file() and is_supported(p)]
-    classes = sorted(d.name for d in class_root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = sorted(d.name for d in class_root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                     and d not in run_dirs)
     items = [{"image": str(p), "label": k, "group": None}
              for k, name in enumerate(classes) for p in files_under(class_root / name)]
     from usfmae_core.data.dicom_series import group_dicom_series
@@ -95,7 +101,7 @@ def _class_folder_files(root: Path, rules: Any = None) -> tuple[list[dict], list
     index = {n: i for i, n in enumerate(present)}  # classes without any file are not classes
     for it in items:
         it["label"] = index[Path(it["image"]).relative_to(class_root).parts[0]]
-    return items, present, [str(p) for p in outside]
+    return items, present, [str(p) for p in outside], {str(d): c for d, c in run_dirs.items()}
 
 
 def scan_class_folders(root: str | os.PathLike) -> tuple[list[dict], list[str]]:
@@ -107,7 +113,7 @@ def scan_class_folders(root: str | os.PathLike) -> tuple[list[dict], list[str]]:
     root = Path(root).absolute()
     if not root.is_dir():
         raise UsfmaeError(f"{root} is not a folder", "give a folder with one sub-folder per class")
-    items, names, _ = _class_folder_files(root)
+    items, names, _, _ = _class_folder_files(root)
     if not items:
         raise UsfmaeError(f"no images found in class folders under {root}",
                           "expected ROOT/<class name>/<image files>")
@@ -669,10 +675,11 @@ def labelled_source_to_datalist(path: str | os.PathLike, out_json: str | os.Path
             save_datalist(d, out_json)
         return d
     outside: list[str] = []
+    run_dirs: dict[str, str] = {}
     rules = MaskRules.with_patterns(mask_patterns)
     if p.is_dir():
         root = p.absolute()
-        items, classes, outside = _class_folder_files(root, rules)
+        items, classes, outside, run_dirs = _class_folder_files(root, rules)
         if not items:
             raise UsfmaeError(f"no images found in class folders under {root}",
                               "expected ROOT/<class name>/<image files>")
@@ -687,6 +694,9 @@ def labelled_source_to_datalist(path: str | os.PathLike, out_json: str | os.Path
     _, masks = split_masks([it["image"] for it in items] + outside, rules, root, index)
     named = {m.path for m in masks}
     ignored = [{"path": f, "reason": "not inside a class folder"} for f in outside if f not in named]
+    from usfmae_core.runs import RUN_FOLDER_SKIPPED
+
+    ignored += [{"path": d, "reason": RUN_FOLDER_SKIPPED.format(command=c)} for d, c in run_dirs.items()]
     if include_masks:
         for m in masks:
             m.kept = True
@@ -750,8 +760,11 @@ def datalist_summary(d: dict, name: str | None = None) -> list[str]:
     excluded_masks = [m for m in masks if not m.get("kept")]
     found = kept + len(removed) + len(unreadable) + len(excluded_masks)
     src = name or d.get("source") or "the datalist"
-    lines = [f"data: {src}: {found} files found" + (f", {len(ignored)} outside the class folders ignored"
-                                                    if ignored else "") + f"; {kept} used"]
+    runs = [i for i in ignored if "usfmae" in str(i.get("reason", "")) and " run " in str(i.get("reason", ""))]
+    files = len(ignored) - len(runs)
+    lines = [f"data: {src}: {found} files found" + (f", {files} outside the class folders ignored" if files else "")
+             + (f", {len(runs)} usfmae run folder(s) inside it ignored ({_examples([r['path'] for r in runs])})"
+                if runs else "") + f"; {kept} used"]
     width = max([len(c) for c in classes] + [5])
     lines.append(f"  {'class':<{width}}  {'train':>6} {'val':>6} {'test':>6} {'total':>6}")
     for k, c in enumerate(classes):

@@ -456,8 +456,9 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], include_masks: bool = Fa
     ``masks/`` ...) are left out unless ``include_masks`` (files named explicitly and datalist entries never are).
 
     Returns:
-        (files to read, skipped ``[{"source", "reason"}]``: datalist entries that do not exist, and the masks left
-        out, which also carry ``"mask": True``).
+        (files to read, skipped ``[{"source", "reason"}]``: datalist entries that do not exist, what a folder walk
+        passed over (broken links, FIFOs, unreadable folders, usfmae run folders: not files of unsupported types),
+        and the masks left out, which also carry ``"mask": True``).
 
     Raises:
         UsfmaeError: an input does not exist, or nothing to read was found.
@@ -493,7 +494,12 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], include_masks: bool = Fa
         elif is_dicom_series(src):
             add(src)  # a folder of positioned DICOM slices is one volume
         else:
-            found = [p for p, reason in iter_source_files([src]) if reason is None]
+            found = []
+            for p, reason in iter_source_files([src]):
+                if reason is None:
+                    found.append(p)
+                elif not reason.startswith("unsupported file type"):  # links, FIFOs, run folders ...: said
+                    skipped.append({"source": str(p), "reason": reason})
             _, masks = split_masks(found, MaskRules.with_patterns(mask_patterns), src)
             left_out = set() if include_masks else {m.path for m in masks}
             for it in group_dicom_series([{"image": p} for p in found if str(p) not in left_out]):
