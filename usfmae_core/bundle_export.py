@@ -80,10 +80,14 @@ def load_bundle(path: str | os.PathLike, weights: str | os.PathLike | None = Non
     try:
         network = parser.get_parsed_content("network_def")
         classes = metadata_classes(parser.get_parsed_content("_meta_#network_data_format"))
-        prep = Preprocessing(int(parser.get_parsed_content("image_size")),
-                             int(parser.get_parsed_content("in_channels")),
-                             tuple(float(v) for v in parser.get_parsed_content("intensity_mean")),
-                             tuple(float(v) for v in parser.get_parsed_content("intensity_std")))
+        # a bundle without the geometry / colour keys (exported before they existed) keeps the rules it was
+        # trained with: Preprocessing.from_dict fills them with the legacy values
+        prep = Preprocessing.from_dict({
+            "image_size": int(parser.get_parsed_content("image_size")),
+            "in_channels": int(parser.get_parsed_content("in_channels")),
+            "mean": [float(v) for v in parser.get_parsed_content("intensity_mean")],
+            "std": [float(v) for v in parser.get_parsed_content("intensity_std")],
+            **{k: parser.get_parsed_content(k) for k in ("resize", "crop_sector", "colour") if k in parser}})
     except UsfmaeError:
         raise
     except Exception as err:  # a bundle of another layout: say which key, not MONAI's traceback
@@ -142,6 +146,8 @@ def _fmt(v: Any) -> str:
 def _model_card(meta: dict[str, Any], run: Path, config: dict[str, Any], result: dict[str, Any],
                 run_args: dict[str, Any], name: str, image_size: int, has_ts: bool) -> str:
     """The bundle's docs/README.md, generated from the run."""
+    from usfmae_core.data.transforms import Preprocessing
+
     classes = [str(c) for c in config["classes"]]
     test = result["test"]
     hp = result.get("hyperparameters", {})
@@ -185,8 +191,9 @@ head; best validation macro-F1 at epoch {result.get("best_epoch")} of {result.ge
 
 ## Input and output
 - Input `image`: `(B, {prep["in_channels"]}, {image_size}, {image_size})` float32. Each frame is scaled to [0, 1]
-  (robust min-max), resized to {image_size} x {image_size}, the grey channel repeated to {prep["in_channels"]}
-  channel(s) and normalised with mean {prep["mean"]} and std {prep["std"]} (`usfmae_core.data.transforms`).
+  (robust min-max); {Preprocessing.from_dict(prep).describe()}; normalised with mean {prep["mean"]} and std
+  {prep["std"]} (`usfmae_core.data.transforms`, rules stored as `resize`, `crop_sector`, `colour` in
+  `configs/inference.json`).
   `configs/inference.json` takes 2D images, cine clips and 3D volumes (DICOM, NIfTI, NRRD, MHA, PNG, JPEG, TIFF,
   video): every frame / slice is classified and the probabilities are averaged per file.
 - Output `pred`: `(B, {len(classes)})` logits; inference writes softmax probabilities per file to
@@ -292,6 +299,7 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
     from usfmae_core import __version__
     from usfmae_core.bundle_support import check_weights, save_state_dict, write_json_file, write_network_format
     from usfmae_core.checkpoints import load_checkpoint
+    from usfmae_core.data.transforms import Preprocessing
     from usfmae_core.networks.presets import build_model
 
     run, out = Path(run).expanduser(), Path(out).expanduser()
@@ -353,6 +361,8 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
                 doc["network_def"]["dropout"] = float(config.get("dropout", 0.0))
             doc["intensity_mean"] = [float(v) for v in prep["mean"]]
             doc["intensity_std"] = [float(v) for v in prep["std"]]
+            rules = Preprocessing.from_dict(prep)  # the run's geometry / colour rules (legacy ones for old runs)
+            doc["resize"], doc["crop_sector"], doc["colour"] = rules.resize, rules.crop_sector, rules.colour
             write_json_file(path, doc)
 
         meta = _read_json(template / "configs" / "metadata.json")
@@ -377,9 +387,8 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
             "averaged per file); configs/train.json and configs/evaluate.json fine-tune and evaluate it on new data.")
         meta["data_source"] = data_source.strip()
         meta["label_classes"] = ", ".join(f"{i}: {c}" for i, c in enumerate(classes))
-        meta["image_classes"] = (f"B-mode intensity: each frame scaled to [0, 1] (robust min-max), resized to "
-                                 f"{image_size} x {image_size}, "
-                                 f"{'repeated to 3 channels, ' if in_channels == 3 else ''}normalised with "
+        meta["image_classes"] = (f"B-mode intensity: each frame scaled to [0, 1] (robust min-max); "
+                                 f"{Preprocessing.from_dict(prep).describe()}; normalised with "
                                  f"mean {list(prep['mean'])} and std {list(prep['std'])}")
         meta["eval_metrics"] = {f"test_{k}": round(float(test[k]), 4) for k in _METRIC_KEYS
                                 if k in test and test[k] == test[k]}

@@ -47,7 +47,7 @@ from usfmae_core.errors import UsfmaeError
 __all__ = ["scan_class_folders", "read_csv_manifest", "deduplicate", "make_splits", "save_datalist",
            "load_datalist", "validate_datalist", "check_items", "datalist_images", "subsample_fraction",
            "labelled_source_to_datalist", "image_fingerprint", "Fingerprint", "read_fingerprint", "augmented_base",
-           "datalist_summary", "upgrade_report_keys", "REPORT_KEYS"]
+           "datalist_summary", "preprocessing_notes", "upgrade_report_keys", "REPORT_KEYS"]
 
 _PATH_COLUMNS = ("path", "image", "file", "filename", "filepath")
 _LABEL_COLUMNS = ("label", "class", "target", "diagnosis")
@@ -660,7 +660,8 @@ def labelled_source_to_datalist(path: str | os.PathLike, out_json: str | os.Path
     Folders and CSVs go through the steps of the module docstring (masks, unreadable files, exact duplicates,
     near-duplicates and augmented copies) and are split (seeded); the datalist records what each step did under
     ``masks``, ``unreadable``, ``ignored``, ``removed`` and ``grouped``, plus ``colour`` (files with colour pixels),
-    ``dropped_classes`` and ``source``, and is saved to ``out_json`` when given. A JSON datalist is loaded as is.
+    ``non_square`` (how many frames are not square, of how many, and the largest aspect ratio), ``dropped_classes``
+    and ``source``, and is saved to ``out_json`` when given. A JSON datalist is loaded as is.
 
     Args:
         include_masks: keep mask / annotation files as images (they are still listed under ``masks``, ``kept``).
@@ -718,6 +719,9 @@ def labelled_source_to_datalist(path: str | os.PathLike, out_json: str | os.Path
         keep_rows.append((it, fp))
     items, fps = [r[0] for r in keep_rows], [r[1] for r in keep_rows]
     colour = sorted(it["image"] for it, fp in zip(items, fps, strict=True) if fp is not None and fp.colour)
+    aspects = [max(fp.shape[-2:]) / min(fp.shape[-2:]) for fp in fps if fp is not None]
+    non_square = {"count": sum(1 for a in aspects if a > 1.02), "of": len(aspects),
+                  "max_aspect": round(max(aspects, default=1.0), 2)}
     # 3-4. exact duplicates, near-duplicates and augmented copies
     report: dict[str, list[dict]] = {"removed": [], "grouped": []}
     if deduplicate_items:
@@ -737,7 +741,7 @@ def labelled_source_to_datalist(path: str | os.PathLike, out_json: str | os.Path
     d = make_splits(items, classes, val_fraction, test_fraction, n_folds, seed)
     d.update(removed=report["removed"], grouped=report["grouped"], unreadable=report["unreadable"],
              masks=[m.to_dict() for m in sorted(masks, key=lambda m: m.path)], ignored=ignored, colour=colour,
-             dropped_classes=dropped, source=str(p))
+             non_square=non_square, dropped_classes=dropped, source=str(p))
     if out_json is not None:
         save_datalist(d, out_json)
     return d
@@ -748,9 +752,36 @@ def _examples(paths: Sequence[str], k: int = 3) -> str:
     return ", ".join(names) + (f", ... ({len(paths) - k} more)" if len(paths) > k else "")
 
 
-def datalist_summary(d: dict, name: str | None = None) -> list[str]:
+def preprocessing_notes(d: dict, prep: Any, volume: Any = None) -> list[str]:
+    """Console lines saying what a model's preprocessing (:class:`~usfmae_core.data.transforms.Preprocessing`) does to
+    this data: the rule, how many non-square frames are letterboxed or squashed (2D models; a ``volume`` model's
+    geometry is summarised by its own transform), how many colour files keep or lose their colour (said here once)."""
+    from usfmae_core.data.transforms import loads_colour
+
+    lines = [f"preprocessing: {prep.describe()}" if volume is None else
+             f"preprocessing: {volume.model} volume model, grey, {prep.image_size} voxels / pixels a side"]
+    ns = d.get("non_square") or {}
+    if ns.get("count") and volume is None:
+        how = ("letterboxed: aspect ratio kept, padded with black" if prep.resize == "letterbox"
+               else "squashed to a square (--resize squash): anatomy is stretched")
+        lines.append(f"  non-square: {ns['count']} of {ns['of']} files (aspect up to "
+                     f"{float(ns['max_aspect']):.1f}:1), {how}")
+    if d.get("colour"):
+        if loads_colour(prep, volume):
+            how = "given to the model as colour (RGB)"
+        else:
+            why = ("volume models read grey" if volume is not None else "the model has 1 input channel"
+                   if int(prep.in_channels) == 1 else "the checkpoint was trained on grey")
+            how = f"converted to grey (BT.601 luma): {why}"
+        lines.append(f"  colour: {len(d['colour'])} file(s) carry colour pixels (Doppler, overlays), {how}")
+    return lines
+
+
+def datalist_summary(d: dict, name: str | None = None, colour: bool = True) -> list[str]:
     """The console summary of a labelled datalist: files found, per-class counts per split, what was removed, grouped,
-    excluded as masks, unreadable, ignored, and the colour count. One string per line (no trailing newline)."""
+    excluded as masks, unreadable, ignored, and (``colour``) the colour count; callers that print
+    :func:`preprocessing_notes`, which says what becomes of the colour, pass ``colour=False`` so it is said once.
+    One string per line (no trailing newline)."""
     upgrade_report_keys(d)
     classes = [str(c) for c in d.get("classes") or []]
     splits = {s: list(d.get(s) or []) for s in ("training", "validation", "test")}
@@ -794,6 +825,6 @@ def datalist_summary(d: dict, name: str | None = None) -> list[str]:
                                                           else "") + " (a group never spans two splits)")
     lines.append(f"  unreadable: {len(unreadable)}" + (f" ({_examples([r['path'] for r in unreadable])})"
                                                        if unreadable else ""))
-    if d.get("colour"):
+    if colour and d.get("colour"):
         lines.append(f"  colour: {len(d['colour'])} file(s) carry colour pixels (Doppler, overlays)")
     return lines
