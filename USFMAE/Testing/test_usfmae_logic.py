@@ -63,10 +63,12 @@ def _probabilities(table) -> np.ndarray:
     return np.array([_column(table, f"p_{c}") for c in CLASSES]).T
 
 
-def _reference(model_path, array, kind):
+def _reference(model_path, array, kind, spacing=None):
+    """What the engine gives for ``array`` (``spacing`` in array-axis order: the input's pixel spacing, which the
+    engine's preprocessing uses, e.g. to letterbox anisotropic slices)."""
     model, ckpt = load_model(model_path, expect="classifier")
-    return classify_array(model, ckpt["config"], np.asarray(array, np.float32), kind=kind, device="cpu",
-                          precision="fp32")
+    return classify_array(model, ckpt["config"], np.asarray(array, np.float32), kind=kind, spacing=spacing,
+                          device="cpu", precision="fp32")
 
 
 def _sequence(scene, frames, name="clip", node_class="vtkMRMLScalarVolumeNode"):
@@ -102,7 +104,7 @@ def test_classify_3d_volume_in_the_background_fills_one_row_per_slice(scene, tin
         ["slice"] + [f"p_{c}" for c in CLASSES] + ["label"])
     assert _column(table, "slice") == [str(i) for i in range(vol.shape[0])] + ["aggregate"]
     # what the engine gives for the original array, slice by slice in the same order
-    ref = _reference(tiny_models["classifier"], vol, "volume")
+    ref = _reference(tiny_models["classifier"], vol, "volume", spacing=node.GetSpacing()[::-1])  # (K, J, I)
     probs = _probabilities(table)
     np.testing.assert_allclose(probs[:-1], ref["per_frame"], atol=1e-5)
     np.testing.assert_allclose(probs[-1], ref["aggregate"], atol=1e-5)
