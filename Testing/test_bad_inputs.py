@@ -220,6 +220,10 @@ CASES: list[tuple[str, Callable[[SimpleNamespace, Path], tuple[list, tuple[str, 
     ("prepare-out-is-a-file", lambda d, t: (["prepare", d.labelled, "--out", _write(t / "f", "x")], ("is a file",))),
     ("predict-out-below-a-file", lambda d, t: (["predict", d.clf, d.image, "--out", _write(t / "f", "x") / "sub"],
                                                ("cannot access", "Not a directory"))),
+    ("import-weights-over-an-existing-file", lambda d, t: (["import-weights", d.fb, "--out", _write(t / "m.pt", "x")],
+                                                           ("already exists", "--overwrite"))),
+    ("export-weights-over-an-existing-file", lambda d, t: (["export-weights", d.mae, "--out", _write(t / "w.pt", "x")],
+                                                           ("already exists", "--overwrite"))),
     ("import-weights-out-is-a-folder", lambda d, t: (["import-weights", d.fb, "--out", t], ("a folder",))),
     ("export-weights-out-is-a-folder", lambda d, t: (["export-weights", d.mae, "--out", t], ("a folder",))),
     ("export-weights-out-below-a-file", lambda d, t: (["export-weights", d.mae, "--out", _write(t / "f", "x") / "w.pt"],
@@ -540,6 +544,11 @@ def test_prepare_skips_and_reports_special_files(data: SimpleNamespace, tmp_path
     (src / "sub").mkdir()
     os.symlink(src / "sub", src / "linked_folder")
     _write(src / "corrupt.png", b"\x89PNG\r\n\x1a\n garbage")
+    import SimpleITK as sitk
+
+    extreme = phantom.make_image(1, 40, rng=1).astype(np.float32)
+    extreme[0, 0] = 1e30  # one absurd pixel: min-max scaling leaves a black frame, dropped as empty
+    sitk.WriteImage(sitk.GetImageFromArray(extreme), str(src / "extreme.nii.gz"))
     rc, err = run_cli(["prepare", src, "--out", tmp_path / "c", "--image-size", "32", "--workers", "1",
                        "--no-progress"], capsys)
     assert rc == 0, err
@@ -551,6 +560,7 @@ def test_prepare_skips_and_reports_special_files(data: SimpleNamespace, tmp_path
     assert "hidden" in reasons["..png"]
     assert "not followed" in reasons["linked_folder"]
     assert "corrupt.png" in reasons
+    assert "every frame (1) is empty" in reasons["extreme.nii.gz"]  # a file that gave nothing is named
     assert report["n_frames"] == 3
 
 
@@ -831,6 +841,11 @@ BUNDLE_CASES = {
                                      ("not a PyTorch checkpoint",)),
     "inference-empty-folder": (["inference"], lambda d, t: ["--dataset_dir", str((t / "e").mkdir() or t / "e"),
                                                             *BUNDLE_NET], ("no supported ultrasound files",)),
+    "inference-output-dir-is-a-file": (["inference"], lambda d, t: ["--dataset_dir", str(d.labelled), "--output_dir",
+                                                                    str(_write(t / "f", "x")), *BUNDLE_NET],
+                                       ("is a file",)),
+    "train-output-dir-is-a-file": (["train"], lambda d, t: ["--dataset_dir", str(d.labelled), "--output_dir",
+                                                            str(_write(t / "f", "x")), *BUNDLE_NET], ("is a file",)),
     "pretrain-missing-corpus": (["pretrain"], lambda d, t: ["--dataset_dir", str(t / "nope"), *BUNDLE_MAE],
                                 ("does not exist",)),
 }
