@@ -169,6 +169,13 @@ def _nan_checkpoint(data: SimpleNamespace, tmp: Path) -> Path:
     return save_checkpoint(tmp / "nan.pt", ckpt)
 
 
+def _missing_weights(path: Path, tmp: Path) -> Path:
+    """A copy of checkpoint ``path`` without the weights of its second block (a truncated or hand-edited file)."""
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if ".blocks.1." not in k}
+    return save_checkpoint(tmp / "missing.pt", ckpt)
+
+
 def _pickled(tmp: Path) -> Path:
     torch.save({"model": {}, "arch": "mae", "config": {}, "payload": _Evil()}, tmp / "evil.pt")
     return tmp / "evil.pt"
@@ -349,10 +356,15 @@ CASES: list[tuple[str, Callable[[SimpleNamespace, Path], tuple[list, tuple[str, 
                                                             ("'classifier' model",))),
     ("finetune-init-random-bytes", lambda d, t: (["finetune", "--data", d.labelled, "--out", t / "r", *TINY_FT,
                                                   "--init", d.random], ("not a PyTorch checkpoint",))),
+    ("finetune-init-missing-weights", lambda d, t: (["finetune", "--data", d.labelled, "--out", t / "r", *TINY_FT,
+                                                     "--init", _missing_weights(d.mae, t)],
+                                                    ("do not fit", "missing keys"))),
     ("finetune-init-classifier", lambda d, t: (["finetune", "--data", d.labelled, "--out", t / "r", *TINY_FT,
                                                 "--init", d.clf], ("not a pretrained MAE",))),
     ("pretrain-init-text-file", lambda d, t: (["pretrain", "--corpus", d.corpus, "--out", t / "r", *TINY_PT,
                                                "--init", d.text], ("not a PyTorch checkpoint",))),
+    ("import-weights-of-a-usfmae-checkpoint", lambda d, t: (["import-weights", d.mae, "--out", t / "w.pt"],
+                                                            ("already a usfmae checkpoint", "no import needed"))),
     ("import-weights-random-bytes", lambda d, t: (["import-weights", d.random, "--out", t / "w.pt"],
                                                   ("not a PyTorch checkpoint",))),
     ("export-weights-nan", lambda d, t: (["export-weights", _nan_checkpoint(d, t), "--out", t / "w.pt"],
