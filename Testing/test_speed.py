@@ -67,7 +67,7 @@ def test_adamw_is_fused_on_cpu_and_matches_the_loop() -> None:
     for step in range(3):
         model.zero_grad()
         model(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(step)))[0].backward()
-        for p, q in zip(model.parameters(), other.parameters()):
+        for p, q in zip(model.parameters(), other.parameters(), strict=True):
             q.grad = None if p.grad is None else p.grad.clone()
         fast.step()
         loop.step()

@@ -131,7 +131,7 @@ class GemmLog(TorchDispatchMode):
             k = tuple(w.shape[2:])
             if tuple(args[4 if backward else 3]) == k and not args[7 if backward else 6]:
                 # stride == kernel, not transposed: a patch embedding, i.e. one matrix product per needed result
-                rows = x.shape[0] * math.prod(s // p for s, p in zip(x.shape[2:], k))
+                rows = x.shape[0] * math.prod(s // p for s, p in zip(x.shape[2:], k, strict=True))
                 inner, out = w[0].numel(), w.shape[0]
                 n = sum(bool(m) for m in args[-1][:2]) if backward else 1
                 if n:
