@@ -154,6 +154,8 @@ def _model_card(meta: dict[str, Any], run: Path, config: dict[str, Any], result:
     cm = test.get("confusion_matrix") or []
     cm_rows = "\n".join(f"| **{classes[i]}** | " + " | ".join(str(x) for x in row) + " |" for i, row in enumerate(cm))
     settings = {**{k: v for k, v in run_args.items() if k in _RUN_KEYS and v not in (None, False)}, **hp}
+    if "init" in settings:  # the file's name (or published name), not a path on the author's machine
+        settings["init"] = Path(str(settings["init"])).name
     hp_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in settings.items() if not isinstance(v, (dict, list)))
     version = meta["version"]
     return f"""# {meta["name"]}
@@ -174,8 +176,8 @@ removed; the split is in the run's `datalist.json`). See `docs/data_license.txt`
 
 ## Training
 Fine-tuned with `usfmae finetune` from {start}: ViT encoder {net["hidden_size"]} wide, {net["num_layers"]} blocks,
-{net["num_heads"]} heads, patch {net["patch_size"]}, {image_size} x {image_size} px input, `{net["pool"]}` pooling, linear
-head; best validation macro-F1 at epoch {result.get("best_epoch")} of {result.get("epochs_run")}.
+{net["num_heads"]} heads, patch {net["patch_size"]}, {image_size} x {image_size} px input, `{net["pool"]}` pooling,
+linear head; best validation macro-F1 at epoch {result.get("best_epoch")} of {result.get("epochs_run")}.
 
 | hyperparameter | value |
 | --- | --- |
@@ -336,13 +338,15 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
     meta["description"] = (
         f"A ViT classifier (width {net_args['hidden_size']}, {net_args['num_layers']} blocks, patch "
         f"{net_args['patch_size']}, {image_size} px) fine-tuned with the usfmae toolkit "
-        f"{'from the masked autoencoder ' + Path(str(init)).name if init else 'from scratch'} on {data_source.strip()}. "
+        f"{'from the masked autoencoder ' + Path(str(init)).name if init else 'from scratch'} "
+        f"on {data_source.strip()}. "
         "configs/inference.json classifies 2D images, cine clips and 3D volumes (frame / slice probabilities "
         "averaged per file); configs/train.json and configs/evaluate.json fine-tune and evaluate it on new data.")
     meta["data_source"] = data_source.strip()
     meta["label_classes"] = ", ".join(f"{i}: {c}" for i, c in enumerate(classes))
-    meta["image_classes"] = (f"B-mode intensity: each frame scaled to [0, 1] (robust min-max), resized to {image_size} x "
-                             f"{image_size}, {'repeated to 3 channels, ' if in_channels == 3 else ''}normalised with "
+    meta["image_classes"] = (f"B-mode intensity: each frame scaled to [0, 1] (robust min-max), resized to "
+                             f"{image_size} x {image_size}, {'repeated to 3 channels, ' if in_channels == 3 else ''}"
+                             "normalised with "
                              f"mean {list(prep['mean'])} and std {list(prep['std'])}")
     meta["eval_metrics"] = {f"test_{k}": round(float(test[k]), 4) for k in _METRIC_KEYS
                             if k in test and test[k] == test[k]}
