@@ -169,6 +169,13 @@ def _nan_checkpoint(data: SimpleNamespace, tmp: Path) -> Path:
     return save_checkpoint(tmp / "nan.pt", ckpt)
 
 
+def _missing_weights(path: Path, tmp: Path) -> Path:
+    """A copy of checkpoint ``path`` without the weights of its second block (a truncated or hand-edited file)."""
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if ".blocks.1." not in k}
+    return save_checkpoint(tmp / "missing.pt", ckpt)
+
+
 def _pickled(tmp: Path) -> Path:
     torch.save({"model": {}, "arch": "mae", "config": {}, "payload": _Evil()}, tmp / "evil.pt")
     return tmp / "evil.pt"
@@ -220,11 +227,19 @@ CASES: list[tuple[str, Callable[[SimpleNamespace, Path], tuple[list, tuple[str, 
     ("prepare-out-is-a-file", lambda d, t: (["prepare", d.labelled, "--out", _write(t / "f", "x")], ("is a file",))),
     ("predict-out-below-a-file", lambda d, t: (["predict", d.clf, d.image, "--out", _write(t / "f", "x") / "sub"],
                                                ("cannot access", "Not a directory"))),
+    ("import-weights-over-an-existing-file", lambda d, t: (["import-weights", d.fb, "--out", _write(t / "m.pt", "x")],
+                                                           ("already exists", "--overwrite"))),
+    ("export-weights-over-an-existing-file", lambda d, t: (["export-weights", d.mae, "--out", _write(t / "w.pt", "x")],
+                                                           ("already exists", "--overwrite"))),
     ("import-weights-out-is-a-folder", lambda d, t: (["import-weights", d.fb, "--out", t], ("a folder",))),
     ("export-weights-out-is-a-folder", lambda d, t: (["export-weights", d.mae, "--out", t], ("a folder",))),
     ("export-weights-out-below-a-file", lambda d, t: (["export-weights", d.mae, "--out", _write(t / "f", "x") / "w.pt"],
                                                       ("cannot access",))),
     # 3. run folders
+    ("finetune-resume-and-overwrite", lambda d, t: (["finetune", "--data", d.labelled, "--out", t / "r", *TINY_FT,
+                                                     "--resume", "--overwrite"], ("contradict",))),
+    ("pretrain-resume-and-overwrite", lambda d, t: (["pretrain", "--corpus", d.corpus, "--out", t / "r", *TINY_PT,
+                                                     "--resume", "--overwrite"], ("contradict",))),
     ("evaluate-into-a-finetune-run", None),  # built by the test (needs the finished run)
     ("finetune-into-a-finished-run", None),
     ("pretrain-into-a-finished-run", None),
@@ -341,10 +356,15 @@ CASES: list[tuple[str, Callable[[SimpleNamespace, Path], tuple[list, tuple[str, 
                                                             ("'classifier' model",))),
     ("finetune-init-random-bytes", lambda d, t: (["finetune", "--data", d.labelled, "--out", t / "r", *TINY_FT,
                                                   "--init", d.random], ("not a PyTorch checkpoint",))),
+    ("finetune-init-missing-weights", lambda d, t: (["finetune", "--data", d.labelled, "--out", t / "r", *TINY_FT,
+                                                     "--init", _missing_weights(d.mae, t)],
+                                                    ("do not fit", "missing keys"))),
     ("finetune-init-classifier", lambda d, t: (["finetune", "--data", d.labelled, "--out", t / "r", *TINY_FT,
                                                 "--init", d.clf], ("not a pretrained MAE",))),
     ("pretrain-init-text-file", lambda d, t: (["pretrain", "--corpus", d.corpus, "--out", t / "r", *TINY_PT,
                                                "--init", d.text], ("not a PyTorch checkpoint",))),
+    ("import-weights-of-a-usfmae-checkpoint", lambda d, t: (["import-weights", d.mae, "--out", t / "w.pt"],
+                                                            ("already a usfmae checkpoint", "no import needed"))),
     ("import-weights-random-bytes", lambda d, t: (["import-weights", d.random, "--out", t / "w.pt"],
                                                   ("not a PyTorch checkpoint",))),
     ("export-weights-nan", lambda d, t: (["export-weights", _nan_checkpoint(d, t), "--out", t / "w.pt"],
@@ -445,6 +465,30 @@ def test_overwrite_and_resume_of_finished_runs(data: SimpleNamespace, tmp_path: 
     assert_one_line(rc, err, "--preset vit_micro")
 
 
+def test_run_folder_inside_the_data_is_not_data(data: SimpleNamespace, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``finetune --out DATA/run1`` (a careless but common choice): the next fine-tuning on DATA does not turn
+    ``run1`` into a class (with curves.png as its image) and predict on DATA does not classify the run's pictures;
+    both say that they passed the run folder over."""
+    lab = tmp_path / "lab"
+    shutil.copytree(data.labelled, lab)
+    assert cli.main(["finetune", "--data", str(lab), "--out", str(lab / "run1"), *TINY_FT]) == 0
+    assert (lab / "run1" / "curves.png").is_file()
+    capsys.readouterr()
+    assert cli.main(["finetune", "--data", str(lab), "--out", str(tmp_path / "run2"), *TINY_FT]) == 0
+    out = capsys.readouterr().out
+    assert "1 usfmae run folder(s) inside it ignored (run1)" in out, out
+    datalist = json.loads((tmp_path / "run2" / "datalist.json").read_text())
+    assert datalist["classes"] == CLASSES
+    assert any(i["path"] == str(lab / "run1") for i in datalist["ignored"])
+    assert cli.main(["predict", str(data.clf), str(lab), "--out", str(lab / "predictions")]) == 0
+    assert cli.main(["predict", str(data.clf), str(lab), "--out", str(tmp_path / "p")]) == 0
+    assert "skipped " + str(lab / "run1") in capsys.readouterr().out
+    result = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert len(result["results"]) == 18
+    assert {Path(s["source"]).name for s in result["skipped"]} == {"run1", "predictions"}
+
+
 def test_non_utf8_file_names_are_written(data: SimpleNamespace, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     """A file name that is not valid UTF-8 neither crashes the writers nor the console: every result is kept and the
@@ -461,10 +505,38 @@ def test_non_utf8_file_names_are_written(data: SimpleNamespace, tmp_path: Path,
         assert rc == 0, err
         for name in files:
             text = (out / name).read_text(encoding="utf-8")  # valid UTF-8
-            if name.endswith(".json"):
-                text = json.dumps(json.loads(text), ensure_ascii=False).replace("\\\\", "\\")
-            assert "patient_\\xff\\xfe_scan.png" in text and "plain.png" in text, name
+            if name.endswith(".json"):  # JSON keeps the exact name (\udcNN escapes): it reads back as the file's
+                sources = {Path(r["source"]).name for r in json.loads(text)["results"]}
+                assert sources == {odd.name, "plain.png"}, sources
+                assert (folder / odd.name).exists()
+            else:
+                assert "patient_\\xff\\xfe_scan.png" in text and "plain.png" in text, name
     assert np.load(tmp_path / "embed" / "embeddings.npy").shape[0] == 2
+
+
+def test_non_utf8_file_names_round_trip_through_run_files(data: SimpleNamespace, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A run's datalist.json and config.json keep file names that are not UTF-8 exactly: ``evaluate --data
+    RUN/datalist.json`` finds every test image and ``finetune --resume`` with the same ``--data`` is no conflict."""
+    folder = tmp_path / os.fsdecode(b"data_\xe9t\xe9")  # a Latin-1 folder name, as old Windows shares give
+    shutil.copytree(data.labelled, folder)
+    for c in CLASSES:
+        first = sorted((folder / c).glob("*.png"))[0]
+        first.rename(first.with_name(os.fsdecode(b"p_\xff_" + c.encode() + b".png")))
+    run = tmp_path / "run"
+    assert cli.main(["finetune", "--data", str(folder), "--out", str(run), *TINY_FT, "--test-fraction", "0.5"]) == 0
+    datalist = json.loads((run / "datalist.json").read_text(encoding="utf-8"))
+    images = [Path(i["image"]) for split in ("training", "validation", "test") for i in datalist[split]]
+    assert len(images) == 18 and all(p.exists() for p in images)
+    assert sum("\udcff" in p.name for p in images) == 3
+    capsys.readouterr()
+    rc, err = run_cli(["finetune", "--data", folder, "--out", run, *TINY_FT, "--test-fraction", "0.5", "--resume"],
+                      capsys)
+    assert rc == 0 and "conflict" not in err and "error" not in err, err
+    rc, err = run_cli(["evaluate", "--model", run / "model.pt", "--data", run / "datalist.json", "--out",
+                       tmp_path / "eval", "--bootstrap", "10"], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == len(datalist["test"])
 
 
 # ------------------------------------------------------------------------------------- prepare: special files
@@ -484,6 +556,11 @@ def test_prepare_skips_and_reports_special_files(data: SimpleNamespace, tmp_path
     (src / "sub").mkdir()
     os.symlink(src / "sub", src / "linked_folder")
     _write(src / "corrupt.png", b"\x89PNG\r\n\x1a\n garbage")
+    import SimpleITK as sitk
+
+    extreme = phantom.make_image(1, 40, rng=1).astype(np.float32)
+    extreme[0, 0] = 1e30  # one absurd pixel: min-max scaling leaves a black frame, dropped as empty
+    sitk.WriteImage(sitk.GetImageFromArray(extreme), str(src / "extreme.nii.gz"))
     rc, err = run_cli(["prepare", src, "--out", tmp_path / "c", "--image-size", "32", "--workers", "1",
                        "--no-progress"], capsys)
     assert rc == 0, err
@@ -495,6 +572,7 @@ def test_prepare_skips_and_reports_special_files(data: SimpleNamespace, tmp_path
     assert "hidden" in reasons["..png"]
     assert "not followed" in reasons["linked_folder"]
     assert "corrupt.png" in reasons
+    assert "every frame (1) is empty" in reasons["extreme.nii.gz"]  # a file that gave nothing is named
     assert report["n_frames"] == 3
 
 
@@ -576,6 +654,27 @@ def test_full_disk_is_one_line(command: str, data: SimpleNamespace, tmp_path: Pa
     proc = run_sub(argv, prefix=[*prefix, "sh", "-c", fill, str(disk)])
     line = assert_one_line(proc.returncode, proc.stderr, "No space left on device")
     assert str(disk) in line, line
+
+
+@pytest.mark.parametrize("command", ["import-weights", "pretrain", "prepare"])
+def test_file_size_limit_is_one_line(command: str, data: SimpleNamespace, tmp_path: Path) -> None:
+    """Under a file-size limit (``ulimit -f``, as batch schedulers set it) a write that reaches it fails with one line
+    naming the file and the limit (EFBIG), not an input/output error or a crash; no temporary file is left."""
+    resource = pytest.importorskip("resource")
+    argv = {"import-weights": ["import-weights", data.fb, "--out", tmp_path / "o" / "w.pt"],
+            "pretrain": ["pretrain", "--corpus", data.corpus, "--out", tmp_path / "o", *TINY_PT],
+            "prepare": ["prepare", data.labelled, "--out", tmp_path / "o", "--image-size", "64", "--workers", "1",
+                        "--no-progress"]}[command]
+    limit = 24 << 10  # bytes: run.json and the logs fit, a checkpoint or a shard does not
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "usfmae_core.cli", *map(str, argv)], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=300, preexec_fn=limited)
+    line = assert_one_line(proc.returncode, proc.stderr, "File too large", "ulimit -f")
+    assert str(tmp_path / "o") in line, line
+    assert not [p for p in (tmp_path / "o").rglob("*.tmp")]
 
 
 # -------------------------------------------------------------------------------------- concurrency, kill -9
@@ -754,6 +853,11 @@ BUNDLE_CASES = {
                                      ("not a PyTorch checkpoint",)),
     "inference-empty-folder": (["inference"], lambda d, t: ["--dataset_dir", str((t / "e").mkdir() or t / "e"),
                                                             *BUNDLE_NET], ("no supported ultrasound files",)),
+    "inference-output-dir-is-a-file": (["inference"], lambda d, t: ["--dataset_dir", str(d.labelled), "--output_dir",
+                                                                    str(_write(t / "f", "x")), *BUNDLE_NET],
+                                       ("is a file",)),
+    "train-output-dir-is-a-file": (["train"], lambda d, t: ["--dataset_dir", str(d.labelled), "--output_dir",
+                                                            str(_write(t / "f", "x")), *BUNDLE_NET], ("is a file",)),
     "pretrain-missing-corpus": (["pretrain"], lambda d, t: ["--dataset_dir", str(t / "nope"), *BUNDLE_MAE],
                                 ("does not exist",)),
 }
@@ -790,8 +894,9 @@ def test_bundle_inference_skips_unreadable_scans(data: SimpleNamespace, bundle: 
 def test_count(capsys: pytest.CaptureFixture[str]) -> None:
     """How many bad-input cases this file runs (printed with ``-s``; also in the note of issue 12)."""
     n = (len([c for c, b in CASES if b is not None]) + len(_RUN_FOLDER_CASES) + len(BUNDLE_CASES)
-         + 5  # full disk
-         + 3 + 1 + 1 + 1 + 1)  # read-only (3), unreadable folder, special files, non-UTF-8 names, bundle skip
+         + 5 + 3  # full disk, file-size limit
+         + 3 + 1 + 1 + 2 + 1 + 1)  # read-only (3), unreadable folder, special files, non-UTF-8 (2), bundle skip,
+    # run folder inside the data
     with capsys.disabled():
         print(f"\n{n} bad-input cases (+ overwrite/resume checks, 2 kill -9 loops, 2 concurrent runs)")
     assert n > 100

@@ -708,3 +708,15 @@ def test_model_zoo_unit_tests(name: str, tmp_path: Path) -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "OK" in out.splitlines()[-1], out[-4000:]
     assert (bundle / "configs" / "metadata.json").read_text() == before  # the tests leave the bundle as it was
+
+
+def test_model_zoo_unit_tests_pass_the_zoos_code_format_check() -> None:
+    """The Model Zoo's code-format-check (``runtests.sh --codeformat``) runs black and isort on ``ci/unit_tests``
+    with its pyproject.toml / setup.cfg settings (line length 120, black profile): our copies must pass them."""
+    files = [str(p) for p in sorted((REPO / "bundles" / "ci" / "unit_tests").glob("*.py"))]
+    assert len(files) == 2
+    checks = {"black": ["-m", "black", "--check", "--line-length", "120", "-t", "py39", *files],
+              "isort": ["-m", "isort", "--check-only", "--profile", "black", "--line-length", "120", *files]}
+    for tool, args in checks.items():
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"{tool} (the Model Zoo's settings) fails: {proc.stdout}{proc.stderr}"

@@ -295,3 +295,56 @@ def test_finetune_prints_the_summary_and_stores_the_masks(suffix_tree, tmp_path,
     assert "class" in out and "train" in out and "test" in out
     d = json.loads((run / "datalist.json").read_text())
     assert len(d["masks"]) == len(made["masks"]) and any("mask" in it for it in d["training"])
+
+
+# ------------------------------------------------------------------------------------------- real data (BUSI)
+def _busi_with_masks(src: Path, root: Path) -> list[str]:
+    """``src`` (BUSI as in ../shared/data) copied to ``root`` with masks beside the scans as BUSI ships them:
+    ``<scan>_mask.png`` (0 / 255, the scan's size; all black for ``normal``) and ``_mask_1`` for some lesions."""
+    import shutil
+
+    rng = np.random.default_rng(0)
+    masks = []
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        for i, scan in enumerate(sorted(cls.glob("*.png"))):
+            (root / cls.name).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(scan, root / cls.name / scan.name)
+            w, h = Image.open(scan).size
+            yy, xx = np.mgrid[:h, :w]
+            names = [f"{scan.stem}_mask.png"] + ([f"{scan.stem}_mask_1.png"] if cls.name != "normal" and i % 25 == 0
+                                                  else [])
+            for name in names:
+                cy, cx, ry, rx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w, h / 8, w / 6
+                lesion = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1 if cls.name != "normal" else 0 * yy
+                Image.fromarray((lesion * 255).astype(np.uint8)).save(root / cls.name / name)
+                masks.append(str(root / cls.name / name))
+    return masks
+
+
+@pytest.mark.shared_data
+def test_busi_with_its_masks_splits_as_without(shared_data: Path, tmp_path: Path) -> None:
+    """The issue's check on real scans: BUSI with masks beside every scan (as distributed) gives the splits, groups
+    and removals of BUSI without them; every mask is a ``"mask"`` target of its scan, none is an item."""
+    src = shared_data / "busi_256"
+    if not src.is_dir():
+        pytest.skip(f"BUSI not found under {shared_data}")
+    root = tmp_path / "busi"
+    masks = _busi_with_masks(src, root)
+    with_masks = labelled_source_to_datalist(root, seed=0)
+    without = labelled_source_to_datalist(src, seed=0)
+    for s in SPLITS:
+        assert [Path(it["image"]).relative_to(root) for it in with_masks[s]] == \
+               [Path(it["image"]).relative_to(src) for it in without[s]]
+        assert [it["group"] is None for it in with_masks[s]] == [it["group"] is None for it in without[s]]
+    for key in ("removed", "grouped"):
+        assert [Path(r["path"]).name for r in with_masks[key]] == [Path(r["path"]).name for r in without[key]]
+    items = _items(with_masks)
+    assert len(items) == 778 and not {it["image"] for it in items} & set(masks)
+    assert sorted(m["path"] for m in with_masks["masks"]) == sorted(masks)
+    targets = [m for it in items for m in ([it["mask"]] if isinstance(it.get("mask"), str) else it.get("mask", []))]
+    images = {it["image"] for it in items}
+    of_items = [m for m in masks if m.rsplit("_mask", 1)[0] + ".png" in images]  # not those of removed duplicates
+    assert sorted(targets) == sorted(of_items) and len(of_items) >= len(masks) - 4
+    text = "\n".join(datalist_summary(with_masks))
+    assert f"masks excluded: {len(masks)} ({len(masks)} kept as the segmentation target" in text
+    assert "780 files found" not in text and f"{780 + len(masks)} files found; 778 used" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -29,3 +30,17 @@ def test_demo_runs_end_to_end_and_reports(tmp_path: Path) -> None:
     assert (out / "corpus" / "corpus.json").is_file() and (out / "pretrain" / "model.pt").is_file()
     rows = (out / "predict" / "predictions.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 24  # header + one row per slice of the 24-slice phantom volume
+    # the 3D part: a volume classifier (attention MIL from the same MAE) trained on phantom volumes with one label
+    # each, its held-out result beside the 2D classifier's mean of slices on the same volumes, and its attention
+    assert "## One label per volume" in report
+    held_out = json.loads((out / "finetune_volume" / "datalist.json").read_text())["test"]
+    for approach in ("attention MIL volume classifier", "2D classifier, mean of slices"):
+        row = re.search(rf"\| {approach}[^|]*\| (\d+) / (\d+) \| (\d+) / (\d+) \| (\d+) / (\d+) \|", report)
+        assert row, approach
+        right, n, found, masses, normal, normals = map(int, row.groups())
+        assert n == len(held_out) == masses + normals and right == found + normal and masses and normals
+    volume_model = json.loads((out / "eval_volume" / "metrics.json").read_text())
+    assert volume_model["volume_model"] == "mil" and volume_model["n"] == len(held_out)
+    assert "predict_volume_mil/attention.png" in pictures
+    attention = (out / "predict_volume_mil" / "attention.csv").read_text().strip().splitlines()
+    assert len(attention) == 1 + 24  # every informative slice of the demo's mass volume has a weight

@@ -47,6 +47,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     scans.mkdir()
     shutil.copy(root / "labelled" / "mass" / "mass_0000.png", scans / "m.png")
     phantom.write_volume(scans / "vol.nii.gz", phantom.make_volume(1, (5, 40, 40), 2))
+    from PIL import Image  # a 1.8:1 colour screen export: letterbox and colour must match in bundle and predict
+
+    Image.fromarray(phantom.screen_capture(phantom.make_image(2, 40, rng=3), rng=3)).save(scans / "screen.jpg")
     assert cli.main(["finetune", "--data", str(root / "labelled"), "--out", str(root / "run"), "--preset",
                      "vit_test", "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--device", "cpu",
                      "--precision", "fp32", "--workers", "0", "--no-tensorboard"]) == 0
@@ -128,7 +131,9 @@ def test_bundle_inference_equals_usfmae_predict_on_the_bundle(exported: dict[str
     _run([sys.executable, "-m", "usfmae_core.cli", "predict", str(bundle), str(exported["scans"]), "--out",
           str(tmp_path / "pred"), "--device", "cpu", "--precision", "fp32"], tmp_path)
     rows = {Path(r["source"]).name: r for r in csv.DictReader(open(tmp_path / "pred" / "summary.csv"))}
-    assert set(rows) == set(monai_rows) == {"m.png", "vol.nii.gz"}
+    assert set(rows) == set(monai_rows) == {"m.png", "vol.nii.gz", "screen.jpg"}
+    inference = json.loads((c / "inference.json").read_text())
+    assert (inference["resize"], inference["crop_sector"], inference["colour"]) == ("letterbox", False, "rgb")
     classes = json.loads((bundle / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"]
     for name, row in rows.items():
         for c_name in classes["channel_def"].values():
@@ -157,7 +162,9 @@ def test_bundle_evaluates_and_imports_as_a_model(exported: dict[str, Path], tmp_
     with pytest.raises(UsfmaeError, match="import-weights"):
         load_model(bundle / "models" / "model.pt")
     import_weights(bundle / "models" / "model.pt", tmp_path / "m2.pt")
-    b, _ = load_model(exported["run"] / "model.pt", expect="classifier")
+    b, cb = load_model(exported["run"] / "model.pt", expect="classifier")
+    imported = load_model(tmp_path / "m.pt", expect="classifier")[1]["config"]
+    assert imported["preprocessing"] == cb["config"]["preprocessing"]  # resize / crop / colour rules too
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         for path in (tmp_path / "m.pt", tmp_path / "m2.pt"):
@@ -172,3 +179,37 @@ def test_export_refuses_what_it_cannot_share(exported: dict[str, Path], tmp_path
     cli_error(["export-bundle", run, "--out", str(tmp_path / "b"), "--data-source", " "], "no data source")
     cli_error(["export-bundle", run, "--out", str(exported["bundle"]), "--data-source", "x"], "not empty", "--force")
     cli_error(["export-bundle", str(tmp_path), "--out", str(tmp_path / "c"), "--data-source", "x"], "no model.pt")
+
+
+def test_export_force_replaces_only_a_bundle_and_keeps_it_on_failure(exported: dict[str, Path], tmp_path: Path,
+                                                                     cli_error, monkeypatch) -> None:
+    """``--force`` never deletes a folder of other files; a re-export that fails half-way (here: the weights cannot
+    be written) leaves the previous bundle untouched and no partial folder behind; one that succeeds replaces it."""
+    from usfmae_core import cli
+
+    run = str(exported["run"])
+    mine = tmp_path / "my_documents"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    cli_error(["export-bundle", run, "--out", str(mine), "--data-source", "x", "--force"], "holds no MONAI bundle",
+              "--force would delete")
+    assert (mine / "thesis.txt").read_text() == "years of work"
+
+    bundle = tmp_path / "b"
+    shutil.copytree(exported["bundle"], bundle)
+    before = {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(bundle / "models" / "model.pt"))
+
+    monkeypatch.setattr("usfmae_core.bundle_support.save_state_dict", disk_full)
+    cli_error(["export-bundle", run, "--out", str(bundle), "--data-source", "x", "--force", "--no-torchscript"],
+              "No space left on device")
+    assert {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "my_documents"]  # no partial folder left
+    monkeypatch.undo()
+    assert cli.main(["export-bundle", run, "--out", str(bundle), "--data-source", "new source", "--force",
+                     "--no-torchscript"]) == 0
+    assert "new source" in (bundle / "configs" / "metadata.json").read_text()
+    assert not (bundle / "models" / "model.ts").exists()  # the old bundle's files are gone, not mixed in
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "my_documents"]

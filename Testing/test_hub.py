@@ -222,6 +222,33 @@ def test_offline_pull_is_one_line_with_the_manual_route(home: Path) -> None:
     proc = _cli("pull", "usf-mae-500ep", "--url", url, home=home)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1, proc.stderr
-    assert err[0].startswith("usfmae: error: cannot download usf-mae-500ep")
+    assert err[0].startswith("usfmae: error: usf-mae-500ep: cannot download")
     assert url in err[0] and "usfmae import-weights USF-MAE_500ep.pth --out" in err[0]
     assert "usf-mae-500ep.pt" in err[0]
+
+
+def test_pull_without_internet_fails_fast_in_one_line(home: Path) -> None:
+    """The published name with its real Google Drive link on a machine without internet (name resolution fails, as
+    here; stubbed so that no query leaves the machine): one line that says so, names the link to fetch by hand and
+    the import-weights command, within a second of starting (torch and MONAI are not even imported)."""
+    import os
+
+    code = (
+        "import socket, sys\n"
+        "def offline(*a, **k):\n"
+        "    raise socket.gaierror(-2, 'Name or service not known')\n"
+        "socket.getaddrinfo = offline\n"
+        "from usfmae_core import cli\n"
+        "rc = cli.main(['pull', 'usf-mae-100ep', '--no-progress'])\n"
+        "print('RC', rc, 'TORCH', 'torch' in sys.modules, 'MONAI', 'monai' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "USFMAE_HOME": str(home)})
+    assert "RC 2 TORCH False MONAI False" in proc.stdout, (proc.stdout, proc.stderr)
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1, proc.stderr
+    link = "https://drive.google.com/file/d/1ZPu_7KhMEuaq-XdLhVp2EEgMgLJ4dKhr/view?usp=drive_link"
+    assert err[0].startswith(f"usfmae: error: usf-mae-100ep: cannot download {link} (no network connection or "
+                             "unknown host drive.usercontent.google.com"), err[0]
+    assert f"usfmae import-weights USF-MAE_100ep.pth --out {home / 'models' / 'usf-mae-100ep.pt'}" in err[0]
+    assert not (home / "models" / "usf-mae-100ep.pt").exists()

@@ -112,6 +112,10 @@ def loadSampleData(source) -> list:
 
     if samples.missing_samples():
         logic = USFMAELogic()
+        notReady = logic.not_ready_message()  # the phantom generator is the engine's (torch): packages first
+        if notReady:
+            slicer.util.errorDisplay(notReady, windowTitle=_(TITLE))
+            return []
         job = logic.start_job(logic.samples_job())
         dialog = slicer.util.createProgressDialog(labelText=_("Making the USF-MAE sample data..."), maximum=0)
         try:
@@ -212,7 +216,8 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         for field in paths.PATH_FIELDS:
             editor = getattr(self.ui, field.widget)
-            editor.filters = functools.reduce(operator.or_, (getattr(ctk.ctkPathLineEdit, f) for f in field.ctk_filters))
+            editor.filters = functools.reduce(operator.or_,
+                                              (getattr(ctk.ctkPathLineEdit, f) for f in field.ctk_filters))
             editor.nameFilters = list(field.name_filters)
             editor.settingKey = field.setting_key  # history: ctkPathLineEdit/USFMAE/<name> in the settings
             if field.parameter:  # follow the text as typed (currentPathChanged skips cleared / unaccepted text)
@@ -566,12 +571,19 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                              windowTitle=_(TITLE))
                     return
                 backend = self.ui.torchBackendComboBox.currentText
-                torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                    askConfirmation=False, forceComputationBackend=None if backend == "automatic" else backend,
-                    torchVersionRequirement=plan.torch_requirement)
-                if torch is None:
-                    failures.append(f"torch{plan.torch_requirement}")
+                try:  # light-the-torch in a child process: raises when it fails (network, no build)
+                    PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                        askConfirmation=False, forceComputationBackend=None if backend == "automatic" else backend,
+                        torchVersionRequirement=plan.torch_requirement)
+                except Exception:  # noqa: BLE001 - reported below from what is installed now
+                    logger.error(traceback.format_exc())
                 plan = self.logic.install_plan()  # pins the torch now installed
+                blocked = install.pip_blocked_by_torch(plan)
+                if blocked:
+                    self.updateDependencyStatus()
+                    slicer.util.errorDisplay(blocked, windowTitle=_(TITLE))
+                    self._reportBundledChanges(before)
+                    return
             constraints = Path(tempfile.mkdtemp(prefix="usfmae_pip_")) / "constraints.txt"
             constraints.write_text(plan.constraints_text(), encoding="utf-8")
             for requirement in plan.pip:
@@ -585,11 +597,20 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("These packages could not be installed: {packages}; see the Python console "
                                        "for pip's message (network, or no build for this platform)").format(
                 packages=", ".join(failures)), windowTitle=_(TITLE))
+        self._reportBundledChanges(before)
         reasons = install.restart_recommended(first, before, install.installed_versions())
         if reasons and slicer.util.confirmYesNoDisplay(
                 _("Restart Slicer now to finish the installation? Packages that were already loaded changed."),
                 windowTitle=_(TITLE), detailedText="\n".join(reasons)):
             slicer.util.restart()
+
+    def _reportBundledChanges(self, before: dict) -> None:
+        """Say which of Slicer's own packages changed during an installation (e.g. by the PyTorch extension)."""
+        changed = install.bundled_changes(before, install.installed_versions())
+        if changed:
+            slicer.util.warningDisplay(
+                _("Packages that Slicer ships changed during the installation (the PyTorch extension installs PyTorch "
+                  "without USF-MAE's pins):\n{packages}").format(packages="\n".join(changed)), windowTitle=_(TITLE))
 
     # -------------------------------------------------------------------------------------- get started
     def onLoadSamples(self) -> None:

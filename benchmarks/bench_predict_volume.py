@@ -12,7 +12,9 @@ downloaded), saved as our checkpoints:
 
 Each is timed as a user runs it: ``usfmae predict MODEL volume.nii.gz`` in a fresh process (start-up and imports,
 reading the NIfTI, preprocessing, the forward passes, writing the results), ``--rounds`` times round-robin so that
-the load of a shared machine hits every model alike; the machine load is recorded before and after each run.
+the load of a shared machine hits every model alike; the machine load is recorded before and after each run, and the
+process's CPU time (user + system, all threads): on a shared machine wall time is mostly waiting, while CPU time
+divided by the threads bounds the wall time the same run takes on an idle machine.
 
     python benchmarks/bench_predict_volume.py --json benchmarks/results/bench_predict_volume.json
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -31,6 +34,16 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# the CLI in a fresh process that says its own peak resident memory on exit
+_PEAK = ("import resource, sys; from usfmae_core import cli; rc = cli.main(sys.argv[1:]); print('PEAK_RSS_MB %.1f' % "
+         "(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), file=sys.stderr); sys.exit(rc)")
+
+
+def _peak_mb(stderr: str) -> float | None:
+    peaks = [float(line.split()[1]) for line in stderr.splitlines() if line.startswith("PEAK_RSS_MB")]
+    return peaks[-1] if peaks else None
 
 
 def _load() -> list[float]:
@@ -93,14 +106,19 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             for name in names:
                 before, t = _load(), time.perf_counter()
-                proc = subprocess.run([sys.executable, "-m", "usfmae_core.cli", "predict", str(models[name]),
+                cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                proc = subprocess.run([sys.executable, "-c", _PEAK, "predict", str(models[name]),
                                        str(volume), "--out", str(tmp / f"pred_{name}_{r}"), "--device", "cpu",
                                        "--precision", args.precision], capture_output=True, text=True, cwd=REPO)
                 secs = time.perf_counter() - t
+                cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
                 if proc.returncode:
                     raise SystemExit(f"{name}: usfmae predict failed:\n{proc.stderr[-2000:]}")
                 report = json.loads((tmp / f"pred_{name}_{r}" / "predictions.json").read_text())
-                run = {"round": r, "seconds": round(secs, 1), "load_before": before, "load_after": _load(),
+                run = {"round": r, "seconds": round(secs, 1), "cpu_seconds": round(cpu, 1),
+                       "cpu_seconds_per_thread": round(cpu / torch.get_num_threads(), 1),
+                       "peak_rss_mb": _peak_mb(proc.stderr), "load_before": before, "load_after": _load(),
                        "weights": report.get("weights_dtype"), "autocast": report.get("autocast"),
                        "n_frames": report["results"][0]["n_frames"], "slices": report["results"][0].get("n_slices")}
                 runs[name].append(run)
@@ -110,9 +128,12 @@ def main(argv: list[str] | None = None) -> int:
               "device": describe_device(resolve_device("cpu")), "threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "torch": torch.__version__, "runs": runs,
               "best_seconds": {n: min(r["seconds"] for r in rs) for n, rs in runs.items()},
+              "best_cpu_seconds_per_thread": {n: min(r["cpu_seconds_per_thread"] for r in rs)
+                                              for n, rs in runs.items()},
               "command": "python benchmarks/bench_predict_volume.py " + " ".join(argv or sys.argv[1:])}
     for n, s in result["best_seconds"].items():
-        print(f"{n}: {s:.1f} s (best of {args.rounds})")
+        cpu = result["best_cpu_seconds_per_thread"][n]
+        print(f"{n}: {s:.1f} s wall, {cpu:.1f} CPU s per thread (best of {args.rounds})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")

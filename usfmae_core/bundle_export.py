@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from usfmae_core.errors import UsfmaeError
+from usfmae_core.fileio import fsync_dir
 
 __all__ = ["template_dir", "is_bundle", "load_bundle", "export_bundle"]
 
@@ -78,10 +80,14 @@ def load_bundle(path: str | os.PathLike, weights: str | os.PathLike | None = Non
     try:
         network = parser.get_parsed_content("network_def")
         classes = metadata_classes(parser.get_parsed_content("_meta_#network_data_format"))
-        prep = Preprocessing(int(parser.get_parsed_content("image_size")),
-                             int(parser.get_parsed_content("in_channels")),
-                             tuple(float(v) for v in parser.get_parsed_content("intensity_mean")),
-                             tuple(float(v) for v in parser.get_parsed_content("intensity_std")))
+        # a bundle without the geometry / colour keys (exported before they existed) keeps the rules it was
+        # trained with: Preprocessing.from_dict fills them with the legacy values
+        prep = Preprocessing.from_dict({
+            "image_size": int(parser.get_parsed_content("image_size")),
+            "in_channels": int(parser.get_parsed_content("in_channels")),
+            "mean": [float(v) for v in parser.get_parsed_content("intensity_mean")],
+            "std": [float(v) for v in parser.get_parsed_content("intensity_std")],
+            **{k: parser.get_parsed_content(k) for k in ("resize", "crop_sector", "colour") if k in parser}})
     except UsfmaeError:
         raise
     except Exception as err:  # a bundle of another layout: say which key, not MONAI's traceback
@@ -140,6 +146,8 @@ def _fmt(v: Any) -> str:
 def _model_card(meta: dict[str, Any], run: Path, config: dict[str, Any], result: dict[str, Any],
                 run_args: dict[str, Any], name: str, image_size: int, has_ts: bool) -> str:
     """The bundle's docs/README.md, generated from the run."""
+    from usfmae_core.data.transforms import Preprocessing
+
     classes = [str(c) for c in config["classes"]]
     test = result["test"]
     hp = result.get("hyperparameters", {})
@@ -183,8 +191,9 @@ head; best validation macro-F1 at epoch {result.get("best_epoch")} of {result.ge
 
 ## Input and output
 - Input `image`: `(B, {prep["in_channels"]}, {image_size}, {image_size})` float32. Each frame is scaled to [0, 1]
-  (robust min-max), resized to {image_size} x {image_size}, the grey channel repeated to {prep["in_channels"]}
-  channel(s) and normalised with mean {prep["mean"]} and std {prep["std"]} (`usfmae_core.data.transforms`).
+  (robust min-max); {Preprocessing.from_dict(prep).describe()}; normalised with mean {prep["mean"]} and std
+  {prep["std"]} (`usfmae_core.data.transforms`, rules stored as `resize`, `crop_sector`, `colour` in
+  `configs/inference.json`).
   `configs/inference.json` takes 2D images, cine clips and 3D volumes (DICOM, NIfTI, NRRD, MHA, PNG, JPEG, TIFF,
   video): every frame / slice is classified and the probabilities are averaged per file.
 - Output `pred`: `(B, {len(classes)})` logits; inference writes softmax probabilities per file to
@@ -240,6 +249,27 @@ are published by their authors under the MIT licence.
 """
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _swap_into_place(staged: Path, final: Path) -> None:
+    """Rename the complete bundle ``staged`` to ``final``; an earlier bundle there is moved aside first and deleted
+    only once the new one is in place."""
+    import shutil
+
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name[:40]}.", suffix=".old", dir=final.parent))
+        os.replace(final, old / "bundle")
+    os.replace(staged, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: str,
                   intended_use: str | None = None, name: str | None = None, version: str = "1.0.0",
                   title: str | None = None, authors: str | None = None, data_license: str | None = None,
@@ -268,7 +298,8 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
 
     from usfmae_core import __version__
     from usfmae_core.bundle_support import check_weights, save_state_dict, write_json_file, write_network_format
-    from usfmae_core.checkpoints import load_checkpoint
+    from usfmae_core.checkpoints import adapt_state_dict, load_checkpoint
+    from usfmae_core.data.transforms import Preprocessing
     from usfmae_core.networks.presets import build_model
 
     run, out = Path(run).expanduser(), Path(out).expanduser()
@@ -294,109 +325,139 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
         raise UsfmaeError(f"{run}/metrics.json has no test metrics",
                           "fine-tune with a test split (--test-fraction > 0) so the bundle can report them")
     run_args = _read_json(run / "config.json") if (run / "config.json").is_file() else {}
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise UsfmaeError(f"{out} exists and is not empty", "choose a new --out folder or pass --force")
-        shutil.rmtree(out)
+    if out.is_file():
+        raise UsfmaeError(f"--out {out} is a file", "choose a folder path for the bundle")
+    replace = out.is_dir() and any(out.iterdir())
+    if replace and not force:
+        raise UsfmaeError(f"{out} exists and is not empty", "choose a new --out folder or pass --force")
+    if replace and not (out / "configs" / "metadata.json").is_file():
+        # --force replaces an earlier bundle, never a folder of other files (it would delete them all)
+        raise UsfmaeError(f"{out} is not empty and holds no MONAI bundle (no configs/metadata.json), so --force "
+                          "would delete other files", "choose a new or empty --out folder")
     classes = [str(c) for c in config["classes"]]
     prep = config["preprocessing"]
     image_size, in_channels = int(prep["image_size"]), int(prep["in_channels"])
     name = name or out.name
+    # written into a hidden folder beside --out, renamed into place once complete: a failure (full disk, kill) leaves
+    # neither a half bundle in --out nor, with --force, the loss of the previous bundle
+    out.parent.mkdir(parents=True, exist_ok=True)
+    final = out
+    try:
+        out = Path(tempfile.mkdtemp(prefix=f".{final.name[:40]}.", suffix=".partial", dir=final.parent))
+    except OSError as err:  # name the folder the user asked for, not the temporary one
+        raise OSError(err.errno, err.strerror, str(final)) from None
+    try:
+        os.chmod(out, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
+        template = template_dir()
+        (out / "configs").mkdir()
+        (out / "models").mkdir()
+        (out / "docs").mkdir()
+        shutil.copy(template / "LICENSE", out / "LICENSE")
+        for cfg in _EXPORT_CONFIGS:
+            shutil.copy(template / "configs" / cfg, out / "configs" / cfg)
+        net_args = _network_args(config)
+        for cfg in ("train.json", "inference.json"):
+            path = out / "configs" / cfg
+            doc = _read_json(path)
+            doc["network_def"].update(net_args)
+            if cfg == "train.json":
+                doc["network_def"]["dropout"] = float(config.get("dropout", 0.0))
+            doc["intensity_mean"] = [float(v) for v in prep["mean"]]
+            doc["intensity_std"] = [float(v) for v in prep["std"]]
+            rules = Preprocessing.from_dict(prep)  # the run's geometry / colour rules (legacy ones for old runs)
+            doc["resize"], doc["crop_sector"], doc["colour"] = rules.resize, rules.crop_sector, rules.colour
+            write_json_file(path, doc)
 
-    template = template_dir()
-    (out / "configs").mkdir(parents=True)
-    (out / "models").mkdir()
-    (out / "docs").mkdir()
-    shutil.copy(template / "LICENSE", out / "LICENSE")
-    for cfg in _EXPORT_CONFIGS:
-        shutil.copy(template / "configs" / cfg, out / "configs" / cfg)
-    net_args = _network_args(config)
-    for cfg in ("train.json", "inference.json"):
-        path = out / "configs" / cfg
-        doc = _read_json(path)
-        doc["network_def"].update(net_args)
-        if cfg == "train.json":
-            doc["network_def"]["dropout"] = float(config.get("dropout", 0.0))
-        doc["intensity_mean"], doc["intensity_std"] = [float(v) for v in prep["mean"]], [float(v) for v in prep["std"]]
-        write_json_file(path, doc)
+        meta = _read_json(template / "configs" / "metadata.json")
+        meta.pop("mae_data_format", None)
+        test = result["test"]
+        today = datetime.date.today().isoformat()
+        meta["version"] = str(version)
+        meta["changelog"] = {str(version): changelog or f"exported by usfmae export-bundle from the fine-tuning run "
+                             f"'{run.name}' on {today}"}
+        meta["monai_version"] = monai.__version__
+        meta["pytorch_version"] = torch.__version__.split("+")[0]
+        meta["required_packages_version"] = {**meta.get("required_packages_version", {}), "usfmae": __version__}
+        meta["name"] = title or f"USF-MAE ultrasound classifier ({', '.join(classes)})"
+        meta["task"] = f"Ultrasound image classification into {len(classes)} classes: {', '.join(classes)}"
+        init = run_args.get("init")
+        meta["description"] = (
+            f"A ViT classifier (width {net_args['hidden_size']}, {net_args['num_layers']} blocks, patch "
+            f"{net_args['patch_size']}, {image_size} px) fine-tuned with the usfmae toolkit "
+            f"{'from the masked autoencoder ' + Path(str(init)).name if init else 'from scratch'} "
+            f"on {data_source.strip()}. "
+            "configs/inference.json classifies 2D images, cine clips and 3D volumes (frame / slice probabilities "
+            "averaged per file); configs/train.json and configs/evaluate.json fine-tune and evaluate it on new data.")
+        meta["data_source"] = data_source.strip()
+        meta["label_classes"] = ", ".join(f"{i}: {c}" for i, c in enumerate(classes))
+        meta["image_classes"] = (f"B-mode intensity: each frame scaled to [0, 1] (robust min-max); "
+                                 f"{Preprocessing.from_dict(prep).describe()}; normalised with "
+                                 f"mean {list(prep['mean'])} and std {list(prep['std'])}")
+        meta["eval_metrics"] = {f"test_{k}": round(float(test[k]), 4) for k in _METRIC_KEYS
+                                if k in test and test[k] == test[k]}
+        meta["eval_metrics"]["test_images"] = int(test.get("n", 0))
+        meta["intended_use"] = (intended_use or "Research only: classification of ultrasound images of the kind it "
+                                "was trained on. Not a medical device; not validated for clinical use.").strip()
+        if authors:
+            meta["authors"] = authors
+            meta["copyright"] = f"Copyright (c) {datetime.date.today().year} {authors}"
+        # put eval_metrics before intended_use, as the Model Zoo's bundles order them
+        ordered = {k: meta[k] for k in meta if k not in ("eval_metrics", "intended_use")}
+        meta = {**{k: v for k, v in ordered.items() if k != "references" and k != "network_data_format"},
+                "eval_metrics": meta["eval_metrics"], "intended_use": meta["intended_use"],
+                "references": meta.get("references", []), "network_data_format": meta["network_data_format"]}
+        meta_path = write_json_file(out / "configs" / "metadata.json", meta)
+        write_network_format(meta_path, classes, image_size, in_channels)
 
-    meta = _read_json(template / "configs" / "metadata.json")
-    meta.pop("mae_data_format", None)
-    test = result["test"]
-    today = datetime.date.today().isoformat()
-    meta["version"] = str(version)
-    meta["changelog"] = {str(version): changelog or f"exported by usfmae export-bundle from the fine-tuning run "
-                         f"'{run.name}' on {today}"}
-    meta["monai_version"] = monai.__version__
-    meta["pytorch_version"] = torch.__version__.split("+")[0]
-    meta["required_packages_version"] = {**meta.get("required_packages_version", {}), "usfmae": __version__}
-    meta["name"] = title or f"USF-MAE ultrasound classifier ({', '.join(classes)})"
-    meta["task"] = f"Ultrasound image classification into {len(classes)} classes: {', '.join(classes)}"
-    init = run_args.get("init")
-    meta["description"] = (
-        f"A ViT classifier (width {net_args['hidden_size']}, {net_args['num_layers']} blocks, patch "
-        f"{net_args['patch_size']}, {image_size} px) fine-tuned with the usfmae toolkit "
-        f"{'from the masked autoencoder ' + Path(str(init)).name if init else 'from scratch'} on {data_source.strip()}. "
-        "configs/inference.json classifies 2D images, cine clips and 3D volumes (frame / slice probabilities "
-        "averaged per file); configs/train.json and configs/evaluate.json fine-tune and evaluate it on new data.")
-    meta["data_source"] = data_source.strip()
-    meta["label_classes"] = ", ".join(f"{i}: {c}" for i, c in enumerate(classes))
-    meta["image_classes"] = (f"B-mode intensity: each frame scaled to [0, 1] (robust min-max), resized to {image_size} x "
-                             f"{image_size}, {'repeated to 3 channels, ' if in_channels == 3 else ''}normalised with "
-                             f"mean {list(prep['mean'])} and std {list(prep['std'])}")
-    meta["eval_metrics"] = {f"test_{k}": round(float(test[k]), 4) for k in _METRIC_KEYS
-                            if k in test and test[k] == test[k]}
-    meta["eval_metrics"]["test_images"] = int(test.get("n", 0))
-    meta["intended_use"] = (intended_use or "Research only: classification of ultrasound images of the kind it was "
-                            "trained on. Not a medical device; not validated for clinical use.").strip()
-    if authors:
-        meta["authors"] = authors
-        meta["copyright"] = f"Copyright (c) {datetime.date.today().year} {authors}"
-    # put eval_metrics before intended_use, as the Model Zoo's bundles order them
-    ordered = {k: meta[k] for k in meta if k not in ("eval_metrics", "intended_use")}
-    meta = {**{k: v for k, v in ordered.items() if k != "references" and k != "network_data_format"},
-            "eval_metrics": meta["eval_metrics"], "intended_use": meta["intended_use"],
-            "references": meta.get("references", []), "network_data_format": meta["network_data_format"]}
-    meta_path = write_json_file(out / "configs" / "metadata.json", meta)
-    write_network_format(meta_path, classes, image_size, in_channels)
+        # weights: a plain state dict that MONAI's strict CheckpointLoader and ckpt_export take
+        model = build_model("classifier", config)
+        model.load_state_dict(adapt_state_dict(ckpt["model"], model.state_dict(), source=str(run / "model.pt")))
+        save_state_dict(model, out / "models" / "model.pt")
+        loaded = load_bundle(out)  # the bundle's own network_def must take the weights
+        check_weights(out / "models" / "model.pt", build_model("classifier", loaded["config"]))
+        files = ["models/model.pt"]
+        if torchscript:
+            from monai.bundle import ckpt_export
 
-    # weights: a plain state dict that MONAI's strict CheckpointLoader and ckpt_export take
-    model = build_model("classifier", config)
-    model.load_state_dict(ckpt["model"])
-    save_state_dict(model, out / "models" / "model.pt")
-    loaded = load_bundle(out)  # the bundle's own network_def must take the weights
-    check_weights(out / "models" / "model.pt", build_model("classifier", loaded["config"]))
-    files = ["models/model.pt"]
-    if torchscript:
-        from monai.bundle import ckpt_export
+            ckpt_export(net_id="network_def", filepath=str(out / "models" / "model.ts"),
+                        ckpt_file=str(out / "models" / "model.pt"), meta_file=str(meta_path),
+                        config_file=str(out / "configs" / "inference.json"), bundle_root=str(out))
+            files.append("models/model.ts")
 
-        ckpt_export(net_id="network_def", filepath=str(out / "models" / "model.ts"),
-                    ckpt_file=str(out / "models" / "model.pt"), meta_file=str(meta_path),
-                    config_file=str(out / "configs" / "inference.json"), bundle_root=str(out))
-        files.append("models/model.ts")
+        def sha256(path: Path) -> str:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            return h.hexdigest()
 
-    def sha256(path: Path) -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
+        large = {"large_files": [{"path": f, "url": _URL_PLACEHOLDER.format(name=name, version=version,
+                                                                              file=Path(f).name),
+                                  "hash_val": sha256(out / f), "hash_type": "sha256"} for f in files]}
+        (out / "large_files.yml").write_text(
+            "# The weights of this bundle. Before sharing: upload each file (a GitHub release asset or another stable\n"
+            "# public URL) and replace its url; keep hash_val (sha256 of the file written by usfmae export-bundle).\n"
+            "# Fetch with: python -m monai.bundle download_large_files --bundle_path .\n"
+            + yaml.safe_dump(large, sort_keys=False))
+        (out / "docs" / "README.md").write_text(
+            _model_card(meta, run, config, result, run_args, name, image_size, torchscript))
+        (out / "docs" / "data_license.txt").write_text(
+            "Third Party Licenses\n" + "-" * 71 + "\n\n" + "Data that trained the weights of this bundle:\n"
+            + f"{data_source.strip()}\n\nLicence of that data: "
+            + f"{(data_license or 'see the data source above').strip()}\n")
+        if (run / "curves.png").is_file():
+            shutil.copy(run / "curves.png", out / "docs" / "curves.png")
+    except BaseException as err:
+        shutil.rmtree(out, ignore_errors=True)
+        if isinstance(err, OSError):  # name the file as the user will look for it: in --out, not the hidden folder
+            names = [str(n).replace(str(out), str(final)) if n is not None else None
+                     for n in (err.filename, err.filename2)]
+            if names != [err.filename, err.filename2]:
+                raise OSError(err.errno, err.strerror, names[0], None, names[1]) from err
+        raise
+    _swap_into_place(out, final)
 
-    large = {"large_files": [{"path": f, "url": _URL_PLACEHOLDER.format(name=name, version=version,
-                                                                          file=Path(f).name),
-                              "hash_val": sha256(out / f), "hash_type": "sha256"} for f in files]}
-    (out / "large_files.yml").write_text(
-        "# The weights of this bundle. Before sharing: upload each file (a GitHub release asset or another stable\n"
-        "# public URL) and replace its url; keep hash_val (sha256 of the file written by usfmae export-bundle).\n"
-        "# Fetch with: python -m monai.bundle download_large_files --bundle_path .\n"
-        + yaml.safe_dump(large, sort_keys=False))
-    (out / "docs" / "README.md").write_text(
-        _model_card(meta, run, config, result, run_args, name, image_size, torchscript))
-    (out / "docs" / "data_license.txt").write_text(
-        "Third Party Licenses\n" + "-" * 71 + "\n\n" + "Data that trained the weights of this bundle:\n"
-        + f"{data_source.strip()}\n\nLicence of that data: {(data_license or 'see the data source above').strip()}\n")
-    if (run / "curves.png").is_file():
-        shutil.copy(run / "curves.png", out / "docs" / "curves.png")
+    out = final
     log(f"exported {run} -> {out}: {len(classes)} classes ({', '.join(classes)}), {image_size} px, "
         f"test macro-F1 {test.get('f1_macro', float('nan')):.3f}; fill in the URLs in {out / 'large_files.yml'} "
         "when you upload the weights")

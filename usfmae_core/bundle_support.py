@@ -52,7 +52,7 @@ __all__ = ["one_line_errors", "SkipUnreadabled", "CorpusDataset", "corpus_sample
            "write_network_format", "write_json_file", "check_weights", "read_weights", "load_weights",
            "save_state_dict", "start_from_mae", "init_mae", "classifier_config", "mae_checkpoint_config", "macro_f1",
            "cosine_schedule", "use_amp", "amp_kwargs", "is_not_rank0", "prepare_process", "with_iteration_events",
-           "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler"]
+           "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler", "check_output_dir"]
 
 logger = logging.getLogger("usfmae.bundle")
 
@@ -100,6 +100,9 @@ def one_line_errors() -> bool:
                 except Exception:  # noqa: BLE001 - a broken log handler must not hide the message
                     pass
             sys.stdout.flush()
+            # a progress bar (tqdm) may have left its line open: the message starts a line of its own
+            bars = getattr(sys.modules.get("tqdm"), "tqdm", None)
+            sys.stderr.write("\n" if getattr(bars, "_instances", None) else "")
             sys.stderr.write(f"usfmae: error: {message}\n")
             sys.stderr.flush()
             os._exit(2)  # the CLI's exit code for bad input (an uncaught exception would give 1)
@@ -119,6 +122,23 @@ def one_line_errors() -> bool:
         if not any(isinstance(f, _UserErrorLogFilter) for f in lg.filters):
             lg.addFilter(flt)
     return True
+
+
+def check_output_dir(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` (a config's ``output_dir``) and check that files can be written in it, at ``initialize``:
+    a file in the way or a read-only folder ends the run in one line before any work, not after it (as the CLI
+    checks ``--out``). Returns the folder."""
+    import tempfile
+
+    from usfmae_core.errors import UsfmaeError
+
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsfmaeError(f"output_dir {path} is a file, not a folder", "choose a folder path for --output_dir")
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):  # PermissionError / OSError naming the folder: one line
+        pass
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -248,14 +268,19 @@ def inference_items(source: str | os.PathLike | Sequence[str | os.PathLike]) -> 
     return [{"image": str(p)} for p in files]
 
 
-def log_data_summary(datalist: Mapping[str, Any], source: str | os.PathLike | None = None) -> list[str]:
+def log_data_summary(datalist: Mapping[str, Any], source: str | os.PathLike | None = None,
+                     preprocessing: Any = None, volume: Any = None) -> list[str]:
     """Log the console summary of a labelled datalist (files found, per-class counts per split, masks excluded,
     duplicates removed, near-duplicate groups, unreadable files: :func:`usfmae_core.data.labelled.datalist_summary`,
-    what ``usfmae finetune`` / ``evaluate`` print) at the start of a bundle run; first process only. Returns the
-    lines."""
-    from usfmae_core.data.labelled import datalist_summary
+    what ``usfmae finetune`` / ``evaluate`` print) at the start of a bundle run; first process only. With the model's
+    ``preprocessing`` (and ``volume`` settings) it also says what the preprocessing does to this data
+    (:func:`~usfmae_core.data.labelled.preprocessing_notes`: geometry rule, non-square files, colour kept or made
+    grey). Returns the lines."""
+    from usfmae_core.data.labelled import datalist_summary, preprocessing_notes
 
-    lines = datalist_summary(dict(datalist), None if source is None else str(source))
+    lines = datalist_summary(dict(datalist), None if source is None else str(source), colour=preprocessing is None)
+    if preprocessing is not None:
+        lines += preprocessing_notes(dict(datalist), preprocessing, volume)
     if not is_not_rank0():
         for line in lines:
             logger.info(line)
@@ -334,13 +359,15 @@ class SkipUnreadabled:
 class UltrasoundToFramesd(MapTransform):
     """Every frame of a cine / slice of a volume (one frame for a 2D image) as 2D model input ``(N, C, S, S)``.
 
-    Input: channel-first grey ``(1, H, W)`` or ``(1, T|D, H, W)`` from
-    :class:`~usfmae_core.data.transforms.LoadUltrasoundd`. Frames come from
-    :func:`~usfmae_core.data.transforms.image_to_frames` (volumes sliced along ``axis``, array order D, H, W) and are
-    preprocessed by :func:`~usfmae_core.data.transforms.frames_to_tensor`, as ``usfmae predict`` does: empty and
-    constant frames / slices of a cine or volume are left out
-    (:func:`~usfmae_core.data.transforms.informative_frames`) and an input without any informative one is refused.
-    The meta dict is kept and gains ``n_frames`` (frames given to the model) and ``n_excluded``.
+    Input: channel-first ``(1|3, H, W)`` or ``(1|3, T|D, H, W)`` from
+    :class:`~usfmae_core.data.transforms.LoadUltrasoundd` (3 channels: a colour file loaded with ``colour=True``).
+    The frames are those ``usfmae predict`` classifies (:func:`~usfmae_core.data.transforms.frames_for_model`:
+    volumes sliced along ``axis``, array order D, H, W; empty and constant frames / slices left out, an input
+    without any informative one refused; one sector box per clip) and are preprocessed by
+    :func:`~usfmae_core.data.transforms.frames_to_tensor` with the model's preprocessing: ``resize`` (``letterbox`` |
+    ``squash``), ``crop_sector`` and ``colour`` (``rgb``: colour reaches a 3-channel model as colour; ``luma``) as
+    stored in its checkpoint (``preprocessing`` may give them all at once, as a dict). The meta dict is kept and gains
+    ``n_frames`` (frames given to the model) and ``n_excluded``.
 
     With a volume model's settings (``volume``, a :class:`~usfmae_core.data.volumes.VolumeInput`) the item becomes
     that model's input instead, exactly as in its fine-tuning
@@ -350,11 +377,19 @@ class UltrasoundToFramesd(MapTransform):
 
     def __init__(self, keys: KeysCollection, image_size: int = 224, in_channels: int = 3,
                  mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
-                 axis: int = 0, volume: Any = None, allow_missing_keys: bool = False) -> None:
+                 axis: int = 0, resize: str = "letterbox", crop_sector: bool = False, colour: str = "rgb",
+                 preprocessing: Any = None, volume: Any = None,
+                 allow_missing_keys: bool = False) -> None:
         from usfmae_core.data.transforms import Preprocessing
 
         super().__init__(keys, allow_missing_keys)
-        self.prep = Preprocessing(int(image_size), int(in_channels), tuple(mean), tuple(std))
+        if isinstance(preprocessing, Preprocessing):
+            self.prep = preprocessing
+        elif preprocessing is not None:
+            self.prep = Preprocessing.from_dict(preprocessing)
+        else:
+            self.prep = Preprocessing(int(image_size), int(in_channels), tuple(mean), tuple(std), str(resize),
+                                      bool(crop_sector), str(colour))
         self.axis = int(axis)
         self.volume = None
         if volume is not None:
@@ -363,8 +398,8 @@ class UltrasoundToFramesd(MapTransform):
             self.volume = VolumeToModelInputd(keys, self.prep, volume, allow_missing_keys)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from usfmae_core.data.readers import UltrasoundImage
-        from usfmae_core.data.transforms import frames_to_tensor, image_to_frames, informative_frames
+        from usfmae_core.data.readers import luma
+        from usfmae_core.data.transforms import frames_for_model, frames_to_tensor
 
         if self.volume is not None:
             d = self.volume(data)
@@ -377,21 +412,20 @@ class UltrasoundToFramesd(MapTransform):
             x = d[key]
             meta = dict(getattr(x, "meta", {}) or {})
             arr = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float32)
-            if arr.ndim in (3, 4) and arr.shape[0] == 1:
+            rgb = None
+            if arr.ndim in (3, 4) and arr.shape[0] == 3:  # colour, channel-first
+                rgb = np.moveaxis(arr, 0, -1)
+                arr = luma(rgb)
+            elif arr.ndim in (3, 4) and arr.shape[0] == 1:
                 arr = arr[0]  # channel-first grey -> (H, W) / (N, H, W)
             kind = str(meta.get("kind") or ("image" if arr.ndim == 2 else "volume"))
             if arr.ndim == 2:
                 kind = "image"
             spacing = tuple(meta.get("spacing") or (1.0,) * arr.ndim)
             source = str(meta.get("filename_or_obj", ""))
-            frames = image_to_frames(UltrasoundImage(arr, spacing, kind, source), axis=self.axis)
-            keep = np.ones(len(frames), bool) if kind == "image" else informative_frames(frames)
-            if not keep.any():
-                raise UsfmaeError(f"{source or f'the {kind}'} has no informative "
-                                  f"{'frame' if kind == 'cine' else 'slice'}: all {len(frames)} are empty or "
-                                  "constant", "check the file (a blank or padding-only export?) or leave it out")
-            out = frames_to_tensor(frames[keep] if not keep.all() else frames, self.prep)
-            meta.update(n_frames=int(out.shape[0]), n_excluded=int((~keep).sum()), kind=kind)
+            seen = frames_for_model(arr, kind, spacing, self.prep, self.axis, rgb, source or None)
+            out = frames_to_tensor(seen.frames, self.prep, seen.spacing, seen.crop)
+            meta.update(n_frames=int(out.shape[0]), n_excluded=int(seen.total - len(seen.index)), kind=kind)
             d[key] = MetaTensor(out, meta=meta)
         return d
 
@@ -748,9 +782,14 @@ def _encoder_config(encoder: nn.Module) -> dict[str, Any]:
             "qkv_bias": block.attn.qkv.bias is not None, "drop_path_rate": 0.0}
 
 
-def mae_checkpoint_config(network: nn.Module, preprocessing: Any, preset: str = "bundle") -> dict[str, Any]:
+def mae_checkpoint_config(network: nn.Module, preprocessing: Any, preset: str = "bundle", corpus: Any = None
+                          ) -> dict[str, Any]:
     """Our checkpoint config of a :class:`~usfmae_core.networks.mae.USFMAE` (model kwargs + ``preprocessing``), read
-    from the module: what ``usfmae finetune --init`` / ``--pretrained_mae`` / ``reconstruct`` rebuild it from."""
+    from the module: what ``usfmae finetune --init`` / ``--pretrained_mae`` / ``reconstruct`` rebuild it from. With
+    the frame ``corpus`` (a :class:`CorpusDataset` or an opened corpus) the geometry / colour rules its frames were
+    stored with go into ``preprocessing``, as ``usfmae pretrain`` records them
+    (:func:`~usfmae_core.data.corpus.corpus_preprocessing`)."""
+    from usfmae_core.data.corpus import VolumeCorpus, corpus_preprocessing
     from usfmae_core.workflows.distributed import unwrap_model
 
     model = unwrap_model(network)
@@ -761,6 +800,9 @@ def mae_checkpoint_config(network: nn.Module, preprocessing: Any, preset: str = 
                decoder_num_heads=int(dec.decoder_blocks[0].attn.num_heads), mask_ratio=float(model.mask_ratio),
                norm_pix_loss=bool(model.norm_pix_loss), preset=str(preset),
                preprocessing=preprocessing.to_dict() if hasattr(preprocessing, "to_dict") else dict(preprocessing))
+    corpus = getattr(corpus, "data", corpus)
+    if corpus is not None and not isinstance(corpus, VolumeCorpus):
+        cfg["preprocessing"].update(corpus_preprocessing(corpus))
     dec_ratio = dec.decoder_blocks[0].mlp.linear1.out_features / dec_hidden
     if dec_ratio != cfg["mlp_ratio"]:
         cfg["decoder_mlp_ratio"] = float(dec_ratio)

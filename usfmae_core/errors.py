@@ -35,7 +35,8 @@ class UsfmaeError(Exception):
 _OS_FIXES: dict[int, str] = {
     errno.ENOSPC: "free disk space or choose an output folder on another disk",
     errno.EDQUOT: "free disk space (quota exceeded) or choose an output folder on another disk",
-    errno.EFBIG: "the file is larger than this system or file system allows: choose another disk or raise the limit",
+    errno.EFBIG: "the file is larger than the file-size limit (ulimit -f) or the file system allows: raise the limit "
+                 "or choose another disk",
     errno.EACCES: "check the permissions, or choose a folder you can write to",
     errno.EPERM: "check the permissions, or choose a folder you can write to",
     errno.EROFS: "the file system is read-only: choose an output folder on a writable disk",

@@ -7,7 +7,8 @@ a power cut. Failures become ``OSError`` naming the target file (``usfmae_core.e
 into one line); the temporary file is removed.
 
 File names that are not valid UTF-8 reach Python as surrogate-escaped ``str``. :func:`printable` turns them into
-valid text (the undecodable bytes as ``\\xNN``), so CSV / JSON / console output never fails on them.
+valid text (the undecodable bytes as ``\\xNN``), so CSV / console output never fails on them; JSON keeps them
+exactly (``\\udcNN`` escapes, which ``json.load`` turns back into the file's real name).
 """
 
 from __future__ import annotations
@@ -68,6 +69,16 @@ def _free_bytes(folder: Path) -> int | None:
         return None
 
 
+def _file_size_limited() -> bool:
+    """Whether this process may write files only up to a size (``ulimit -f``, ``RLIMIT_FSIZE``)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return False
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return soft != resource.RLIM_INFINITY
+
+
 def _as_os_error(err: BaseException, path: Path) -> OSError | None:
     """``err`` (a failed write) as an ``OSError`` that names ``path``; None when it is not a write failure."""
     if isinstance(err, OSError):
@@ -80,7 +91,9 @@ def _as_os_error(err: BaseException, path: Path) -> OSError | None:
     if code is None:  # numpy / torch give "N requested and M written" or an iostream error: usually a full disk
         free = _free_bytes(path.parent)
         code = errno.ENOSPC if free is not None and free < (64 << 20) else errno.EIO
-        reason = os.strerror(code) if code == errno.ENOSPC else f"write failed: {str(err).splitlines()[0][:120]}"
+        if code == errno.EIO and _file_size_limited():  # ulimit -f: the write stopped at the limit (EFBIG)
+            code = errno.EFBIG
+        reason = (os.strerror(code) if code != errno.EIO else f"write failed: {str(err).splitlines()[0][:120]}")
     return OSError(code, reason or os.strerror(code), str(path))
 
 
@@ -157,24 +170,28 @@ def printable(text: str) -> str:
             "utf-8", "backslashreplace").decode("utf-8")
 
 
-def _printable_obj(obj: Any) -> Any:
-    if isinstance(obj, str):
-        return printable(obj)
+def _plain_paths(obj: Any) -> Any:
+    """``obj`` with paths as ``str`` (JSON has no path type)."""
     if isinstance(obj, dict):
-        return {printable(str(k)) if isinstance(k, str) else k: _printable_obj(v) for k, v in obj.items()}
+        return {k: _plain_paths(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_printable_obj(v) for v in obj]
+        return [_plain_paths(v) for v in obj]
     if isinstance(obj, os.PathLike):
-        return printable(os.fspath(obj))
+        return os.fspath(obj)
     return obj
 
 
 def write_json(path: str | os.PathLike, obj: Any, default: Callable[[Any], Any] | None = None, indent: int = 2
                ) -> Path:
-    """Write ``obj`` as JSON atomically (:func:`atomic_write`); strings made :func:`printable`; ``default``
-    converts other types (as in ``json.dump``)."""
+    """Write ``obj`` as JSON atomically (:func:`atomic_write`); ``default`` converts other types (as in
+    ``json.dump``).
+
+    The text is ASCII: a file-name byte that is not UTF-8 is written as its ``\\udcNN`` escape, so ``json.load``
+    gives back exactly the name the file has (a datalist, a run's ``config.json`` or ``datalist.json`` read back by
+    ``--resume`` / ``evaluate`` still finds its files; :func:`printable` ``\\xNN`` text would not).
+    """
     def dump(f: IO[str]) -> None:
-        json.dump(_printable_obj(obj), f, indent=indent, default=default)
+        json.dump(_plain_paths(obj), f, indent=indent, default=default, ensure_ascii=True)
         f.write("\n")
 
     return atomic_write(path, dump, text=True)

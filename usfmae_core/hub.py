@@ -27,6 +27,7 @@ import http.client
 import json
 import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -148,8 +149,6 @@ def download(url: str, dest: str | os.PathLike, progress: bool = True, timeout: 
         UsfmaeError: the server refuses or the network fails (the ``.part`` file is kept for the next try), or Drive
             answers with a web page that holds no download (quota exceeded, not shared).
     """
-    from usfmae_core.workflows.common import Progress
-
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -182,6 +181,9 @@ def download(url: str, dest: str | os.PathLike, progress: bool = True, timeout: 
                 length = response.headers.get("Content-Length")
                 total = start + int(length) if length is not None else 0
                 if bar is None:
+                    # imported only once the server answers: an offline attempt fails without loading torch
+                    from usfmae_core.workflows.common import Progress
+
                     bar = Progress(total, stage, disable=not progress, initial=start)
                     bar.bar.unit, bar.bar.unit_scale, bar.bar.unit_divisor = "B", True, 1024
                     if resumed:
@@ -209,7 +211,9 @@ def download(url: str, dest: str | os.PathLike, progress: bool = True, timeout: 
         raise
     except (OSError, http.client.HTTPException, ValueError) as err:  # URLError / HTTPError are OSErrors
         reason = getattr(err, "reason", None) or err
-        raise UsfmaeError(f"cannot download {url} ({str(reason).splitlines()[0][:120]})",
+        if isinstance(reason, socket.gaierror):  # DNS failed: most often no internet access at all
+            reason = f"no network connection or unknown host {urllib.parse.urlparse(target).hostname}: {reason}"
+        raise UsfmaeError(f"cannot download {url} ({str(reason).splitlines()[0][:160]})",
                           f"check the connection and run again (it continues from {part.name})") from None
     finally:
         if bar is not None:
@@ -253,8 +257,9 @@ def _record(cache: Path, name: str, entry: dict[str, Any]) -> None:
 
 
 def _manual_fix(model: PublishedModel, url: str, cache: Path) -> str:
-    return (f"download {url} by hand (a browser), then run: usfmae import-weights {model.filename} "
-            f"--out {cache / (model.name + '.pt')}")
+    return (f"download that file by hand (a browser, on a machine with internet access) as {model.filename}, then "
+            f"run: usfmae import-weights {model.filename} --out {cache / (model.name + '.pt')} "
+            f"(--init {model.name} then finds it)")
 
 
 def pull(name: str, url: str | None = None, progress: bool = True, force: bool = False,
@@ -273,10 +278,6 @@ def pull(name: str, url: str | None = None, progress: bool = True, force: bool =
         UsfmaeError: unknown name; download failed (one line with the address and the ``import-weights`` command to
             run after fetching it by hand); sha256 different from the pinned or first-recorded one.
     """
-    from monai.apps.utils import check_hash
-
-    from usfmae_core.checkpoints import import_weights
-
     model = _lookup(name)
     cache = model_cache_dir()
     out = cache / f"{model.name}.pt"
@@ -293,7 +294,11 @@ def pull(name: str, url: str | None = None, progress: bool = True, force: bool =
         try:
             download(url, raw, progress=progress, drive_endpoint=drive_endpoint, stage=f"pull {model.name}")
         except UsfmaeError as err:
-            raise UsfmaeError(f"cannot download {model.name}: {err.cause}", _manual_fix(model, url, cache)) from None
+            raise UsfmaeError(f"{model.name}: {err.cause}", _manual_fix(model, url, cache)) from None
+    from monai.apps.utils import check_hash  # torch and MONAI only after the download (offline fails fast)
+
+    from usfmae_core.checkpoints import import_weights
+
     digest = sha256_of(raw)
     if expected and not check_hash(raw, expected, "sha256"):
         bad = raw.with_name(raw.name + ".rejected")

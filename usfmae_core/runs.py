@@ -36,7 +36,7 @@ from typing import Any
 from usfmae_core.errors import UsfmaeError
 
 __all__ = ["RUN_FILE", "LOCK_FILE", "RUN_OUTPUTS", "RunFolder", "check_run", "read_run", "lock_holder",
-           "check_resume_arguments"]
+           "check_resume_arguments", "run_folder_command", "RUN_FOLDER_SKIPPED"]
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".usfmae.lock"
@@ -119,6 +119,23 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+RUN_FOLDER_SKIPPED = "holds a usfmae {command} run (its outputs are not data)"
+
+
+def run_folder_command(folder: str | os.PathLike) -> str | None:
+    """The command whose run folder ``folder`` is (``finetune``, ``predict``, ...), else None: a folder walked for
+    inputs skips such sub-folders, so the outputs of a run written inside a data folder (``--out data/run1``) never
+    become data (a class named ``run1``, its ``curves.png`` an image)."""
+    folder = Path(folder)
+    record = _read_json(folder / RUN_FILE) or {}  # only run.json written by a run: a user's folder is never taken
+    if record.get("command") and record.get("pid") is not None:
+        return str(record["command"])
+    try:
+        return "usfmae" if (folder / LOCK_FILE).is_file() else None
+    except OSError:  # a folder that cannot be read: the walk reports it, it is no run folder we could see
+        return None
 
 
 def read_run(out: str | os.PathLike) -> dict[str, Any] | None:
@@ -268,6 +285,9 @@ def check_run(out: str | os.PathLike, command: str, resume: bool = False, overwr
         UsfmaeError: ``out`` is a file, is in use, or holds a run that must not be replaced without being asked.
     """
     out = Path(out)
+    if resume and overwrite and command != "prepare":  # prepare always resumes: --overwrite alone decides there
+        raise UsfmaeError("--resume and --overwrite contradict each other (continue the run, or delete it and start "
+                          "again?)", "pass only one of them")
     if out.exists() and not out.is_dir():
         raise UsfmaeError(f"--out {out} is a file, not a folder", "choose a folder path (it is created if missing)")
     if not out.exists():
@@ -518,6 +538,8 @@ def check_resume_arguments(given: dict[str, Any], stored: dict[str, Any], defaul
 
 
 def _show(v: Any) -> str:
+    if v is None:  # not given: the command chose its default (e.g. an lr scaled from --blr)
+        return "its default"
     if isinstance(v, (list, tuple)):
         return " ".join(str(x) for x in v)
     return str(v)

@@ -76,7 +76,8 @@ def _check_argv_steps(steps: list[dict]) -> int:
                 continue
             lines = [ln for ln in err.getvalue().strip().splitlines() if ln.strip()]
             return _error(f"this engine's 'usfmae {step.get('name', '?')}' refused the job's arguments "
-                          f"({lines[-1] if lines else exc.code})", "update the USFMAE extension and its engine together")
+                          f"({lines[-1] if lines else exc.code})",
+                          "update the USFMAE extension and its engine together")
     return 0
 
 

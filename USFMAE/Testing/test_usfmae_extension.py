@@ -57,7 +57,7 @@ def test_top_level_cmake_has_the_extension_metadata():
              "add_subdirectory(USFMAE)", "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
              "include(${Slicer_EXTENSION_CPACK})"]
     positions = [code.find(s) for s in order]
-    assert -1 not in positions and positions == sorted(positions), dict(zip(order, positions))
+    assert -1 not in positions and positions == sorted(positions), dict(zip(order, positions, strict=True))
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
@@ -364,7 +364,7 @@ def test_install_plan_keeps_slicers_packages_and_leaves_torch_to_the_pytorch_ext
     reqs, torch_req = engine.requirements(), engine.TORCH_REQUIREMENT
     # a fresh Slicer 5.10: no torch, none of the engine's own packages
     plan = install.plan_install(reqs, torch_req, _slicer_python("5.10"))
-    assert plan.torch == "install" and plan.torch_requirement == ">=2.4"
+    assert plan.torch == "install" and plan.torch_requirement == ">=2.4.1"
     from packaging.requirements import Requirement
 
     names = {install.canonical(Requirement(r).name) for r in plan.pip}
@@ -381,6 +381,13 @@ def test_install_plan_keeps_slicers_packages_and_leaves_torch_to_the_pytorch_ext
     assert "upgrade 2.2.1+cu121" in old.summary() and all(not r.startswith("monai") for r in old.pip)
     assert install.torch_upgrade_blocked(old, imported=["torch", "os"]) and not install.torch_upgrade_blocked(
         old, imported=["os"])
+    # the PyTorch extension's step failed (torch still missing / too old): pip must not run, or it would fetch torch
+    assert "not installed" in install.pip_blocked_by_torch(plan) and "too old" in install.pip_blocked_by_torch(
+        install.plan_install(reqs, torch_req, _slicer_python("5.12", torch="2.2.1")))
+    # torch 2.4.0 is below every MONAI the engine admits (1.5.x needs 2.4.1): an upgrade, not a pip conflict later
+    assert install.plan_install(reqs, torch_req, _slicer_python("5.10", torch="2.4.0+cu121")).torch == "upgrade"
+    after = install.plan_install(reqs, torch_req, _slicer_python("5.10", torch="2.13.0+cu128"))
+    assert install.pip_blocked_by_torch(after) is None and "torch==2.13.0+cu128" in after.constraints
     # an older Slicer whose numpy is outside the engine's range: said, never upgraded
     ancient = install.plan_install(["numpy>=2.0"], torch_req, _slicer_python("5.10", numpy="1.26.4", torch="2.5.0"))
     assert ancient.torch is None and not ancient.pip and "numpy 1.26.4" in ancient.bundled_conflicts[0]
@@ -398,5 +405,10 @@ def test_restart_is_recommended_when_loaded_packages_changed():
     reasons = install.restart_recommended(plan, before, after, imported=["numpy", "nibabel.nifti1"])
     assert reasons[0].startswith("torch (new) -> 2.6.0") and "nibabel 5.2.0 -> 5.3.0" in reasons
     assert not any(r.startswith("monai") for r in reasons)  # installed but never imported: no restart for it
+    # Slicer's own packages changed by someone else's installer (light-the-torch downgrading pip on 5.12): said
+    slicer_512 = _slicer_python("5.12")
+    assert install.bundled_changes(slicer_512, {**slicer_512, "pip": "26.0.1", "torch": "2.13.0"}) == [
+        "pip 26.1.1 -> 26.0.1"]
+    assert install.bundled_changes(slicer_512, slicer_512) == []
     nothing = install.plan_install([], "torch>=2.4", {"torch": "2.6.0"})
     assert install.restart_recommended(nothing, before, before, imported=["numpy"]) == []

@@ -212,6 +212,16 @@ def changed_imported(before: Mapping[str, str], after: Mapping[str, str],
     return changed
 
 
+def bundled_changes(before: Mapping[str, str], after: Mapping[str, str]) -> list[str]:
+    """Slicer-bundled packages whose version changed between two :func:`installed_versions` (one line each).
+
+    The module's own pip steps pin them, but the PyTorch extension installs torch with light-the-torch, which pip
+    runs without those pins (light-the-torch 0.8.1 itself requires ``pip<26.1``, below Slicer 5.12's 26.1.1); what
+    changed is said, never left silent."""
+    return [f"{name} {version} -> {after.get(name) or '(removed)'}" for name, version in sorted(before.items())
+            if name in BUNDLED_NAMES and after.get(name) != version]
+
+
 def restart_recommended(plan: InstallPlan, before: Mapping[str, str], after: Mapping[str, str],
                         imported: Iterable[str] | None = None) -> list[str]:
     """Reasons to restart Slicer after carrying out ``plan`` (empty: no restart needed)."""
@@ -219,6 +229,20 @@ def restart_recommended(plan: InstallPlan, before: Mapping[str, str], after: Map
     if plan.torch is not None and after.get("torch") != before.get("torch"):
         reasons.insert(0, f"torch {before.get('torch') or '(new)'} -> {after.get('torch')} (loaded by the installer)")
     return reasons
+
+
+def pip_blocked_by_torch(plan: InstallPlan) -> str | None:
+    """Why the pip steps must not run (``plan`` read after the PyTorch extension's step), or None.
+
+    While torch is missing or older than the engine's minimum, pip would satisfy MONAI's ``torch`` requirement itself
+    with a PyPI build (gigabytes of CUDA wheels, not the user's choice); torch is pinned only once it is installed."""
+    if plan.torch is None or not plan.pip:
+        return None
+    what = "is not installed" if plan.torch == "install" else f"{plan.torch_version} is too old"
+    return (f"PyTorch {what} (the engine needs torch{plan.torch_requirement}), so the other packages were not "
+            "installed (pip would fetch its own PyTorch build for them); install PyTorch from the PyTorch extension's "
+            "module (or check the network and the Python console), restart Slicer and press 'Install Python "
+            "packages...' again")
 
 
 def torch_upgrade_blocked(plan: InstallPlan, imported: Iterable[str] | None = None) -> str | None:

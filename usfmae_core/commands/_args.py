@@ -19,7 +19,7 @@ from usfmae_core.constants import DEVICE_CHOICES, PRECISION_CHOICES
 
 __all__ = ["OneLineParser", "finite_float", "positive_int", "nonneg_int", "positive_float", "nonneg_float", "fraction",
            "open_fraction", "unit_fraction", "corpus_spec", "add_device", "add_precision", "add_inference_arguments",
-           "add_mask_arguments", "add_overwrite", "remember_defaults"]
+           "add_mask_arguments", "add_overwrite", "remember_defaults", "add_geometry_arguments"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -130,3 +130,16 @@ def add_mask_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, wha
     p.add_argument("--mask-pattern", dest="mask_patterns", action="append", default=[], metavar="GLOB",
                    help="also treat files matching this glob as masks (path below the data folder or file name, "
                    "case-insensitive, e.g. '*_roi.png'; repeatable)")
+
+
+def add_geometry_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, what: str = "model input",
+                           crop: bool = True) -> None:
+    """``--resize letterbox|squash`` (and ``--crop-sector``): how non-square frames become the square ``what``."""
+    p.add_argument("--resize", default="letterbox", choices=("letterbox", "squash"),
+                   help=f"how frames become the square {what}: letterbox keeps the aspect ratio (longer side to the "
+                   "size, black padding; default), squash stretches them to a square (the USF-MAE paper's, and "
+                   "older versions', behaviour)")
+    if crop:
+        p.add_argument("--crop-sector", action="store_true",
+                       help="first crop each frame / clip to the detected imaged region (fan or linear field, without "
+                       "black borders, side panels and text)")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from usfmae_core.commands._args import (add_device, add_mask_arguments, add_overwrite, add_precision, fraction,
-                                        nonneg_float, nonneg_int, positive_float, positive_int, unit_fraction)
+from usfmae_core.commands._args import (add_device, add_geometry_arguments, add_mask_arguments, add_overwrite,
+                                        add_precision, fraction, nonneg_float, nonneg_int, positive_float,
+                                        positive_int, unit_fraction)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--dropout", type=unit_fraction, default=0.0, help="dropout before the head (default 0)")
     m.add_argument("--drop-path", type=unit_fraction, default=0.1, help="stochastic depth rate (default 0.1)")
     m.add_argument("--linear-probe", action="store_true", help="freeze the encoder, train the linear head only")
+    add_geometry_arguments(m, "model input (stored in the checkpoint, so predict, evaluate, the bundle and Slicer do "
+                           "the same)")
     m.add_argument("--no-augment", dest="augment", action="store_false",
                    help="no training-time augmentation (random resized crop, flip, rotation)")
     v = p.add_argument_group("volumes and clips (one label per scan)")

@@ -59,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
                                                            f", {how} of {_slices(r['top_slices'])}")
         print(f"{r['source']}: {r['label']} ({r['kind']}, {what}; {probs})")
     masks = [s for s in report["skipped"] if s.get("mask")]
+    colour = report.get("colour") or {}
+    if colour.get("files"):
+        how = ("given to the model as colour (RGB)" if colour["given_as"] == "rgb" else
+               "converted to grey (BT.601 luma): the model takes grey input")
+        print(f"colour: {colour['files']} of {len(report['results'])} input(s) carry colour pixels, {how}")
     for s in report["skipped"]:
         if not s.get("mask"):
             print(f"skipped {s['source']}: {s['reason']}")

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from usfmae_core.commands._args import add_mask_arguments, add_overwrite, positive_int
+from usfmae_core.commands._args import add_geometry_arguments, add_mask_arguments, add_overwrite, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="volume axes to slice along (default 0 1 2)")
     p.add_argument("--frame-stride", type=positive_int, default=1, help="keep every n-th cine frame (default 1)")
     p.add_argument("--crop-sector", action="store_true", help="crop to the detected imaged region")
+    add_geometry_arguments(p, "frames of the corpus (volume slices are always letterboxed)", crop=False)
     p.add_argument("--remove-text", action="store_true", help="inpaint burned-in text, calipers and overlays")
     p.add_argument("--native-3d", action="store_true", help="also write isotropic volumes for 3D pretraining")
     p.add_argument("--volume-size", type=positive_int, default=96, help="side of native 3D volumes (default 96)")
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                          args.crop_sector, args.remove_text, args.native_3d, args.workers,
                          not args.no_progress, args.volume_size, exclude=held_out, exclude_reason=reason,
                          include_masks=args.include_masks, mask_patterns=args.mask_patterns, log=print,
-                         overwrite=args.overwrite)
+                         resize=args.resize, overwrite=args.overwrite)
     print(f"prepared {rep['n_frames']} frames in {rep['corpus']} ({rep['frames_added']} new from "
           f"{rep['sources_read']} files; {rep['sources_resumed']} already done; {rep['duplicates_removed']} "
           f"duplicates, {rep['near_duplicates_removed']} near-duplicate cine frames, "
@@ -82,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"left out {len(masks)} segmentation masks / annotation files ({len(masks) - by_content} by name, "
               f"{by_content} by content; e.g. {ex}; list in {Path(args.out) / 'report.json'}; "
               "--include-masks keeps them)")
+    if rep["totals"].get("non_square_sources"):
+        how = ("letterboxed: aspect ratio kept, black padding" if args.resize == "letterbox"
+               else "squashed to a square (--resize squash)")
+        print(f"non-square: {rep['totals']['non_square_sources']} image / clip files, {how}")
     if rep["totals"].get("colour_sources"):
         print(f"colour: {rep['totals']['colour_sources']} files carry colour pixels (Doppler, overlays); the corpus "
               "stores them as grey (BT.601 luma)")

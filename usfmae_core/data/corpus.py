@@ -10,10 +10,11 @@ Layout of a corpus folder::
     volumes/*.npy      (--native-3d) uint8 (V, V, V) isotropic volumes; volumes.jsonl describes them
 
 Per source: read (:func:`read_ultrasound`); volumes -> slices along each requested axis, made isotropic in plane
-and letterboxed so anatomy keeps its physical aspect; cine -> every ``frame_stride``-th frame, dropping frames
-that differ from the last kept one by less than 1 grey level on average; optional sector crop and annotation
-inpainting (:mod:`usfmae_core.data.sector`); per-frame intensity scaling (:func:`scale_intensity`, the same rule
-as fine-tuning), resize to ``S x S``, uint8; empty and constant frames
+and letterboxed so anatomy keeps its physical aspect; 2D images and clip frames letterboxed too (``resize``, the
+fine-tuning rule; ``squash`` stretches them as older versions did); cine -> every ``frame_stride``-th frame,
+dropping frames that differ from the last kept one by less than 1 grey level on average; optional sector crop and
+annotation inpainting (:mod:`usfmae_core.data.sector`); per-frame intensity scaling (:func:`scale_intensity`, the
+same rule as fine-tuning), letterbox / squash to ``S x S``, uint8; empty and constant frames
 (:func:`~usfmae_core.data.transforms.informative_frames`, the rule ``predict`` uses too) are skipped and exact
 duplicates (SHA-1 of the uint8 frame) removed across the whole corpus.
 
@@ -45,7 +46,8 @@ import numpy as np
 from usfmae_core.errors import UsfmaeError
 
 __all__ = ["prepare_corpus", "FrameCorpus", "VolumeCorpus", "MixedCorpus", "open_corpora", "datalist_sources",
-           "split_labelled_for_corpus", "iter_source_files", "corpus_start_summary", "CORPUS_VERSION"]
+           "split_labelled_for_corpus", "iter_source_files", "corpus_start_summary", "corpus_preprocessing",
+           "CORPUS_VERSION"]
 
 CORPUS_VERSION = 1
 _COMPANIONS = (".raw", ".zraw", ".img")  # data files of .mhd / .hdr headers: read through their header
@@ -61,6 +63,7 @@ class _Options:
     remove_text: bool = False
     native_3d: bool = False
     volume_size: int = 96
+    resize: str = "letterbox"
 
 
 # ------------------------------------------------------------------------------------------------ discovery
@@ -89,11 +92,13 @@ def iter_source_files(sources: Sequence[str | os.PathLike]) -> Iterator[tuple[Pa
     Folders are walked recursively (sorted, so the order is reproducible). Skipped and reported: files of an
     unsupported type, broken symbolic links, symbolic-link loops, FIFOs / sockets / devices (never opened: reading a
     FIFO would wait forever), folders that cannot be read, hidden files of a supported type (names starting with
-    ``.``, such as ``..png`` or macOS ``._scan.png``) and symbolic links to folders (not followed: they can loop;
-    pass their target as a source). Other hidden files and hidden folders (``.git``, ``.DS_Store``) are passed over
-    silently, as are the data files of ``.mhd`` / ``.hdr`` headers.
+    ``.``, such as ``..png`` or macOS ``._scan.png``), symbolic links to folders (not followed: they can loop;
+    pass their target as a source) and sub-folders holding a usfmae run (its outputs are not data). Other hidden
+    files and hidden folders (``.git``, ``.DS_Store``) are passed over silently, as are the data files of ``.mhd`` /
+    ``.hdr`` headers.
     """
     from usfmae_core.data.readers import is_supported
+    from usfmae_core.runs import RUN_FOLDER_SKIPPED, run_folder_command
 
     for src in sources:
         src = Path(src)
@@ -120,6 +125,10 @@ def iter_source_files(sources: Sequence[str | os.PathLike]) -> Iterator[tuple[Pa
                     continue
                 if os.path.islink(os.path.join(root, d)):
                     yield Path(root) / d, "symbolic link to a folder: not followed (pass its target as a source)"
+                    continue
+                command = run_folder_command(os.path.join(root, d))
+                if command is not None:
+                    yield Path(root) / d, f"{RUN_FOLDER_SKIPPED.format(command=command)}: not searched"
                     continue
                 keep.append(d)
             dirs[:] = keep
@@ -158,19 +167,9 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
 
 def _letterbox_slices(stack: np.ndarray, spacing_hw: tuple[float, float], size: int) -> np.ndarray:
     """``(N, h, w)`` slices with physical spacing -> ``(N, S, S)`` float, isotropic in plane, centred, zero padded."""
-    import torch
+    from usfmae_core.data.transforms import resize_to_square
 
-    from usfmae_core.data.transforms import resize_frames
-
-    n, h, w = stack.shape
-    ext_h, ext_w = h * spacing_hw[0], w * spacing_hw[1]
-    big = max(ext_h, ext_w)
-    th, tw = max(1, round(size * ext_h / big)), max(1, round(size * ext_w / big))
-    t = resize_frames(stack, (th, tw))
-    out = torch.zeros((n, size, size), dtype=torch.float32)
-    y0, x0 = (size - th) // 2, (size - tw) // 2
-    out[:, y0:y0 + th, x0:x0 + tw] = t
-    return out.numpy()
+    return resize_to_square(stack, size, "letterbox", spacing_hw).numpy()
 
 
 def _native_volume(vol: np.ndarray, spacing: Sequence[float], size: int) -> tuple[np.ndarray, float]:
@@ -184,12 +183,14 @@ def _native_volume(vol: np.ndarray, spacing: Sequence[float], size: int) -> tupl
     return _to_uint8(cube[0].numpy()), step
 
 
-def _finish_frames(frames: np.ndarray, size: int) -> np.ndarray:
-    """Scale each frame (the fine-tuning rule), resize to S x S, quantise to uint8."""
-    from usfmae_core.data.transforms import resize_frames, scale_intensity
+def _finish_frames(frames: np.ndarray, size: int, resize: str = "letterbox",
+                   spacing: Sequence[float] | None = None) -> np.ndarray:
+    """Scale each frame (the fine-tuning rule), letterbox or squash it to S x S (the fine-tuning rule too,
+    :func:`~usfmae_core.data.transforms.resize_to_square`), quantise to uint8."""
+    from usfmae_core.data.transforms import resize_to_square, scale_intensity
 
     scaled = np.stack([scale_intensity(f) for f in frames]) if len(frames) else frames.astype(np.float32)
-    return _to_uint8(resize_frames(scaled, size).numpy())
+    return _to_uint8(resize_to_square(scaled, size, resize, spacing).numpy())
 
 
 def _file_sha1(path: str | Path) -> str | None:
@@ -275,7 +276,8 @@ def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
             keep = informative_frames(frames)
             stats["empty"] += int((~keep).sum())
             frames, idx = frames[keep], idx[keep]
-            out = _finish_frames(frames, S) if len(frames) else np.zeros((0, S, S), np.uint8)
+            out = (_finish_frames(frames, S, opts.resize, spacing[-2:]) if len(frames)
+                   else np.zeros((0, S, S), np.uint8))
             if img.kind == "cine" and len(out) > 1:
                 sel = [0]
                 for i in range(1, len(out)):
@@ -289,8 +291,11 @@ def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
             else:
                 ch, cw = a.shape[-2], a.shape[-1]
             chunks.append(out)
+            sp_out = [sy * ch / S, sx * cw / S]
+            if opts.resize == "letterbox":  # one physical pixel size on both axes, set by the longer extent
+                sp_out = [max(sy * ch, sx * cw) / S] * 2
             records += [{"frame": int(i), "axis": None, "kind": img.kind,
-                         "spacing": [sy * ch / S, sx * cw / S], "crop": list(crop) if crop else None} for i in idx]
+                         "spacing": sp_out, "crop": list(crop) if crop else None} for i in idx]
         frames_u8 = np.concatenate(chunks) if chunks else np.zeros((0, S, S), np.uint8)
         volume = None
         if opts.native_3d and img.kind == "volume":
@@ -304,7 +309,8 @@ def _frames_of_source(path: str, opts: _Options) -> dict[str, Any]:
     return {"source": path, "kind": img.kind, "frames": frames_u8, "records": records, "volume": volume,
             "stats": stats, "seconds": time.perf_counter() - t0, "source_spacing": list(img.spacing),
             "label_like": label_like(img.array) if img.kind != "cine" else None,
-            "colour": float(img.meta.get("colour_fraction") or 0.0) > 0}
+            "colour": float(img.meta.get("colour_fraction") or 0.0) > 0,
+            "non_square": img.kind != "volume" and max(img.array.shape[-2:]) > 1.02 * min(img.array.shape[-2:])}
 
 
 def _worker_init() -> None:
@@ -379,7 +385,8 @@ class _Writer:
         self.buffer: list[dict] = []
         self.buffered = 0
         self.counts = {"frames_written": 0, "duplicates_removed": 0, "empty_frames_skipped": 0,
-                       "near_duplicates_removed": 0, "volumes_written": 0, "colour_sources": 0}  # this run
+                       "near_duplicates_removed": 0, "volumes_written": 0, "colour_sources": 0,
+                       "non_square_sources": 0}  # this run
         self.earlier_counts = dict(self.summary.get("counts", {}))  # earlier (interrupted or resumed) runs
 
     def total_counts(self) -> dict[str, int]:
@@ -394,6 +401,10 @@ class _Writer:
             if s.get("image_size") != self.opts.image_size:
                 raise UsfmaeError(f"{self.out} was prepared with image size {s.get('image_size')}, "
                                   f"not {self.opts.image_size}", "use the same --image-size or a new --out folder")
+            before = (s.get("options") or {}).get("resize", "squash")  # corpora older than the option squashed
+            if s.get("n_frames") and before != self.opts.resize:
+                raise UsfmaeError(f"{self.out} was prepared with --resize {before}, not {self.opts.resize}",
+                                  f"pass --resize {before} to add to it, or use a new --out folder")
             s["options"] = opts
             return s
         return {"version": CORPUS_VERSION, "image_size": self.opts.image_size, "n_frames": 0, "shards": [],
@@ -430,8 +441,15 @@ class _Writer:
             hashes.append(h)
         st = result["stats"]
         self.counts["colour_sources"] += int(bool(result.get("colour")))
+        self.counts["non_square_sources"] += int(bool(result.get("non_square")))
         self.counts["empty_frames_skipped"] += st["empty"]
         self.counts["near_duplicates_removed"] += st["near_duplicate"]
+        if len(frames) == 0 and st["empty"] and result.get("volume") is None:  # a file that gave nothing: named
+            self.buffer.append({"done": {**key, "sha1": result.get("file_sha1"), "status": "skipped",
+                                         "reason": f"every frame ({st['empty']}) is empty: blank, nearly black or "
+                                                   "one extreme pixel value"}})
+            self.flush_if_due()
+            return
         entry = {"frames": frames[keep], "records": [{**recs[i], "sha1": h} for i, h in zip(keep, hashes)],
                  "volume": result.get("volume"), "kind": result["kind"],
                  "done": {**key, "sha1": result.get("file_sha1"), "status": "ok", "kind": result["kind"],
@@ -539,6 +557,7 @@ def prepare_corpus(
     include_masks: bool = False,
     mask_patterns: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
+    resize: str = "letterbox",
     overwrite: bool = False,
     flush_seconds: float = 30.0,
 ) -> dict[str, Any]:
@@ -555,6 +574,10 @@ def prepare_corpus(
         axes: array axes along which volumes are sliced.
         frame_stride: keep every n-th cine frame.
         crop_sector: crop to the detected imaged region (drops black borders and side panels).
+        resize: how 2D images and clip frames become ``S x S``: ``letterbox`` (aspect ratio kept, black padding;
+            physical aspect with the file's pixel spacing) or ``squash``, the rule fine-tuning applies
+            (:func:`~usfmae_core.data.transforms.resize_to_square`); volume slices are always letterboxed. A corpus
+            keeps one rule: resuming with another is refused.
         remove_text: detect and inpaint burned-in text, calipers, markers and colour overlays.
         native_3d: also write isotropic volumes ``(V, V, V)`` for 3D pretraining.
         workers: processes (1 = in this process).
@@ -588,8 +611,12 @@ def prepare_corpus(
     for src in sources:
         if not os.path.lexists(src):
             raise UsfmaeError(f"source {src} does not exist", "check the path (files or folders of ultrasound)")
+    from usfmae_core.data.transforms import RESIZE_MODES
+
+    if resize not in RESIZE_MODES:
+        raise UsfmaeError(f"unknown --resize '{resize}'", f"choose one of {', '.join(RESIZE_MODES)}")
     opts = _Options(int(image_size), tuple(int(a) for a in axes), int(frame_stride), bool(crop_sector),
-                    bool(remove_text), bool(native_3d), int(volume_size))
+                    bool(remove_text), bool(native_3d), int(volume_size), str(resize))
     if opts.image_size < 16:
         raise UsfmaeError(f"--image-size {opts.image_size} is too small", "use at least 16 (224 is the default)")
     if not opts.axes or any(a not in (0, 1, 2) for a in opts.axes):
@@ -997,6 +1024,18 @@ class MixedCorpus:
         """One ``{path, items, weight}`` per corpus (weight: share of the drawn samples)."""
         return [{"path": str(p.path), "items": n, "weight": round(w, 6)}
                 for p, n, w in zip(self.parts, self.sizes, self.weights, strict=True)]
+
+
+def corpus_preprocessing(corpus: Any) -> dict[str, Any]:
+    """The geometry / colour rules frames of ``corpus`` (a :class:`FrameCorpus` or :class:`MixedCorpus`) were stored
+    with, as :class:`~usfmae_core.data.transforms.Preprocessing` fields: ``resize`` (``squash`` for corpora prepared
+    before the option existed; ``letterbox`` only when every part was letterboxed), ``crop_sector`` and ``colour``
+    (``luma``: corpora are grey). For an MAE's checkpoint, so reconstructions and embeddings of new files match."""
+    parts = list(getattr(corpus, "parts", [corpus]))
+    opts = [dict((getattr(p, "summary", None) or {}).get("options") or {}) for p in parts]
+    resize = {o.get("resize", "squash") for o in opts}
+    return {"resize": "letterbox" if resize == {"letterbox"} else "squash",
+            "crop_sector": all(bool(o.get("crop_sector")) for o in opts), "colour": "luma"}
 
 
 def open_corpora(specs: Sequence[tuple[str | os.PathLike, float | None]], spatial_dims: int = 2

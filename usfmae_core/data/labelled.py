@@ -47,7 +47,7 @@ from usfmae_core.errors import UsfmaeError
 __all__ = ["scan_class_folders", "read_csv_manifest", "deduplicate", "make_splits", "save_datalist",
            "load_datalist", "validate_datalist", "check_items", "datalist_images", "subsample_fraction",
            "labelled_source_to_datalist", "image_fingerprint", "Fingerprint", "read_fingerprint", "augmented_base",
-           "datalist_summary", "upgrade_report_keys", "REPORT_KEYS"]
+           "datalist_summary", "preprocessing_notes", "upgrade_report_keys", "REPORT_KEYS"]
 
 _PATH_COLUMNS = ("path", "image", "file", "filename", "filepath")
 _LABEL_COLUMNS = ("label", "class", "target", "diagnosis")
@@ -69,15 +69,20 @@ def _class_folder_files(root: Path, rules: Any = None) -> tuple[list[dict], list
     """
     from usfmae_core.data.masks import MaskRules
     from usfmae_core.data.readers import is_supported
+    from usfmae_core.runs import RUN_FILE, run_folder_command
 
     rules = rules or MaskRules()
     mask_folders = {f.lower() for f in rules.folders}
+    # run folders written inside the data (``finetune --out DATA/run1``): their outputs are not images of a class
+    run_dirs = {d: c for d in sorted({m.parent for m in root.rglob(RUN_FILE)} - {root})
+                if (c := run_folder_command(d)) is not None}
 
     def files_under(d: Path) -> list[Path]:
         return [p for p in sorted(d.rglob("*")) if p.is_file() and not p.name.startswith(".") and is_supported(p)
-                and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+                and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                and not (run_dirs and any(q in run_dirs for q in p.parents))]
 
-    tops = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    tops = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d not in run_dirs)
     outside = [p for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".") and is_supported(p)]
     others = [d for d in tops if d.name.lower() not in mask_folders]
     class_root = root
@@ -85,7 +90,8 @@ def _class_folder_files(root: Path, rules: Any = None) -> tuple[list[dict], list
         class_root = others[0]
         outside += [p for d in tops if d is not others[0] for p in files_under(d)]
         outside += [p for p in sorted(class_root.iterdir()) if p.is_file() and is_supported(p)]
-    classes = sorted(d.name for d in class_root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = sorted(d.name for d in class_root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                     and d not in run_dirs)
     items = [{"image": str(p), "label": k, "group": None}
              for k, name in enumerate(classes) for p in files_under(class_root / name)]
     from usfmae_core.data.dicom_series import group_dicom_series
@@ -95,7 +101,7 @@ def _class_folder_files(root: Path, rules: Any = None) -> tuple[list[dict], list
     index = {n: i for i, n in enumerate(present)}  # classes without any file are not classes
     for it in items:
         it["label"] = index[Path(it["image"]).relative_to(class_root).parts[0]]
-    return items, present, [str(p) for p in outside]
+    return items, present, [str(p) for p in outside], {str(d): c for d, c in run_dirs.items()}
 
 
 def scan_class_folders(root: str | os.PathLike) -> tuple[list[dict], list[str]]:
@@ -107,7 +113,7 @@ def scan_class_folders(root: str | os.PathLike) -> tuple[list[dict], list[str]]:
     root = Path(root).absolute()
     if not root.is_dir():
         raise UsfmaeError(f"{root} is not a folder", "give a folder with one sub-folder per class")
-    items, names, _ = _class_folder_files(root)
+    items, names, _, _ = _class_folder_files(root)
     if not items:
         raise UsfmaeError(f"no images found in class folders under {root}",
                           "expected ROOT/<class name>/<image files>")
@@ -654,7 +660,8 @@ def labelled_source_to_datalist(path: str | os.PathLike, out_json: str | os.Path
     Folders and CSVs go through the steps of the module docstring (masks, unreadable files, exact duplicates,
     near-duplicates and augmented copies) and are split (seeded); the datalist records what each step did under
     ``masks``, ``unreadable``, ``ignored``, ``removed`` and ``grouped``, plus ``colour`` (files with colour pixels),
-    ``dropped_classes`` and ``source``, and is saved to ``out_json`` when given. A JSON datalist is loaded as is.
+    ``non_square`` (how many frames are not square, of how many, and the largest aspect ratio), ``dropped_classes``
+    and ``source``, and is saved to ``out_json`` when given. A JSON datalist is loaded as is.
 
     Args:
         include_masks: keep mask / annotation files as images (they are still listed under ``masks``, ``kept``).
@@ -669,10 +676,11 @@ def labelled_source_to_datalist(path: str | os.PathLike, out_json: str | os.Path
             save_datalist(d, out_json)
         return d
     outside: list[str] = []
+    run_dirs: dict[str, str] = {}
     rules = MaskRules.with_patterns(mask_patterns)
     if p.is_dir():
         root = p.absolute()
-        items, classes, outside = _class_folder_files(root, rules)
+        items, classes, outside, run_dirs = _class_folder_files(root, rules)
         if not items:
             raise UsfmaeError(f"no images found in class folders under {root}",
                               "expected ROOT/<class name>/<image files>")
@@ -687,6 +695,9 @@ def labelled_source_to_datalist(path: str | os.PathLike, out_json: str | os.Path
     _, masks = split_masks([it["image"] for it in items] + outside, rules, root, index)
     named = {m.path for m in masks}
     ignored = [{"path": f, "reason": "not inside a class folder"} for f in outside if f not in named]
+    from usfmae_core.runs import RUN_FOLDER_SKIPPED
+
+    ignored += [{"path": d, "reason": RUN_FOLDER_SKIPPED.format(command=c)} for d, c in run_dirs.items()]
     if include_masks:
         for m in masks:
             m.kept = True
@@ -708,6 +719,9 @@ def labelled_source_to_datalist(path: str | os.PathLike, out_json: str | os.Path
         keep_rows.append((it, fp))
     items, fps = [r[0] for r in keep_rows], [r[1] for r in keep_rows]
     colour = sorted(it["image"] for it, fp in zip(items, fps, strict=True) if fp is not None and fp.colour)
+    aspects = [max(fp.shape[-2:]) / min(fp.shape[-2:]) for fp in fps if fp is not None]
+    non_square = {"count": sum(1 for a in aspects if a > 1.02), "of": len(aspects),
+                  "max_aspect": round(max(aspects, default=1.0), 2)}
     # 3-4. exact duplicates, near-duplicates and augmented copies
     report: dict[str, list[dict]] = {"removed": [], "grouped": []}
     if deduplicate_items:
@@ -727,7 +741,7 @@ def labelled_source_to_datalist(path: str | os.PathLike, out_json: str | os.Path
     d = make_splits(items, classes, val_fraction, test_fraction, n_folds, seed)
     d.update(removed=report["removed"], grouped=report["grouped"], unreadable=report["unreadable"],
              masks=[m.to_dict() for m in sorted(masks, key=lambda m: m.path)], ignored=ignored, colour=colour,
-             dropped_classes=dropped, source=str(p))
+             non_square=non_square, dropped_classes=dropped, source=str(p))
     if out_json is not None:
         save_datalist(d, out_json)
     return d
@@ -738,9 +752,36 @@ def _examples(paths: Sequence[str], k: int = 3) -> str:
     return ", ".join(names) + (f", ... ({len(paths) - k} more)" if len(paths) > k else "")
 
 
-def datalist_summary(d: dict, name: str | None = None) -> list[str]:
+def preprocessing_notes(d: dict, prep: Any, volume: Any = None) -> list[str]:
+    """Console lines saying what a model's preprocessing (:class:`~usfmae_core.data.transforms.Preprocessing`) does to
+    this data: the rule, how many non-square frames are letterboxed or squashed (2D models; a ``volume`` model's
+    geometry is summarised by its own transform), how many colour files keep or lose their colour (said here once)."""
+    from usfmae_core.data.transforms import loads_colour
+
+    lines = [f"preprocessing: {prep.describe()}" if volume is None else
+             f"preprocessing: {volume.model} volume model, grey, {prep.image_size} voxels / pixels a side"]
+    ns = d.get("non_square") or {}
+    if ns.get("count") and volume is None:
+        how = ("letterboxed: aspect ratio kept, padded with black" if prep.resize == "letterbox"
+               else "squashed to a square (--resize squash): anatomy is stretched")
+        lines.append(f"  non-square: {ns['count']} of {ns['of']} files (aspect up to "
+                     f"{float(ns['max_aspect']):.1f}:1), {how}")
+    if d.get("colour"):
+        if loads_colour(prep, volume):
+            how = "given to the model as colour (RGB)"
+        else:
+            why = ("volume models read grey" if volume is not None else "the model has 1 input channel"
+                   if int(prep.in_channels) == 1 else "the checkpoint was trained on grey")
+            how = f"converted to grey (BT.601 luma): {why}"
+        lines.append(f"  colour: {len(d['colour'])} file(s) carry colour pixels (Doppler, overlays), {how}")
+    return lines
+
+
+def datalist_summary(d: dict, name: str | None = None, colour: bool = True) -> list[str]:
     """The console summary of a labelled datalist: files found, per-class counts per split, what was removed, grouped,
-    excluded as masks, unreadable, ignored, and the colour count. One string per line (no trailing newline)."""
+    excluded as masks, unreadable, ignored, and (``colour``) the colour count; callers that print
+    :func:`preprocessing_notes`, which says what becomes of the colour, pass ``colour=False`` so it is said once.
+    One string per line (no trailing newline)."""
     upgrade_report_keys(d)
     classes = [str(c) for c in d.get("classes") or []]
     splits = {s: list(d.get(s) or []) for s in ("training", "validation", "test")}
@@ -750,8 +791,11 @@ def datalist_summary(d: dict, name: str | None = None) -> list[str]:
     excluded_masks = [m for m in masks if not m.get("kept")]
     found = kept + len(removed) + len(unreadable) + len(excluded_masks)
     src = name or d.get("source") or "the datalist"
-    lines = [f"data: {src}: {found} files found" + (f", {len(ignored)} outside the class folders ignored"
-                                                    if ignored else "") + f"; {kept} used"]
+    runs = [i for i in ignored if "usfmae" in str(i.get("reason", "")) and " run " in str(i.get("reason", ""))]
+    files = len(ignored) - len(runs)
+    lines = [f"data: {src}: {found} files found" + (f", {files} outside the class folders ignored" if files else "")
+             + (f", {len(runs)} usfmae run folder(s) inside it ignored ({_examples([r['path'] for r in runs])})"
+                if runs else "") + f"; {kept} used"]
     width = max([len(c) for c in classes] + [5])
     lines.append(f"  {'class':<{width}}  {'train':>6} {'val':>6} {'test':>6} {'total':>6}")
     for k, c in enumerate(classes):
@@ -781,6 +825,6 @@ def datalist_summary(d: dict, name: str | None = None) -> list[str]:
                                                           else "") + " (a group never spans two splits)")
     lines.append(f"  unreadable: {len(unreadable)}" + (f" ({_examples([r['path'] for r in unreadable])})"
                                                        if unreadable else ""))
-    if d.get("colour"):
+    if colour and d.get("colour"):
         lines.append(f"  colour: {len(d['colour'])} file(s) carry colour pixels (Doppler, overlays)")
     return lines

@@ -36,6 +36,7 @@ __all__ = [
     "is_supported",
     "file_format",
     "COLOUR_RULE",
+    "luma",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -65,6 +66,8 @@ class UltrasoundImage:
         path: the file read.
         meta: at least ``source_format`` and ``colour``; volumes also ``origin`` and ``direction`` (ITK / LPS,
             as SimpleITK gives them).
+        rgb: with ``read_ultrasound(..., keep_colour=True)`` and a file that carries colour pixels: the colour as
+            decoded, ``array``'s shape plus a last axis of 3 (source dtype and range); else None.
     """
 
     array: np.ndarray
@@ -72,6 +75,7 @@ class UltrasoundImage:
     kind: str
     path: str
     meta: dict[str, Any] = field(default_factory=dict)
+    rgb: np.ndarray | None = None
 
     @property
     def n_frames(self) -> int:
@@ -127,6 +131,12 @@ def _to_grey(arr: np.ndarray, channel_axis_last: bool = True) -> tuple[np.ndarra
     return grey, COLOUR_RULE, frac, (mask if frac > 0 else None)
 
 
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """Grey float32 ``(...)`` of colour ``(..., 3|4)`` pixels by this module's rule (ITU-R BT.601 weights), the
+    conversion :func:`read_ultrasound` applies, for callers holding the colour (``keep_colour=True``)."""
+    return np.asarray(rgb)[..., :3].astype(np.float32) @ _LUMA
+
+
 def _finish_colour(arr: np.ndarray, meta: dict, colour_last: bool) -> np.ndarray:
     if colour_last:
         grey, rule, frac, mask = _to_grey(arr)
@@ -134,6 +144,7 @@ def _finish_colour(arr: np.ndarray, meta: dict, colour_last: bool) -> np.ndarray
         meta["colour_fraction"] = frac
         if mask is not None:
             meta["colour_mask"] = mask
+            meta["rgb"] = arr[..., :3]  # kept only when the caller asks (read_ultrasound(keep_colour=True))
         return grey
     meta["colour"] = "none"
     meta["colour_fraction"] = 0.0
@@ -395,11 +406,13 @@ def _validate(arr: np.ndarray, kind: str, path: str) -> np.ndarray:
     return arr
 
 
-def read_ultrasound(path: str | os.PathLike) -> UltrasoundImage:
+def read_ultrasound(path: str | os.PathLike, keep_colour: bool = False) -> UltrasoundImage:
     """Read an ultrasound file (2D image, DICOM, NIfTI, NRRD, MetaImage, video) as grey intensity.
 
     Args:
         path: the file, or a folder holding a DICOM series (:mod:`usfmae_core.data.dicom_series`: one volume).
+        keep_colour: also keep the decoded colour in ``rgb`` when the file carries colour pixels (grey stored as RGB
+            has none): for models that receive colour (:attr:`usfmae_core.data.transforms.Preprocessing.colour`).
 
     Returns:
         :class:`UltrasoundImage` with ``array`` float32 ``(H, W)`` / ``(T, H, W)`` / ``(D, H, W)``.
@@ -419,6 +432,7 @@ def read_ultrasound(path: str | os.PathLike) -> UltrasoundImage:
             raise UsfmaeError(f"cannot read {p} as a DICOM series ({msg})",
                               "give a folder of DICOM slices of one series, or a file") from None
         arr = _validate(np.asarray(arr, dtype=np.float32), kind, str(p))
+        meta.pop("rgb", None)
         return UltrasoundImage(array=np.ascontiguousarray(arr), spacing=spacing, kind=kind, path=str(p), meta=meta)
     if not p.is_file():
         raise UsfmaeError(f"{p} does not exist or is not a file", "check the path")
@@ -446,4 +460,10 @@ def read_ultrasound(path: str | os.PathLike) -> UltrasoundImage:
         spacing = (1.0,) * arr.ndim
     spacing = tuple(float(s) if s and np.isfinite(s) and s > 0 else 1.0 for s in spacing)
     meta.setdefault("colour", "none")
-    return UltrasoundImage(array=np.ascontiguousarray(arr), spacing=spacing, kind=kind, path=str(p), meta=meta)
+    rgb = meta.pop("rgb", None)
+    if rgb is not None and (not keep_colour or rgb.size != arr.size * 3):
+        rgb = None  # not asked for, or its geometry was changed after decoding (not the colour of `array`)
+    elif rgb is not None:
+        rgb = np.ascontiguousarray(rgb.reshape(*arr.shape, 3))
+    return UltrasoundImage(array=np.ascontiguousarray(arr), spacing=spacing, kind=kind, path=str(p), meta=meta,
+                           rgb=rgb)

@@ -215,6 +215,10 @@ class VolumeToModelInputd(MapTransform):
             x = d[key]
             meta = dict(getattr(x, "meta", {}) or {})
             arr = (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.float32)
+            if arr.ndim in (3, 4) and arr.shape[0] == 3 and meta.get("colour_fraction") is not None:
+                from usfmae_core.data.readers import luma
+
+                arr = luma(np.moveaxis(arr, 0, -1))  # volume models read grey (loads_colour), whatever was loaded
             if arr.ndim in (3, 4) and arr.shape[0] == 1:
                 arr = arr[0]
             kind = "image" if arr.ndim == 2 else str(meta.get("kind") or "volume")

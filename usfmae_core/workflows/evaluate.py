@@ -210,9 +210,10 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: s
     prep = Preprocessing.from_dict(cfg.get("preprocessing"))
     datalist = load_labelled(data, seed, val_fraction, test_fraction, include_masks, mask_patterns)
     if not quiet:
-        from usfmae_core.data.labelled import datalist_summary
+        from usfmae_core.data.labelled import datalist_summary, preprocessing_notes
 
-        print("\n".join(datalist_summary(datalist, str(data))), flush=True)
+        print("\n".join(datalist_summary(datalist, str(data), colour=False)), flush=True)
+        print("\n".join(preprocessing_notes(datalist, prep, volume_from_config(cfg))), flush=True)
     mapping = map_labels(datalist["classes"], classes, data, model_path)
     items = [{**it, "label": int(mapping[int(it["label"])])} for it in select_items(datalist, split, data)]
 

@@ -182,16 +182,18 @@ def make_transforms(prep: Any, train: bool = False, augment_scale: tuple[float, 
     training adds ``RandBagAugmentd``, which keeps ``max_slices`` of them, evenly spaced).
 
     Args:
-        prep: :class:`~usfmae_core.data.transforms.Preprocessing` (image size, channels, mean / std).
+        prep: :class:`~usfmae_core.data.transforms.Preprocessing` (image size, channels, mean / std, resize mode,
+            sector crop, colour rule).
         train: training-time processing (random resized crop (area ``augment_scale``), flip and rotation).
         volume: None for 2D models.
         augment: with ``train``, apply the random augmentation (a MIL bag is still subsampled without it).
     """
     from monai.transforms import Compose
 
-    from usfmae_core.data.transforms import LoadUltrasoundd, RandUltrasoundAugmentd, UltrasoundToModelInputd
+    from usfmae_core.data.transforms import (LoadUltrasoundd, RandUltrasoundAugmentd, UltrasoundToModelInputd,
+                                             loads_colour)
 
-    chain: list[Any] = [LoadUltrasoundd(keys="image")]
+    chain: list[Any] = [LoadUltrasoundd(keys="image", colour=loads_colour(prep, volume))]
     if volume is not None:
         from usfmae_core.data.volumes import RandBagAugmentd, RandVolumeAugmentd, VolumeToModelInputd
 
@@ -202,8 +204,7 @@ def make_transforms(prep: Any, train: bool = False, augment_scale: tuple[float, 
         elif train and augment:
             chain.append(RandVolumeAugmentd(keys="image", rotation_deg=rotation_deg))
         return Compose(chain)
-    chain.append(UltrasoundToModelInputd(keys="image", image_size=prep.image_size, in_channels=prep.in_channels,
-                                         mean=prep.mean, std=prep.std))
+    chain.append(UltrasoundToModelInputd(keys="image", preprocessing=prep))
     if train and augment:
         chain.append(RandUltrasoundAugmentd(keys="image", scale=augment_scale, rotation_deg=rotation_deg,
                                             mean=prep.mean, std=prep.std))
@@ -317,7 +318,7 @@ def mae_preprocessing(ckpt: dict[str, Any]) -> Any:
         return Preprocessing.from_dict(cfg["preprocessing"])
     size = cfg.get("img_size", 224)
     size = int(size[-1] if isinstance(size, (list, tuple)) else size)
-    return Preprocessing(image_size=size, in_channels=int(cfg.get("in_channels", 3)))
+    return Preprocessing.from_dict({"image_size": size, "in_channels": int(cfg.get("in_channels", 3))})
 
 
 def _load_mae(init: str | Path, volume_model: str | None = None) -> dict[str, Any]:
@@ -338,7 +339,8 @@ def _load_mae(init: str | Path, volume_model: str | None = None) -> dict[str, An
 def build_classifier(num_classes: int, arch: str = "vit", init: str | Path | dict | None = None,
                      preset: str = "vit_base", image_size: int | None = None, in_channels: int | None = None,
                      patch_size: int = 16, depth: int | None = None, pool: str = "avg", dropout: float = 0.0,
-                     drop_path: float = 0.0, volume: Any = None) -> tuple[nn.Module, dict[str, Any]]:
+                     drop_path: float = 0.0, volume: Any = None, resize: str = "letterbox",
+                     crop_sector: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """A classifier and its checkpoint config (model kwargs, ``preset``, ``preprocessing``, and ``volume`` for volume
     models; the caller adds ``classes``).
 
@@ -357,6 +359,9 @@ def build_classifier(num_classes: int, arch: str = "vit", init: str | Path | dic
         volume: a :class:`~usfmae_core.data.volumes.VolumeInput` for a volume model: ``3d`` builds a native 3D ViT
             (from a 3D MAE, a 2D MAE inflated over depth, or a preset) or a MONAI 3D CNN; ``mil`` an
             :class:`~usfmae_core.networks.volume.AttentionMILClassifier` (from a 2D MAE or a preset).
+        resize / crop_sector: the geometry rule of this classifier's input (``letterbox`` | ``squash``, crop to the
+            imaged sector), stored in its ``preprocessing`` with the colour rule (colour as RGB for 3 channels): they
+            are this fine-tuning's choice, whatever the MAE's corpus used.
     """
     from usfmae_core.data.transforms import Preprocessing
     from usfmae_core.networks.classifier import USFMAEClassifier, cnn_baseline
@@ -422,7 +427,8 @@ def build_classifier(num_classes: int, arch: str = "vit", init: str | Path | dic
         config.update(mil_kw)
     if volume is not None:
         config["volume"] = volume.to_dict()
-    config["preprocessing"] = prep.to_dict()
+    prep.resize, prep.crop_sector, prep.colour = str(resize), bool(crop_sector), "rgb"
+    config["preprocessing"] = Preprocessing(**{k: v for k, v in prep.to_dict().items()}).to_dict()  # validated
     return model, config
 
 
@@ -517,6 +523,8 @@ class FinetuneOptions:
     balance: str = "none"
     patience: int = 10
     label_fraction: float = 1.0
+    resize: str = "letterbox"
+    crop_sector: bool = False
     include_masks: bool = False
     mask_patterns: list[str] = field(default_factory=list)
     val_fraction: float = 0.15
@@ -561,6 +569,10 @@ class FinetuneOptions:
 
 
 def _validate_options(opts: FinetuneOptions) -> None:
+    from usfmae_core.data.transforms import RESIZE_MODES
+
+    if opts.resize not in RESIZE_MODES:
+        raise UsfmaeError(f"unknown --resize '{opts.resize}'", f"choose one of {', '.join(RESIZE_MODES)}")
     if opts.linear_probe and not opts.init:
         raise UsfmaeError("--linear-probe needs a pretrained encoder", "add --init MAE_CKPT")
     if opts.arch not in ("vit", "resnet", "densenet"):
@@ -744,13 +756,18 @@ def train_classifier(datalist: dict[str, Any], out: str | Path, opts: FinetuneOp
     volume = opts.volume()
     model, config = build_classifier(k, opts.arch, opts.init, opts.preset, opts.image_size, opts.in_channels,
                                      opts.patch_size, opts.depth, opts.pool, opts.dropout,
-                                     0.0 if opts.linear_probe else opts.drop_path, volume=volume)
+                                     0.0 if opts.linear_probe else opts.drop_path, volume=volume,
+                                     resize=opts.resize, crop_sector=opts.crop_sector)
     config["classes"] = classes
     arch = checkpoint_arch(opts.arch, volume)
     if opts.linear_probe:
         model.freeze_encoder()
     model.to(device)
     prep = Preprocessing.from_dict(config["preprocessing"])
+    if not opts.quiet and stage in ("finetune", f"finetune fold 1/{opts.folds}"):
+        from usfmae_core.data.labelled import preprocessing_notes
+
+        print("\n".join(preprocessing_notes(datalist, prep, volume)), flush=True)
 
     workers = opts.workers if opts.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda"
                                                              else 0)
@@ -1025,7 +1042,7 @@ def finetune(data: str | Path | dict[str, Any], out: str | Path, opts: FinetuneO
     if not opts.quiet:
         from usfmae_core.data.labelled import datalist_summary
 
-        print("\n".join(datalist_summary(datalist, source)), flush=True)
+        print("\n".join(datalist_summary(datalist, source, colour=False)), flush=True)  # preprocessing_notes: colour
     if len(datalist.get("classes") or []) < 2:
         raise UsfmaeError(f"{source} has fewer than 2 classes", "a classifier needs at least 2 classes")
     if opts.folds:

@@ -70,7 +70,8 @@ def preprocessing_from_config(config: dict[str, Any]):
         return Preprocessing.from_dict(config["preprocessing"])
     size = config.get("img_size", 224)
     size = int(size[-1] if isinstance(size, (list, tuple)) else size)
-    return Preprocessing(image_size=size, in_channels=int(config.get("in_channels", 3)))
+    # (from_dict: the resize / colour rules such an old checkpoint was trained with)
+    return Preprocessing.from_dict({"image_size": size, "in_channels": int(config.get("in_channels", 3))})
 
 
 def class_names(config: dict[str, Any], num_classes: int | None = None) -> list[str]:
@@ -236,17 +237,20 @@ def _to_input(x: torch.Tensor, model: nn.Module, device: torch.device) -> torch.
 # ---------------------------------------------------------------------------------------------- in memory
 def classify_frames(model: nn.Module, frames: np.ndarray, prep, device: torch.device | str = "cpu",
                     batch_size: int = 32, precision: str = "auto",
-                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+                    progress: Callable[[int], None] | None = None, spacing: Sequence[float] | None = None,
+                    crop: Sequence[int] | None = None) -> np.ndarray:
     """Classify 2D frames with a 2D classifier.
 
     Args:
         model: a 2D classifier returning logits (USF-MAE classifier or CNN baseline); moved to ``device``.
-        frames: ``(N, H, W)`` or ``(H, W)`` float grey intensity, unscaled.
+        frames: ``(N, H, W)`` / ``(H, W)`` grey or ``(N, H, W, 3)`` colour intensity, unscaled.
         prep: the checkpoint's :class:`~usfmae_core.data.transforms.Preprocessing`.
         device: ``auto|cuda|mps|cpu`` or a ``torch.device``.
         batch_size: frames per forward pass.
         precision: ``auto|bf16|fp16|fp32`` (see :func:`inference_dtype`).
         progress: called with the number of frames done after each batch.
+        spacing / crop: ``(row, column)`` pixel spacing and the sector box of the frames
+            (:func:`~usfmae_core.data.transforms.frames_to_tensor`; one box for all the frames).
 
     Returns:
         softmax probabilities ``(N, K)`` float32.
@@ -254,10 +258,14 @@ def classify_frames(model: nn.Module, frames: np.ndarray, prep, device: torch.de
     from usfmae_core.data.transforms import frames_to_tensor
 
     frames = np.asarray(frames)
-    if frames.ndim == 2:
+    if frames.ndim == 2 or (frames.ndim == 3 and frames.shape[-1] == 3 and frames.shape[-2] > 3):
         frames = frames[None]
-    if frames.ndim != 3:
-        raise ValueError(f"frames must be (N, H, W) or (H, W), got shape {frames.shape}")
+    if frames.ndim != 3 and not (frames.ndim == 4 and frames.shape[-1] == 3):
+        raise ValueError(f"frames must be (N, H, W), (H, W) or (N, H, W, 3), got shape {frames.shape}")
+    if crop is None and prep.crop_sector and len(frames) > batch_size:  # one box for all, not one per batch
+        from usfmae_core.data.transforms import imaged_region
+
+        crop = imaged_region(frames) or (0, frames.shape[1], 0, frames.shape[2])
     dev = _device(device)
     model = _prepare_model(model, dev)
     wdtype = _weights_dtype(model)  # a model in bf16 (see to_inference_model) runs as it is, without autocast
@@ -265,7 +273,7 @@ def classify_frames(model: nn.Module, frames: np.ndarray, prep, device: torch.de
     out: list[np.ndarray] = []
     with inference_context(dev, dtype):
         for i in range(0, len(frames), max(1, int(batch_size))):
-            x = _to_input(frames_to_tensor(frames[i:i + batch_size], prep), model, dev).to(wdtype)
+            x = _to_input(frames_to_tensor(frames[i:i + batch_size], prep, spacing, crop), model, dev).to(wdtype)
             out.append(torch.softmax(model(x).float(), dim=-1).cpu().numpy())
             if progress is not None:
                 progress(len(x))
@@ -318,8 +326,13 @@ def classify_array(model: nn.Module, config: dict[str, Any], array: np.ndarray, 
                    spacing: Sequence[float] | None = None, axis: int = 0, device: torch.device | str = "cpu",
                    batch_size: int = 32, top_k: int = 3, precision: str = "auto",
                    progress: Callable[[int], None] | None = None, source: str | None = None,
-                   aggregate: str = "mean", normal_class: str | None = None) -> dict[str, Any]:
+                   aggregate: str = "mean", normal_class: str | None = None,
+                   colour: np.ndarray | None = None) -> dict[str, Any]:
     """Classify an image ``(H, W)``, cine ``(T, H, W)`` or volume ``(D, H, W)`` (unscaled grey).
+
+    A 2D classifier sees each frame as its checkpoint's preprocessing says
+    (:class:`~usfmae_core.data.transforms.Preprocessing`: letterboxed or squashed with the frames' pixel spacing,
+    cropped to the sector - one box found over the whole clip - and, for a model that keeps colour, ``colour``).
 
     Three kinds of model (see :func:`~usfmae_core.data.volumes.volume_from_config`):
 
@@ -345,6 +358,8 @@ def classify_array(model: nn.Module, config: dict[str, Any], array: np.ndarray, 
         top_k: how many frames to list in ``top_slices`` (and ``k`` of ``aggregate="topk"``).
         source: the file the array came from, named in errors.
         aggregate, normal_class: how a 2D model's slices make the volume result (ignored by volume models).
+        colour: the RGB of ``array`` (``array.shape + (3,)``, from ``read_ultrasound(..., keep_colour=True)``), given
+            to a 2D model whose preprocessing keeps colour; ignored otherwise.
 
     Returns:
         ``classes`` (names), ``per_frame`` ``(N, K)`` float32 (one row per classified frame / slice; a volume model
@@ -403,8 +418,11 @@ def classify_array(model: nn.Module, config: dict[str, Any], array: np.ndarray, 
                                         precision, progress)
         per_frame, scope, rows = probs[None], "volume", np.zeros(1, np.int64)
     else:
-        per_frame = classify_frames(model, frames[index] if n_excluded else frames, prep, device, batch_size,
-                                    precision, progress)
+        from usfmae_core.data.transforms import frames_for_model
+
+        seen = frames_for_model(arr, kind, sp, prep, axis, colour, source)  # the same frames as `index`
+        per_frame = classify_frames(model, seen.frames, prep, device, batch_size, precision, progress,
+                                    spacing=seen.spacing, crop=seen.crop)
         scope, rows = "frame", index
     names = class_names(config, per_frame.shape[1])
     if len(names) != per_frame.shape[1]:
@@ -439,11 +457,21 @@ def classify_file(model: nn.Module, config: dict[str, Any], path: str | os.PathL
     """:func:`classify_array` on a file read by :func:`~usfmae_core.data.readers.read_ultrasound`; adds ``source``."""
     from usfmae_core.data.readers import read_ultrasound
 
-    img = read_ultrasound(path)
+    img = read_ultrasound(path, keep_colour=preprocessing_from_config(config).keeps_colour)
     result = classify_array(model, config, img.array, img.kind, img.spacing, axis, device, batch_size, top_k,
-                            precision, progress, source=str(path), aggregate=aggregate, normal_class=normal_class)
+                            precision, progress, source=str(path), aggregate=aggregate, normal_class=normal_class,
+                            colour=img.rgb)
     result["source"] = str(path)
+    result["colour"] = colour_status(img, preprocessing_from_config(config), result.get("model", "2d"))
     return result
+
+
+def colour_status(img: Any, prep: Any, model: str = "2d") -> str | None:
+    """What happened to a file's colour: None (no colour pixels), ``rgb`` (given to the model as colour) or
+    ``grey`` (converted to grey: a 1-channel model, a checkpoint trained on grey, or a volume model)."""
+    if not float(img.meta.get("colour_fraction") or 0.0) > 0:
+        return None
+    return "rgb" if model == "2d" and prep.keeps_colour and img.rgb is not None else "grey"
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -456,8 +484,9 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], include_masks: bool = Fa
     ``masks/`` ...) are left out unless ``include_masks`` (files named explicitly and datalist entries never are).
 
     Returns:
-        (files to read, skipped ``[{"source", "reason"}]``: datalist entries that do not exist, and the masks left
-        out, which also carry ``"mask": True``).
+        (files to read, skipped ``[{"source", "reason"}]``: datalist entries that do not exist, what a folder walk
+        passed over (broken links, FIFOs, unreadable folders, usfmae run folders: not files of unsupported types),
+        and the masks left out, which also carry ``"mask": True``).
 
     Raises:
         UsfmaeError: an input does not exist, or nothing to read was found.
@@ -493,7 +522,12 @@ def collect_inputs(inputs: Iterable[str | os.PathLike], include_masks: bool = Fa
         elif is_dicom_series(src):
             add(src)  # a folder of positioned DICOM slices is one volume
         else:
-            found = [p for p, reason in iter_source_files([src]) if reason is None]
+            found = []
+            for p, reason in iter_source_files([src]):
+                if reason is None:
+                    found.append(p)
+                elif not reason.startswith("unsupported file type"):  # links, FIFOs, run folders ...: said
+                    skipped.append({"source": str(p), "reason": reason})
             _, masks = split_masks(found, MaskRules.with_patterns(mask_patterns), src)
             left_out = set() if include_masks else {m.path for m in masks}
             for it in group_dicom_series([{"image": p} for p in found if str(p) not in left_out]):
@@ -524,16 +558,16 @@ def as_kind(img, kind: str):
         return img
     if kind not in KINDS:
         raise UsfmaeError(f"unknown kind '{kind}'", f"choose one of {', '.join(KINDS)}")
-    arr, spacing = img.array, tuple(img.spacing)
+    arr, spacing, rgb = img.array, tuple(img.spacing), getattr(img, "rgb", None)
     if kind == "image":
         if arr.ndim == 3 and arr.shape[0] == 1:
-            arr, spacing = arr[0], spacing[1:]
+            arr, spacing, rgb = arr[0], spacing[1:], None if rgb is None else rgb[0]
         elif arr.ndim != 2:
             raise UsfmaeError(f"{img.path} has {arr.shape[0]} {img.kind} slices, not one image",
                               "use --kind auto, cine or volume")
     elif arr.ndim == 2:
-        arr, spacing = arr[None], (1.0, *spacing)
-    return UltrasoundImage(arr, spacing, kind, img.path, dict(img.meta))
+        arr, spacing, rgb = arr[None], (1.0, *spacing), None if rgb is None else rgb[None]
+    return UltrasoundImage(arr, spacing, kind, img.path, dict(img.meta), rgb=rgb)
 
 
 def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
@@ -553,7 +587,9 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
     Unreadable inputs are skipped and reported; the run fails only when none could be classified. ``aggregate`` /
     ``normal_class``: see :func:`classify_array` (2D models only). ``kind`` (default ``auto``: as the reader
     decides) forces how every input's slices are read (see :func:`as_kind`), e.g. ``cine`` for a 2D+t clip stored as
-    a 3D NRRD.
+    a 3D NRRD. ``predictions.json`` also records the ``preprocessing`` used (from the checkpoint) and ``colour``: how
+    many inputs carried colour pixels and whether the model received them as colour (``given_as``: ``rgb`` |
+    ``grey``); such results carry ``colour`` too.
     ``out_dir`` is locked while the run writes it; a folder holding earlier results is refused unless ``overwrite``
     (:mod:`usfmae_core.runs`).
 
@@ -588,15 +624,17 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
         frame_rows: list[list[Any]] = []
         attention_rows: list[list[Any]] = []
         results: list[dict[str, Any]] = []
+        prep = preprocessing_from_config(config)
         with Progress(len(files), "predict", disable=quiet) as bar:
             for path in files:
                 try:
-                    img = as_kind(read_ultrasound(path), kind)
+                    img = as_kind(read_ultrasound(path, keep_colour=prep.keeps_colour), kind)
                     inner = Progress(img.n_frames, "classify", disable=True) if img.n_frames > batch_size else None
                     try:
                         res = classify_array(model, config, img.array, img.kind, img.spacing, axis, dev, batch_size,
                                              top_k, precision, None if inner is None else inner.update,
-                                             source=str(path), aggregate=aggregate, normal_class=normal_class)
+                                             source=str(path), aggregate=aggregate, normal_class=normal_class,
+                                             colour=img.rgb)
                     finally:
                         if inner is not None:
                             inner.close()
@@ -612,6 +650,9 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
                           "n_excluded": res["n_excluded"], "label": res["label"],
                           **{f"p_{c}": round(float(p), 6) for c, p in zip(names, res["aggregate"], strict=True)},
                           "top_slices": res["top_slices"]}
+                colour = colour_status(img, prep, res["model"])
+                if colour is not None:
+                    result["colour"] = colour
                 if res["attention"] is not None:
                     result["n_slices"] = len(res["attention"])
                     for i, a in zip(res["slice_index"], res["attention"], strict=True):
@@ -638,6 +679,9 @@ def predict(model_path: str | os.PathLike, inputs: Sequence[str | os.PathLike], 
             "device": describe_device(dev), "weights_dtype": str(_weights_dtype(model)).replace("torch.", ""),
             "autocast": str(inference_dtype(dev, precision) or "none").replace("torch.", "")
             if _weights_dtype(model) == torch.float32 else "none",
+            "preprocessing": prep.to_dict(),
+            "colour": {"files": sum(1 for r in results if r.get("colour")),
+                       "given_as": "rgb" if prep.keeps_colour and volume is None else "grey"},
             "results": results, "skipped": skipped})
         run.finish()
     return out

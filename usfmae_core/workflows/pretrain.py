@@ -705,6 +705,10 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
         if int(config.get("spatial_dims", 2)) != dims:
             raise UsfmaeError(f"--init {args.init} is a {config.get('spatial_dims')}D model but --spatial-dims is "
                               f"{dims}", "pass --spatial-dims to match, or another checkpoint")
+        if dims == 2:  # the MAE saw the corpus' geometry (letterbox / squash) and grey frames: say so in its config
+            from usfmae_core.data.corpus import corpus_preprocessing
+
+            config["preprocessing"].update(corpus_preprocessing(corpus))
     amp_dtype = autocast_dtype(device, args.precision)
     model = model.to(device)
 

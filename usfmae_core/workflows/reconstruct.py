@@ -93,7 +93,7 @@ def reconstruct_frames(mae: nn.Module, frames: np.ndarray, prep, mask_ratio: flo
         ``(N, H, W)`` float32 in ``[0, 1]`` at the frames' own size; ``loss``: mean squared error over hidden
         pixels in model-input space (the MAE's training loss when ``norm_pix_loss`` is off).
     """
-    from usfmae_core.data.transforms import frames_to_tensor, resize_frames, scale_intensity
+    from usfmae_core.data.transforms import frames_to_tensor, from_square, scale_intensity
 
     frames = np.asarray(frames)
     if frames.ndim == 2:
@@ -115,12 +115,13 @@ def reconstruct_frames(mae: nn.Module, frames: np.ndarray, prep, mask_ratio: flo
     wdtype = _weights_dtype(mae)
     with inference_context(dev, inference_dtype(dev, precision) if wdtype == torch.float32 else None):
         for i in range(0, n, bs):
-            x = frames_to_tensor(frames[i:i + bs], prep).to(dev, wdtype)
+            # the whole frame (no sector crop), letterboxed or squashed as the MAE's preprocessing says, and back
+            x = frames_to_tensor(frames[i:i + bs], prep, crop=(0, h, 0, w)).to(dev, wdtype)
             _, recon, mask_img = mae.reconstruct(x, mask_ratio, noise[i:i + bs].to(dev))
             s, c = _loss(x, recon, mask_img)
             sse, count = sse + s, count + c
-            pred[i:i + bs] = resize_frames(_to_unit(recon, prep).cpu(), (h, w)).clamp_(0, 1).numpy()
-            mask[i:i + bs] = F.interpolate(mask_img[:, :1].float().cpu(), size=(h, w), mode="nearest")[:, 0].numpy()
+            pred[i:i + bs] = from_square(_to_unit(recon, prep).cpu(), (h, w), prep).clamp_(0, 1).numpy()
+            mask[i:i + bs] = from_square(mask_img[:, 0].float().cpu(), (h, w), prep, mode="nearest").numpy()
             if progress is not None:
                 progress(len(x))
     return _finish(scaled, pred, mask, sse, count)

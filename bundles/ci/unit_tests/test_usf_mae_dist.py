@@ -72,9 +72,23 @@ class TestUsfMaeMGPU(unittest.TestCase):
         # (its properties are checked inside the run: DistributedSampler needs the process group torchrun sets up)
 
         n_proc = torch.cuda.device_count() if torch.cuda.device_count() > 1 else 2
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-               f"--nproc_per_node={n_proc}", "-m", "monai.bundle", "run", "--config_file", merged,
-               "--meta_file", self.meta_file, "--logging_file", logging_file]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes=1",
+            f"--nproc_per_node={n_proc}",
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            merged,
+            "--meta_file",
+            self.meta_file,
+            "--logging_file",
+            logging_file,
+        ]
         env = os.environ.copy()
         env["PYTHONPATH"] = os.pathsep.join(p for p in (BUNDLE_ROOT, env.get("PYTHONPATH")) if p)
         subprocess.check_call(cmd, env=env)
