@@ -169,6 +169,13 @@ def _nan_checkpoint(data: SimpleNamespace, tmp: Path) -> Path:
     return save_checkpoint(tmp / "nan.pt", ckpt)
 
 
+def _missing_weights(path: Path, tmp: Path) -> Path:
+    """A copy of checkpoint ``path`` without the weights of its second block (a truncated or hand-edited file)."""
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if ".blocks.1." not in k}
+    return save_checkpoint(tmp / "missing.pt", ckpt)
+
+
 def _pickled(tmp: Path) -> Path:
     torch.save({"model": {}, "arch": "mae", "config": {}, "payload": _Evil()}, tmp / "evil.pt")
     return tmp / "evil.pt"
@@ -220,6 +227,10 @@ CASES: list[tuple[str, Callable[[SimpleNamespace, Path], tuple[list, tuple[str, 
     ("prepare-out-is-a-file", lambda d, t: (["prepare", d.labelled, "--out", _write(t / "f", "x")], ("is a file",))),
     ("predict-out-below-a-file", lambda d, t: (["predict", d.clf, d.image, "--out", _write(t / "f", "x") / "sub"],
                                                ("cannot access", "Not a directory"))),
+    ("import-weights-over-an-existing-file", lambda d, t: (["import-weights", d.fb, "--out", _write(t / "m.pt", "x")],
+                                                           ("already exists", "--overwrite"))),
+    ("export-weights-over-an-existing-file", lambda d, t: (["export-weights", d.mae, "--out", _write(t / "w.pt", "x")],
+                                                           ("already exists", "--overwrite"))),
     ("import-weights-out-is-a-folder", lambda d, t: (["import-weights", d.fb, "--out", t], ("a folder",))),
     ("export-weights-out-is-a-folder", lambda d, t: (["export-weights", d.mae, "--out", t], ("a folder",))),
     ("export-weights-out-below-a-file", lambda d, t: (["export-weights", d.mae, "--out", _write(t / "f", "x") / "w.pt"],
@@ -345,10 +356,15 @@ CASES: list[tuple[str, Callable[[SimpleNamespace, Path], tuple[list, tuple[str, 
                                                             ("'classifier' model",))),
     ("finetune-init-random-bytes", lambda d, t: (["finetune", "--data", d.labelled, "--out", t / "r", *TINY_FT,
                                                   "--init", d.random], ("not a PyTorch checkpoint",))),
+    ("finetune-init-missing-weights", lambda d, t: (["finetune", "--data", d.labelled, "--out", t / "r", *TINY_FT,
+                                                     "--init", _missing_weights(d.mae, t)],
+                                                    ("do not fit", "missing keys"))),
     ("finetune-init-classifier", lambda d, t: (["finetune", "--data", d.labelled, "--out", t / "r", *TINY_FT,
                                                 "--init", d.clf], ("not a pretrained MAE",))),
     ("pretrain-init-text-file", lambda d, t: (["pretrain", "--corpus", d.corpus, "--out", t / "r", *TINY_PT,
                                                "--init", d.text], ("not a PyTorch checkpoint",))),
+    ("import-weights-of-a-usfmae-checkpoint", lambda d, t: (["import-weights", d.mae, "--out", t / "w.pt"],
+                                                            ("already a usfmae checkpoint", "no import needed"))),
     ("import-weights-random-bytes", lambda d, t: (["import-weights", d.random, "--out", t / "w.pt"],
                                                   ("not a PyTorch checkpoint",))),
     ("export-weights-nan", lambda d, t: (["export-weights", _nan_checkpoint(d, t), "--out", t / "w.pt"],
@@ -540,6 +556,11 @@ def test_prepare_skips_and_reports_special_files(data: SimpleNamespace, tmp_path
     (src / "sub").mkdir()
     os.symlink(src / "sub", src / "linked_folder")
     _write(src / "corrupt.png", b"\x89PNG\r\n\x1a\n garbage")
+    import SimpleITK as sitk
+
+    extreme = phantom.make_image(1, 40, rng=1).astype(np.float32)
+    extreme[0, 0] = 1e30  # one absurd pixel: min-max scaling leaves a black frame, dropped as empty
+    sitk.WriteImage(sitk.GetImageFromArray(extreme), str(src / "extreme.nii.gz"))
     rc, err = run_cli(["prepare", src, "--out", tmp_path / "c", "--image-size", "32", "--workers", "1",
                        "--no-progress"], capsys)
     assert rc == 0, err
@@ -551,6 +572,7 @@ def test_prepare_skips_and_reports_special_files(data: SimpleNamespace, tmp_path
     assert "hidden" in reasons["..png"]
     assert "not followed" in reasons["linked_folder"]
     assert "corrupt.png" in reasons
+    assert "every frame (1) is empty" in reasons["extreme.nii.gz"]  # a file that gave nothing is named
     assert report["n_frames"] == 3
 
 
@@ -831,6 +853,11 @@ BUNDLE_CASES = {
                                      ("not a PyTorch checkpoint",)),
     "inference-empty-folder": (["inference"], lambda d, t: ["--dataset_dir", str((t / "e").mkdir() or t / "e"),
                                                             *BUNDLE_NET], ("no supported ultrasound files",)),
+    "inference-output-dir-is-a-file": (["inference"], lambda d, t: ["--dataset_dir", str(d.labelled), "--output_dir",
+                                                                    str(_write(t / "f", "x")), *BUNDLE_NET],
+                                       ("is a file",)),
+    "train-output-dir-is-a-file": (["train"], lambda d, t: ["--dataset_dir", str(d.labelled), "--output_dir",
+                                                            str(_write(t / "f", "x")), *BUNDLE_NET], ("is a file",)),
     "pretrain-missing-corpus": (["pretrain"], lambda d, t: ["--dataset_dir", str(t / "nope"), *BUNDLE_MAE],
                                 ("does not exist",)),
 }

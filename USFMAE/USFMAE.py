@@ -112,6 +112,10 @@ def loadSampleData(source) -> list:
 
     if samples.missing_samples():
         logic = USFMAELogic()
+        notReady = logic.not_ready_message()  # the phantom generator is the engine's (torch): packages first
+        if notReady:
+            slicer.util.errorDisplay(notReady, windowTitle=_(TITLE))
+            return []
         job = logic.start_job(logic.samples_job())
         dialog = slicer.util.createProgressDialog(labelText=_("Making the USF-MAE sample data..."), maximum=0)
         try:

@@ -298,7 +298,7 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
 
     from usfmae_core import __version__
     from usfmae_core.bundle_support import check_weights, save_state_dict, write_json_file, write_network_format
-    from usfmae_core.checkpoints import load_checkpoint
+    from usfmae_core.checkpoints import adapt_state_dict, load_checkpoint
     from usfmae_core.data.transforms import Preprocessing
     from usfmae_core.networks.presets import build_model
 
@@ -342,7 +342,10 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
     # neither a half bundle in --out nor, with --force, the loss of the previous bundle
     out.parent.mkdir(parents=True, exist_ok=True)
     final = out
-    out = Path(tempfile.mkdtemp(prefix=f".{final.name[:40]}.", suffix=".partial", dir=final.parent))
+    try:
+        out = Path(tempfile.mkdtemp(prefix=f".{final.name[:40]}.", suffix=".partial", dir=final.parent))
+    except OSError as err:  # name the folder the user asked for, not the temporary one
+        raise OSError(err.errno, err.strerror, str(final)) from None
     try:
         os.chmod(out, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
         template = template_dir()
@@ -408,7 +411,7 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
 
         # weights: a plain state dict that MONAI's strict CheckpointLoader and ckpt_export take
         model = build_model("classifier", config)
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(adapt_state_dict(ckpt["model"], model.state_dict(), source=str(run / "model.pt")))
         save_state_dict(model, out / "models" / "model.pt")
         loaded = load_bundle(out)  # the bundle's own network_def must take the weights
         check_weights(out / "models" / "model.pt", build_model("classifier", loaded["config"]))
@@ -444,8 +447,13 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, data_source: s
             + f"{(data_license or 'see the data source above').strip()}\n")
         if (run / "curves.png").is_file():
             shutil.copy(run / "curves.png", out / "docs" / "curves.png")
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(out, ignore_errors=True)
+        if isinstance(err, OSError):  # name the file as the user will look for it: in --out, not the hidden folder
+            names = [str(n).replace(str(out), str(final)) if n is not None else None
+                     for n in (err.filename, err.filename2)]
+            if names != [err.filename, err.filename2]:
+                raise OSError(err.errno, err.strerror, names[0], None, names[1]) from err
         raise
     _swap_into_place(out, final)
 

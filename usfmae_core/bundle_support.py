@@ -52,7 +52,7 @@ __all__ = ["one_line_errors", "SkipUnreadabled", "CorpusDataset", "corpus_sample
            "write_network_format", "write_json_file", "check_weights", "read_weights", "load_weights",
            "save_state_dict", "start_from_mae", "init_mae", "classifier_config", "mae_checkpoint_config", "macro_f1",
            "cosine_schedule", "use_amp", "amp_kwargs", "is_not_rank0", "prepare_process", "with_iteration_events",
-           "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler"]
+           "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler", "check_output_dir"]
 
 logger = logging.getLogger("usfmae.bundle")
 
@@ -100,6 +100,9 @@ def one_line_errors() -> bool:
                 except Exception:  # noqa: BLE001 - a broken log handler must not hide the message
                     pass
             sys.stdout.flush()
+            # a progress bar (tqdm) may have left its line open: the message starts a line of its own
+            bars = getattr(sys.modules.get("tqdm"), "tqdm", None)
+            sys.stderr.write("\n" if getattr(bars, "_instances", None) else "")
             sys.stderr.write(f"usfmae: error: {message}\n")
             sys.stderr.flush()
             os._exit(2)  # the CLI's exit code for bad input (an uncaught exception would give 1)
@@ -119,6 +122,23 @@ def one_line_errors() -> bool:
         if not any(isinstance(f, _UserErrorLogFilter) for f in lg.filters):
             lg.addFilter(flt)
     return True
+
+
+def check_output_dir(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` (a config's ``output_dir``) and check that files can be written in it, at ``initialize``:
+    a file in the way or a read-only folder ends the run in one line before any work, not after it (as the CLI
+    checks ``--out``). Returns the folder."""
+    import tempfile
+
+    from usfmae_core.errors import UsfmaeError
+
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsfmaeError(f"output_dir {path} is a file, not a folder", "choose a folder path for --output_dir")
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):  # PermissionError / OSError naming the folder: one line
+        pass
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------- data

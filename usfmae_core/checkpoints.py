@@ -500,6 +500,9 @@ def import_weights(src: str | Path, out: str | Path, img_size: int | None = None
         ckpt["meta"] = {**ckpt["meta"], "imported_from": src.name, "source_format": "monai_bundle"}
         return save_checkpoint(out, ckpt)
     raw = _torch_load(src, allow_namespace=True)
+    if isinstance(raw, dict) and {"arch", "config", "model"} <= set(raw):  # ours already: nothing to convert
+        raise UsfmaeError(f"{src} is already a usfmae checkpoint ('{raw['arch']}' model)",
+                          "use it as it is (no import needed)")
     state = _unwrap(raw)
     if not state:
         raise UsfmaeError(f"{src} holds no state dict of tensors", "pass a PyTorch checkpoint of a ViT / MAE model")

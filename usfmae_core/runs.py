@@ -132,7 +132,10 @@ def run_folder_command(folder: str | os.PathLike) -> str | None:
     record = _read_json(folder / RUN_FILE) or {}  # only run.json written by a run: a user's folder is never taken
     if record.get("command") and record.get("pid") is not None:
         return str(record["command"])
-    return "usfmae" if (folder / LOCK_FILE).is_file() else None
+    try:
+        return "usfmae" if (folder / LOCK_FILE).is_file() else None
+    except OSError:  # a folder that cannot be read: the walk reports it, it is no run folder we could see
+        return None
 
 
 def read_run(out: str | os.PathLike) -> dict[str, Any] | None:

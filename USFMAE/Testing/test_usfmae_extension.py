@@ -364,7 +364,7 @@ def test_install_plan_keeps_slicers_packages_and_leaves_torch_to_the_pytorch_ext
     reqs, torch_req = engine.requirements(), engine.TORCH_REQUIREMENT
     # a fresh Slicer 5.10: no torch, none of the engine's own packages
     plan = install.plan_install(reqs, torch_req, _slicer_python("5.10"))
-    assert plan.torch == "install" and plan.torch_requirement == ">=2.4"
+    assert plan.torch == "install" and plan.torch_requirement == ">=2.4.1"
     from packaging.requirements import Requirement
 
     names = {install.canonical(Requirement(r).name) for r in plan.pip}
@@ -384,6 +384,8 @@ def test_install_plan_keeps_slicers_packages_and_leaves_torch_to_the_pytorch_ext
     # the PyTorch extension's step failed (torch still missing / too old): pip must not run, or it would fetch torch
     assert "not installed" in install.pip_blocked_by_torch(plan) and "too old" in install.pip_blocked_by_torch(
         install.plan_install(reqs, torch_req, _slicer_python("5.12", torch="2.2.1")))
+    # torch 2.4.0 is below every MONAI the engine admits (1.5.x needs 2.4.1): an upgrade, not a pip conflict later
+    assert install.plan_install(reqs, torch_req, _slicer_python("5.10", torch="2.4.0+cu121")).torch == "upgrade"
     after = install.plan_install(reqs, torch_req, _slicer_python("5.10", torch="2.13.0+cu128"))
     assert install.pip_blocked_by_torch(after) is None and "torch==2.13.0+cu128" in after.constraints
     # an older Slicer whose numpy is outside the engine's range: said, never upgraded

@@ -63,10 +63,12 @@ def _probabilities(table) -> np.ndarray:
     return np.array([_column(table, f"p_{c}") for c in CLASSES]).T
 
 
-def _reference(model_path, array, kind):
+def _reference(model_path, array, kind, spacing=None):
+    """What the engine gives for ``array`` (``spacing`` in array-axis order: the input's pixel spacing, which the
+    engine's preprocessing uses, e.g. to letterbox anisotropic slices)."""
     model, ckpt = load_model(model_path, expect="classifier")
-    return classify_array(model, ckpt["config"], np.asarray(array, np.float32), kind=kind, device="cpu",
-                          precision="fp32")
+    return classify_array(model, ckpt["config"], np.asarray(array, np.float32), kind=kind, spacing=spacing,
+                          device="cpu", precision="fp32")
 
 
 def _sequence(scene, frames, name="clip", node_class="vtkMRMLScalarVolumeNode"):
@@ -102,7 +104,7 @@ def test_classify_3d_volume_in_the_background_fills_one_row_per_slice(scene, tin
         ["slice"] + [f"p_{c}" for c in CLASSES] + ["label"])
     assert _column(table, "slice") == [str(i) for i in range(vol.shape[0])] + ["aggregate"]
     # what the engine gives for the original array, slice by slice in the same order
-    ref = _reference(tiny_models["classifier"], vol, "volume")
+    ref = _reference(tiny_models["classifier"], vol, "volume", spacing=node.GetSpacing()[::-1])  # (K, J, I)
     probs = _probabilities(table)
     np.testing.assert_allclose(probs[:-1], ref["per_frame"], atol=1e-5)
     np.testing.assert_allclose(probs[-1], ref["aggregate"], atol=1e-5)
@@ -374,6 +376,12 @@ def test_sample_data_is_made_offline_loaded_as_slicer_loads_it_and_classified(sc
     from USFMAELib import samples
 
     logic = USFMAEEngineLogic(scene)
+    # Sample Data's button on a fresh Slicer (no torch, none of the engine's packages): one line saying where to
+    # install them, instead of a failed job (the phantom generator is the engine's)
+    fresh = {"numpy": "2.0.2", "pydicom": "2.4.4", "pillow": "11.2.1", "scipy": "1.13.1", "simpleitk": "2.5.2"}
+    message = logic.not_ready_message(installed=fresh)
+    assert "not installed yet" in message and "PyTorch" in message and "Install Python packages" in message
+    assert "\n" not in message and logic.not_ready_message() is None  # this environment has them all
     assert [s.name for s in samples.missing_samples(tmp_path)] == [s.name for s in samples.SAMPLES]
     outcome, _ = run_job(logic, logic.samples_job(tmp_path))
     assert outcome.ok, outcome.message
@@ -489,10 +497,14 @@ def test_pretrain_job_on_scene_volumes(scene, tmp_path, run_job):
 
 # --------------------------------------------------------------------------------------- weights download
 def test_fetch_weights_job(scene, tmp_path, monkeypatch, run_job):
-    """``usfmae pull NAME`` as a background job. Without network (CI has only package registries) the engine's
-    offline message arrives as the outcome; when the engine has no ``pull`` yet, a local stand-in command checks the
-    job plumbing (finding the downloaded file in the cache)."""
-    from usfmae_core.cli import build_parser
+    """*Get started > Fetch*: ``usfmae pull NAME`` as a background job. Offline (CI has only package registries): the
+    engine's one-line message with the address, plus what to do in Slicer (Import). From a reachable copy (``--url
+    file://``, as a mirror would be): facebook-MAE weights downloaded with progress, imported into the model cache and
+    chosen as the MAE and as fine-tuning's start."""
+    import socket
+
+    from usfmae_core.checkpoints import load_checkpoint, to_facebook_state_dict
+    from usfmae_core.networks.presets import build_model, mae_config
 
     monkeypatch.setenv("USFMAE_HOME", str(tmp_path / "home"))
     logic = USFMAEEngineLogic(scene)
@@ -500,26 +512,27 @@ def test_fetch_weights_job(scene, tmp_path, monkeypatch, run_job):
         logic.pull_job("usf-mae-1ep")
     spec = logic.pull_job("usf-mae-100ep")
     assert spec.steps == [{"name": "pull", "argv": ["pull", "usf-mae-100ep"]}]
-    commands = build_parser()._subparsers._group_actions[0].choices
-    if "pull" in commands:
-        monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # no network, whatever the machine has
-        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
-        outcome, job = run_job(logic, spec)
-        assert not outcome.ok and "\n" not in outcome.message and job.error(), outcome.message
-        return
-    stand_in = tmp_path / "standin.py"
-    stand_in.write_text("import os, pathlib\n"
-                        "def pull(name):\n"
-                        "    out = pathlib.Path(os.environ['USFMAE_HOME']) / 'models' / (name + '.pt')\n"
-                        "    out.parent.mkdir(parents=True, exist_ok=True)\n"
-                        "    out.write_bytes(b'weights')\n"
-                        "    print('downloaded', out, flush=True)\n"
-                        "    return str(out)\n")
-    spec.steps = [{"name": "pull", "call": "standin:pull", "kwargs": {"name": "usf-mae-100ep"}}]
-    env = dict(logic.job_environment(), PYTHONPATH=str(tmp_path))
-    job = logic.start_job(spec, env=env)
-    job.wait(timeout=120)
-    outcome = logic.finish_job(job)
+
+    with socket.socket() as s:  # an address nothing answers: the machine's network does not matter
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/USF-MAE_100ep.pth"
+    spec.steps[0]["argv"] += ["--url", url]
+    outcome, job = run_job(logic, spec)
+    assert not outcome.ok and not outcome.cancelled and "\n" not in outcome.message
+    assert "usf-mae-100ep: cannot download" in outcome.message and url in outcome.message
+    assert "in Slicer: open that address in a web browser" in outcome.message and "Import" in outcome.message
+    assert logic.cached_models() == []
+
+    torch.manual_seed(0)
+    weights = tmp_path / "mirror" / "USF-MAE_100ep.pth"
+    weights.parent.mkdir()
+    torch.save(to_facebook_state_dict(build_model("mae", mae_config("vit_test", img_size=32)).state_dict()), weights)
+    spec = logic.pull_job("usf-mae-100ep")
+    spec.steps[0]["argv"] += ["--url", weights.as_uri()]
+    outcome, job = run_job(logic, spec)
     assert outcome.ok, outcome.message
-    assert outcome.value == str(tmp_path / "home" / "models" / "usf-mae-100ep.pt")
-    assert outcome.parameters["maePath"] == outcome.value
+    cached = tmp_path / "home" / "models" / "usf-mae-100ep.pt"
+    assert outcome.value == str(cached) and logic.cached_models() == [cached]
+    assert outcome.parameters == {"maePath": str(cached), "finetuneInit": str(cached)}
+    assert job.progress["stage"] == "pull usf-mae-100ep" and job.fraction == 1.0
+    assert load_checkpoint(cached)["meta"]["source_format"] == "facebook_mae"

@@ -16,7 +16,7 @@ MODULE_DIR = Path(__file__).resolve().parent.parent
 # The engine's runtime requirements apart from torch (installed through the PyTorch extension, which picks the
 # build for the user's GPU), for the built extension, which does not ship pyproject.toml. A source checkout reads
 # pyproject.toml instead (see requirements()); a test keeps this copy equal to it.
-TORCH_REQUIREMENT = "torch>=2.4"
+TORCH_REQUIREMENT = "torch>=2.4.1"
 REQUIREMENTS: tuple[str, ...] = (
     "monai>=1.5,<1.7",
     "pytorch-ignite>=0.4.11,<0.6",

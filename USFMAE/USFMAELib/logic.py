@@ -33,13 +33,16 @@ import slicer
 import vtk
 
 from USFMAELib import inputs, install, models, samples
-from USFMAELib.engine import MODULE_DIR, TORCH_REQUIREMENT, UsfmaeError, requirements
+from USFMAELib.engine import MODULE_DIR, TORCH_REQUIREMENT, UsfmaeError, engine_missing_message, requirements
 from USFMAELib.jobs import Job
 
 JOB_SCRIPT = MODULE_DIR / "Scripts" / "usfmae_job.py"
 OUTPUT_ATTRIBUTE = "USFMAE.output"  # marks nodes this module created (not re-exported as pretraining data)
 RESULTS_FOLDER = "USF-MAE"  # subject hierarchy folder (per input) that holds the results
 WEIGHTS = ("usf-mae-100ep", "usf-mae-500ep")  # names `usfmae pull` knows (usfmae_core.hub)
+# what a Slicer user does instead of the command line fix that the engine's error names
+FAILURE_HINTS = {"pull": "open that address in a web browser, then choose the downloaded file under Model > "
+                         "Import weights and press 'Import into the model cache'"}
 # what fine-tuning trains (the GUI's choices -> `usfmae finetune --volume-model`)
 VOLUME_MODELS = {"2D classifier (images; volumes slice by slice)": None,
                  "volume: attention over slices (MIL)": "mil",
@@ -129,6 +132,19 @@ class USFMAEEngineLogic:
     def install_plan(installed: dict[str, str] | None = None) -> install.InstallPlan:
         """What to install for the engine (see :mod:`USFMAELib.install`)."""
         return install.plan_install(requirements(), TORCH_REQUIREMENT, installed)
+
+    @classmethod
+    def not_ready_message(cls, installed: dict[str, str] | None = None) -> str | None:
+        """None when jobs can run (the engine is found and its packages are installed); else one line saying what
+        is missing and where to install it (for entry points outside the module's panel, e.g. Sample Data)."""
+        missing = engine_missing_message()
+        if missing:
+            return f"USF-MAE cannot run: {missing}"
+        plan = cls.install_plan(installed)
+        if plan.nothing_to_install:
+            return None
+        return (f"USF-MAE needs Python packages that are not installed yet ({plan.summary().replace(chr(10), '; ')}); "
+                "open the USF-MAE module (Modules > Ultrasound), section Setup, and press 'Install Python packages...'")
 
     @staticmethod
     def model_cache_dir() -> Path:
@@ -324,7 +340,9 @@ class USFMAEEngineLogic:
                 return JobOutcome(spec.kind, False, True, f"{spec.name} was cancelled")
             if job.returncode != 0:
                 cause = job.error() or f"exit code {job.returncode}; see the job log"
-                return JobOutcome(spec.kind, False, False, f"{spec.name} failed: {cause}")
+                hint = FAILURE_HINTS.get(spec.kind)
+                return JobOutcome(spec.kind, False, False,
+                                  f"{spec.name} failed: {cause}" + (f" (in Slicer: {hint})" if hint else ""))
             finish = getattr(self, f"_finish_{spec.kind.replace('-', '_')}", self._finish_function)
             return finish(job, spec)
         except UsfmaeError as err:

@@ -444,6 +444,12 @@ class _Writer:
         self.counts["non_square_sources"] += int(bool(result.get("non_square")))
         self.counts["empty_frames_skipped"] += st["empty"]
         self.counts["near_duplicates_removed"] += st["near_duplicate"]
+        if len(frames) == 0 and st["empty"] and result.get("volume") is None:  # a file that gave nothing: named
+            self.buffer.append({"done": {**key, "sha1": result.get("file_sha1"), "status": "skipped",
+                                         "reason": f"every frame ({st['empty']}) is empty: blank, nearly black or "
+                                                   "one extreme pixel value"}})
+            self.flush_if_due()
+            return
         entry = {"frames": frames[keep], "records": [{**recs[i], "sha1": h} for i, h in zip(keep, hashes)],
                  "volume": result.get("volume"), "kind": result["kind"],
                  "done": {**key, "sha1": result.get("file_sha1"), "status": "ok", "kind": result["kind"],

@@ -17,12 +17,14 @@ def load_mae_encoder(mae: USFMAE | dict | str) -> ViTEncoder:
     """The encoder of an MAE given as a model, a loaded checkpoint dict or a checkpoint path."""
     if isinstance(mae, nn.Module):
         return mae.encoder
-    from usfmae_core.checkpoints import load_checkpoint
+    from usfmae_core.checkpoints import adapt_state_dict, load_checkpoint
     from usfmae_core.networks.presets import build_model
 
     ckpt = mae if isinstance(mae, dict) else load_checkpoint(mae)
     model = build_model("mae", ckpt["config"])
-    model.load_state_dict(ckpt["model"])
+    # missing / unexpected weights: one line naming them (UsfmaeError), as for every other checkpoint load
+    source = str(mae) if not isinstance(mae, dict) else str(ckpt.get("path") or "the MAE checkpoint (--init)")
+    model.load_state_dict(adapt_state_dict(ckpt["model"], model.state_dict(), source=source))
     return model.encoder
 
 
