@@ -262,6 +262,16 @@ def test_3d_from_inflated_2d_mae_and_3d_resnet(volumes: Path, tmp_path: Path) ->
     net, ckpt = load_model(tmp_path / "resnet" / "model.pt")
     assert ckpt["arch"] == "resnet" and ckpt["config"]["spatial_dims"] == 3
     assert net.eval()(torch.rand(2, 1, 16, 16, 16)).shape == (2, 2)
+    # the 3D CNN through predict and evaluate on CPU (its 5D weights take the 3D channels-last layout)
+    vol = sorted((volumes / "lesion").glob("*.nii.gz"))[0]
+    _run(["predict", str(tmp_path / "resnet" / "model.pt"), str(vol), "--out", str(tmp_path / "pred_resnet"),
+          "--device", "cpu"])
+    (row,) = json.loads((tmp_path / "pred_resnet" / "predictions.json").read_text())["results"]
+    assert row["n_frames"] == 1 and abs(row["p_lesion"] + row["p_none"] - 1) < 1e-3
+    _run(["evaluate", "--model", str(tmp_path / "resnet" / "model.pt"), "--data",
+          str(tmp_path / "resnet" / "datalist.json"), "--out", str(tmp_path / "eval_resnet"), "--device", "cpu"])
+    metrics = json.loads((tmp_path / "eval_resnet" / "metrics.json").read_text())
+    assert metrics["n"] == len(json.loads((tmp_path / "resnet" / "datalist.json").read_text())["test"])
 
 
 def test_volume_model_errors(volumes: Path, mae3d: Path, tmp_path: Path, cli_error) -> None:

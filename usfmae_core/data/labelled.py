@@ -426,6 +426,7 @@ def check_items(items: Sequence[dict], classes: Sequence[str], source: str | os.
     Raises:
         UsfmaeError: naming how many items are affected and the first one.
     """
+    from usfmae_core.data.dicom_series import is_dicom_series
     from usfmae_core.data.readers import is_supported
 
     k = len(classes)
@@ -442,11 +443,14 @@ def check_items(items: Sequence[dict], classes: Sequence[str], source: str | os.
     if missing:
         raise UsfmaeError(f"{len(missing)} image(s) listed in {source} do not exist (first: {missing[0]})",
                           "fix the paths (relative paths are read from the list's own folder)")
-    not_files = [it["image"] for it in items if not Path(it["image"]).is_file()]
+    # a folder holding one DICOM series is one volume (finetune lists it so in its datalist.json)
+    series = {str(it["image"]) for it in items if Path(it["image"]).is_dir() and is_dicom_series(it["image"])}
+    not_files = [it["image"] for it in items if not Path(it["image"]).is_file() and str(it["image"]) not in series]
     if not_files:
         raise UsfmaeError(f"{len(not_files)} image(s) listed in {source} are not files (broken links, folders or "
-                          f"special files; first: {not_files[0]})", "list image files only")
-    unsupported = [it["image"] for it in items if not is_supported(it["image"])]
+                          f"special files; first: {not_files[0]})",
+                          "list image files only (or folders that hold one DICOM series)")
+    unsupported = [it["image"] for it in items if str(it["image"]) not in series and not is_supported(it["image"])]
     if unsupported:
         raise UsfmaeError(f"{len(unsupported)} file(s) listed in {source} are not of a type usfmae reads (first: "
                           f"{unsupported[0]})",

@@ -222,15 +222,17 @@ def _weights_dtype(model: nn.Module) -> torch.dtype:
 def _prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     model = model.to(device).eval()
     if not hasattr(model, "encoder") and device.type == "cpu":
-        # CNN baselines: oneDNN convolutions are faster in channels_last (no effect on the ViT)
-        model = model.to(memory_format=torch.channels_last)
+        # CNN baselines: oneDNN convolutions are faster in channels_last (no effect on the ViT); a 3D CNN's 5D
+        # weights take the 3D layout (channels_last needs rank 4)
+        volumetric = any(p.dim() == 5 for p in model.parameters())
+        model = model.to(memory_format=torch.channels_last_3d if volumetric else torch.channels_last)
     return model
 
 
 def _to_input(x: torch.Tensor, model: nn.Module, device: torch.device) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
-    if x.dim() == 4 and not hasattr(model, "encoder") and device.type == "cpu":
-        x = x.contiguous(memory_format=torch.channels_last)
+    if x.dim() in (4, 5) and not hasattr(model, "encoder") and device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     return x
 
 
@@ -288,7 +290,7 @@ def _classify_volume_3d(model: nn.Module, volume: np.ndarray, prep, device: torc
     model = _prepare_model(model, dev)
     wdtype = _weights_dtype(model)
     x = volume_model_input(volume, prep, _model_input_size(model, prep, 3), spacing, grid_spacing, kind)
-    x = x.to(dev, wdtype)
+    x = _to_input(x, model, dev).to(wdtype)
     with inference_context(dev, inference_dtype(dev, precision) if wdtype == torch.float32 else None):
         return torch.softmax(model(x).float(), dim=-1).cpu().numpy().astype(np.float32)
 
