@@ -181,6 +181,20 @@ def test_export_refuses_what_it_cannot_share(exported: dict[str, Path], tmp_path
     cli_error(["export-bundle", str(tmp_path), "--out", str(tmp_path / "c"), "--data-source", "x"], "no model.pt")
 
 
+def test_bundle_names_no_path_of_the_authors_machine(exported: dict[str, Path], tmp_path: Path) -> None:
+    """A shared bundle says which MAE the run started from by its file name, never by a path on the author's machine
+    (the run's config.json keeps the full --init path)."""
+    run = Path(shutil.copytree(exported["run"], tmp_path / "run"))
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["init"] = "/home/alice/private_study/mae_usf_100.pt"
+    (run / "config.json").write_text(json.dumps(cfg))
+    _run([sys.executable, "-m", "usfmae_core.cli", "export-bundle", str(run), "--out", str(tmp_path / "b"),
+          "--data-source", "synthetic phantom images", "--no-torchscript"], tmp_path)
+    texts = {p: p.read_text() for p in (tmp_path / "b").rglob("*") if p.suffix in (".json", ".md", ".yml", ".txt")}
+    assert any("mae_usf_100.pt" in t for t in texts.values())
+    assert not [p for p, t in texts.items() if "/home/alice" in t or "private_study" in t]
+
+
 def test_export_force_replaces_only_a_bundle_and_keeps_it_on_failure(exported: dict[str, Path], tmp_path: Path,
                                                                      cli_error, monkeypatch) -> None:
     """``--force`` never deletes a folder of other files; a re-export that fails half-way (here: the weights cannot

@@ -63,7 +63,7 @@ Continued in-domain pretraining (issue 17; the recorded run in benchmarks/README
     python benchmarks/label_efficiency.py --labelled $D/busi_256 --unlabelled ... --work /tmp/le/cont \
         --out benchmarks/results/label_efficiency_continued --arms vit_scratch vit_mae cnn_scratch vit_cont_target \
         vit_cont_general --pretrain-steps 8000 --continue-steps 2000 --steps 1000 --max-epochs 100 \
-        --select-lr 5e-4 2e-3
+        --select-lr 5e-4 2e-3   # the recorded run: --only-folds 0 1 and the lrs fixed by --arm-select-lr
 
 Several processes may share one ``--work`` when they split the work by ``--arms`` or ``--only-folds`` (each with
 its own ``--out``); ``--report-only --merge-from OUT...`` then writes the joint report.
@@ -543,13 +543,30 @@ def fmt_sd(stat: dict[str, Any]) -> str:
     return "-" if not stat or stat.get("n", 0) < 2 else f"{100 * stat['sd']:.1f}"
 
 
+def folds_run(protocol: dict[str, Any]) -> str:
+    """Which folds ran, in words: "3 of 3 folds", or "fold 0 of 3" with ``--only-folds``."""
+    if protocol.get("only_folds") is not None:
+        ids = protocol["only_folds"]
+        return f"fold{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} of {protocol['folds']}"
+    return f"{protocol['run_folds'] or protocol['folds']} of {protocol['folds']} folds"
+
+
+def lr_note(choice: dict[str, Any]) -> str:
+    """How an arm's lr came about, for the tables."""
+    n = len(choice.get("validation_f1_macro") or {})
+    if not choice.get("selected"):
+        return ""
+    if n > 1:
+        return f" (selected on fold-0 validation from {n} candidates)"
+    return " (the only candidate given, not selected here)"
+
+
 def write_markdown(path: Path, result: dict[str, Any]) -> Path:
     summ = result["summary"]
     refs = summ["reference_arms"]
     lines = [f"# Label efficiency on `{result['protocol']['labelled']}`", "",
              f"Status: **{result['status']}**. Test part: {result['data']['split_sizes']['test']} images (held out, "
-             f"never used for a choice); {result['protocol']['run_folds'] or result['protocol']['folds']} of "
-             f"{result['protocol']['folds']} folds x seeds {result['protocol']['seeds']}. "
+             f"never used for a choice); {folds_run(result['protocol'])} x seeds {result['protocol']['seeds']}. "
              "Values: mean over runs (folds x seeds) of the test metric in %, with the 95 % percentile-bootstrap "
              "interval over the test images (resampled jointly for every run and arm, so differences are paired); "
              "SD over runs = spread across folds; diff = paired difference of macro-F1 (AUC in results.json) to "
@@ -563,8 +580,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> Path:
                      f"{'-' if n is None else f'{n:.0f}'} | {row['runs']} | {fmt(row['f1_macro'])} | "
                      f"{fmt_sd(row['f1_macro_over_runs'])} | {fmt(row['accuracy'])} | {fmt(row['auc_macro'])} | "
                      + " | ".join(fmt(row.get("diff_vs_" + r, {}).get("f1_macro")) for r in refs) + " |")
-    lines += ["", "Chosen learning rates: " + ", ".join(f"{a}: {v['lr']}" + (" (selected on fold-0 validation)"
-                                                                                if v.get("selected") else "")
+    lines += ["", "Chosen learning rates: " + ", ".join(f"{a}: {v['lr']}{lr_note(v)}"
                                                           for a, v in result["learning_rates"].items()), ""]
     if result.get("missing_runs"):
         lines += [f"Missing runs ({len(result['missing_runs'])}): " +

@@ -162,6 +162,8 @@ def _model_card(meta: dict[str, Any], run: Path, config: dict[str, Any], result:
     cm = test.get("confusion_matrix") or []
     cm_rows = "\n".join(f"| **{classes[i]}** | " + " | ".join(str(x) for x in row) + " |" for i, row in enumerate(cm))
     settings = {**{k: v for k, v in run_args.items() if k in _RUN_KEYS and v not in (None, False)}, **hp}
+    if "init" in settings:  # the file's name (or published name), not a path on the author's machine
+        settings["init"] = Path(str(settings["init"])).name
     hp_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in settings.items() if not isinstance(v, (dict, list)))
     version = meta["version"]
     return f"""# {meta["name"]}
@@ -182,8 +184,8 @@ removed; the split is in the run's `datalist.json`). See `docs/data_license.txt`
 
 ## Training
 Fine-tuned with `usfmae finetune` from {start}: ViT encoder {net["hidden_size"]} wide, {net["num_layers"]} blocks,
-{net["num_heads"]} heads, patch {net["patch_size"]}, {image_size} x {image_size} px input, `{net["pool"]}` pooling, linear
-head; best validation macro-F1 at epoch {result.get("best_epoch")} of {result.get("epochs_run")}.
+{net["num_heads"]} heads, patch {net["patch_size"]}, {image_size} x {image_size} px input, `{net["pool"]}` pooling,
+linear head; best validation macro-F1 at epoch {result.get("best_epoch")} of {result.get("epochs_run")}.
 
 | hyperparameter | value |
 | --- | --- |

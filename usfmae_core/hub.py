@@ -259,7 +259,7 @@ def _record(cache: Path, name: str, entry: dict[str, Any]) -> None:
 def _manual_fix(model: PublishedModel, url: str, cache: Path) -> str:
     return (f"download that file by hand (a browser, on a machine with internet access) as {model.filename}, then "
             f"run: usfmae import-weights {model.filename} --out {cache / (model.name + '.pt')} "
-            f"(--init {model.name} then finds it)")
+            f"(then the name {model.name} works wherever a model is asked for)")
 
 
 def pull(name: str, url: str | None = None, progress: bool = True, force: bool = False,
