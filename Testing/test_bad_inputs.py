@@ -194,7 +194,7 @@ def _corpus_copy(data: SimpleNamespace, tmp: Path, damage: Callable[[Path], None
 
 
 def _truncate_shard(c: Path) -> None:
-    shard = sorted((c / "shards").glob("*.npy"))[0]
+    shard = min((c / "shards").glob("*.npy"))
     shard.write_bytes(shard.read_bytes()[:300])
 
 
@@ -521,7 +521,7 @@ def test_non_utf8_file_names_round_trip_through_run_files(data: SimpleNamespace,
     folder = tmp_path / os.fsdecode(b"data_\xe9t\xe9")  # a Latin-1 folder name, as old Windows shares give
     shutil.copytree(data.labelled, folder)
     for c in CLASSES:
-        first = sorted((folder / c).glob("*.png"))[0]
+        first = min((folder / c).glob("*.png"))
         first.rename(first.with_name(os.fsdecode(b"p_\xff_" + c.encode() + b".png")))
     run = tmp_path / "run"
     assert cli.main(["finetune", "--data", str(folder), "--out", str(run), *TINY_FT, "--test-fraction", "0.5"]) == 0

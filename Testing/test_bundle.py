@@ -308,7 +308,7 @@ def test_mlflow_tracking_patches_every_engine(tmp_path: Path) -> None:
         for hid in handler_ids:
             targets = [h.get("_target_") for h in wf.parser[hid]]
             assert targets.count("MLFlowHandler") == 1, (hid, targets)
-            handler = [h for h in wf.parser[hid] if h.get("_target_") == "MLFlowHandler"][0]
+            handler = next(h for h in wf.parser[hid] if h.get("_target_") == "MLFlowHandler")
             assert handler["_disabled_"] == "@is_not_rank0"
         assert "output_dir" in wf.parser["tracking_uri"]
         assert wf.parser.get_parsed_content("is_not_rank0") is False
@@ -406,7 +406,7 @@ def test_evaluate_writes_metrics_and_probabilities(trained: Path, data: dict[str
     assert set(metrics["intervals"]) >= {"accuracy", "f1_macro"} and metrics["bootstrap"]["resamples"] == 50
     for name in ("metrics.csv", "confusion_matrix.png", "roc.png"):
         assert (trained / "eval" / name).stat().st_size > 0, name
-    rows = list(csv.DictReader(open(trained / "eval" / "predictions.csv")))
+    rows = list(csv.DictReader((trained / "eval" / "predictions.csv").open()))
     classes = metrics["classes"]
     truth = {Path(it["image"]).name: classes[it["label"]] for it in test}
     assert {Path(r["image"]).name: r["true"] for r in rows} == truth
@@ -453,7 +453,7 @@ def test_inference_2d_and_3d_matches_predict_after_resaving_old_weights(trained:
     _monai_bundle("run", *_bundle_args(bundle, "inference"), "--dataset_dir", str(data["infer"]),
                   "--num_workers", "0", cwd=bundle)
     report = json.loads((bundle / "eval" / "predictions.json").read_text())
-    rows = list(csv.DictReader(open(bundle / "eval" / "predictions.csv")))
+    rows = list(csv.DictReader((bundle / "eval" / "predictions.csv").open()))
     assert len(rows) == len(report["results"]) == 4
     model, ckpt = load_model(bundle, expect=("classifier",))
     settings = ckpt["config"]
@@ -569,8 +569,8 @@ def test_ckpt_export_torchscript_after_resaving_old_weights(trained: Path, tmp_p
     c = bundle / "configs"
     state = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
     torch.save(_old_monai_state(state), bundle / "models" / "model.pt")
-    export = dict(net_id="network_def", meta_file=str(c / "metadata.json"), config_file=str(c / "inference.json"),
-                  bundle_root=str(bundle), ckpt_file=str(bundle / "models" / "model.pt"))
+    export = {"net_id": "network_def", "meta_file": str(c / "metadata.json"), "config_file": str(c / "inference.json"),
+              "bundle_root": str(bundle), "ckpt_file": str(bundle / "models" / "model.pt")}
     with pytest.raises(RuntimeError, match="cross_attn"):
         ckpt_export(filepath=str(tmp_path / "strict.ts"), **export)
     wf = ConfigWorkflow(workflow_type="infer", config_file=str(c / "inference.json"),

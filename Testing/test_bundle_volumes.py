@@ -89,7 +89,7 @@ def test_volume_bundle_train_evaluate_inference(volume: str, data: dict[str, Pat
     with open(tmp_path / "infer" / "predictions.csv", newline="") as f:
         rows = {Path(r["source"]).name: r for r in csv.DictReader(f)}
     assert set(rows) == {"vol.nii.gz", "clip.dcm"}
-    kw = dict(in_channels=1, img_size=16, patch_size=8, hidden_size=48, num_layers=2, num_heads=3)
+    kw = {"in_channels": 1, "img_size": 16, "patch_size": 8, "hidden_size": 48, "num_layers": 2, "num_heads": 3}
     if volume == "mil":
         net = AttentionMILClassifier(2, attention_hidden=16, **kw)
         vin = VolumeInput("mil", 0, 32)

@@ -11,8 +11,16 @@ import torch
 import torch.nn.functional as F
 from test_networks import facebook_mae_state_dict
 
-from usfmae_core.checkpoints import (adapt_state_dict, detect_format, import_weights, load_checkpoint, load_model,
-                                     make_checkpoint, save_checkpoint, to_facebook_state_dict)
+from usfmae_core.checkpoints import (
+    adapt_state_dict,
+    detect_format,
+    import_weights,
+    load_checkpoint,
+    load_model,
+    make_checkpoint,
+    save_checkpoint,
+    to_facebook_state_dict,
+)
 from usfmae_core.errors import UsfmaeError
 from usfmae_core.networks import build_model, mae_config
 
@@ -23,7 +31,7 @@ def test_save_load_roundtrip_is_weights_only(tmp_path) -> None:
     path = save_checkpoint(tmp_path / "m.pt", make_checkpoint(model, "mae", cfg))
     raw = torch.load(path, weights_only=True)  # must not need pickled code
     assert raw["arch"] == "mae" and raw["usfmae_version"]
-    loaded, ckpt = load_model(path, expect="mae")
+    loaded, _ckpt = load_model(path, expect="mae")
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
     assert not list(tmp_path.glob("*.tmp"))  # the temp file was renamed, not left behind

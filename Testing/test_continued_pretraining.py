@@ -234,7 +234,7 @@ def test_datalist_corpus_holds_the_training_images_only(data, target, tmp_path: 
 
     copies = tmp_path / "copies"
     copies.mkdir()
-    leaked = sorted(split["test"])[0]
+    leaked = min(split["test"])
     shutil.copy(leaked, copies / "renamed.png")
     out = tmp_path / "with_sources"
     assert cli.main(["prepare", str(data["labelled"]), str(copies), "--datalist", str(data["datalist"]),

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_data_readers import make_corrupt_files
 
 from usfmae_core.data import corpus as corpus_mod
 from usfmae_core.data import phantom
 from usfmae_core.data.corpus import FrameCorpus, VolumeCorpus, prepare_corpus
 from usfmae_core.errors import UsfmaeError
-
-from test_data_readers import make_corrupt_files
 
 S = 48
 
@@ -36,7 +35,8 @@ def test_prepare_mixed_formats(sources, tmp_path):
     assert rep["sources_skipped"] == 0 and rep["sources_read"] == 13
     c = FrameCorpus(out)
     man = c.manifest()
-    assert len(c) == rep["n_frames"] == len(man) == sum(s["n"] for s in json.loads((out / "corpus.json").read_text())["shards"])
+    shards = json.loads((out / "corpus.json").read_text())["shards"]
+    assert len(c) == rep["n_frames"] == len(man) == sum(s["n"] for s in shards)
     assert c[0].dtype == np.uint8 and c[0].shape == (S, S) and c[len(c) - 1].shape == (S, S)
     kinds = {r["kind"] for r in man}
     assert kinds == {"image", "cine", "volume"}

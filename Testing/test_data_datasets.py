@@ -8,12 +8,23 @@ import torch
 
 from usfmae_core.data import phantom
 from usfmae_core.data.corpus import prepare_corpus
-from usfmae_core.data.datasets import (CorpusFrameDataset, MAEBatchAugment, MAEBatchAugment3D,
-                                       make_pretrain_loader, make_pretrain_loader_3d)
+from usfmae_core.data.datasets import (
+    CorpusFrameDataset,
+    MAEBatchAugment,
+    MAEBatchAugment3D,
+    make_pretrain_loader,
+    make_pretrain_loader_3d,
+)
 from usfmae_core.data.readers import read_ultrasound
-from usfmae_core.data.transforms import (LoadUltrasoundd, Preprocessing, RandUltrasoundAugmentd,
-                                         UltrasoundToModelInputd, frames_to_tensor, image_to_frames,
-                                         scale_intensity)
+from usfmae_core.data.transforms import (
+    LoadUltrasoundd,
+    Preprocessing,
+    RandUltrasoundAugmentd,
+    UltrasoundToModelInputd,
+    frames_to_tensor,
+    image_to_frames,
+    scale_intensity,
+)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

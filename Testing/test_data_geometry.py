@@ -18,8 +18,16 @@ from usfmae_core import cli
 from usfmae_core.checkpoints import make_checkpoint, save_checkpoint
 from usfmae_core.data import phantom
 from usfmae_core.data.readers import luma, read_ultrasound
-from usfmae_core.data.transforms import (LoadUltrasoundd, Preprocessing, UltrasoundToModelInputd, frames_for_model,
-                                         frames_to_tensor, from_square, letterbox_geometry, resize_to_square)
+from usfmae_core.data.transforms import (
+    LoadUltrasoundd,
+    Preprocessing,
+    UltrasoundToModelInputd,
+    frames_for_model,
+    frames_to_tensor,
+    from_square,
+    letterbox_geometry,
+    resize_to_square,
+)
 from usfmae_core.errors import UsfmaeError
 from usfmae_core.networks.presets import build_model, mae_config
 
@@ -116,8 +124,8 @@ def test_crop_sector_finds_the_fan_of_a_screen_export(tmp_path) -> None:
     from usfmae_core.data.transforms import imaged_region
 
     img = read_ultrasound(_screen(tmp_path))
-    y0, y1, x0, x1 = imaged_region(img.array[None])
-    h, w = img.array.shape
+    _y0, _y1, x0, x1 = imaged_region(img.array[None])
+    _h, w = img.array.shape
     assert x0 > w // 10 and x1 - x0 < 0.7 * w  # the side panel and black margins are cut off
     cropped = frames_to_tensor(img.array, Preprocessing(32, 1, crop_sector=True))
     assert not torch.allclose(cropped, frames_to_tensor(img.array, Preprocessing(32, 1)))
@@ -194,7 +202,7 @@ def test_prepare_letterboxes_and_keeps_one_rule_per_corpus(tmp_path, cli_error) 
     assert cli.main(["prepare", str(src), "--out", str(tmp_path / "c"), "--image-size", "32", "--workers", "1",
                      "--no-progress"]) == 0
     frame = np.array(FrameCorpus(tmp_path / "c")[0])
-    th, tw, y0, _ = letterbox_geometry(48, 86, 32)
+    th, _tw, y0, _ = letterbox_geometry(48, 86, 32)
     assert frame[:y0].max() == 0 and frame[y0 + th:].max() == 0 and frame[y0:y0 + th].max() > 0
     assert cli.main(["prepare", str(src), "--out", str(tmp_path / "s"), "--image-size", "32", "--workers", "1",
                      "--no-progress", "--resize", "squash"]) == 0

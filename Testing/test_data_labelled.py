@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 
 from usfmae_core.data import phantom
-from usfmae_core.data.labelled import (deduplicate, labelled_source_to_datalist, load_datalist, make_splits,
-                                       read_csv_manifest, save_datalist, scan_class_folders, subsample_fraction)
+from usfmae_core.data.labelled import (
+    deduplicate,
+    labelled_source_to_datalist,
+    load_datalist,
+    make_splits,
+    read_csv_manifest,
+    save_datalist,
+    scan_class_folders,
+    subsample_fraction,
+)
 from usfmae_core.errors import UsfmaeError
 
 SHARED = Path(os.environ.get("USFMAE_SHARED_DATA", Path(__file__).parents[1].parent / "shared" / "data"))

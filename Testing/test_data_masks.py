@@ -14,8 +14,13 @@ from PIL import Image
 
 from usfmae_core import cli
 from usfmae_core.data import phantom
-from usfmae_core.data.labelled import (augmented_base, datalist_summary, labelled_source_to_datalist, load_datalist,
-                                       save_datalist)
+from usfmae_core.data.labelled import (
+    augmented_base,
+    datalist_summary,
+    labelled_source_to_datalist,
+    load_datalist,
+    save_datalist,
+)
 from usfmae_core.data.masks import MaskRules, ScanIndex, companion_scan, label_like, match_name
 
 SPLITS = ("training", "validation", "test")
@@ -130,7 +135,8 @@ def test_suffix_layout_masks_excluded_kept_as_targets_copies_grouped(suffix_tree
     # colour screen exports are counted; the datalist on disk holds the lists under the new keys
     assert sorted(d["colour"]) == sorted(made["screens"])
     on_disk = json.loads((tmp_path / "dl.json").read_text())
-    assert {"removed", "grouped", "unreadable", "masks", "ignored"} <= set(on_disk) and "removed_duplicates" not in on_disk
+    assert {"removed", "grouped", "unreadable", "masks", "ignored"} <= set(on_disk)
+    assert "removed_duplicates" not in on_disk
     lines = datalist_summary(on_disk)
     text = "\n".join(lines)
     assert f"masks excluded: {len(made['masks'])}" in text and "cyst (1)_mask.png" in text
@@ -279,7 +285,7 @@ def test_predict_folder_walk_leaves_masks_out(suffix_tree) -> None:
     assert not {str(f) for f in files} & set(made["masks"])
     assert sorted(s["source"] for s in skipped if s.get("mask")) == sorted(m for m in made["masks"] if "/mass/" in m)
     files, _ = collect_inputs([root / "mass"], include_masks=True)
-    assert set(m for m in made["masks"] if "/mass/" in m) <= {str(f) for f in files}
+    assert {m for m in made["masks"] if "/mass/" in m} <= {str(f) for f in files}
     mask = next(m for m in made["masks"] if "/mass/" in m)
     assert [str(f) for f in collect_inputs([mask])[0]] == [mask]  # a file named explicitly is classified
 

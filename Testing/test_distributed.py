@@ -30,7 +30,8 @@ from usfmae_core.workflows import pretrain as P
 _orig = P.weights_sha1
 
 def _dump(model):
-    torch.save(P.D.unwrap_model(model).state_dict(), os.path.join(os.environ["DUMP_DIR"], f"rank{os.environ['RANK']}.pt"))
+    torch.save(P.D.unwrap_model(model).state_dict(),
+               os.path.join(os.environ["DUMP_DIR"], f"rank{os.environ['RANK']}.pt"))
     return _orig(model)
 
 P.weights_sha1 = _dump

@@ -137,7 +137,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 def test_evaluate_cli_end_to_end(trained: tuple[Path, Path], tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    data, run = trained
+    _data, run = trained
     out = tmp_path / "eval"
     rc = cli.main(["evaluate", "--model", str(run / "model.pt"), "--data", str(run / "datalist.json"),
                    "--out", str(out), "--bootstrap", "200", "--device", "cpu", "--precision", "fp32"])
@@ -189,7 +189,7 @@ def test_evaluate_maps_classes_by_name(trained: tuple[Path, Path], tmp_path: Pat
     shuffled = {"classes": order, **{s: [{**it, "label": remap[it["label"]]} for it in d[s]]
                                      for s in ("training", "validation", "test")}}
     (tmp_path / "reordered.json").write_text(json.dumps(shuffled))
-    kw = dict(split="all", bootstrap=0, device="cpu", precision="fp32", quiet=True)
+    kw = {"split": "all", "bootstrap": 0, "device": "cpu", "precision": "fp32", "quiet": True}
     a = evaluate(run / "model.pt", run / "datalist.json", tmp_path / "a", **kw)
     b = evaluate(run / "model.pt", tmp_path / "reordered.json", tmp_path / "b", **kw)
     assert a["n"] == b["n"] == sum(len(d[s]) for s in ("training", "validation", "test"))

@@ -127,10 +127,12 @@ def test_bundle_inference_equals_usfmae_predict_on_the_bundle(exported: dict[str
     _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(c / "inference.json"), "--meta_file",
           str(c / "metadata.json"), "--logging_file", str(c / "logging.conf"), "--bundle_root", str(bundle),
           "--dataset_dir", str(exported["scans"]), "--num_workers", "0"], bundle)
-    monai_rows = {Path(r["source"]).name: r for r in csv.DictReader(open(bundle / "eval" / "predictions.csv"))}
+    monai_csv = (bundle / "eval" / "predictions.csv").read_text().splitlines()
+    monai_rows = {Path(r["source"]).name: r for r in csv.DictReader(monai_csv)}
     _run([sys.executable, "-m", "usfmae_core.cli", "predict", str(bundle), str(exported["scans"]), "--out",
           str(tmp_path / "pred"), "--device", "cpu", "--precision", "fp32"], tmp_path)
-    rows = {Path(r["source"]).name: r for r in csv.DictReader(open(tmp_path / "pred" / "summary.csv"))}
+    ours_csv = (tmp_path / "pred" / "summary.csv").read_text().splitlines()
+    rows = {Path(r["source"]).name: r for r in csv.DictReader(ours_csv)}
     assert set(rows) == set(monai_rows) == {"m.png", "vol.nii.gz", "screen.jpg"}
     inference = json.loads((c / "inference.json").read_text())
     assert (inference["resize"], inference["crop_sector"], inference["colour"]) == ("letterbox", False, "rgb")

@@ -34,7 +34,7 @@ class _Server:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's API
+            def do_GET(self) -> None:
                 from urllib.parse import parse_qs, urlparse
 
                 url = urlparse(self.path)

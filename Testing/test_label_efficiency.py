@@ -42,7 +42,7 @@ def phantom_run(tmp_path_factory):
 
 
 def test_protocol_outputs(phantom_run):
-    le, argv, root, result = phantom_run
+    le, _argv, root, result = phantom_run
     out = root / "out"
     for name in ("results.json", "results.md", "label_efficiency.png", "runs.json", "commands.txt"):
         assert (out / name).stat().st_size > 0, name

@@ -98,7 +98,7 @@ def test_autocast_forward_backward(dtype: torch.dtype) -> None:
     model.to(device)
     x = torch.rand(2, 3, 32, 32, device=device)
     with torch.autocast(device, dtype=dtype):
-        loss, pred, mask = model(x)
+        loss, pred, _mask = model(x)
     assert pred.dtype == dtype and loss.dtype == torch.float32
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
@@ -193,7 +193,8 @@ def facebook_mae_state_dict(embed: int = 48, depth: int = 2, dec_embed: int = 32
                "decoder_embed.bias": r(dec_embed)})
     blocks("decoder_blocks", dec_depth, dec_embed)
     sd.update({"decoder_norm.weight": 1 + r(dec_embed), "decoder_norm.bias": r(dec_embed),
-               "decoder_pred.weight": r(patch * patch * chans, dec_embed), "decoder_pred.bias": r(patch * patch * chans)})
+               "decoder_pred.weight": r(patch * patch * chans, dec_embed),
+               "decoder_pred.bias": r(patch * patch * chans)})
     return sd
 
 

@@ -18,8 +18,15 @@ from usfmae_core.data.readers import read_ultrasound
 from usfmae_core.data.transforms import Preprocessing
 from usfmae_core.errors import UsfmaeError
 from usfmae_core.networks.presets import build_model, mae_config
-from usfmae_core.workflows.predict import (classify_array, classify_file, classify_frames, collect_inputs,
-                                           inference_dtype, predict, to_inference_model)
+from usfmae_core.workflows.predict import (
+    classify_array,
+    classify_file,
+    classify_frames,
+    collect_inputs,
+    inference_dtype,
+    predict,
+    to_inference_model,
+)
 
 CLASSES = list(phantom.CLASSES)
 VOL_SHAPE = (7, 40, 48)

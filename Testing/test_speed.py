@@ -36,8 +36,8 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float, atol: float) -> None:
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+    for k, v in a.items():
+        torch.testing.assert_close(v, b[k], rtol=rtol, atol=atol, msg=k)
 
 
 def test_block_attention_equals_monai_sablock() -> None:
@@ -226,7 +226,7 @@ def test_bundle_precision_inferer_autocasts_on_cpu(monkeypatch) -> None:
 
     monkeypatch.setattr(P, "native_bf16", lambda: True)
     monkeypatch.setattr(P, "_MEMO", {})
-    monkeypatch.setattr(P, "_read_cache", lambda: {})
+    monkeypatch.setattr(P, "_read_cache", dict)
     monkeypatch.setattr(P, "_write_cache", lambda *a: None)
     monkeypatch.setattr(P, "probe_speed", fake_probe)
     net, _ = build_classifier(3, preset="vit_test", image_size=32, patch_size=8)

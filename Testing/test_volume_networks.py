@@ -143,7 +143,7 @@ def test_volume_checkpoints_round_trip(arch: str, tmp_path: Path) -> None:
         model, x = build_model("classifier", config), torch.rand(1, 1, 16, 16, 16)
     name = "mil" if arch == "mil" else "classifier"
     path = save_checkpoint(tmp_path / "m.pt", make_checkpoint(model, name, config))
-    loaded, ckpt = load_model(path, expect=name)
+    loaded, _ckpt = load_model(path, expect=name)
     assert type(loaded) is type(model)
     with torch.no_grad():
         assert torch.allclose(loaded.eval()(x), model.eval()(x))

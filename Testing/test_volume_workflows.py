@@ -177,7 +177,7 @@ def test_mil_finetune_evaluate_predict_embed(mil_run: Path, volumes: Path, tmp_p
     assert ev["n"] == m["test"]["n"] and ev["confusion_matrix"] == m["test"]["confusion_matrix"]
     assert ev["volume_model"] == "mil"
     # predict: one volume-level row per input plus the attention of every informative slice
-    vol = sorted((volumes / "lesion").glob("*.nii.gz"))[0]
+    vol = min((volumes / "lesion").glob("*.nii.gz"))
     clip = volumes / "none" / "none_clip.dcm"
     _run(["predict", str(mil_run / "model.pt"), str(vol), str(clip), "--out", str(tmp_path / "pred"), "--device",
           "cpu", "--precision", "fp32", "--batch-size", "5"])
@@ -188,7 +188,7 @@ def test_mil_finetune_evaluate_predict_embed(mil_run: Path, volumes: Path, tmp_p
     for r in report["results"]:
         rows = [a for a in att if a["source"] == r["source"]]
         assert len(rows) == r["n_slices"] and sum(float(a["attention"]) for a in rows) == pytest.approx(1, abs=1e-4)
-        best = sorted(rows, key=lambda a: -float(a["attention"]))[0]
+        best = min(rows, key=lambda a: -float(a["attention"]))
         assert int(best["index"]) == r["top_slices"][0]
     with open(tmp_path / "pred" / "predictions.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 2
@@ -240,7 +240,7 @@ def test_3d_vit_from_3d_mae_then_predict_and_embed(volumes: Path, mae3d: Path, t
     key = "encoder.patch_embed.patch_embeddings.weight"
     w0, w1 = mae[key], ckpt["model"][key]
     assert torch.nn.functional.cosine_similarity(w0.flatten(), w1.flatten(), dim=0) > 0.9
-    vol = sorted((volumes / "lesion").glob("*.nrrd"))[0]
+    vol = min((volumes / "lesion").glob("*.nrrd"))
     _run(["predict", str(run / "model.pt"), str(vol), "--out", str(tmp_path / "pred"), "--device", "cpu"])
     report = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert report["volume_model"] == "3d" and report["results"][0]["n_frames"] == 1
@@ -263,7 +263,7 @@ def test_3d_from_inflated_2d_mae_and_3d_resnet(volumes: Path, tmp_path: Path) ->
     assert ckpt["arch"] == "resnet" and ckpt["config"]["spatial_dims"] == 3
     assert net.eval()(torch.rand(2, 1, 16, 16, 16)).shape == (2, 2)
     # the 3D CNN through predict and evaluate on CPU (its 5D weights take the 3D channels-last layout)
-    vol = sorted((volumes / "lesion").glob("*.nii.gz"))[0]
+    vol = min((volumes / "lesion").glob("*.nii.gz"))
     _run(["predict", str(tmp_path / "resnet" / "model.pt"), str(vol), "--out", str(tmp_path / "pred_resnet"),
           "--device", "cpu"])
     (row,) = json.loads((tmp_path / "pred_resnet" / "predictions.json").read_text())["results"]
@@ -306,7 +306,7 @@ def test_real_clips_and_volumes_as_labelled_scans(shared_data: Path, tmp_path: P
     m = json.loads((run / "metrics.json").read_text())
     kinds = {k for s in ("training", "validation", "test") for k in (m["volume_data"].get(s) or {}).get("kinds", {})}
     assert kinds == {"cine", "volume"}
-    clip = sorted((root / "covid").iterdir())[0]
+    clip = min((root / "covid").iterdir())
     _run(["predict", str(run / "model.pt"), str(clip), str(root / "regular" / vols[1].name), "--out",
           str(tmp_path / "pred"), "--device", "cpu"])
     report = json.loads((tmp_path / "pred" / "predictions.json").read_text())

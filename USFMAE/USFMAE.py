@@ -668,8 +668,8 @@ class USFMAEWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ---------------------------------------------------------------------------------------------- training
     def onFinetune(self) -> None:
         p = self._parameterNode
-        plan = dict(init=p.finetuneInit or None, epochs=p.finetuneEpochs, device=self._device(),
-                    preset=p.finetunePreset, volume_model=p.finetuneVolumeModel)
+        plan = {"init": p.finetuneInit or None, "epochs": p.finetuneEpochs, "device": self._device(),
+                "preset": p.finetunePreset, "volume_model": p.finetuneVolumeModel}
         out = p.finetuneOutput or self._defaultRunFolder("finetune")
         if p.finetuneLabelTable is not None:  # scans of the scene, labelled in a table
             self._start("finetune", lambda: self.logic.finetune_scene_job(p.finetuneLabelTable, out, **plan))

@@ -98,7 +98,8 @@ def main() -> None:
     if not src.exists():
         rng = np.random.default_rng(0)
         for i in range(args.phantom_images):
-            phantom.write_image(src / "images" / f"p{i:05d}.png", phantom.make_image(i % 3, 256, ("sector", "linear")[i % 2], rng))
+            phantom.write_image(src / "images" / f"p{i:05d}.png",
+                                phantom.make_image(i % 3, 256, ("sector", "linear")[i % 2], rng))
         phantom.write_unlabelled_corpus_sources(src / "mixed", n_images=16, n_volumes=4, n_cines=8, seed=1)
     # warm-up: imports (torch, MONAI, ITK, PyAV) cost seconds once per process; throughput is the steady state
     bench_prepare("warmup", [src / "images" / "p00000.png"], work, 1, args.image_size)

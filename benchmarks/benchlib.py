@@ -110,7 +110,7 @@ class GemmLog(TorchDispatchMode):
     def _add(self, a: tuple, a_stride: tuple, b: tuple, b_stride: tuple, dtype: torch.dtype, n: int = 1) -> None:
         self.calls[(a, a_stride, b, b_stride, str(dtype).replace("torch.", ""))] += n
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         if name in GEMM_OPS:

@@ -232,7 +232,7 @@ def corpus_breakdown(corpus: Path, roots: Sequence[str], pool: Path | None = Non
             rec = json.loads(line)
             src = rec["source"]
             root = str(pool) if str(Path(src).resolve()) in linked else \
-                next((r for r in roots if src.startswith(str(Path(r).resolve())) or src.startswith(str(r))), "?")
+                next((r for r in roots if src.startswith((str(Path(r).resolve()), str(r)))), "?")
             per[(root, rec["kind"])] += 1
             files[root].add(src)
     report = read_json(corpus / "report.json")
@@ -565,12 +565,12 @@ def write_markdown(path: Path, result: dict[str, Any]) -> Path:
     summ = result["summary"]
     refs = summ["reference_arms"]
     lines = [f"# Label efficiency on `{result['protocol']['labelled']}`", "",
-             f"Status: **{result['status']}**. Test part: {result['data']['split_sizes']['test']} images (held out, "
+             (f"Status: **{result['status']}**. Test part: {result['data']['split_sizes']['test']} images (held out, "
              f"never used for a choice); {folds_run(result['protocol'])} x seeds {result['protocol']['seeds']}. "
              "Values: mean over runs (folds x seeds) of the test metric in %, with the 95 % percentile-bootstrap "
              "interval over the test images (resampled jointly for every run and arm, so differences are paired); "
              "SD over runs = spread across folds; diff = paired difference of macro-F1 (AUC in results.json) to "
-             "the reference arm over the same folds and seeds.", "",
+             "the reference arm over the same folds and seeds."), "",
              "| arm | label fraction | train images | runs | macro-F1 | SD over runs | accuracy | macro AUC | "
              + " | ".join(f"F1 diff vs {ARM_LABELS.get(r, r)}" for r in refs) + " |",
              "|---|---:|---:|---:|---|---:|---|---|" + "---|" * len(refs)]

@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = M.classification_metrics(y, p, CLASSES)
                 ci = M.bootstrap_intervals(y, p, args.bootstrap, args.seed)
                 rows[name] = {"arm": arm, "auc": res["auc_macro"], "auc_ci95": ci["auc_macro"],
-                              "f1_macro": res["f1_macro"], "f1_ci95": ci["f1_macro"], "n_test": int(len(y)),
+                              "f1_macro": res["f1_macro"], "f1_ci95": ci["f1_macro"], "n_test": len(y),
                               "best_epoch": m["best_epoch"], "epoch_s": round(epoch_seconds(run), 2),
                               "peak_rss_mb": (timings.get(f"finetune_{arm}") or {}).get("peak_rss_mb"),
                               "train_volumes": m["num_images"]["training"]}
@@ -388,8 +388,8 @@ def markdown(r: dict[str, Any]) -> str:
     def ci(v: float, c: list[float]) -> str:
         return f"{v:.3f} [{c[0]:.2f}, {c[1]:.2f}]"
 
-    lines = [f"Dataset `{r['dataset']}` ({r['labels']}); {next(iter(r['rows'].values()))['n_test']} test volumes; "
-             f"CPU {r['cpu_model']}, {r['threads']} threads.", "",
+    lines = [(f"Dataset `{r['dataset']}` ({r['labels']}); {next(iter(r['rows'].values()))['n_test']} test volumes; "
+             f"CPU {r['cpu_model']}, {r['threads']} threads."), "",
              "| arm | test AUC [95% CI] | test macro-F1 [95% CI] | best epoch | s / epoch | peak RSS MB |",
              "|---|---|---|---:|---:|---:|"]
     for name, row in r["rows"].items():

@@ -13,6 +13,6 @@ __version__ = "0.2.0"
 # 2.4k -> 3.2k img/s per core (benchmarks/README.md, "Data"). The user's own setting wins.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from usfmae_core.errors import UsfmaeError  # noqa: E402
+from usfmae_core.errors import UsfmaeError
 
-__all__ = ["__version__", "UsfmaeError"]
+__all__ = ["UsfmaeError", "__version__"]

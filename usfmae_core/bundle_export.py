@@ -21,7 +21,7 @@ from typing import Any
 from usfmae_core.errors import UsfmaeError
 from usfmae_core.fileio import fsync_dir
 
-__all__ = ["template_dir", "is_bundle", "load_bundle", "export_bundle"]
+__all__ = ["export_bundle", "is_bundle", "load_bundle", "template_dir"]
 
 logger = logging.getLogger("usfmae.bundle")
 
@@ -90,7 +90,7 @@ def load_bundle(path: str | os.PathLike, weights: str | os.PathLike | None = Non
             **{k: parser.get_parsed_content(k) for k in ("resize", "crop_sector", "colour") if k in parser}})
     except UsfmaeError:
         raise
-    except Exception as err:  # a bundle of another layout: say which key, not MONAI's traceback
+    except Exception as err:  # noqa: BLE001 - a bundle of another layout: say which key, not MONAI's traceback
         raise UsfmaeError(f"cannot build the network of bundle {bundle} ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:160] if str(err) else ''})",
                           "usfmae reads bundles with network_def, image_size, in_channels, intensity_mean and "

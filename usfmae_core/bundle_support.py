@@ -38,21 +38,54 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 from monai.config import KeysCollection
 from monai.data import Dataset, MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import MapTransform, apply_transform
+from torch import nn
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["one_line_errors", "SkipUnreadabled", "CorpusDataset", "corpus_sampler", "split_items", "evaluation_items",
-           "inference_items", "log_data_summary", "cache_rate", "collate_for", "check_batches", "UltrasoundToFramesd",
-           "FrameAveragingInferer", "prepare_batch", "metadata_classes", "labelled_data", "training_classes",
-           "write_network_format", "write_json_file", "check_weights", "read_weights", "load_weights",
-           "save_state_dict", "start_from_mae", "init_mae", "classifier_config", "mae_checkpoint_config", "macro_f1",
-           "cosine_schedule", "use_amp", "amp_kwargs", "is_not_rank0", "prepare_process", "with_iteration_events",
-           "SaveUsfmaeCheckpoint", "ProbabilityWriter", "ProgressHandler", "check_output_dir"]
+__all__ = [
+    "CorpusDataset",
+    "FrameAveragingInferer",
+    "ProbabilityWriter",
+    "ProgressHandler",
+    "SaveUsfmaeCheckpoint",
+    "SkipUnreadabled",
+    "UltrasoundToFramesd",
+    "amp_kwargs",
+    "cache_rate",
+    "check_batches",
+    "check_output_dir",
+    "check_weights",
+    "classifier_config",
+    "collate_for",
+    "corpus_sampler",
+    "cosine_schedule",
+    "evaluation_items",
+    "inference_items",
+    "init_mae",
+    "is_not_rank0",
+    "labelled_data",
+    "load_weights",
+    "log_data_summary",
+    "macro_f1",
+    "mae_checkpoint_config",
+    "metadata_classes",
+    "one_line_errors",
+    "prepare_batch",
+    "prepare_process",
+    "read_weights",
+    "save_state_dict",
+    "split_items",
+    "start_from_mae",
+    "training_classes",
+    "use_amp",
+    "with_iteration_events",
+    "write_json_file",
+    "write_network_format",
+]
 
 logger = logging.getLogger("usfmae.bundle")
 
@@ -97,7 +130,7 @@ def one_line_errors() -> bool:
             for h in logging.getLogger().handlers:
                 try:
                     h.flush()
-                except Exception:  # noqa: BLE001 - a broken log handler must not hide the message
+                except Exception:  # noqa: BLE001, S110 - a broken log handler must not hide the message
                     pass
             sys.stdout.flush()
             # a progress bar (tqdm) may have left its line open: the message starts a line of its own
@@ -343,7 +376,7 @@ class SkipUnreadabled:
 
         try:
             out = dict(self.transform(data))
-        except Exception as err:  # noqa: BLE001 - only bad files are skipped; anything else is re-raised
+        except Exception as err:
             user = find_user_error(err)
             if user is None:
                 raise
@@ -759,8 +792,9 @@ def save_state_dict(network: nn.Module, path: str | os.PathLike) -> Path:
 
 def start_from_mae(network: nn.Module, mae: str | os.PathLike, in_channels: int | None = None) -> nn.Module:
     """Start ``network`` (a :class:`~usfmae_core.networks.classifier.USFMAEClassifier`, 2D or native 3D, or an
-    :class:`~usfmae_core.networks.volume.AttentionMILClassifier`) from the encoder of the MAE checkpoint ``mae`` (``usfmae pretrain`` / ``configs/pretrain.json`` / ``usfmae import-weights``, or the name of a
-    published model fetched with ``usfmae pull``).
+    :class:`~usfmae_core.networks.volume.AttentionMILClassifier`) from the encoder of the MAE checkpoint ``mae``
+    (``usfmae pretrain`` / ``configs/pretrain.json`` / ``usfmae import-weights``, or the name of a published model
+    fetched with ``usfmae pull``).
 
     Position embeddings of another image size are interpolated (logged); another encoder shape is refused with the
     ``network_def`` arguments that would fit.

@@ -26,8 +26,17 @@ import torch.nn.functional as F
 from usfmae_core import __version__
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "check_finite", "adapt_state_dict", "detect_format",
-           "convert_state_dict", "import_weights", "to_facebook_state_dict"]
+__all__ = [
+    "adapt_state_dict",
+    "check_finite",
+    "convert_state_dict",
+    "detect_format",
+    "import_weights",
+    "load_checkpoint",
+    "load_model",
+    "save_checkpoint",
+    "to_facebook_state_dict",
+]
 
 
 # --------------------------------------------------------------------------------------------------- save / load
@@ -251,7 +260,7 @@ def _few(items: list[str], n: int = 3) -> str:
 
 
 def _adapt_tensor(key: str, value: torch.Tensor, want: torch.Tensor) -> torch.Tensor | None:
-    if key.endswith("position_embeddings") or key.endswith("decoder_pos_embed"):
+    if key.endswith(("position_embeddings", "decoder_pos_embed")):
         cls = 1 if key.endswith("decoder_pos_embed") else 0
         if value.shape[-1] != want.shape[-1]:
             return None
@@ -286,7 +295,7 @@ def _adapt_tensor(key: str, value: torch.Tensor, want: torch.Tensor) -> torch.Te
             mode = "bicubic" if w.dim() == 4 else "trilinear"
             w = F.interpolate(w, size=tuple(want.shape[2:]), mode=mode, align_corners=False) * scale
         return w
-    if key.endswith("decoder_pred.weight") or key.endswith("decoder_pred.bias"):
+    if key.endswith(("decoder_pred.weight", "decoder_pred.bias")):
         n_new = want.shape[0]
         if value.shape[0] == 3 * n_new and value.shape[1:] == want.shape[1:]:  # (p*p*3) -> (p*p*1), channel-last
             return value.reshape(n_new, 3, *value.shape[1:]).mean(1)
@@ -395,10 +404,11 @@ def convert_state_dict(state: dict[str, torch.Tensor], num_heads: int | None = N
     grid = _grid_of(n_tokens, spatial_dims)
     layers = 1 + max(int(k.split(".")[2]) for k in out if k.startswith("encoder.blocks."))
     mlp = out["encoder.blocks.0.mlp.linear1.weight"].shape[0]
-    config: dict[str, Any] = dict(in_channels=in_channels, img_size=[g * p for g, p in zip(grid, patch)],
-                                  patch_size=patch, spatial_dims=spatial_dims, hidden_size=hidden, num_layers=layers,
-                                  num_heads=num_heads or max(1, hidden // 64), mlp_ratio=mlp / hidden,
-                                  qkv_bias="encoder.blocks.0.attn.qkv.bias" in out, drop_path_rate=0.0)
+    config: dict[str, Any] = {"in_channels": in_channels, "img_size": [g * p for g, p in zip(grid, patch)],
+                              "patch_size": patch, "spatial_dims": spatial_dims, "hidden_size": hidden,
+                              "num_layers": layers, "num_heads": num_heads or max(1, hidden // 64),
+                              "mlp_ratio": mlp / hidden, "qkv_bias": "encoder.blocks.0.attn.qkv.bias" in out,
+                              "drop_path_rate": 0.0}
     if "head.weight" in out:
         config.update(num_classes=out["head.weight"].shape[0], pool="avg" if "fc_norm.weight" in state else "cls")
         return "classifier", out, config

@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("usfmae: interrupted; finished checkpoints and outputs were kept", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - user and machine errors become one line; anything else is a bug
+    except Exception as err:
         message = user_error_message(err)
         if message is None:
             raise

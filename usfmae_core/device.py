@@ -8,7 +8,6 @@ from usfmae_core.constants import DEVICE_CHOICES
 from usfmae_core.errors import UsfmaeError
 
 
-
 def resolve_device(name: str = "auto") -> torch.device:
     """Turn ``auto|cuda|mps|cpu`` (or ``cuda:N``) into a ``torch.device``, refusing an absent accelerator."""
     name = (name or "auto").lower()

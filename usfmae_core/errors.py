@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import re
 
-__all__ = ["UsfmaeError", "os_error_message", "user_error_message", "find_user_error"]
+__all__ = ["UsfmaeError", "find_user_error", "os_error_message", "user_error_message"]
 
 
 class UsfmaeError(Exception):

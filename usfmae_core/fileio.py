@@ -25,8 +25,18 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_bytes", "write_json", "write_csv", "printable",
-           "fsync_dir", "fsync_file", "umask_mode", "append_line"]
+__all__ = [
+    "append_line",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "fsync_dir",
+    "fsync_file",
+    "printable",
+    "umask_mode",
+    "write_csv",
+    "write_json",
+]
 
 # torch.save reports a failed write as a RuntimeError without an errno; these are its words for it
 _WRITE_FAILURE_WORDS = ("PytorchStreamWriter failed", "file write failed", "unexpected pos", "iostream error")

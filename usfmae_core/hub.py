@@ -38,7 +38,7 @@ from typing import Any
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["PublishedModel", "MODELS", "model_cache_dir", "pull", "resolve_init", "download", "drive_file_id"]
+__all__ = ["MODELS", "PublishedModel", "download", "drive_file_id", "model_cache_dir", "pull", "resolve_init"]
 
 DRIVE_DOWNLOAD = "https://drive.usercontent.google.com/download"
 CHUNK = 1 << 20  # bytes per read (and per progress update)
@@ -135,7 +135,7 @@ def _direct_url(url: str, drive_endpoint: str = DRIVE_DOWNLOAD) -> str:
 def _open(url: str, start: int, timeout: float) -> Any:
     request = urllib.request.Request(url, headers={"User-Agent": "usfmae", **({"Range": f"bytes={start}-"}
                                                                              if start else {})})
-    return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - http(s) / file URLs given by the user
+    return urllib.request.urlopen(request, timeout=timeout)
 
 
 def download(url: str, dest: str | os.PathLike, progress: bool = True, timeout: float = 60.0, retries: int = 3,

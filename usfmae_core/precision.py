@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["PRECISIONS", "resolve_precision", "precision_name", "native_bf16", "cache_path", "probe_speed"]
+__all__ = ["PRECISIONS", "cache_path", "native_bf16", "precision_name", "probe_speed", "resolve_precision"]
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 MIN_GAIN = 0.05  # bf16 must be at least this much faster (fraction of the fp32 time)

@@ -31,12 +31,25 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from types import TracebackType
 from typing import Any
+
+from typing_extensions import Self
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["RUN_FILE", "LOCK_FILE", "RUN_OUTPUTS", "RunFolder", "check_run", "read_run", "lock_holder",
-           "check_resume_arguments", "run_folder_command", "RUN_FOLDER_SKIPPED"]
+__all__ = [
+    "LOCK_FILE",
+    "RUN_FILE",
+    "RUN_FOLDER_SKIPPED",
+    "RUN_OUTPUTS",
+    "RunFolder",
+    "check_resume_arguments",
+    "check_run",
+    "lock_holder",
+    "read_run",
+    "run_folder_command",
+]
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".usfmae.lock"
@@ -362,7 +375,7 @@ class RunFolder:
         self._finished = False
         self._record: dict[str, Any] = {}
 
-    def __enter__(self) -> RunFolder:
+    def __enter__(self) -> Self:
         if not self.active:
             return self
         if self.path.exists() and not self.path.is_dir():
@@ -409,7 +422,8 @@ class RunFolder:
         self._write_record()
         self._finished = True
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if not self.active or self._lock is None:
             return
         try:

@@ -332,7 +332,6 @@ def test_ci_constraints_are_slicer_510s_bundled_versions():
     """requirements/slicer-5.10.txt (CI's second environment) pins what Slicer 5.10 bundles (USFMAELib.install, read
     from Slicer/Slicer v5.10.0 SuperBuild/External_python-*.cmake), and the engine's ranges admit them all."""
     from packaging.requirements import Requirement
-
     from USFMAELib import engine, install
 
     pins = {}

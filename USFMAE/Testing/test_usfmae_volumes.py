@@ -143,5 +143,5 @@ def test_finetune_on_scene_scans_labelled_in_a_table(scene, tmp_path, run_job):
     with pytest.raises(UsfmaeError, match="unknown volume model"):
         logic.finetune_plan(tmp_path, tmp_path / "x", volume_model="4d")
     assert "--volume-model" not in logic.finetune_plan(tmp_path, tmp_path / "x",
-                                                       volume_model=list(VOLUME_MODELS)[0])[0]["argv"]
+                                                       volume_model=next(iter(VOLUME_MODELS)))[0]["argv"]
     assert seq.GetNumberOfDataNodes() == 4

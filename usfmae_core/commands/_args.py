@@ -17,9 +17,25 @@ from typing import NoReturn
 
 from usfmae_core.constants import DEVICE_CHOICES, PRECISION_CHOICES
 
-__all__ = ["OneLineParser", "finite_float", "positive_int", "nonneg_int", "positive_float", "nonneg_float", "fraction",
-           "open_fraction", "unit_fraction", "corpus_spec", "add_device", "add_precision", "add_inference_arguments",
-           "add_mask_arguments", "add_overwrite", "remember_defaults", "add_geometry_arguments"]
+__all__ = [
+    "OneLineParser",
+    "add_device",
+    "add_geometry_arguments",
+    "add_inference_arguments",
+    "add_mask_arguments",
+    "add_overwrite",
+    "add_precision",
+    "corpus_spec",
+    "finite_float",
+    "fraction",
+    "nonneg_float",
+    "nonneg_int",
+    "open_fraction",
+    "positive_float",
+    "positive_int",
+    "remember_defaults",
+    "unit_fraction",
+]
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -6,8 +6,15 @@ import argparse
 import math
 from pathlib import Path
 
-from usfmae_core.commands._args import (add_device, add_mask_arguments, add_overwrite, add_precision, nonneg_int,
-                                        positive_int, unit_fraction)
+from usfmae_core.commands._args import (
+    add_device,
+    add_mask_arguments,
+    add_overwrite,
+    add_precision,
+    nonneg_int,
+    positive_int,
+    unit_fraction,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

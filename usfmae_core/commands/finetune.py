@@ -5,9 +5,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from usfmae_core.commands._args import (add_device, add_geometry_arguments, add_mask_arguments, add_overwrite,
-                                        add_precision, fraction, nonneg_float, nonneg_int, positive_float,
-                                        positive_int, unit_fraction)
+from usfmae_core.commands._args import (
+    add_device,
+    add_geometry_arguments,
+    add_mask_arguments,
+    add_overwrite,
+    add_precision,
+    fraction,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    unit_fraction,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -5,15 +5,26 @@ from __future__ import annotations
 import argparse
 import os
 
-from usfmae_core.commands._args import (add_device, add_overwrite, add_precision, corpus_spec, finite_float,
-                                        nonneg_float, nonneg_int, open_fraction, positive_float, positive_int,
-                                        remember_defaults, unit_fraction)
+from usfmae_core.commands._args import (
+    add_device,
+    add_overwrite,
+    add_precision,
+    corpus_spec,
+    finite_float,
+    nonneg_float,
+    nonneg_int,
+    open_fraction,
+    positive_float,
+    positive_int,
+    remember_defaults,
+    unit_fraction,
+)
 
 
 class _EpochsAction(argparse.Action):
     """Remembers that --epochs was given explicitly (then it caps --max-steps too)."""
 
-    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+    def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values)
         namespace.epochs_given = True
 

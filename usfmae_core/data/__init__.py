@@ -6,4 +6,4 @@ Submodules are imported lazily by their users (``from usfmae_core.data.readers i
 
 from usfmae_core.data.readers import SUPPORTED_EXTENSIONS, UltrasoundImage, is_supported, read_ultrasound
 
-__all__ = ["UltrasoundImage", "read_ultrasound", "SUPPORTED_EXTENSIONS", "is_supported"]
+__all__ = ["SUPPORTED_EXTENSIONS", "UltrasoundImage", "is_supported", "read_ultrasound"]

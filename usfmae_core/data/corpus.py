@@ -45,9 +45,19 @@ import numpy as np
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["prepare_corpus", "FrameCorpus", "VolumeCorpus", "MixedCorpus", "open_corpora", "datalist_sources",
-           "split_labelled_for_corpus", "iter_source_files", "corpus_start_summary", "corpus_preprocessing",
-           "CORPUS_VERSION"]
+__all__ = [
+    "CORPUS_VERSION",
+    "FrameCorpus",
+    "MixedCorpus",
+    "VolumeCorpus",
+    "corpus_preprocessing",
+    "corpus_start_summary",
+    "datalist_sources",
+    "iter_source_files",
+    "open_corpora",
+    "prepare_corpus",
+    "split_labelled_for_corpus",
+]
 
 CORPUS_VERSION = 1
 _COMPANIONS = (".raw", ".zraw", ".img")  # data files of .mhd / .hdr headers: read through their header
@@ -484,9 +494,9 @@ class _Writer:
                 for r in e.get("records", []):
                     manifest_lines.append(json.dumps({"shard": k, "index": pos, "source": e["done"]["source"], **r}))
                     pos += 1
-            self.summary["shards"].append({"file": name, "n": int(len(arr))})
-            self.summary["n_frames"] += int(len(arr))
-            self.counts["frames_written"] += int(len(arr))
+            self.summary["shards"].append({"file": name, "n": len(arr)})
+            self.summary["n_frames"] += len(arr)
+            self.counts["frames_written"] += len(arr)
         for e in self.buffer:  # native volumes are one file each, written before their source is marked done
             v = e.get("volume")
             if v is None:

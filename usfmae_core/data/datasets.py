@@ -9,7 +9,7 @@ work to a memory-mapped slice, which is what sustains thousands of images per se
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -19,8 +19,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from usfmae_core.data.corpus import FrameCorpus, MixedCorpus, VolumeCorpus
 from usfmae_core.data.transforms import channel_stats, random_affine_grid
 
-__all__ = ["MAEBatchAugment", "CorpusFrameDataset", "make_pretrain_loader", "MAEBatchAugment3D",
-           "CorpusVolumeDataset", "make_pretrain_loader_3d", "collate_uint8"]
+__all__ = [
+    "CorpusFrameDataset",
+    "CorpusVolumeDataset",
+    "MAEBatchAugment",
+    "MAEBatchAugment3D",
+    "collate_uint8",
+    "make_pretrain_loader",
+    "make_pretrain_loader_3d",
+]
 
 
 class MAEBatchAugment(torch.nn.Module):

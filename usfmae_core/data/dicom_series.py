@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["dicom_series_files", "is_dicom_series", "read_dicom_series", "group_dicom_series"]
+__all__ = ["dicom_series_files", "group_dicom_series", "is_dicom_series", "read_dicom_series"]
 
 
 def _dicom_files(folder: Path) -> list[Path]:
@@ -47,7 +47,7 @@ def dicom_series_files(folder: str | os.PathLike) -> list[Path] | None:
     for p in files:
         try:
             ds = pydicom.dcmread(p, stop_before_pixels=True)
-        except Exception:  # noqa: BLE001 - not a readable DICOM header: not part of a series
+        except Exception:  # noqa: BLE001, S112 - not a readable DICOM header: not part of a series
             continue
         pos, ori = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
         if pos is None or ori is None or len(pos) != 3 or len(ori) != 6 or int(ds.get("NumberOfFrames", 1) or 1) > 1:

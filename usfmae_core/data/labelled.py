@@ -44,10 +44,27 @@ import numpy as np
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["scan_class_folders", "read_csv_manifest", "deduplicate", "make_splits", "save_datalist",
-           "load_datalist", "validate_datalist", "check_items", "datalist_images", "subsample_fraction",
-           "labelled_source_to_datalist", "image_fingerprint", "Fingerprint", "read_fingerprint", "augmented_base",
-           "datalist_summary", "preprocessing_notes", "upgrade_report_keys", "REPORT_KEYS"]
+__all__ = [
+    "REPORT_KEYS",
+    "Fingerprint",
+    "augmented_base",
+    "check_items",
+    "datalist_images",
+    "datalist_summary",
+    "deduplicate",
+    "image_fingerprint",
+    "labelled_source_to_datalist",
+    "load_datalist",
+    "make_splits",
+    "preprocessing_notes",
+    "read_csv_manifest",
+    "read_fingerprint",
+    "save_datalist",
+    "scan_class_folders",
+    "subsample_fraction",
+    "upgrade_report_keys",
+    "validate_datalist",
+]
 
 _PATH_COLUMNS = ("path", "image", "file", "filename", "filepath")
 _LABEL_COLUMNS = ("label", "class", "target", "diagnosis")
@@ -107,7 +124,8 @@ def _class_folder_files(root: Path, rules: Any = None) -> tuple[list[dict], list
 def scan_class_folders(root: str | os.PathLike) -> tuple[list[dict], list[str]]:
     """``root/<class>/**/<file>`` -> (items ``{image, label, group}``, sorted class names). Image paths are absolute,
     so a datalist written from them works from any folder (relative paths in a datalist are read relative to it).
-    A sub-folder holding a positioned DICOM series is one item (:func:`~usfmae_core.data.dicom_series.group_dicom_series`).
+    A sub-folder holding a positioned DICOM series is one item
+    (:func:`~usfmae_core.data.dicom_series.group_dicom_series`).
 
     Every supported file is listed (masks included: :func:`labelled_source_to_datalist` sorts them out)."""
     root = Path(root).absolute()
@@ -137,7 +155,7 @@ def read_csv_manifest(csv_path: str | os.PathLike, root: str | os.PathLike | Non
                           "save it as UTF-8 CSV with a header path,label[,group]") from None
     if not rows:
         raise UsfmaeError(f"{csv_path} has no rows", "expected a header with path,label[,group] and one row per image")
-    cols = {c.lower().strip(): c for c in rows[0].keys() if c}
+    cols = {c.lower().strip(): c for c in rows[0] if c}
     pick = lambda names: next((cols[n] for n in names if n in cols), None)  # noqa: E731
     pc, lc, gc = pick(_PATH_COLUMNS), pick(_LABEL_COLUMNS), pick(_GROUP_COLUMNS)
     if pc is None or lc is None:
@@ -252,7 +270,7 @@ def _near_pairs(thumbs: np.ndarray, threshold: float) -> list[tuple[int, int, in
             for i, j in zip((ii + s).tolist(), jj.tolist(), strict=True):
                 if i == j or (min(i, j), max(i, j)) in best:
                     continue
-                if float(np.abs(thumbs[i].reshape(-1) - variants[g][j].numpy()).mean()) < threshold:
+                if float(np.abs(thumbs[i].reshape(-1) - b[j].numpy()).mean()) < threshold:
                     best[(min(i, j), max(i, j))] = g
     return sorted((i, j, g) for (i, j), g in best.items())
 
@@ -637,7 +655,7 @@ def subsample_fraction(items: Sequence[dict], fraction: float, seed: int = 0) ->
     out = []
     for c in sorted(by):
         lst = by[c]
-        n = max(1, int(round(fraction * len(lst))))
+        n = max(1, round(fraction * len(lst)))
         idx = np.sort(rng.choice(len(lst), size=n, replace=False))
         out += [lst[i] for i in idx]
     return out

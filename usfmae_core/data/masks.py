@@ -31,8 +31,18 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MaskRules", "MaskMatch", "DEFAULT_MASK_WORDS", "DEFAULT_MASK_FOLDERS", "match_name", "split_masks",
-           "label_like", "companion_scan", "ScanIndex", "stem_of"]
+__all__ = [
+    "DEFAULT_MASK_FOLDERS",
+    "DEFAULT_MASK_WORDS",
+    "MaskMatch",
+    "MaskRules",
+    "ScanIndex",
+    "companion_scan",
+    "label_like",
+    "match_name",
+    "split_masks",
+    "stem_of",
+]
 
 DEFAULT_MASK_WORDS: tuple[str, ...] = ("mask", "masks", "seg", "segmentation", "label", "labels", "gt",
                                        "groundtruth", "annotation", "anno")

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import gzip
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,18 +26,18 @@ import torch.nn.functional as F
 
 __all__ = [
     "CLASSES",
-    "make_image",
-    "make_volume",
     "make_cine",
-    "write_image",
-    "write_volume",
+    "make_image",
+    "make_image_with_mask",
+    "make_volume",
+    "screen_capture",
     "write_cine",
     "write_dicom_series",
+    "write_distributed_dataset",
+    "write_image",
     "write_labelled_folder",
     "write_unlabelled_corpus_sources",
-    "make_image_with_mask",
-    "screen_capture",
-    "write_distributed_dataset",
+    "write_volume",
 ]
 
 CLASSES: tuple[str, ...] = ("normal", "cyst", "mass")
@@ -47,7 +48,7 @@ def _rng(rng: np.random.Generator | int | None) -> np.random.Generator:
 
 
 def _gauss_kernel(sigma: float) -> torch.Tensor:
-    r = max(1, int(math.ceil(2.5 * sigma)))
+    r = max(1, math.ceil(2.5 * sigma))
     x = torch.arange(-r, r + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (x / max(sigma, 1e-3)) ** 2)
     return k / k.sum()
@@ -118,7 +119,8 @@ def _lesion_radius(p: dict, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
     rad = np.sqrt(dy * dy + dx * dx)
     if p["label"] == 2:  # lobulated, spiculated outline
         ang = np.arctan2(dy, dx)
-        rad = rad / (1 + sum(h * np.sin((k + 2) * ang + ph) for k, (h, ph) in enumerate(zip(p["harm"], p["phase"], strict=True))))
+        harmonics = enumerate(zip(p["harm"], p["phase"], strict=True))
+        rad = rad / (1 + sum(h * np.sin((k + 2) * ang + ph) for k, (h, ph) in harmonics))
     return rad
 
 
@@ -404,12 +406,12 @@ def write_cine(path: str | Path, frames: np.ndarray, spacing: Sequence[float] = 
         from PIL import Image  # grey 'L' frames keep an exact 256-level palette (no quantisation)
 
         ims = [Image.fromarray(f, "L") for f in frames]
-        ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(round(1000 / fps)), loop=0,
+        ims[0].save(path, save_all=True, append_images=ims[1:], duration=round(1000 / fps), loop=0,
                     optimize=False, disposal=1)
     elif ext in (".mp4", ".avi", ".mov", ".mpeg", ".mpg"):
         codec = {".avi": "mpeg4", ".mpeg": "mpeg2video", ".mpg": "mpeg2video"}.get(ext, "libx264")
         rgb = np.repeat(frames[..., None], 3, -1)  # yuv420p needs even sides, phantom sizes are even
-        iio.imwrite(path, rgb, plugin="pyav", codec=codec, fps=int(round(fps)))
+        iio.imwrite(path, rgb, plugin="pyav", codec=codec, fps=round(fps))
     elif ext in (".dcm", ".dicom"):
         _write_dicom(path, frames, spacing, frame_time_ms=spacing[0] * 1000)
     elif ext == ".seq.nrrd":
@@ -486,7 +488,7 @@ def screen_capture(image: np.ndarray, aspect: float = 1.8, colour: bool = True,
     flow) over part of the image and a yellow caliper, as public datasets of screen exports look."""
     rng = _rng(rng)
     h = image.shape[0]
-    w = int(round(h * aspect))
+    w = round(h * aspect)
     out = np.zeros((h, w, 3), np.uint8)
     x0 = (w - image.shape[1]) // 2
     out[:, x0:x0 + image.shape[1]] = image[..., None]

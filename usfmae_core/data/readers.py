@@ -30,13 +30,13 @@ import numpy as np
 from usfmae_core.errors import UsfmaeError
 
 __all__ = [
-    "UltrasoundImage",
-    "read_ultrasound",
-    "SUPPORTED_EXTENSIONS",
-    "is_supported",
-    "file_format",
     "COLOUR_RULE",
+    "SUPPORTED_EXTENSIONS",
+    "UltrasoundImage",
+    "file_format",
+    "is_supported",
     "luma",
+    "read_ultrasound",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -164,9 +164,7 @@ def _read_pil(path: Path) -> tuple[np.ndarray, tuple[float, ...], str, dict]:
             mode = fr.mode
             if mode in ("P", "PA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
                 fr = fr.convert("RGB")
-            elif mode in ("LA",):
-                fr = fr.convert("L")
-            elif mode == "1":
+            elif mode in ("LA",) or mode == "1":
                 fr = fr.convert("L")
             a = np.array(fr)  # copy now, before the iterator seeks to the next frame
             colour = colour or a.ndim == 3

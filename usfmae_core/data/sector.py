@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["detect_imaged_region", "annotation_mask", "inpaint", "remove_annotations"]
+__all__ = ["annotation_mask", "detect_imaged_region", "inpaint", "remove_annotations"]
 
 
 def _norm(x: np.ndarray) -> np.ndarray:

@@ -50,28 +50,28 @@ from monai.transforms import MapTransform, Randomizable
 from usfmae_core.data.readers import UltrasoundImage, read_ultrasound
 
 __all__ = [
+    "COLOUR_RULES",
+    "RESIZE_MODES",
+    "LoadUltrasoundd",
+    "ModelFrames",
     "Preprocessing",
-    "scale_intensity",
+    "RandUltrasoundAugmentd",
+    "UltrasoundToModelInputd",
+    "channel_stats",
+    "colour_frames",
+    "frames_for_model",
+    "frames_to_tensor",
+    "from_square",
+    "image_to_frames",
+    "imaged_region",
+    "informative_frames",
+    "letterbox_geometry",
+    "loads_colour",
+    "model_input_frame",
+    "random_affine_grid",
     "resize_frames",
     "resize_to_square",
-    "letterbox_geometry",
-    "from_square",
-    "frames_to_tensor",
-    "colour_frames",
-    "ModelFrames",
-    "frames_for_model",
-    "imaged_region",
-    "RESIZE_MODES",
-    "COLOUR_RULES",
-    "loads_colour",
-    "image_to_frames",
-    "informative_frames",
-    "channel_stats",
-    "random_affine_grid",
-    "LoadUltrasoundd",
-    "UltrasoundToModelInputd",
-    "model_input_frame",
-    "RandUltrasoundAugmentd",
+    "scale_intensity",
 ]
 
 
@@ -236,7 +236,8 @@ def from_square(t: torch.Tensor, hw: tuple[int, int], prep: Preprocessing,
 
 
 def image_to_frames(img: UltrasoundImage, axis: int = 0) -> np.ndarray:
-    """2D frames ``(N, H, W)`` of an image: N=1 for an image, the frames of a cine, slices along ``axis`` of a volume."""
+    """2D frames ``(N, H, W)`` of an image: N=1 for an image, the frames of a cine, the slices along ``axis`` of a
+    volume."""
     a = img.array
     if img.kind == "image" or a.ndim == 2:
         return a[None]

@@ -39,9 +39,20 @@ from monai.transforms import MapTransform, Randomizable
 
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["VolumeInput", "VOLUME_MODELS", "volume_from_config", "resample_volume", "volume_to_cube",
-           "volume_to_bag", "bag_indices", "VolumeToModelInputd", "RandVolumeAugmentd", "RandBagAugmentd",
-           "summarise_records", "collate_bags"]
+__all__ = [
+    "VOLUME_MODELS",
+    "RandBagAugmentd",
+    "RandVolumeAugmentd",
+    "VolumeInput",
+    "VolumeToModelInputd",
+    "bag_indices",
+    "collate_bags",
+    "resample_volume",
+    "summarise_records",
+    "volume_from_config",
+    "volume_to_bag",
+    "volume_to_cube",
+]
 
 VOLUME_MODELS = ("3d", "mil")
 

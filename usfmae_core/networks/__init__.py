@@ -16,7 +16,7 @@ _WHERE = {
     "AttentionMILClassifier": "volume", "GatedAttentionPooling": "volume",
     "PRESETS": "presets", "build_model": "presets", "mae_config": "presets",
 }
-__all__ = sorted(_WHERE)
+__all__ = sorted(_WHERE)  # noqa: PLE0605 - the names __getattr__ resolves lazily
 
 
 def __getattr__(name: str) -> Any:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from usfmae_core.networks.mae import USFMAE, ViTEncoder
 
@@ -35,12 +35,12 @@ def encoder_kwargs_of(enc: ViTEncoder, img_size: Sequence[int] | int | None = No
     dimensionality (2D -> 3D inflation) and patch size."""
     dims = int(spatial_dims or enc.spatial_dims)
     same = dims == enc.spatial_dims
-    return dict(in_channels=enc.in_channels,
-                img_size=img_size or (enc.img_size if same else enc.img_size[-1]),
-                patch_size=patch_size or (enc.patch_size if same else enc.patch_size[-1]), spatial_dims=dims,
-                hidden_size=enc.hidden_size, num_layers=len(enc.blocks), num_heads=enc.blocks[0].attn.num_heads,
-                mlp_ratio=enc.blocks[0].mlp.linear1.out_features / enc.hidden_size,
-                qkv_bias=enc.blocks[0].attn.qkv.bias is not None, drop_path_rate=drop_path_rate)
+    return {"in_channels": enc.in_channels,
+            "img_size": img_size or (enc.img_size if same else enc.img_size[-1]),
+            "patch_size": patch_size or (enc.patch_size if same else enc.patch_size[-1]), "spatial_dims": dims,
+            "hidden_size": enc.hidden_size, "num_layers": len(enc.blocks), "num_heads": enc.blocks[0].attn.num_heads,
+            "mlp_ratio": enc.blocks[0].mlp.linear1.out_features / enc.hidden_size,
+            "qkv_bias": enc.blocks[0].attn.qkv.bias is not None, "drop_path_rate": drop_path_rate}
 
 
 class USFMAEClassifier(nn.Module):

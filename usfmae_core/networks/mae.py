@@ -23,17 +23,26 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from monai.networks.layers import DropPath
 from monai.utils import ensure_tuple_rep
+from torch import nn
 
 from usfmae_core.networks.presets import check_model_config
 
-__all__ = ["Block", "ViTEncoder", "MAEDecoder", "USFMAE", "sincos_pos_embed", "interpolate_pos_embed",
-           "patchify", "unpatchify", "random_masking"]
+__all__ = [
+    "USFMAE",
+    "Block",
+    "MAEDecoder",
+    "ViTEncoder",
+    "interpolate_pos_embed",
+    "patchify",
+    "random_masking",
+    "sincos_pos_embed",
+    "unpatchify",
+]
 
 
 def sincos_pos_embed(grid: Sequence[int], dim: int) -> torch.Tensor:
@@ -248,7 +257,8 @@ class MAEDecoder(nn.Module):
         # The cls slot at index 0 stays zero, as in facebook's layout, so their weights load unchanged.
         pos = torch.cat([torch.zeros(1, 1, hidden_size), sincos_pos_embed(grid, hidden_size)], dim=1)
         self.decoder_pos_embed = nn.Parameter(pos, requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(Block(hidden_size, num_heads, mlp_ratio, qkv_bias) for _ in range(num_layers))
+        self.decoder_blocks = nn.ModuleList(Block(hidden_size, num_heads, mlp_ratio, qkv_bias)
+                                            for _ in range(num_layers))
         self.decoder_norm = nn.LayerNorm(hidden_size, eps=1e-6)
         self.decoder_pred = nn.Linear(hidden_size, patch_dim)
 

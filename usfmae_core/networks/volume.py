@@ -20,11 +20,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from usfmae_core.networks.mae import USFMAE, ViTEncoder, sincos_pos_embed
 
-__all__ = ["GatedAttentionPooling", "AttentionMILClassifier"]
+__all__ = ["AttentionMILClassifier", "GatedAttentionPooling"]
 
 
 class GatedAttentionPooling(nn.Module):

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import Self
 
 from usfmae_core import fileio
 
@@ -127,8 +128,8 @@ class Progress:
     def close(self) -> None:
         self.bar.close()
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -121,7 +121,7 @@ def _run_demo(out: Path, device: str, scale: float, seed: int) -> Path:
     t0 = time.monotonic()
     stages = Stages()
     data = out / "data"
-    n = lambda k: max(1, int(round(k * scale)))  # noqa: E731
+    n = lambda k: max(1, round(k * scale))  # noqa: E731
 
     # 1. data: unlabelled mixed-format sources (+ shipped real cine) -> corpus; labelled phantom set
     with stages("data"):
@@ -173,7 +173,7 @@ def _run_demo(out: Path, device: str, scale: float, seed: int) -> Path:
         _run(["predict", str(out / "finetune_pretrained" / "model.pt"), str(volume_path), "--out",
               str(out / "predict"), "--device", device])
     with stages("reconstructions"):
-        example = sorted((labelled / "mass").iterdir())[0]
+        example = min((labelled / "mass").iterdir())
         _run(["reconstruct", str(mae), str(example), "--out", str(out / "reconstruct"), "--device", device])
 
     # 5. one label per volume: a volume classifier against the mean of slices
@@ -196,12 +196,12 @@ def run_volume_part(out: Path, mae: Path, volume_path: Path, device: str, scale:
     rng = np.random.default_rng(seed + 3)
     folder = out / "data" / "volumes"
     for label, name in ((2, "mass"), (0, "normal")):
-        for i in range(max(6, int(round(16 * scale)))):
+        for i in range(max(6, round(16 * scale))):
             phantom.write_volume(folder / name / f"{name}_{i:03d}.nii.gz",
                                  phantom.make_volume(label, VOLUME_SHAPE, rng), spacing=(1.0, 0.4, 0.4))
     run = out / "finetune_volume"
     _run(["finetune", "--data", str(folder), "--volume-model", "mil", "--init", str(mae), "--max-slices", "8",
-          "--epochs", str(max(2, int(round(30 * scale)))), "--warmup-epochs", "2", "--patience", "0",
+          "--epochs", str(max(2, round(30 * scale))), "--warmup-epochs", "2", "--patience", "0",
           "--batch-size", "2", "--lr", "1e-3", "--test-fraction", "0.3", "--device", device, "--seed", str(seed),
           "--workers", "0", "--out", str(run)])
     _run(["evaluate", "--model", str(run / "model.pt"), "--data", str(run / "datalist.json"), "--split", "test",
@@ -229,8 +229,8 @@ def volume_comparison(out: Path) -> tuple[list[str], Path]:
     truth = {Path(r["image"]).name: r["true"] for r in evaluated}
     mil = {Path(r["image"]).name: r["predicted"] for r in evaluated}
     mean = {Path(r["source"]).name: r["label"] for r in _csv(out / "predict_volumes_mean" / "summary.csv")}
-    lines = ["| approach | held-out volumes right (lesion / no lesion) | mass volumes found | normal volumes called "
-             "normal |", "|---|---|---|---|"]
+    lines = [("| approach | held-out volumes right (lesion / no lesion) | mass volumes found | normal volumes called "
+             "normal |"), "|---|---|---|---|"]
     for label, pred in (("attention MIL volume classifier (one result per volume)", mil),
                         ("2D classifier, mean of slices (`predict --aggregate mean`)", mean)):
         right = sum(is_lesion(pred[k]) == is_lesion(t) for k, t in truth.items())
@@ -252,17 +252,17 @@ def volume_section(out: Path, volume_path: Path, rel: Any) -> list[str]:
     mil = json.loads((out / "predict_volume_mil" / "predictions.json").read_text())["results"][0]
     probs = ", ".join(f"{k[2:]} {v:.2f}" for k, v in mil.items() if k.startswith("p_"))
     return ["## One label per volume: a volume classifier", "",
-            "A focal lesion fills a few slices of a volume, so the mean over all slices can outvote it. "
+            ("A focal lesion fills a few slices of a volume, so the mean over all slices can outvote it. "
             "`usfmae finetune --volume-model mil` trains one result per volume instead: the same 2D encoder, "
             "initialised from the MAE, reads every slice and a learned attention pools them (attention-based "
             f"multiple-instance learning). Trained here on the training part of {_count(out)} phantom volumes "
             f"({VOLUME_SHAPE[0]} slices of {VOLUME_SHAPE[1]}x{VOLUME_SHAPE[2]}, one label each: mass / normal) "
-            f"and tested on its {m['n']} held-out volumes, beside the 2D classifier above on the same volumes:", "",
+            f"and tested on its {m['n']} held-out volumes, beside the 2D classifier above on the same volumes:"), "",
             *table, "",
-            f"Volume classifier on its {m['n']} test volumes: accuracy {_fmt(m, 'accuracy')}, macro-F1 "
+            (f"Volume classifier on its {m['n']} test volumes: accuracy {_fmt(m, 'accuracy')}, macro-F1 "
             f"{_fmt(m, 'f1_macro')}, AUC {_fmt(m, 'auc_macro')} (95% bootstrap intervals; tiny test set). "
             f"On `{volume_path.name}` it says **{mil.get('label')}** ({probs}); the attention along its slices shows "
-            "which slices drove that result (`predict_volume_mil/attention.csv`):", "",
+            "which slices drove that result (`predict_volume_mil/attention.csv`):"), "",
             f"![attention along the slices]({rel(attention_plot)})", ""]
 
 
@@ -366,9 +366,9 @@ def write_report(out: Path, results: dict[str, dict], volume_path: Path, seconds
     epochs = {arm: r.get("best_epoch") for arm, r in runs.items()}
     lines = [
         "# usfmae demo report", "",
-        f"Ran in {seconds / 60:.1f} min{f' ({stages.summary()})' if stages else ''}. Data: synthetic B-mode "
+        (f"Ran in {seconds / 60:.1f} min{f' ({stages.summary()})' if stages else ''}. Data: synthetic B-mode "
         "phantoms (normal / cyst / mass) and pydicom's SonoSite cine; model: vit_micro MAE, 64x64 px, patch 8, "
-        "1 channel.", "",
+        "1 channel."), "",
         "## Does pretraining help?", "", verdict, "",
         "| arm | best epoch | accuracy | balanced acc. | macro-F1 [95% CI] | AUC (ovr) |", "|---|---|---|---|---|---|",
     ]
@@ -376,16 +376,16 @@ def write_report(out: Path, results: dict[str, dict], volume_path: Path, seconds
         m = results[arm]
         lines.append(f"| {label} | {epochs[arm]} | {_fmt(m, 'accuracy')} | {_fmt(m, 'balanced_accuracy')} | "
                      f"{_fmt(m, 'f1_macro')} | {_fmt(m, 'auc_macro')} |")
-    lines += ["", f"Test split: {pre['n']} images; 95% bootstrap intervals in brackets. Each arm keeps the epoch with "
+    lines += ["", (f"Test split: {pre['n']} images; 95% bootstrap intervals in brackets. Each arm keeps the epoch with "
               f"the best validation macro-F1; the two ViTs ran {runs['pretrained'].get('epochs_run')} epochs each "
-              f"(the same budget), the ResNet-10 reference {runs['resnet'].get('epochs_run')}.", "",
+              f"(the same budget), the ResNet-10 reference {runs['resnet'].get('epochs_run')}."), "",
               "![learning curves](learning_curves.png)", "",
               "Confusion matrix (pretrained arm):", "", "![confusion](eval_pretrained/confusion_matrix.png)", "",
               "## A 3D volume, classified slice by slice", "",
-              f"`{volume_path.name}` is a phantom volume with a mass in its middle slices, classified by the "
+              (f"`{volume_path.name}` is a phantom volume with a mass in its middle slices, classified by the "
               f"MAE-pretrained ViT: {slices}. The volume-level label is the mean probability over all "
               f"{vol.get('n_frames')} slices, **{vol.get('label')}**; for a focal lesion read the per-slice "
-              "probabilities (`predict/predictions.csv`).", "",
+              "probabilities (`predict/predictions.csv`)."), "",
               f"![slice probabilities]({rel(slice_plot)})", ""]
     lines += volume_section(out, volume_path, rel)
     lines += ["## Reconstructions", ""]

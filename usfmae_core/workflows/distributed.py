@@ -25,8 +25,21 @@ import torch.distributed as dist
 from usfmae_core.device import resolve_device
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["DistContext", "init_distributed", "is_distributed", "is_main", "get_rank", "get_world_size", "barrier",
-           "cleanup", "all_gather_objects", "broadcast_object", "all_reduce_mean", "wrap_ddp", "unwrap_model"]
+__all__ = [
+    "DistContext",
+    "all_gather_objects",
+    "all_reduce_mean",
+    "barrier",
+    "broadcast_object",
+    "cleanup",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_distributed",
+    "is_main",
+    "unwrap_model",
+    "wrap_ddp",
+]
 
 
 @dataclass
@@ -44,7 +57,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 - a torch.device is immutable
     backend: str | None = None
 
     @property

@@ -15,14 +15,23 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from usfmae_core.errors import UsfmaeError
-from usfmae_core.workflows.predict import (_device, _model_input_size, _weights_dtype, collect_inputs,
-                                           inference_context, inference_dtype, model_spatial_dims,
-                                           preprocessing_from_config, to_inference_model, volume_model_input)
+from usfmae_core.workflows.predict import (
+    _device,
+    _model_input_size,
+    _weights_dtype,
+    collect_inputs,
+    inference_context,
+    inference_dtype,
+    model_spatial_dims,
+    preprocessing_from_config,
+    to_inference_model,
+    volume_model_input,
+)
 
-__all__ = ["EMBED_ARCHS", "embed_frames", "embed_volume", "embed_bag", "embed"]
+__all__ = ["EMBED_ARCHS", "embed", "embed_bag", "embed_frames", "embed_volume"]
 
 EMBED_ARCHS = ("mae", "classifier", "mil")
 POOLS = ("avg", "cls")

@@ -39,12 +39,26 @@ from usfmae_core.errors import UsfmaeError
 from usfmae_core.precision import precision_name, resolve_precision
 from usfmae_core.workflows import metrics as M
 from usfmae_core.workflows.common import Progress, write_csv, write_json
-from usfmae_core.workflows.finetune import (SPLITS, jsonable, load_labelled, make_datasets, make_loader,
-                                            predict_probs, probe_input_shape)
+from usfmae_core.workflows.finetune import (
+    SPLITS,
+    jsonable,
+    load_labelled,
+    make_datasets,
+    make_loader,
+    predict_probs,
+    probe_input_shape,
+)
 from usfmae_core.workflows.pictures import save_figure
 
-__all__ = ["evaluate", "evaluate_predictions", "write_evaluation", "select_items", "map_labels",
-           "save_confusion_matrix", "save_roc"]
+__all__ = [
+    "evaluate",
+    "evaluate_predictions",
+    "map_labels",
+    "save_confusion_matrix",
+    "save_roc",
+    "select_items",
+    "write_evaluation",
+]
 
 MODEL_ARCHS = ("classifier", "mil", "resnet", "densenet")
 
@@ -219,9 +233,9 @@ def evaluate(model_path: str | Path, data: str | Path, out: str | Path, split: s
     items = [{**it, "label": int(mapping[int(it["label"])])} for it in select_items(datalist, split, data)]
 
     volume = volume_from_config(cfg)
-    config_used = run_config if run_config is not None else dict(
-        model=str(model_path), data=str(data), split=split, bootstrap=bootstrap, seed=seed, device=device,
-        batch_size=batch_size, precision=precision)
+    config_used = run_config if run_config is not None else {
+        "model": str(model_path), "data": str(data), "split": split, "bootstrap": bootstrap, "seed": seed,
+        "device": device, "batch_size": batch_size, "precision": precision}
     with RunFolder(out, "evaluate", overwrite=overwrite, config=config_used) as run:
         dataset = make_datasets({"test": items}, prep, ("test",), cache=False, augment=False, volume=volume)["test"]
         loader = make_loader(dataset, batch_size or (2 if volume is not None else 64), train=False, workers=workers,

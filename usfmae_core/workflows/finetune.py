@@ -75,7 +75,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from usfmae_core.device import resolve_device
 from usfmae_core.errors import UsfmaeError
@@ -84,9 +84,25 @@ from usfmae_core.workflows import metrics as M
 from usfmae_core.workflows.common import Progress, seed_everything, write_csv, write_json
 from usfmae_core.workflows.pictures import save_figure
 
-__all__ = ["FinetuneOptions", "finetune", "train_classifier", "build_classifier", "make_transforms", "make_datasets",
-           "make_loader", "make_loss", "make_sampler", "make_optimizer", "forward_batch", "classifier_train_step",
-           "probe_input_shape", "predict_probs", "load_labelled", "kfold_datalists", "mae_preprocessing"]
+__all__ = [
+    "FinetuneOptions",
+    "build_classifier",
+    "classifier_train_step",
+    "finetune",
+    "forward_batch",
+    "kfold_datalists",
+    "load_labelled",
+    "mae_preprocessing",
+    "make_datasets",
+    "make_loader",
+    "make_loss",
+    "make_optimizer",
+    "make_sampler",
+    "make_transforms",
+    "predict_probs",
+    "probe_input_shape",
+    "train_classifier",
+]
 
 SPLITS = ("training", "validation", "test")
 CACHE_BYTES = 4 * 2**30  # cache at most this much preprocessed model input in memory; the rest is re-read per epoch
@@ -191,8 +207,12 @@ def make_transforms(prep: Any, train: bool = False, augment_scale: tuple[float, 
     """
     from monai.transforms import Compose
 
-    from usfmae_core.data.transforms import (LoadUltrasoundd, RandUltrasoundAugmentd, UltrasoundToModelInputd,
-                                             loads_colour)
+    from usfmae_core.data.transforms import (
+        LoadUltrasoundd,
+        RandUltrasoundAugmentd,
+        UltrasoundToModelInputd,
+        loads_colour,
+    )
 
     chain: list[Any] = [LoadUltrasoundd(keys="image", colour=loads_colour(prep, volume))]
     if volume is not None:
@@ -256,7 +276,7 @@ def make_datasets(datalist: dict[str, Any], prep: Any, splits: Sequence[str] = S
             rate = min(1.0, CACHE_BYTES / max(1, per_item * len(items)))
             try:
                 out[split] = CacheDataset(items, tf, cache_rate=rate, num_workers=None, progress=False)
-            except Exception as err:  # noqa: BLE001 - MONAI wraps the transform's error; surface ours in one line
+            except Exception as err:
                 user = _user_error_in(err)
                 if user is None:
                     raise
@@ -378,7 +398,7 @@ def build_classifier(num_classes: int, arch: str = "vit", init: str | Path | dic
         raise UsfmaeError(f"--volume-model mil encodes slices with the USF-MAE ViT, not a {arch}",
                           "leave out --arch (or use --volume-model 3d for a 3D CNN)")
     dims = 3 if mode == "3d" else 2
-    mil_kw = dict(attention_hidden=128, attention_dropout=0.0)
+    mil_kw = {"attention_hidden": 128, "attention_dropout": 0.0}
     if init is not None:
         ckpt = init if isinstance(init, dict) else _load_mae(init, mode)
         prep = mae_preprocessing(ckpt)
@@ -422,8 +442,8 @@ def build_classifier(num_classes: int, arch: str = "vit", init: str | Path | dic
             if depth not in valid:
                 raise UsfmaeError(f"--depth {depth} is not available for {arch}", f"choose one of {valid}")
             model = cnn_baseline(arch, num_classes, prep.in_channels, dims, depth)
-            config = dict(num_classes=num_classes, in_channels=prep.in_channels, spatial_dims=dims, depth=depth,
-                          preset=f"{arch}{depth}")
+            config = {"num_classes": num_classes, "in_channels": prep.in_channels, "spatial_dims": dims, "depth": depth,
+                      "preset": f"{arch}{depth}"}
     if mode == "mil":
         config.update(mil_kw)
     if volume is not None:

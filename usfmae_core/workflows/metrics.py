@@ -23,16 +23,24 @@ jointly, so paired differences stay paired).
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import math
-import warnings
-
 import numpy as np
 
-__all__ = ["confusion_matrix", "binary_auc", "ovr_auc", "roc_curve", "classification_metrics",
-           "summary_metrics", "bootstrap_intervals", "bootstrap_mean_difference", "SUMMARY_KEYS"]
+__all__ = [
+    "SUMMARY_KEYS",
+    "binary_auc",
+    "bootstrap_intervals",
+    "bootstrap_mean_difference",
+    "classification_metrics",
+    "confusion_matrix",
+    "ovr_auc",
+    "roc_curve",
+    "summary_metrics",
+]
 
 # The scalar metrics reported with intervals, in table order.
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "auc_macro")

@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterable
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 NO_DECAY_NAMES = ("cls_token", "mask_token", "position_embeddings", "decoder_pos_embed", "pos_embed")
 
@@ -48,8 +48,7 @@ def adamw(params: Iterable[torch.Tensor] | Iterable[dict], lr: float, betas: tup
 
 def _layer_id(name: str, num_layers: int) -> int:
     """Depth of a parameter for layer-wise lr decay: embeddings 0, block i -> i + 1, everything after -> L + 1."""
-    if name.startswith("encoder."):
-        name = name[len("encoder."):]
+    name = name.removeprefix("encoder.")
     if name.startswith(("cls_token", "patch_embed")):
         return 0
     if name.startswith("blocks."):

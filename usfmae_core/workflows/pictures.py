@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["to_grey_uint8", "save_reconstruction_grid", "save_image_grid", "save_curve", "save_curves", "save_figure"]
+__all__ = ["save_curve", "save_curves", "save_figure", "save_image_grid", "save_reconstruction_grid", "to_grey_uint8"]
 
 
 def _middle_slice(x: torch.Tensor) -> torch.Tensor:

@@ -37,15 +37,31 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from usfmae_core.constants import KIND_CHOICES
 from usfmae_core.errors import UsfmaeError
 
-__all__ = ["CLASSIFIER_ARCHS", "AGGREGATES", "classify_frames", "classify_bag", "classify_array", "classify_file",
-           "predict", "collect_inputs", "preprocessing_from_config", "class_names", "model_spatial_dims",
-           "volume_to_tensor", "volume_model_input", "normal_class_index", "aggregate_frames", "inference_dtype",
-           "inference_context", "to_inference_model"]
+__all__ = [
+    "AGGREGATES",
+    "CLASSIFIER_ARCHS",
+    "aggregate_frames",
+    "class_names",
+    "classify_array",
+    "classify_bag",
+    "classify_file",
+    "classify_frames",
+    "collect_inputs",
+    "inference_context",
+    "inference_dtype",
+    "model_spatial_dims",
+    "normal_class_index",
+    "predict",
+    "preprocessing_from_config",
+    "to_inference_model",
+    "volume_model_input",
+    "volume_to_tensor",
+]
 
 CLASSIFIER_ARCHS = ("classifier", "mil", "resnet", "densenet")
 KINDS = KIND_CHOICES

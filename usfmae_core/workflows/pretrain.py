@@ -69,7 +69,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
@@ -77,10 +77,23 @@ from usfmae_core.constants import IMAGENET_MEAN, IMAGENET_STD
 from usfmae_core.errors import UsfmaeError
 from usfmae_core.workflows import distributed as D
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "build_pretrain_model", "make_augment", "make_optimizer", "make_scaler",
-           "ResumableSampler", "MixtureSampler", "corpus_specs",
-           "mae_train_step", "MAEIterationUpdate", "capture_rng_state", "restore_rng_state",
-           "weights_sha1", "pretrain"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MAEIterationUpdate",
+    "MixtureSampler",
+    "ResumableSampler",
+    "build_pretrain_model",
+    "capture_rng_state",
+    "corpus_specs",
+    "mae_train_step",
+    "make_augment",
+    "make_optimizer",
+    "make_scaler",
+    "pretrain",
+    "restore_rng_state",
+    "weights_sha1",
+]
 
 CKPT_NAME = "checkpoint_last.pt"
 MODEL_NAME = "model.pt"
@@ -363,7 +376,7 @@ class MixtureSampler(DistributedSampler):
         self.num_samples = max(1, n // self.num_replicas if drop_last else math.ceil(n / self.num_replicas))
         self.total_size = self.num_samples * self.num_replicas
         exact = [w * self.total_size for w in self.weights]
-        counts = [int(math.floor(x)) for x in exact]
+        counts = [math.floor(x) for x in exact]
         for k in sorted(range(len(exact)), key=lambda k: (counts[k] - exact[k], k))[:self.total_size - sum(counts)]:
             counts[k] += 1  # largest remainders first
         self.counts = counts
@@ -758,7 +771,7 @@ def _pretrain(args: argparse.Namespace, ctx: D.DistContext, out: Path, resume_ck
     if args.warmup_steps is not None:
         warmup = args.warmup_steps
     elif args.warmup_epochs is not None:
-        warmup = int(round(args.warmup_epochs * steps_per_epoch))
+        warmup = round(args.warmup_epochs * steps_per_epoch)
     else:
         warmup = max(1, int(0.05 * total_steps))  # MAE: 40 of 800 epochs
     warmup = min(warmup, max(total_steps - 1, 0))

@@ -21,15 +21,21 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from usfmae_core.errors import UsfmaeError
-from usfmae_core.workflows.predict import (_device, _model_input_size, _weights_dtype,
-                                           inference_context, inference_dtype, preprocessing_from_config,
-                                           volume_to_tensor)
+from usfmae_core.workflows.predict import (
+    _device,
+    _model_input_size,
+    _weights_dtype,
+    inference_context,
+    inference_dtype,
+    preprocessing_from_config,
+    volume_to_tensor,
+)
 
-__all__ = ["reconstruct_frames", "reconstruct_volume", "reconstruct_file", "MAX_PICTURES"]
+__all__ = ["MAX_PICTURES", "reconstruct_file", "reconstruct_frames", "reconstruct_volume"]
 
 MAX_PICTURES = 16  # PNG grids per file: enough to see the model's behaviour, few enough to look at
 _VOLUME_EXTS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -41,7 +47,8 @@ def _noise(n: int, length: int, seed: int) -> torch.Tensor:
 
 
 def _to_unit(x: torch.Tensor, prep) -> torch.Tensor:
-    """Normalised model input ``(B, C, *S)`` -> grey ``(B, *S)`` in ``[0, 1]`` (mean / std undone, channels averaged)."""
+    """Normalised model input ``(B, C, *S)`` -> grey ``(B, *S)`` in ``[0, 1]`` (mean / std undone, channels
+    averaged)."""
     from usfmae_core.data.transforms import channel_stats
 
     c = x.shape[1]

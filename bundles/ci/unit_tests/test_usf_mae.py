@@ -75,7 +75,7 @@ class TestUsfMae(unittest.TestCase):
         os.makedirs(cls.images_dir)
         phantom.write_volume(os.path.join(cls.images_dir, "volume.nii.gz"), phantom.make_volume(1, (6, 40, 40), 1))
         for name in sorted(os.listdir(cls.dataset_dir))[:2]:
-            first = sorted(os.listdir(os.path.join(cls.dataset_dir, name)))[0]
+            first = min(os.listdir(os.path.join(cls.dataset_dir, name)))
             shutil.copy(os.path.join(cls.dataset_dir, name, first), os.path.join(cls.images_dir, f"{name}_{first}"))
         cls.meta_file = os.path.join(cls.work, "metadata.json")
         shutil.copy(os.path.join(BUNDLE_ROOT, "configs", "metadata.json"), cls.meta_file)
@@ -123,7 +123,7 @@ class TestUsfMae(unittest.TestCase):
         with open(os.path.join(self.work, "eval", "predictions.json")) as f:
             results = json.load(f)["results"]
         self.assertEqual(len(results), 3)
-        volume = [r for r in results if r["source"].endswith("volume.nii.gz")][0]
+        volume = next(r for r in results if r["source"].endswith("volume.nii.gz"))
         self.assertEqual((volume["kind"], volume["n_frames"]), ("volume", 6))
 
 
