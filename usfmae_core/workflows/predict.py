@@ -141,7 +141,10 @@ def _input_shape(model: nn.Module, batch_size: int, prep: Any = None) -> tuple[i
         size = tuple(int(s) for s in enc.img_size)
         return (1 if len(size) == 3 else int(batch_size), int(enc.in_channels), *size)
     size = int(getattr(prep, "image_size", 224))
-    return (int(batch_size), int(getattr(prep, "in_channels", 3)), size, size)
+    channels = int(getattr(prep, "in_channels", 3))
+    if any(p.dim() == 5 for p in model.parameters()):  # a 3D CNN: one cube per forward pass
+        return (1, channels, size, size, size)
+    return (int(batch_size), channels, size, size)
 
 
 def volume_model_input(volume: np.ndarray, prep, size: int | Sequence[int], spacing: Sequence[float] | None = None,
