@@ -561,7 +561,7 @@ class PrecisionInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         x = inputs.as_subclass(torch.Tensor) if isinstance(inputs, MetaTensor) else inputs
-        if not self._resolved:
+        if not self._resolved and x.numel() > 0:  # an unreadable file's empty item says nothing of the model
             self._resolve(x, network)
         with torch.autocast(x.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             out = self.inner(x, network, *args, **kwargs) if self.inner is not None else network(x, *args, **kwargs)
