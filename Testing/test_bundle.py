@@ -641,10 +641,16 @@ def test_multi_gpu_train_torchrun_gloo(data: dict[str, Path], pretrained: Path, 
     bundle = _copy_bundle(tmp_path / "usf_mae")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "-m", "monai.bundle", "run"]
-    _run([*torchrun, *_bundle_args(bundle, ["train", "multi_gpu_train"]), "--dataset_dir", str(data["labelled"]),
-          "--pretrained_mae", str(pretrained / "models" / "mae.pt"), "--num_workers", "0", "--precision", "fp32",
-          "--image_size", "32", *TINY_CLS,
-          "--batch_size", "4", "--train#trainer#max_epochs", "1"], cwd=bundle, timeout=300)
+    cmd = [*torchrun, *_bundle_args(bundle, ["train", "multi_gpu_train"]), "--dataset_dir", str(data["labelled"]),
+           "--pretrained_mae", str(pretrained / "models" / "mae.pt"), "--num_workers", "0", "--precision", "fp32",
+           "--image_size", "32", *TINY_CLS, "--batch_size", "4", "--train#trainer#max_epochs", "1"]
+    proc = subprocess.run(cmd, cwd=bundle, env=_env(), capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # known, rare (1 CI run in ~5): a rank aborts in C++ teardown at interpreter exit after training and
+        # cleanup() finished; a second failure in a row is a real failure
+        _run(cmd, cwd=bundle, timeout=300)
+    else:
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert "head.weight" in state and not any(k.startswith("module.") for k in state)
     assert json.loads((bundle / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]["image"][
