@@ -460,10 +460,9 @@ class USFMAEEngineLogic:
         finally:
             table_node.EndModify(was_modifying)
 
-    def update_attention_chart(self, table_node: Any, result: dict[str, Any], index_name: str = "slice"
-                               ) -> tuple[Any, Any]:
-        """A plot chart of the attention along the slices (one series), created on first use and updated
-        afterwards (the same chart and companion table as :meth:`update_chart`)."""
+    def _plot_nodes(self, table_node: Any, columns: list[np.ndarray], names: list[str]) -> tuple[Any, Any]:
+        """The numeric companion table of ``table_node`` filled with ``columns`` and its plot chart emptied of a
+        previous run's series, both created on first use; returns ``(plot table, chart)``."""
         scene = self.scene
         plot_table = table_node.GetNodeReference("USFMAE.plotTable")
         if plot_table is None:
@@ -471,8 +470,7 @@ class USFMAEEngineLogic:
                                                  scene.GenerateUniqueName(f"{table_node.GetName()} plot data"))
             plot_table.SetAttribute(OUTPUT_ATTRIBUTE, "plot data")
             table_node.SetNodeReferenceID("USFMAE.plotTable", plot_table.GetID())
-        columns = [np.asarray(result["slice_index"], dtype=np.float64), np.asarray(result["attention"], np.float64)]
-        slicer.util.updateTableFromArray(plot_table, columns, [index_name, "attention"])
+        slicer.util.updateTableFromArray(plot_table, columns, names)
         chart = table_node.GetNodeReference("USFMAE.chart")
         if chart is None:
             chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode",
@@ -484,6 +482,15 @@ class USFMAEEngineLogic:
             chart.RemoveNthPlotSeriesNodeID(i)
             if old is not None and old.GetAttribute(OUTPUT_ATTRIBUTE):
                 scene.RemoveNode(old)
+        return plot_table, chart
+
+    def update_attention_chart(self, table_node: Any, result: dict[str, Any], index_name: str = "slice"
+                               ) -> tuple[Any, Any]:
+        """A plot chart of the attention along the slices (one series), created on first use and updated
+        afterwards (the same chart and companion table as :meth:`update_chart`)."""
+        scene = self.scene
+        columns = [np.asarray(result["slice_index"], dtype=np.float64), np.asarray(result["attention"], np.float64)]
+        plot_table, chart = self._plot_nodes(table_node, columns, [index_name, "attention"])
         series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode",
                                          scene.GenerateUniqueName(f"{table_node.GetName()} attention"))
         series.SetAttribute(OUTPUT_ATTRIBUTE, "plot series")
@@ -651,26 +658,9 @@ class USFMAEEngineLogic:
         scene = self.scene
         classes = [str(c) for c in result["classes"]]
         per_frame = np.asarray(result["per_frame"], dtype=np.float64).reshape(-1, len(classes))
-        plot_table = table_node.GetNodeReference("USFMAE.plotTable")
-        if plot_table is None:
-            plot_table = scene.AddNewNodeByClass("vtkMRMLTableNode",
-                                                 scene.GenerateUniqueName(f"{table_node.GetName()} plot data"))
-            plot_table.SetAttribute(OUTPUT_ATTRIBUTE, "plot data")
-            table_node.SetNodeReferenceID("USFMAE.plotTable", plot_table.GetID())
         columns = [_frame_index(result, per_frame.shape[0]).astype(np.float64)] + [per_frame[:, c]
                                                                                    for c in range(len(classes))]
-        slicer.util.updateTableFromArray(plot_table, columns, [index_name] + [f"p_{c}" for c in classes])
-        chart = table_node.GetNodeReference("USFMAE.chart")
-        if chart is None:
-            chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode",
-                                            scene.GenerateUniqueName(f"{table_node.GetName()} chart"))
-            chart.SetAttribute(OUTPUT_ATTRIBUTE, "chart")
-            table_node.SetNodeReferenceID("USFMAE.chart", chart.GetID())
-        for i in reversed(range(chart.GetNumberOfPlotSeriesNodes())):  # series of a previous run
-            old = chart.GetNthPlotSeriesNode(i)
-            chart.RemoveNthPlotSeriesNodeID(i)
-            if old is not None and old.GetAttribute(OUTPUT_ATTRIBUTE):
-                scene.RemoveNode(old)
+        plot_table, chart = self._plot_nodes(table_node, columns, [index_name] + [f"p_{c}" for c in classes])
         for c, name in enumerate(classes):
             series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode",
                                              scene.GenerateUniqueName(f"{table_node.GetName()} p_{name}"))
