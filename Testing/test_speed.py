@@ -55,6 +55,60 @@ def test_block_attention_equals_monai_sablock() -> None:
     assert {"attn.qkv.weight", "attn.out_proj.weight", "mlp.linear1.weight", "norm1.weight"} <= set(blk.state_dict())
 
 
+@pytest.mark.parametrize("tokens", [17, 200])
+def test_bf16_attention_on_cpu_is_explicit_and_equals_the_flash_kernel(monkeypatch, tokens: int) -> None:
+    """In bf16 on CPU ``Block.attention`` computes ``softmax(q k^T) v`` explicitly (faster there than the flash
+    kernel); its output and gradients equal the flash kernel's in bf16 to bf16 rounding, and both the fp32 result to
+    bf16 accuracy. Past EXPLICIT_ATTENTION_MAX_TOKENS the flash kernel is used again."""
+    from usfmae_core.networks import mae as M
+
+    torch.manual_seed(0)
+    blk = Block(64, num_heads=4).train()
+    assert blk.explicit_attention_max_tokens == M.EXPLICIT_ATTENTION_MAX_TOKENS
+    x = torch.randn(3, tokens, 64)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(M.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+
+    def run(explicit_max: int, dtype: torch.dtype | None) -> list[torch.Tensor]:
+        blk.explicit_attention_max_tokens = explicit_max
+        xi = x.clone().requires_grad_(True)
+        blk.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            y = blk.attention(xi)
+        y.float().square().sum().backward()
+        return [y.float().detach(), xi.grad, blk.attn.qkv.weight.grad.clone()]
+
+    explicit = run(1024, torch.bfloat16)
+    assert not calls  # explicit
+    flash = run(tokens - 1, torch.bfloat16)
+    assert len(calls) == 1  # longer than the limit: flash kernel
+    fp32 = run(1024, None)
+    assert len(calls) == 2  # fp32: always the flash kernel
+    # output, input gradient, weight gradient: both bf16 paths are as close to fp32 as bf16 allows
+    for e, f, ref in zip(explicit, flash, fp32, strict=True):
+        err_e, err_f = ((e - ref).norm() / ref.norm()).item(), ((f - ref).norm() / ref.norm()).item()
+        assert err_e < 2e-2 and err_f < 2e-2 and err_e < 2 * err_f + 2e-3, (err_e, err_f)
+        assert ((e - f).norm() / ref.norm()).item() < 2e-2
+
+
+def test_cpu_allocator_tuning_is_set_once_and_can_be_turned_off(monkeypatch) -> None:
+    import platform
+
+    from usfmae_core import device as D
+
+    D.tune_cpu_allocator.cache_clear()
+    monkeypatch.setenv("USFMAE_MALLOC_TUNING", "0")
+    assert D.tune_cpu_allocator() is False
+    D.tune_cpu_allocator.cache_clear()
+    monkeypatch.delenv("USFMAE_MALLOC_TUNING")
+    assert D.resolve_device("cpu").type == "cpu"
+    info = D.tune_cpu_allocator.cache_info()
+    assert info.misses == 1  # resolve_device asked for it
+    assert D.tune_cpu_allocator() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+    assert D.tune_cpu_allocator.cache_info().hits >= 1
+
+
 def test_adamw_is_fused_on_cpu_and_matches_the_loop() -> None:
     """The fused update equals PyTorch's per-parameter loop, step after step, given the same gradients (the models'
     own gradients would drift apart: Adam amplifies rounding differences of near-zero gradients)."""
@@ -244,10 +298,14 @@ def test_bundle_precision_inferer_autocasts_on_cpu(monkeypatch) -> None:
 
 
 @pytest.mark.slow  # torch.compile on CPU: a minute or more of C++ compilation
-def test_compiled_training_step_equals_eager() -> None:
+def test_compiled_training_step_equals_eager(monkeypatch) -> None:
     """``--compile`` (pretrain and finetune) steps through ``torch.compile(model)``: same loss and gradients."""
+    import torch._inductor.config as inductor_config
+
     from usfmae_core.workflows.pretrain import mae_train_step
 
+    # compiled code draws its random numbers (the MAE's masking noise) its own way unless told to use eager's
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
     torch.manual_seed(0)
     model = build_model("mae", mae_config("vit_test", img_size=32, patch_size=8))
     ref = copy.deepcopy(model)

@@ -128,6 +128,11 @@ def random_masking(
     return visible, mask, ids_restore
 
 
+# Longest sequence attended explicitly in bf16 on CPU (Block.attention): its N x N weights of a batch of 8 with 12 heads
+# take 200 MB at 1,024 tokens; beyond, the memory-lean flash kernel.
+EXPLICIT_ATTENTION_MAX_TOKENS = 1024
+
+
 class Block(TransformerBlock):
     """MONAI transformer block (pre-norm, flash attention) with stochastic depth and the MAE LayerNorm eps.
 
@@ -150,6 +155,7 @@ class Block(TransformerBlock):
         # would get no gradient (DistributedDataParallel then fails). Kept in the state dict for MONAI compatibility.
         self.norm_cross_attn.requires_grad_(False)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.explicit_attention_max_tokens = EXPLICIT_ATTENTION_MAX_TOKENS  # an attribute: TorchScript reads no globals
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """``(B, N, D)`` -> ``(B, N, D)``."""
@@ -163,13 +169,23 @@ class Block(TransformerBlock):
         Computed as facebook MAE / timm do: one view of the qkv projection and ``unbind``. MONAI's einops rearrange
         followed by three ``[i]`` selections makes autograd build three zero-filled copies of the whole qkv tensor
         and add them in the backward pass (a few % of an MAE step on CPU).
+
+        bf16 on CPU with up to ``explicit_attention_max_tokens`` tokens (:data:`EXPLICIT_ATTENTION_MAX_TOKENS`):
+        ``softmax(q k^T) v`` as two batched products instead of ``scaled_dot_product_attention``, whose CPU flash
+        kernel is 1.7-4x slower in bf16 (forward + backward) at ViT token counts (benchmarks/README.md); same
+        arithmetic, bf16 products with fp32 softmax accumulation in both. Longer sequences keep the flash kernel,
+        which never holds the ``N x N`` matrix.
         """
         attn = self.attn
         b, n, _ = x.shape
         qkv = attn.qkv(x).view(b, n, 3, attn.num_heads, attn.dim_head).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim) each
         p = attn.dropout_rate if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=attn.scale)
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and n <= self.explicit_attention_max_tokens:
+            weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)  # (B, heads, N, N)
+            y = F.dropout(weights, p) @ v if p else weights @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=attn.scale)
         return attn.drop_output(attn.out_proj(y.transpose(1, 2).reshape(b, n, attn.inner_dim)))
 
 
