@@ -137,6 +137,21 @@ def test_pretrain_loader(tmp_path):
 
 
 @pytest.mark.slow
+def test_phantom_volume_lesion_scale():
+    """``lesion_scale`` enlarges the mass in every axis from the same random draws (the demo's volume set); the
+    background outside the lesion's slices is unchanged and 1.0 is the default volume."""
+    shape = (16, 64, 64)
+    plain, default = phantom.make_volume(0, shape, rng=5), phantom.make_volume(0, shape, rng=5, lesion_scale=1.0)
+    small, large = phantom.make_volume(2, shape, rng=5), phantom.make_volume(2, shape, rng=5, lesion_scale=2.0)
+    np.testing.assert_array_equal(plain, default)
+
+    def changed(vol):  # slices that differ from the lesion-free volume of the same draws
+        return int((np.abs(vol.astype(int) - plain).reshape(len(vol), -1).max(1) > 0).sum())
+
+    assert 0 < changed(small) < changed(large)
+    assert (large.astype(float) < plain - 20).sum() > 2 * (small.astype(float) < plain - 20).sum()
+
+
 def test_phantom_classes_are_learnable():
     """A tiny CNN trained for well under a minute on CPU beats chance (1/3) clearly on held-out phantoms."""
     torch.manual_seed(0)

@@ -216,12 +216,14 @@ def make_cine(label: int, frames: int = 16, size: int = 128, rng: np.random.Gene
     return out
 
 
-def make_volume(label: int, shape: tuple[int, int, int] = (48, 64, 64), rng: np.random.Generator | int | None = None
-                ) -> np.ndarray:
-    """A ``(D, H, W)`` uint8 volume (linear-array sweep): depth is axis 1, lesion is a 3D ellipsoid / lobulated blob."""
+def make_volume(label: int, shape: tuple[int, int, int] = (48, 64, 64), rng: np.random.Generator | int | None = None,
+                lesion_scale: float = 1.0) -> np.ndarray:
+    """A ``(D, H, W)`` uint8 volume (linear-array sweep): depth is axis 1, lesion is a 3D ellipsoid / lobulated blob.
+    ``lesion_scale`` multiplies the lesion's radius (in every axis; the random draws are the same)."""
     rng = _rng(rng)
     d, h, w = shape
     p = _lesion_params(int(label), rng)
+    p["r"] *= float(lesion_scale)
     p["cz"] = rng.uniform(0.35, 0.65)
     zz, yy, xx = np.meshgrid(np.linspace(0, 1, d, dtype=np.float32), np.linspace(0, 1, h, dtype=np.float32),
                              np.linspace(0, 1, w, dtype=np.float32), indexing="ij")
