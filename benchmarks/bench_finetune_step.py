@@ -104,12 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also profile one step per contender: time in matrix products, optimiser and the rest")
     ap.add_argument("--json", type=Path, help="write the results here")
+    benchlib.add_malloc_option(ap)
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
     info = benchlib.machine(device)
+    info["malloc_tuning"] = benchlib.set_malloc(args.malloc_tuning)
     print(f"{info['cpu']} ({', '.join(info['cpu_flags'])}), {info['threads']} threads, torch {info['torch']}, "
-          f"load {info['load_average']}" + (f", GPU {info['gpu']}" if "gpu" in info else ""), flush=True)
+          f"load {info['load_average']}, malloc tuning {'on' if info['malloc_tuning'] else 'off'}"
+          + (f", GPU {info['gpu']}" if "gpu" in info else ""), flush=True)
     names = ["ours", "monai"]
     models = {n: build(n, args, device) for n in names}
     results = []

@@ -36,6 +36,22 @@ def load_average() -> list[float]:
         return []
 
 
+def add_malloc_option(ap: Any) -> None:
+    """``--malloc-tuning on|off`` for step benchmarks (argparse parser ``ap``)."""
+    ap.add_argument("--malloc-tuning", choices=("on", "off"), default="on",
+                    help="on (default): glibc malloc tuned as usfmae's commands run (usfmae_core.device."
+                         "tune_cpu_allocator); it is process-wide, so every contender of the run gets it")
+
+
+def set_malloc(mode: str) -> bool:
+    """Apply ``--malloc-tuning``; whether the tuning is in effect."""
+    if mode != "on":
+        return False
+    from usfmae_core.device import tune_cpu_allocator
+
+    return tune_cpu_allocator()
+
+
 def machine(device: torch.device) -> dict[str, Any]:
     """CPU model, the flags that decide bf16 speed, threads, GPU name, versions and the load average."""
     info: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
