@@ -5,9 +5,10 @@ a hypoechoic ellipsoid darkened by 25-45 % of the local mean intensity with a so
 texture inside stay, centred on a random voxel of the imaged tissue: a random slice and in-plane position):
 
 - ``phantom``: synthetic B-mode volumes of normal layered tissue (:func:`usfmae_core.data.phantom.make_volume`,
-  class "normal": speckle, attenuation and, in 40 % of them, an anechoic vessel as a distractor), 32 x 64 x 64 voxels
-  (32 mm cube); half of them get a lesion of 2.5-4.5 mm radius. (The phantom's own "mass" volumes were tried first:
-  at 64 x 64 pixels many of their lesions are too faint to see, and no arm learned them in 30 epochs.)
+  class "normal": speckle and attenuation; its vessel distractor is drawn only with a lesion, so never here),
+  32 x 64 x 64 voxels (32 mm cube); half of them get a lesion of 2.5-4.5 mm radius. (The phantom's own "mass"
+  volumes were tried first: at 64 x 64 pixels many of their lesions are too faint to see, and no arm learned them in
+  30 epochs.)
 - ``trus``: the real 3D transrectal prostate volumes of ``../shared/data/volumes/trus_prostate`` (108 volumes,
   44 x 63 x 47 voxels of 1.5 mm). **The labels are synthetic**: every real volume appears twice, once as it is
   ("none") and once with a synthetic lesion of 4.5-7.5 mm radius ("lesion"). The two copies of a volume form one
