@@ -136,7 +136,6 @@ def test_pretrain_loader(tmp_path):
     assert MAEBatchAugment3D(12)(v).shape == (1, 1, 12, 12, 12)
 
 
-@pytest.mark.slow
 def test_phantom_volume_lesion_scale():
     """``lesion_scale`` enlarges the mass in every axis from the same random draws (the demo's volume set); the
     background outside the lesion's slices is unchanged and 1.0 is the default volume."""
@@ -152,6 +151,7 @@ def test_phantom_volume_lesion_scale():
     assert (large.astype(float) < plain - 20).sum() > 2 * (small.astype(float) < plain - 20).sum()
 
 
+@pytest.mark.slow
 def test_phantom_classes_are_learnable():
     """A tiny CNN trained for well under a minute on CPU beats chance (1/3) clearly on held-out phantoms."""
     torch.manual_seed(0)

@@ -30,9 +30,8 @@ def tune_cpu_allocator() -> bool:
     it exits (usfmae's commands are processes of their own). ``USFMAE_MALLOC_TUNING=0`` leaves malloc as it is;
     other C libraries (macOS, musl) are left alone. Called once per process by :func:`resolve_device` for a CPU.
     """
-    if os.environ.get("USFMAE_MALLOC_TUNING", "1") == "0" or platform.system() != "Linux":
-        return False
-    if platform.libc_ver()[0] != "glibc":
+    # the mallopt parameter numbers are glibc's: any other C library is left alone
+    if os.environ.get("USFMAE_MALLOC_TUNING", "1") == "0" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
